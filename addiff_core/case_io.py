@@ -1,0 +1,323 @@
+"""The case format: the contract every other part of addiff-fl uses.
+
+One folder per case::
+
+    CASE/
+      ct.nii.gz                 CT in HU
+      dose.nii.gz               dose in Gy (absent for a case to be predicted)
+      masks/<STRUCTURE>.nii.gz  binary masks on the CT grid
+      possible_dose_mask.nii.gz optional: voxels that may receive dose (OpenKBP)
+      plan.yaml                 tumour site, prescriptions, fractions, technique, beams
+
+Images are read and written with SimpleITK; geometry (spacing, origin, direction) is kept.
+Arrays are returned in SimpleITK's numpy order (z, y, x).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import SimpleITK as sitk
+import yaml
+
+TUMOUR_SITES = ("head_neck", "lung", "prostate")
+TECHNIQUES = ("IMRT", "VMAT")
+
+# Canonical OAR names: the order of the model's OAR channels. Other structures are kept on disk
+# but not fed to the model.
+OAR_NAMES = (
+    "Brainstem", "SpinalCord", "LeftParotid", "RightParotid", "Esophagus", "Larynx", "Mandible",
+    "LeftLung", "RightLung", "Heart", "Rectum", "Bladder", "LeftFemoralHead", "RightFemoralHead",
+)
+BODY_NAME = "Body"
+
+
+class CaseError(ValueError):
+    """A case folder is unusable. ``file`` names the offending file, ``case`` the folder."""
+
+    def __init__(self, case: str | Path, file: str, problem: str):
+        self.case = str(case)
+        self.file = file
+        self.problem = problem
+        super().__init__(f"{self.case}: {file}: {problem}")
+
+
+@dataclass(frozen=True)
+class Beam:
+    """One static field (IMRT) or one arc (VMAT: gantry_start -> gantry_stop), angles in degrees."""
+
+    gantry: float
+    couch: float = 0.0
+    energy_mv: float = 6.0
+    gantry_stop: float | None = None  # set for VMAT arcs
+
+    @property
+    def is_arc(self) -> bool:
+        return self.gantry_stop is not None
+
+    def to_dict(self) -> dict:
+        d: dict[str, Any] = {"gantry": float(self.gantry), "couch": float(self.couch), "energy_mv": float(self.energy_mv)}
+        if self.gantry_stop is not None:
+            d = {"gantry_start": float(self.gantry), "gantry_stop": float(self.gantry_stop),
+                 "couch": float(self.couch), "energy_mv": float(self.energy_mv)}
+        return d
+
+
+@dataclass(frozen=True)
+class Plan:
+    tumour_site: str
+    prescriptions: dict[str, float]  # target structure name -> Gy
+    fractions: int
+    technique: str
+    beams: tuple[Beam, ...]
+    constraints: dict[str, Any] = field(default_factory=dict)  # optional overrides (see constraints.py)
+
+    @property
+    def max_prescription(self) -> float:
+        return max(self.prescriptions.values())
+
+    @property
+    def targets(self) -> list[str]:
+        """Target names, highest prescription first."""
+        return sorted(self.prescriptions, key=lambda k: -self.prescriptions[k])
+
+    def expanded_beams(self, arc_step_deg: float = 10.0) -> list[Beam]:
+        """Static beams; each VMAT arc is sampled as control points every ``arc_step_deg``."""
+        out: list[Beam] = []
+        for b in self.beams:
+            if not b.is_arc:
+                out.append(b)
+                continue
+            span = (b.gantry_stop - b.gantry) % 360.0 or 360.0
+            n = max(2, int(math.ceil(span / arc_step_deg)) + 1)
+            for k in range(n):
+                out.append(Beam(gantry=(b.gantry + span * k / (n - 1)) % 360.0, couch=b.couch, energy_mv=b.energy_mv))
+        return out
+
+    def to_dict(self) -> dict:
+        d = {
+            "tumour_site": self.tumour_site,
+            "prescriptions": {k: float(v) for k, v in self.prescriptions.items()},
+            "fractions": int(self.fractions),
+            "technique": self.technique,
+            "beams": [b.to_dict() for b in self.beams],
+        }
+        if self.constraints:
+            d["constraints"] = dict(self.constraints)
+        return d
+
+
+def _num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
+
+
+def plan_from_dict(d: Any, case: str | Path = "<plan>") -> Plan:
+    """Validate a plan mapping; raises CaseError naming plan.yaml and the field."""
+
+    def bad(msg: str) -> CaseError:
+        return CaseError(case, "plan.yaml", msg)
+
+    if not isinstance(d, Mapping):
+        raise bad("must be a mapping of plan fields")
+    for key in ("tumour_site", "prescriptions", "fractions", "technique", "beams"):
+        if key not in d or d[key] is None:
+            raise bad(f"missing field '{key}'")
+    site = d["tumour_site"]
+    if site not in TUMOUR_SITES:
+        raise bad(f"tumour_site must be one of {', '.join(TUMOUR_SITES)}; got {site!r}")
+    rx = d["prescriptions"]
+    if not isinstance(rx, Mapping) or not rx:
+        raise bad("prescriptions must map target names to doses in Gy, e.g. {PTV70: 70}")
+    for name, val in rx.items():
+        if not _num(val) or float(val) <= 0:
+            raise bad(f"prescription for {name} must be a positive dose in Gy, got {val!r}")
+        if float(val) > 150:
+            raise bad(f"prescription for {name} is {val} Gy: implausible (cGy given instead of Gy?)")
+    fx = d["fractions"]
+    if isinstance(fx, bool) or not isinstance(fx, int) or fx <= 0:
+        raise bad(f"fractions must be a positive integer, got {fx!r}")
+    tech = d["technique"]
+    if tech not in TECHNIQUES:
+        raise bad(f"technique must be IMRT or VMAT, got {tech!r}")
+    beams_raw = d["beams"]
+    if not isinstance(beams_raw, list) or not beams_raw:
+        raise bad("beams must be a non-empty list")
+    beams = []
+    for i, b in enumerate(beams_raw):
+        if not isinstance(b, Mapping):
+            raise bad(f"beams[{i}] must be a mapping")
+        energy = b.get("energy_mv", 6.0)
+        couch = b.get("couch", 0.0)
+        if not _num(energy) or float(energy) <= 0:
+            raise bad(f"beams[{i}].energy_mv must be a positive number (MV), got {energy!r}")
+        if not _num(couch):
+            raise bad(f"beams[{i}].couch must be an angle in degrees, got {couch!r}")
+        if "gantry_start" in b or "gantry_stop" in b:
+            g0, g1 = b.get("gantry_start"), b.get("gantry_stop")
+            if not (_num(g0) and _num(g1)):
+                raise bad(f"beams[{i}]: an arc needs numeric gantry_start and gantry_stop")
+            beams.append(Beam(float(g0) % 360, float(couch), float(energy), float(g1) % 360))
+        else:
+            g = b.get("gantry")
+            if not _num(g):
+                raise bad(f"beams[{i}].gantry must be an angle in degrees, got {g!r}")
+            beams.append(Beam(float(g) % 360, float(couch), float(energy)))
+    constraints = d.get("constraints") or {}
+    if not isinstance(constraints, Mapping):
+        raise bad("constraints must be a mapping")
+    return Plan(tumour_site=site, prescriptions={str(k): float(v) for k, v in rx.items()}, fractions=fx,
+                technique=tech, beams=tuple(beams), constraints=dict(constraints))
+
+
+def read_plan(case_dir: str | Path) -> Plan:
+    case_dir = Path(case_dir)
+    p = case_dir / "plan.yaml"
+    if not p.is_file():
+        raise CaseError(case_dir, "plan.yaml", "missing")
+    try:
+        d = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise CaseError(case_dir, "plan.yaml", f"not valid YAML: {str(e).splitlines()[0]}") from None
+    return plan_from_dict(d, case_dir)
+
+
+def write_plan(case_dir: str | Path, plan: Plan) -> None:
+    Path(case_dir).mkdir(parents=True, exist_ok=True)
+    (Path(case_dir) / "plan.yaml").write_text(yaml.safe_dump(plan.to_dict(), sort_keys=False), encoding="utf-8")
+
+
+# --------------------------------------------------------------------------------------------
+# images
+# --------------------------------------------------------------------------------------------
+def read_image(case_dir: str | Path, rel: str) -> sitk.Image:
+    path = Path(case_dir) / rel
+    if not path.is_file():
+        raise CaseError(case_dir, rel, "missing")
+    try:
+        return sitk.ReadImage(str(path))
+    except RuntimeError as e:
+        msg = str(e).strip().splitlines()
+        detail = next((m for m in msg if "ERROR" in m or "error" in m), msg[-1] if msg else "")
+        raise CaseError(case_dir, rel, f"unreadable or truncated image ({detail.strip()[:120]})") from None
+
+
+def write_image(path: str | Path, array: np.ndarray, reference: sitk.Image | None = None,
+                spacing=None, origin=None, direction=None) -> None:
+    """Write a (z, y, x) array as NIfTI with the geometry of ``reference`` (or the given one)."""
+    img = sitk.GetImageFromArray(array)
+    if reference is not None:
+        img.CopyInformation(reference)
+    else:
+        if spacing is not None:
+            img.SetSpacing([float(s) for s in spacing])
+        if origin is not None:
+            img.SetOrigin([float(o) for o in origin])
+        if direction is not None:
+            img.SetDirection([float(d) for d in direction])
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(img, str(path), useCompression=True)
+
+
+def same_grid(a: sitk.Image, b: sitk.Image, tol: float = 1e-3) -> bool:
+    return (a.GetSize() == b.GetSize()
+            and np.allclose(a.GetSpacing(), b.GetSpacing(), atol=tol)
+            and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=tol)
+            and np.allclose(a.GetDirection(), b.GetDirection(), atol=tol))
+
+
+def list_masks(case_dir: str | Path) -> dict[str, Path]:
+    mdir = Path(case_dir) / "masks"
+    if not mdir.is_dir():
+        return {}
+    return {p.name[: -len(".nii.gz")]: p for p in sorted(mdir.glob("*.nii.gz"))}
+
+
+@dataclass
+class Case:
+    """A case in memory: images as SimpleITK objects (geometry included) plus the plan."""
+
+    case_id: str
+    path: Path
+    ct: sitk.Image
+    plan: Plan
+    masks: dict[str, sitk.Image]
+    dose: sitk.Image | None = None
+    possible_dose_mask: sitk.Image | None = None
+
+    def array(self, what: str) -> np.ndarray:
+        """'ct', 'dose', 'possible_dose_mask' or a structure name -> (z, y, x) numpy array."""
+        if what == "ct":
+            return sitk.GetArrayFromImage(self.ct).astype(np.float32)
+        if what == "dose":
+            return None if self.dose is None else sitk.GetArrayFromImage(self.dose).astype(np.float32)
+        if what == "possible_dose_mask":
+            return None if self.possible_dose_mask is None else sitk.GetArrayFromImage(self.possible_dose_mask) > 0
+        return sitk.GetArrayFromImage(self.masks[what]) > 0
+
+    @property
+    def voxel_volume_cc(self) -> float:
+        sx, sy, sz = self.ct.GetSpacing()
+        return sx * sy * sz / 1000.0
+
+
+def load_case(case_dir: str | Path, require_dose: bool = False) -> Case:
+    """Read a case folder. Raises CaseError (case, file, problem) on the first problem found.
+
+    Full validation with every problem listed lives in ``addiff_core.checks``; this only checks
+    what the loader needs (readable files, same grid, masks named by the plan exist).
+    """
+    case_dir = Path(case_dir)
+    if not case_dir.is_dir():
+        raise CaseError(case_dir, ".", "case folder not found")
+    plan = read_plan(case_dir)
+    ct = read_image(case_dir, "ct.nii.gz")
+    masks = {}
+    for name, p in list_masks(case_dir).items():
+        img = read_image(case_dir, f"masks/{p.name}")
+        if not same_grid(img, ct):
+            raise CaseError(case_dir, f"masks/{p.name}", "not on the CT grid (size/spacing/origin/direction differ)")
+        masks[name] = img
+    for t in plan.prescriptions:
+        if t not in masks:
+            raise CaseError(case_dir, "plan.yaml", f"names target {t} but masks/{t}.nii.gz is missing")
+    dose = None
+    if (case_dir / "dose.nii.gz").exists():
+        dose = read_image(case_dir, "dose.nii.gz")
+        if not same_grid(dose, ct):
+            raise CaseError(case_dir, "dose.nii.gz", "not on the CT grid (size/spacing/origin/direction differ)")
+    elif require_dose:
+        raise CaseError(case_dir, "dose.nii.gz", "missing (a reference dose is needed for training/evaluation)")
+    pdm = None
+    if (case_dir / "possible_dose_mask.nii.gz").exists():
+        pdm = read_image(case_dir, "possible_dose_mask.nii.gz")
+        if not same_grid(pdm, ct):
+            raise CaseError(case_dir, "possible_dose_mask.nii.gz", "not on the CT grid")
+    return Case(case_id=case_dir.name, path=case_dir, ct=ct, plan=plan, masks=masks, dose=dose, possible_dose_mask=pdm)
+
+
+def save_case(case_dir: str | Path, ct: np.ndarray, plan: Plan, masks: Mapping[str, np.ndarray],
+              dose: np.ndarray | None = None, possible_dose_mask: np.ndarray | None = None,
+              spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0), direction=None) -> Path:
+    """Write a case from (z, y, x) arrays. ``spacing``/``origin`` are in SimpleITK (x, y, z) order."""
+    case_dir = Path(case_dir)
+    (case_dir / "masks").mkdir(parents=True, exist_ok=True)
+    geo = dict(spacing=spacing, origin=origin, direction=direction)
+    write_image(case_dir / "ct.nii.gz", np.asarray(ct, dtype=np.int16 if np.issubdtype(np.asarray(ct).dtype, np.integer) else np.float32), **geo)
+    for name, m in masks.items():
+        write_image(case_dir / "masks" / f"{name}.nii.gz", np.asarray(m).astype(np.uint8), **geo)
+    if dose is not None:
+        write_image(case_dir / "dose.nii.gz", np.asarray(dose, dtype=np.float32), **geo)
+    if possible_dose_mask is not None:
+        write_image(case_dir / "possible_dose_mask.nii.gz", np.asarray(possible_dose_mask).astype(np.uint8), **geo)
+    write_plan(case_dir, plan)
+    return case_dir
+
+
+def list_cases(data_dir: str | Path) -> list[Path]:
+    """Case folders (those holding a plan.yaml or ct.nii.gz) under data_dir, sorted by name."""
+    data_dir = Path(data_dir)
+    return sorted(p for p in data_dir.iterdir()
+                  if p.is_dir() and ((p / "plan.yaml").exists() or (p / "ct.nii.gz").exists()))

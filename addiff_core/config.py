@@ -1,0 +1,369 @@
+"""Typed configuration: site files and model/run settings, validated once at the edge.
+
+Every YAML file is read with ``yaml.safe_load`` and turned into frozen dataclasses. Any wrong
+field raises :class:`ConfigError` whose message names the file, the field and the problem, so
+the command line can print one clear line instead of a traceback.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration file or value is wrong. The message names the file and the field."""
+
+
+DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
+
+
+# --------------------------------------------------------------------------------------------
+# small validation helpers
+# --------------------------------------------------------------------------------------------
+class _Fields:
+    """Reads fields out of one YAML mapping, collecting a precise error per wrong field."""
+
+    def __init__(self, data: Any, where: str, source: str):
+        self.source = source
+        self.where = where
+        if data is None:
+            data = {}
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{source}: {where or 'top level'}: must be a mapping, got {type(data).__name__}")
+        self.data = dict(data)
+        self.used: set[str] = set()
+
+    def _name(self, key: str) -> str:
+        return f"{self.where}.{key}" if self.where else key
+
+    def fail(self, key: str, msg: str) -> ConfigError:
+        return ConfigError(f"{self.source}: {self._name(key)}: {msg}")
+
+    def get(self, key: str, default: Any = dataclasses.MISSING) -> Any:
+        self.used.add(key)
+        if key in self.data and self.data[key] is not None:
+            return self.data[key]
+        if default is dataclasses.MISSING:
+            raise self.fail(key, "is required")
+        return default
+
+    def string(self, key: str, default: Any = dataclasses.MISSING, choices: tuple[str, ...] | None = None) -> str:
+        v = self.get(key, default)
+        if v is None:
+            return v
+        if not isinstance(v, str) or not v.strip():
+            raise self.fail(key, f"must be a non-empty string, got {v!r}")
+        if choices is not None and v not in choices:
+            raise self.fail(key, f"must be one of {', '.join(choices)}; got {v!r}")
+        return v
+
+    def integer(self, key: str, default: Any = dataclasses.MISSING, minimum: int | None = None) -> int:
+        v = self.get(key, default)
+        if v is None:
+            return v
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise self.fail(key, f"must be an integer, got {v!r}")
+        if minimum is not None and v < minimum:
+            raise self.fail(key, f"must be >= {minimum}, got {v}")
+        return v
+
+    def number(self, key: str, default: Any = dataclasses.MISSING, minimum: float | None = None,
+               maximum: float | None = None, exclusive_min: bool = False, exclusive_max: bool = False) -> float:
+        v = self.get(key, default)
+        if v is None:
+            return v
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(float(v)):
+            raise self.fail(key, f"must be a finite number, got {v!r}")
+        v = float(v)
+        if minimum is not None and (v < minimum or (exclusive_min and v == minimum)):
+            raise self.fail(key, f"must be {'>' if exclusive_min else '>='} {minimum}, got {v}")
+        if maximum is not None and (v > maximum or (exclusive_max and v == maximum)):
+            raise self.fail(key, f"must be {'<' if exclusive_max else '<='} {maximum}, got {v}")
+        return v
+
+    def boolean(self, key: str, default: Any = dataclasses.MISSING) -> bool:
+        v = self.get(key, default)
+        if not isinstance(v, bool):
+            raise self.fail(key, f"must be true or false, got {v!r}")
+        return v
+
+    def sub(self, key: str) -> "_Fields":
+        self.used.add(key)
+        return _Fields(self.data.get(key), self._name(key), self.source)
+
+    def finish(self) -> None:
+        unknown = sorted(set(self.data) - self.used)
+        if unknown:
+            raise self.fail(unknown[0], "unknown field (check the spelling; see sites/TEMPLATE.yaml)")
+
+
+# --------------------------------------------------------------------------------------------
+# model / grid settings (shared by every site of a federation)
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class GridConfig:
+    """The fixed grid the model sees: ``size``^3 voxels at ``spacing`` mm (None: the CT's own)."""
+
+    size: int = 32
+    spacing: tuple[float, float, float] | None = None
+    hu_min: float = -1000.0
+    hu_max: float = 1000.0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    kind: str = "diffusion"  # "diffusion" (ADDiff-Dose) or "unet" (direct-regression baseline)
+    grid: GridConfig = field(default_factory=GridConfig)
+    vae_channels: tuple[int, ...] = (16, 32, 64)  # len-1 strided convs: 2^(len-1) downsampling
+    latent_channels: int = 4
+    unet_channels: tuple[int, ...] = (32, 64, 64)
+    attention_levels: tuple[bool, ...] = (False, False, True)
+    cond_channels: int = 16  # spatial conditioning channels at the latent grid
+    context_dim: int = 64  # width of the context tokens
+    num_heads: int = 4
+    norm_groups: int = 8
+    train_timesteps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    sample_steps: int = 25
+    constraint_weight: float = 0.5
+    kl_weight: float = 1e-3
+
+    @property
+    def downsample(self) -> int:
+        return 2 ** (len(self.vae_channels) - 1)
+
+    @property
+    def latent_size(self) -> int:
+        return self.grid.size // self.downsample
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _model_config(f: _Fields) -> ModelConfig:
+    d = ModelConfig()
+    g = f.sub("grid")
+    spacing = g.get("spacing", None)
+    if spacing is not None:
+        if (not isinstance(spacing, (list, tuple)) or len(spacing) != 3
+                or not all(isinstance(s, (int, float)) and not isinstance(s, bool) and s > 0 for s in spacing)):
+            raise g.fail("spacing", f"must be three positive numbers in mm (or null for the CT's own), got {spacing!r}")
+        spacing = tuple(float(s) for s in spacing)
+    grid = GridConfig(size=g.integer("size", d.grid.size, minimum=8), spacing=spacing,
+                      hu_min=g.number("hu_min", d.grid.hu_min), hu_max=g.number("hu_max", d.grid.hu_max))
+    if grid.hu_max <= grid.hu_min:
+        raise g.fail("hu_max", f"must be greater than hu_min ({grid.hu_min})")
+    g.finish()
+
+    def int_list(key: str, default: tuple[int, ...]) -> tuple[int, ...]:
+        v = f.get(key, list(default))
+        if not isinstance(v, (list, tuple)) or not v or not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in v):
+            raise f.fail(key, f"must be a non-empty list of positive integers, got {v!r}")
+        return tuple(v)
+
+    vae_channels = int_list("vae_channels", d.vae_channels)
+    unet_channels = int_list("unet_channels", d.unet_channels)
+    att = f.get("attention_levels", list(d.attention_levels))
+    if not isinstance(att, (list, tuple)) or len(att) != len(unet_channels) or not all(isinstance(a, bool) for a in att):
+        raise f.fail("attention_levels", f"must be a list of {len(unet_channels)} booleans (one per unet level)")
+    cfg = ModelConfig(
+        kind=f.string("kind", d.kind, choices=("diffusion", "unet")),
+        grid=grid,
+        vae_channels=vae_channels,
+        latent_channels=f.integer("latent_channels", d.latent_channels, minimum=1),
+        unet_channels=unet_channels,
+        attention_levels=tuple(att),
+        cond_channels=f.integer("cond_channels", d.cond_channels, minimum=1),
+        context_dim=f.integer("context_dim", d.context_dim, minimum=4),
+        num_heads=f.integer("num_heads", d.num_heads, minimum=1),
+        norm_groups=f.integer("norm_groups", d.norm_groups, minimum=1),
+        train_timesteps=f.integer("train_timesteps", d.train_timesteps, minimum=2),
+        beta_start=f.number("beta_start", d.beta_start, minimum=0, exclusive_min=True),
+        beta_end=f.number("beta_end", d.beta_end, maximum=1, exclusive_max=True),
+        sample_steps=f.integer("sample_steps", d.sample_steps, minimum=1),
+        constraint_weight=f.number("constraint_weight", d.constraint_weight, minimum=0),
+        kl_weight=f.number("kl_weight", d.kl_weight, minimum=0),
+    )
+    f.finish()
+    if cfg.grid.size % (cfg.downsample * 2 ** (len(cfg.unet_channels) - 1)):
+        raise f.fail("grid", f"size {cfg.grid.size} must be divisible by the VAE downsampling ({cfg.downsample}) "
+                             f"times 2^(unet levels - 1) ({2 ** (len(cfg.unet_channels) - 1)})")
+    if cfg.context_dim % cfg.num_heads:
+        raise f.fail("num_heads", f"must divide context_dim ({cfg.context_dim})")
+    if any(c % cfg.norm_groups for c in cfg.vae_channels + cfg.unet_channels):
+        raise f.fail("norm_groups", "must divide every entry of vae_channels and unet_channels")
+    if cfg.sample_steps > cfg.train_timesteps:
+        raise f.fail("sample_steps", f"must be <= train_timesteps ({cfg.train_timesteps})")
+    return cfg
+
+
+def model_config_from_dict(data: Mapping | None, source: str = "<model config>") -> ModelConfig:
+    return _model_config(_Fields(data, "", source))
+
+
+# --------------------------------------------------------------------------------------------
+# site files
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class HeldOutConfig:
+    """Held-out cohort: explicit case ids, or a fraction drawn with a seed. Never trained on."""
+
+    case_ids: tuple[str, ...] | None = None
+    fraction: float | None = 0.25
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    batch_size: int = 2
+    optimizer: str = "adamw"
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    lr_schedule: str = "constant"  # constant | cosine
+    vae_epochs: int = 2  # local epochs per round (federated) or total (addiff train)
+    diffusion_epochs: int = 2
+    grad_clip: float = 1.0
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    enabled: bool = False
+    target_epsilon: float | None = 8.0
+    delta: float | None = None  # default: 1 / (10 * training cases), below 1 / n
+    max_grad_norm: float = 1.0
+    noise_multiplier: float | None = None  # used instead of target_epsilon when set
+    accountant: str = "rdp"  # rdp | prv
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    name: str
+    data_dir: Path
+    state_dir: Path
+    source: Path | None = None
+    heldout: HeldOutConfig = field(default_factory=HeldOutConfig)
+    device: str = "auto"
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+
+def _resolve(base: Path, value: str) -> Path:
+    p = Path(value).expanduser()
+    return (p if p.is_absolute() else base / p).resolve()
+
+
+def site_config_from_dict(data: Any, source: str | Path, base_dir: Path | None = None) -> SiteConfig:
+    source = str(source)
+    base_dir = Path(base_dir) if base_dir is not None else Path(source).resolve().parent
+    f = _Fields(data, "", source)
+    name = f.string("name")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+        raise f.fail("name", f"must be letters, digits, '_', '-' or '.', got {name!r}")
+    data_dir = _resolve(base_dir, f.string("data_dir"))
+    state_dir = _resolve(base_dir, f.string("state_dir", f"state/{name}"))
+
+    h = f.sub("heldout")
+    ids = h.get("case_ids", None)
+    if ids is not None:
+        if not isinstance(ids, list) or not all(isinstance(i, str) and i for i in ids):
+            raise h.fail("case_ids", "must be a list of case folder names")
+        heldout = HeldOutConfig(case_ids=tuple(ids), fraction=None, seed=h.integer("seed", 0))
+        if h.get("fraction", None) is not None:
+            raise h.fail("fraction", "give either case_ids or fraction, not both")
+    else:
+        heldout = HeldOutConfig(case_ids=None,
+                                fraction=h.number("fraction", 0.25, minimum=0, maximum=1, exclusive_max=True),
+                                seed=h.integer("seed", 0))
+    h.finish()
+
+    device = f.string("device", "auto")
+    if not DEVICE_RE.match(device):
+        raise f.fail("device", f"must be auto, cpu, cuda or cuda:N, got {device!r}")
+
+    t = f.sub("training")
+    dt = TrainingConfig()
+    training = TrainingConfig(
+        batch_size=t.integer("batch_size", dt.batch_size, minimum=1),
+        optimizer=t.string("optimizer", dt.optimizer, choices=("adam", "adamw", "sgd")),
+        lr=t.number("lr", dt.lr, minimum=0, exclusive_min=True),
+        weight_decay=t.number("weight_decay", dt.weight_decay, minimum=0),
+        lr_schedule=t.string("lr_schedule", dt.lr_schedule, choices=("constant", "cosine")),
+        vae_epochs=t.integer("vae_epochs", dt.vae_epochs, minimum=0),
+        diffusion_epochs=t.integer("diffusion_epochs", dt.diffusion_epochs, minimum=0),
+        grad_clip=t.number("grad_clip", dt.grad_clip, minimum=0),
+        seed=t.integer("seed", dt.seed),
+    )
+    t.finish()
+
+    p = f.sub("privacy")
+    dp = PrivacyConfig()
+    privacy = PrivacyConfig(
+        enabled=p.boolean("enabled", dp.enabled),
+        target_epsilon=p.number("target_epsilon", dp.target_epsilon, minimum=0, exclusive_min=True),
+        delta=p.number("delta", None, minimum=0, maximum=1, exclusive_min=True, exclusive_max=True),
+        max_grad_norm=p.number("max_grad_norm", dp.max_grad_norm, minimum=0, exclusive_min=True),
+        noise_multiplier=p.number("noise_multiplier", None, minimum=0, exclusive_min=True),
+        accountant=p.string("accountant", dp.accountant, choices=("rdp", "prv")),
+    )
+    p.finish()
+
+    model = _model_config(f.sub("model"))
+    f.finish()
+    return SiteConfig(name=name, data_dir=data_dir, state_dir=state_dir, source=Path(source),
+                      heldout=heldout, device=device, training=training, privacy=privacy, model=model)
+
+
+def load_yaml(path: str | Path) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: file not found")
+    try:
+        with path.open("r", encoding="utf-8") as fh:
+            return yaml.safe_load(fh)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file") from None
+
+
+def load_site_config(path: str | Path) -> SiteConfig:
+    """Load and validate a site file. Relative paths inside it resolve against its folder."""
+    path = Path(path)
+    return site_config_from_dict(load_yaml(path), path, path.resolve().parent)
+
+
+def load_model_config(path: str | Path | None) -> ModelConfig:
+    if path is None:
+        return ModelConfig()
+    return model_config_from_dict(load_yaml(path), str(path))
+
+
+def resolve_device(requested: str) -> "torch.device":  # noqa: F821
+    """auto -> cuda when available, else cpu. Asking for a GPU that is not there is an error."""
+    import torch
+
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {requested!r} asked for, but no CUDA GPU is available on this machine")
+        idx = int(requested.split(":")[1]) if ":" in requested else 0
+        if idx >= torch.cuda.device_count():
+            raise ConfigError(f"device {requested!r} asked for, but this machine has only "
+                              f"{torch.cuda.device_count()} CUDA GPU(s)")
+        return torch.device(requested)
+    if requested == "mps":
+        if not torch.backends.mps.is_available():
+            raise ConfigError("device 'mps' asked for, but MPS is not available")
+    return torch.device(requested)
