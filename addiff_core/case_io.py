@@ -58,6 +58,15 @@ class Beam:
     def is_arc(self) -> bool:
         return self.gantry_stop is not None
 
+    def control_points(self, arc_step_deg: float = 10.0) -> list["Beam"]:
+        """This beam as static beams: itself, or an arc sampled every ``arc_step_deg`` degrees."""
+        if not self.is_arc:
+            return [self]
+        span = (self.gantry_stop - self.gantry) % 360.0 or 360.0
+        n = max(2, int(math.ceil(span / arc_step_deg)) + 1)
+        return [Beam(gantry=(self.gantry + span * k / (n - 1)) % 360.0, couch=self.couch, energy_mv=self.energy_mv)
+                for k in range(n)]
+
     def to_dict(self) -> dict:
         d: dict[str, Any] = {"gantry": float(self.gantry), "couch": float(self.couch), "energy_mv": float(self.energy_mv)}
         if self.gantry_stop is not None:
@@ -86,16 +95,7 @@ class Plan:
 
     def expanded_beams(self, arc_step_deg: float = 10.0) -> list[Beam]:
         """Static beams; each VMAT arc is sampled as control points every ``arc_step_deg``."""
-        out: list[Beam] = []
-        for b in self.beams:
-            if not b.is_arc:
-                out.append(b)
-                continue
-            span = (b.gantry_stop - b.gantry) % 360.0 or 360.0
-            n = max(2, int(math.ceil(span / arc_step_deg)) + 1)
-            for k in range(n):
-                out.append(Beam(gantry=(b.gantry + span * k / (n - 1)) % 360.0, couch=b.couch, energy_mv=b.energy_mv))
-        return out
+        return [cp for b in self.beams for cp in b.control_points(arc_step_deg)]
 
     def to_dict(self) -> dict:
         d = {

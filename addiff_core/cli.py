@@ -1,0 +1,208 @@
+"""The ``addiff`` command line.
+
+Every subcommand turns bad input into one clear line on stderr and exit status 2 (no
+traceback); ``ADDIFF_DEBUG=1`` shows the traceback. Federation commands (``simulate``,
+``server``, ``client``, ``certs``) are registered by the thin Flower glue in ``server/`` and
+``client/``, imported only when the command line is built.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from .case_io import CaseError
+from .checkpoint import CheckpointError
+from .config import ConfigError
+
+USER_ERRORS = (ConfigError, CaseError, CheckpointError, FileNotFoundError, NotADirectoryError, PermissionError)
+
+
+class UserError(Exception):
+    """Raised by a command for a problem the user must fix; printed as one line."""
+
+
+# ------------------------------------------------------------------------------------------
+# data
+# ------------------------------------------------------------------------------------------
+def cmd_data_synth(args: argparse.Namespace) -> int:
+    import time
+
+    from .synth import write_synthetic_sites
+
+    t0 = time.perf_counter()
+    files = write_synthetic_sites(Path(args.out), n_sites=args.sites, cases_per_site=args.cases_per_site,
+                                  size=args.size, seed=args.seed)
+    print(f"wrote {args.sites} sites x {args.cases_per_site} cases ({args.size}^3) to {args.out} "
+          f"in {time.perf_counter() - t0:.1f} s")
+    for f in files:
+        print(f"  site file: {f}")
+    return 0
+
+
+def cmd_data_import_openkbp(args: argparse.Namespace) -> int:
+    from .openkbp import import_openkbp
+
+    src = Path(args.src)
+    if not src.exists():
+        raise UserError(f"{src}: no such folder")
+    cases = import_openkbp(src, Path(args.out))
+    print(f"imported {len(cases)} OpenKBP patient(s) into {args.out}")
+    return 0
+
+
+def cmd_data_check(args: argparse.Namespace) -> int:
+    from .checks import check_dataset
+
+    root = Path(args.dir)
+    if not root.is_dir():
+        raise UserError(f"{root}: no such folder")
+    n_cases, problems = check_dataset(root)
+    bad_cases = sorted({p.case for p in problems})
+    for p in problems:
+        print(str(p))
+    print(f"{n_cases} case(s) checked, {len(bad_cases)} with problems ({len(problems)} problem(s))")
+    if n_cases == 0:
+        print(f"{root}: no case folders found (a case folder holds plan.yaml and/or ct.nii.gz)", file=sys.stderr)
+        return 1
+    return 1 if problems else 0
+
+
+# ------------------------------------------------------------------------------------------
+# local training / prediction
+# ------------------------------------------------------------------------------------------
+def cmd_train(args: argparse.Namespace) -> int:
+    from .local import train_site
+
+    summary = train_site(Path(args.site), Path(args.out), model_kind=args.model,
+                         model_config=Path(args.config) if args.config else None,
+                         vae_epochs=args.vae_epochs, diffusion_epochs=args.diffusion_epochs,
+                         steps=args.steps, progress=not args.quiet)
+    print(json.dumps(summary["heldout"]["mean"], indent=2))
+    print(f"checkpoint: {summary['checkpoint']}\nmetrics:    {summary['metrics_file']}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .local import predict_case
+
+    out = predict_case(Path(args.checkpoint), Path(args.case), Path(args.out), samples=args.samples,
+                       steps=args.steps, seed=args.seed, device=args.device)
+    for k, v in out.items():
+        print(f"{k}: {v}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .local import evaluate_checkpoint
+
+    res = evaluate_checkpoint(Path(args.checkpoint), Path(args.site), steps=args.steps, seed=args.seed)
+    print(json.dumps(res["mean"], indent=2))
+    if args.out:
+        Path(args.out).write_text(json.dumps(res, indent=2))
+        print(f"written: {args.out}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    path = write_report(Path(args.run_dir))
+    print(f"report: {path}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="addiff", description="addiff-fl: federated ADDiff-Dose dose prediction")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    data = sub.add_parser("data", help="make, import and check case data")
+    dsub = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
+    s = dsub.add_parser("synth", help="write non-IID synthetic hospitals (phantoms + beam-model dose) and site files")
+    s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("--sites", type=int, default=3)
+    s.add_argument("--cases-per-site", type=int, default=8)
+    s.add_argument("--size", type=int, default=32, help="grid size (voxels per axis)")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_data_synth)
+    s = dsub.add_parser("import-openkbp", help="convert OpenKBP patient folders (sparse CSV) to the case format")
+    s.add_argument("src")
+    s.add_argument("out")
+    s.set_defaults(func=cmd_data_import_openkbp)
+    s = dsub.add_parser("check", help="validate every case under DIR; non-zero exit if any is bad")
+    s.add_argument("dir")
+    s.set_defaults(func=cmd_data_check)
+
+    s = sub.add_parser("train", help="train on one site's cases (no federation) and evaluate on its held-out cohort")
+    s.add_argument("--site", required=True, help="site file (sites/NAME.yaml)")
+    s.add_argument("--out", required=True, help="run folder for checkpoint and metrics")
+    s.add_argument("--model", choices=("diffusion", "unet"), default=None, help="override the model kind")
+    s.add_argument("--config", help="model config YAML (default: the site file's model section)")
+    s.add_argument("--vae-epochs", type=int, default=None)
+    s.add_argument("--diffusion-epochs", type=int, default=None, help="epochs of stage 2 (or of the U-Net)")
+    s.add_argument("--steps", type=int, default=None, help="DDIM steps for evaluation")
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("predict", help="predict the dose of one case (Gy, on its CT grid) with DVH table")
+    s.add_argument("--checkpoint", required=True)
+    s.add_argument("--case", required=True, help="case folder (a reference dose is not needed)")
+    s.add_argument("--out", required=True)
+    s.add_argument("--samples", type=int, default=1, help="several samples: mean dose + uncertainty map")
+    s.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the model config's)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--device", default="auto")
+    s.set_defaults(func=cmd_predict)
+
+    s = sub.add_parser("evaluate", help="metrics of a checkpoint on a site's held-out cohort")
+    s.add_argument("--checkpoint", required=True)
+    s.add_argument("--site", required=True)
+    s.add_argument("--steps", type=int, default=None)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", help="write the full result (per case) as JSON")
+    s.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser("report", help="write report.md and figures for a run folder")
+    s.add_argument("run_dir")
+    s.set_defaults(func=cmd_report)
+
+    try:
+        from server.commands import register as register_server
+        from client.commands import register as register_client
+    except ImportError as e:  # pragma: no cover - only when the glue is broken
+        if os.environ.get("ADDIFF_DEBUG"):
+            raise
+        logging.getLogger(__name__).debug("federation commands unavailable: %s", e)
+    else:
+        register_server(sub)
+        register_client(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        return int(args.func(args) or 0)
+    except (UserError, *USER_ERRORS) as e:
+        if os.environ.get("ADDIFF_DEBUG"):
+            raise
+        msg = str(e)
+        if isinstance(e, (FileNotFoundError, PermissionError, NotADirectoryError)) and getattr(e, "filename", None):
+            msg = f"{e.filename}: {e.strerror}"
+        print(f"addiff: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("addiff: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

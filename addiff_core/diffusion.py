@@ -1,0 +1,263 @@
+"""Schedulers, stage losses and DDIM sampling for ADDiff-Dose (and the U-Net baseline loss).
+
+Schedulers are plain objects made on demand (never module buffers, so they never enter a
+state_dict that travels). Both are built with ``clip_sample=False``: MONAI's default clamps the
+x0 estimate to [-1, 1], which would cut unit-variance latents.
+
+DDIM: MONAI 1.6's ``DDIMScheduler.set_timesteps`` spaces the steps with ``linspace(T-1, 0, n).round()``
+while ``DDIMScheduler.step`` assumes the previous timestep is ``t - T // n``; for T=1000, n=25 these
+disagree (999 -> 959 vs the next scheduled 957, ..., last alpha from t=2 instead of the final 1).
+``sample`` therefore uses the scheduler's timesteps and ``alphas_cumprod`` but does the eta=0 DDIM
+update itself with the true next timestep (alpha_prev = 1 after the last step).
+
+Every function accepts the bare model or an Opacus ``GradSampleModule`` wrapping it.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
+
+from .config import ModelConfig
+from .losses import constraint_hinge, kl_divergence, masked_l1
+
+
+# ------------------------------------------------------------------------------------------
+# helpers
+# ------------------------------------------------------------------------------------------
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare model behind an Opacus GradSampleModule (or the model itself)."""
+    return getattr(model, "_module", model)
+
+
+def batch_to(batch: dict, device: torch.device | str) -> dict:
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(unwrap(model).parameters()).device
+
+
+def _has_dose(batch: dict, n: int, like: torch.Tensor) -> torch.Tensor:
+    h = batch.get("has_dose")
+    if h is None:
+        return torch.ones(n, dtype=like.dtype, device=like.device)
+    return h.reshape(n).to(device=like.device, dtype=like.dtype)
+
+
+def _batch_mean(per_sample: torch.Tensor) -> torch.Tensor:
+    return per_sample.sum() / max(per_sample.shape[0], 1)
+
+
+def _latent_scale(model: nn.Module) -> torch.Tensor:
+    """diffusion.latent_scale, or 1.0 while it is 0 (not calibrated)."""
+    s = unwrap(model).diffusion.latent_scale
+    return torch.where(s > 0, s, torch.ones_like(s))
+
+
+# ------------------------------------------------------------------------------------------
+# schedulers
+# ------------------------------------------------------------------------------------------
+def make_train_scheduler(cfg: ModelConfig) -> DDPMScheduler:
+    return DDPMScheduler(num_train_timesteps=cfg.train_timesteps, schedule="linear_beta",
+                         beta_start=cfg.beta_start, beta_end=cfg.beta_end, clip_sample=False)
+
+
+def make_sampler(cfg: ModelConfig, steps: int | None = None) -> DDIMScheduler:
+    sched = DDIMScheduler(num_train_timesteps=cfg.train_timesteps, schedule="linear_beta",
+                          beta_start=cfg.beta_start, beta_end=cfg.beta_end, clip_sample=False,
+                          set_alpha_to_one=True)
+    sched.set_timesteps(int(steps or cfg.sample_steps))
+    return sched
+
+
+# ------------------------------------------------------------------------------------------
+# VAE stage
+# ------------------------------------------------------------------------------------------
+def vae_loss(vae: nn.Module, batch: dict, cfg: ModelConfig, body_weight: float = 0.0
+             ) -> tuple[torch.Tensor, dict]:
+    """L1(recon, dose) over the whole grid (+ extra weight ``body_weight`` inside ``body``) +
+    cfg.kl_weight * KL. Per-sample terms, samples without dose count 0, sum / max(N, 1)."""
+    dose = batch["dose"]
+    recon, mu, logvar = vae(dose)
+    n = dose.shape[0]
+    w = torch.ones_like(dose)
+    if body_weight > 0 and "body" in batch:
+        w = w + body_weight * batch["body"].to(dose.dtype)
+    l1 = ((recon - dose).abs() * w).flatten(1).sum(1) / w.flatten(1).sum(1).clamp_min(1e-8)
+    kl = kl_divergence(mu, logvar, reduction="none")
+    has = _has_dose(batch, n, l1)
+    loss = _batch_mean(has * (l1 + cfg.kl_weight * kl))
+    parts = {"loss": float(loss.detach()), "l1": float(_batch_mean(has * l1).detach()),
+             "kl": float(_batch_mean(has * kl).detach())}
+    return loss, parts
+
+
+# ------------------------------------------------------------------------------------------
+# latent space
+# ------------------------------------------------------------------------------------------
+def encode_dose(model: nn.Module, dose: torch.Tensor) -> torch.Tensor:
+    """Scaled latent: VAE mu * diffusion.latent_scale (scale 1 while uncalibrated)."""
+    m = unwrap(model)
+    mu, _ = m.vae.encode(dose)
+    return mu * _latent_scale(m)
+
+
+def decode_latent(model: nn.Module, z: torch.Tensor) -> torch.Tensor:
+    """Normalised dose from a scaled latent (inverse of encode_dose's scaling)."""
+    m = unwrap(model)
+    return m.vae.decode(z / _latent_scale(m))
+
+
+@torch.no_grad()
+def calibrate_latent_scale(model: nn.Module, batches: Iterable[dict], force: bool = False) -> float:
+    """Set diffusion.latent_scale = 1 / std(mu) over the dose cases of ``batches`` if it is 0
+    (or ``force``). Returns the scale in use. Leaves it at 0 when no batch has a dose."""
+    m = unwrap(model)
+    buf = m.diffusion.latent_scale
+    if float(buf) > 0 and not force:
+        return float(buf)
+    dev = _device(m)
+    was_training = m.vae.training
+    m.vae.eval()
+    total, total_sq, count = 0.0, 0.0, 0
+    for batch in batches:
+        dose = batch["dose"].to(dev)
+        keep = _has_dose(batch, dose.shape[0], dose) > 0
+        if not bool(keep.any()):
+            continue
+        mu, _ = m.vae.encode(dose[keep])
+        mu = mu.double()
+        total += float(mu.sum())
+        total_sq += float((mu * mu).sum())
+        count += mu.numel()
+    m.vae.train(was_training)
+    if count == 0:
+        return float(buf)
+    mean = total / count
+    std = max((total_sq / count - mean * mean), 0.0) ** 0.5
+    buf.fill_(1.0 / max(std, 1e-6))
+    return float(buf)
+
+
+# ------------------------------------------------------------------------------------------
+# diffusion stage
+# ------------------------------------------------------------------------------------------
+def diffusion_loss(model: nn.Module, batch: dict, cfg: ModelConfig,
+                   generator: torch.Generator | None = None, timesteps: torch.Tensor | None = None,
+                   noise: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """Noise MSE + cfg.constraint_weight * alpha_bar_t * constraint_hinge(decoded x0 estimate).
+
+    The dose latent comes from the (frozen) VAE under no_grad. The x0 estimate
+    (z_t - sqrt(1 - a) eps) / sqrt(a) is decoded by the VAE decoder *with* autograd, so the
+    constraint gradient reaches the denoiser and condition encoder; the caller freezes the VAE
+    (requires_grad False). Weighting the hinge by alpha_bar_t cancels the 1/alpha_bar_t blow-up
+    of the x0 estimate at high noise levels. Per-sample terms, sum / max(N, 1).
+    ``timesteps`` (N,) long and ``noise`` (latent shape) may be given (tests, fixed evaluation);
+    otherwise they are drawn from ``generator`` (or the global RNG).
+    """
+    m = unwrap(model)
+    dose = batch["dose"]
+    dev, n = dose.device, dose.shape[0]
+    with torch.no_grad():
+        z0 = encode_dose(m, dose)
+    sched = make_train_scheduler(cfg)
+    gdev = generator.device if generator is not None else dev
+    if timesteps is None:
+        t = torch.randint(0, cfg.train_timesteps, (n,), generator=generator, device=gdev).to(dev)
+    else:
+        t = timesteps.to(dev).long().reshape(n)
+    if noise is None:
+        noise = torch.randn(z0.shape, generator=generator, device=gdev, dtype=z0.dtype).to(dev)
+    else:
+        noise = noise.to(device=dev, dtype=z0.dtype)
+    a = sched.alphas_cumprod.to(device=dev, dtype=z0.dtype)[t].reshape(n, *([1] * (z0.ndim - 1)))
+    z_t = a.sqrt() * z0 + (1 - a).sqrt() * noise
+
+    spatial, context = m.diffusion.cond(batch)
+    eps = m.diffusion.denoiser(z_t, t, spatial, context)
+    mse = (eps - noise).pow(2).flatten(1).mean(1)
+    has = _has_dose(batch, n, mse)
+
+    per = mse
+    hinge = torch.zeros_like(mse)
+    if cfg.constraint_weight > 0:
+        x0 = (z_t - (1 - a).sqrt() * eps) / a.sqrt()
+        dose_hat = decode_latent(m, x0)
+        hinge = constraint_hinge(dose_hat, batch, reduction="none")
+        per = mse + cfg.constraint_weight * a.reshape(n) * hinge
+    loss = _batch_mean(has * per)
+    parts = {"loss": float(loss.detach()), "mse": float(_batch_mean(has * mse).detach()),
+             "constraint": float(_batch_mean(has * hinge).detach())}
+    return loss, parts
+
+
+def _make_generator(device: torch.device, seed: int) -> torch.Generator:
+    try:
+        g = torch.Generator(device=device)
+    except RuntimeError:
+        g = torch.Generator()
+    return g.manual_seed(int(seed))
+
+
+@torch.no_grad()
+def sample(model: nn.Module, batch: dict, cfg: ModelConfig, steps: int | None = None, seed: int = 0,
+           num_samples: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """DDIM (eta=0) sampling -> (mean normalised dose (N,1,S,S,S) clamped >= 0, std or None).
+
+    Deterministic for a given seed (generator seeded on the model's device; CPU fallback).
+    With num_samples > 1 the std over samples (per voxel) is returned as well.
+    """
+    m = unwrap(model)
+    dev = _device(m)
+    sched = make_sampler(cfg, steps)
+    ac = sched.alphas_cumprod.to(dev, torch.float32)
+    ts = [int(t) for t in sched.timesteps]
+    spatial, context = m.diffusion.cond(batch)
+    n = spatial.shape[0]
+    shape = (n, cfg.latent_channels, *spatial.shape[2:])
+    gen = _make_generator(dev, seed)
+
+    doses = []
+    for _ in range(max(1, int(num_samples))):
+        z = torch.randn(shape, generator=gen, device=gen.device).to(dev)
+        for i, t in enumerate(ts):
+            eps = m.diffusion.denoiser(z, torch.full((n,), t, device=dev, dtype=torch.long), spatial, context)
+            a_t = ac[t]
+            a_prev = ac[ts[i + 1]] if i + 1 < len(ts) else torch.ones((), device=dev)
+            x0 = (z - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+            z = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+        doses.append(decode_latent(m, z).clamp_min(0))
+    stack = torch.stack(doses)
+    mean = stack.mean(0)
+    std = stack.std(0, unbiased=False) if len(doses) > 1 else None
+    return mean, std
+
+
+# ------------------------------------------------------------------------------------------
+# U-Net baseline and a common predict
+# ------------------------------------------------------------------------------------------
+def unet_loss(model: nn.Module, batch: dict, cfg: ModelConfig | None = None) -> tuple[torch.Tensor, dict]:
+    """Masked L1 over ``body`` (per sample) + cfg.constraint_weight * constraint hinge."""
+    cw = (cfg or ModelConfig()).constraint_weight
+    pred = model(batch)
+    n = pred.shape[0]
+    l1 = masked_l1(pred, batch["dose"], batch["body"], reduction="none")
+    hinge = constraint_hinge(pred, batch, reduction="none") if cw > 0 else torch.zeros_like(l1)
+    has = _has_dose(batch, n, l1)
+    loss = _batch_mean(has * (l1 + cw * hinge))
+    parts = {"loss": float(loss.detach()), "l1": float(_batch_mean(has * l1).detach()),
+             "constraint": float(_batch_mean(has * hinge).detach())}
+    return loss, parts
+
+
+@torch.no_grad()
+def predict(model: nn.Module, batch: dict, cfg: ModelConfig, steps: int | None = None, seed: int = 0,
+            num_samples: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Normalised dose (N,1,S,S,S) >= 0 for either model kind (U-Net: std is None)."""
+    m = unwrap(model)
+    if hasattr(m, "diffusion"):
+        return sample(m, batch, cfg, steps=steps, seed=seed, num_samples=num_samples)
+    return m(batch).clamp_min(0), None

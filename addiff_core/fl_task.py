@@ -1,0 +1,172 @@
+"""What one hospital does in a federated round, with no Flower in sight.
+
+The ClientApp (``client/``) turns Flower messages into calls of :class:`SiteTask` and back.
+Weights travel as ``dict[str, numpy.ndarray]`` keyed by the model's state-dict names; a stage
+ships only its own prefix (``vae.``, ``diffusion.`` or ``unet.``). In stage 2 the frozen global
+VAE is not sent again every round: the site keeps the last global VAE it received in its own
+state directory and uses it (``MissingGlobalWeights`` if it never received one).
+"""
+from __future__ import annotations
+
+import logging
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .config import ModelConfig, SiteConfig, resolve_device
+from .data import SiteData, load_site_data
+from .models import build_model, stage_prefix
+from .privacy import SitePrivacy
+from .training import Proximal, evaluate, lr_at, make_loader, make_optimizer, set_lr, set_trainable, train_stage_epoch
+
+log = logging.getLogger(__name__)
+
+
+class MissingGlobalWeights(RuntimeError):
+    """The round needs global weights this site never received (e.g. the VAE in stage 2)."""
+
+
+def initial_arrays(cfg: ModelConfig, seed: int = 0) -> dict[str, np.ndarray]:
+    """The seeded initial global model, as arrays."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = build_model(cfg)
+    return state_to_arrays(model.state_dict())
+
+
+def state_to_arrays(state: dict[str, torch.Tensor], prefix: str = "") -> dict[str, np.ndarray]:
+    return {k: v.detach().cpu().numpy().copy() for k, v in state.items() if k.startswith(prefix)}
+
+
+def arrays_to_state(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
+
+
+def round_seed(seed: int, server_round: int, site_name: str) -> int:
+    """A seed that differs per site and per round but is reproducible (resume gives equal weights)."""
+    return (seed * 1_000_003 + server_round * 7919 + zlib.crc32(site_name.encode())) % (2**31 - 1)
+
+
+@dataclass
+class TrainResult:
+    arrays: dict[str, np.ndarray]
+    num_examples: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    history: list[dict[str, float]] = field(default_factory=list)  # per local epoch (stays at the site)
+
+
+class SiteTask:
+    """One site's model, data and device; ``train`` and ``evaluate`` are what a round asks for."""
+
+    def __init__(self, site: SiteConfig, model_cfg: ModelConfig, *, progress: bool = False):
+        self.site = site
+        self.cfg = model_cfg
+        self.device = resolve_device(site.device)
+        self.progress = progress
+        self.data: SiteData = load_site_data(site, model_cfg.grid)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(site.training.seed)
+            self.model = build_model(model_cfg).to(self.device)
+        log.info("site %s: %d training, %d held-out cases on %s (%d skipped)", site.name, self.data.num_train,
+                 len(self.data.heldout), self.device, len(self.data.skipped))
+
+    # -- weights --------------------------------------------------------------------------
+    @property
+    def _vae_cache(self) -> Path:
+        return self.site.state_dir / "global_vae.pt"
+
+    def load_global(self, arrays: dict[str, np.ndarray], stage: str | None = None) -> None:
+        """Put the received global arrays into the model; fill in the cached VAE in stage 2."""
+        state = self.model.state_dict()
+        unknown = sorted(set(arrays) - set(state))
+        if unknown:
+            raise ValueError(f"received weights this model does not have: {unknown[:3]}")
+        new = arrays_to_state(arrays)
+        vae_keys = [k for k in state if k.startswith("vae.")]
+        if vae_keys and all(k in new for k in vae_keys):
+            save_checkpoint(self._vae_cache, {k: new[k] for k in vae_keys}, self.cfg, {"what": "global VAE"})
+        elif vae_keys and stage in ("diffusion", None):
+            try:
+                cached, _, _ = load_checkpoint(self._vae_cache)
+            except CheckpointError as e:
+                raise MissingGlobalWeights(f"site {self.site.name}: no global VAE received yet ({e})") from None
+            new = {**cached, **new}
+        missing = set(state) - set(new)
+        needed = {k for k in missing if stage is None or k.startswith(stage_prefix(stage))}
+        if needed:
+            raise MissingGlobalWeights(f"site {self.site.name}: round lacks weights {sorted(needed)[:3]}")
+        state.update({k: v.to(state[k].dtype) for k, v in new.items()})
+        self.model.load_state_dict(state)
+
+    def stage_arrays(self, stage: str) -> dict[str, np.ndarray]:
+        return state_to_arrays(self.model.state_dict(), stage_prefix(stage))
+
+    # -- round work -----------------------------------------------------------------------
+    def steps_per_epoch(self) -> int:
+        return max(1, -(-self.data.num_train // self.site.training.batch_size))
+
+    def privacy(self, planned_epochs: int) -> SitePrivacy | None:
+        """The site's DP accountant (restored from its state directory), or None without DP."""
+        if not self.site.privacy.enabled:
+            return None
+        return SitePrivacy(self.site.privacy, self.site.state_dir, num_train=self.data.num_train,
+                           batch_size=self.site.training.batch_size,
+                           planned_steps=planned_epochs * self.steps_per_epoch())
+
+    def train(self, arrays: dict[str, np.ndarray] | None, stage: str, *, epochs: int, server_round: int,
+              seed: int = 0, proximal_mu: float = 0.0, total_epochs: int | None = None, epoch_offset: int = 0,
+              planned_epochs: int | None = None) -> TrainResult:
+        """Train ``stage`` for ``epochs`` local epochs from the global ``arrays`` (None: current weights).
+
+        ``planned_epochs`` is the number of local epochs this site will train over the whole run
+        (all rounds, both stages): the DP noise is calibrated once for all of them. Raises
+        PrivacyBudgetExhausted, before touching the model, when this round would exceed the budget.
+        """
+        tcfg = self.site.training
+        dp = self.privacy(planned_epochs or epochs)
+        if dp is not None:
+            dp.check_budget(epochs * self.steps_per_epoch())
+        if arrays is not None:
+            self.load_global(arrays, stage)
+        rs = round_seed(seed, server_round, self.site.name)
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(rs)
+            set_trainable(self.model, stage)
+            module = getattr(self.model, stage)
+            optimizer = make_optimizer(module.parameters(), tcfg)
+            loader = make_loader(self.data.train, tcfg.batch_size, shuffle=True, seed=rs)
+            prox = Proximal.from_module(proximal_mu, module) if proximal_mu > 0 else None
+            if dp is not None:  # Opacus hooks the module's layers; losses call the model as usual
+                if stage == "diffusion" and float(self.model.diffusion.latent_scale) == 0.0:
+                    # calibrating on private data would release an un-noised statistic
+                    self.model.diffusion.latent_scale.fill_(1.0)
+                _, optimizer, loader = dp.make_private(module, optimizer, loader)
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(rs)
+            history = []
+            try:
+                for e in range(epochs):
+                    set_lr(optimizer, lr_at(tcfg, epoch_offset + e, total_epochs or epochs))
+                    history.append(train_stage_epoch(
+                        stage, self.model, loader, optimizer, self.cfg, self.device, generator=gen,
+                        grad_clip=tcfg.grad_clip, prox=prox, progress=self.progress,
+                        desc=f"{self.site.name} {stage} r{server_round} e{e + 1}/{epochs}"))
+            finally:
+                if dp is not None:
+                    dp.commit()
+        metrics = {f"train_{k}": float(v) for k, v in history[-1].items()} if history else {}
+        metrics["skipped_cases"] = float(len(self.data.skipped))
+        metrics.update(dp.metrics() if dp is not None else {"dp_enabled": 0.0})
+        return TrainResult(self.stage_arrays(stage), self.data.num_train, metrics, history)
+
+    def evaluate(self, arrays: dict[str, np.ndarray], *, seed: int = 0, steps: int | None = None,
+                 gamma: bool = True) -> dict[str, float]:
+        """Held-out metrics of the global model (numbers only: no case ids leave the site)."""
+        self.load_global(arrays, None)
+        res = evaluate(self.model, self.data.heldout, self.cfg, self.device, seed=seed, steps=steps, gamma=gamma,
+                       progress=self.progress)
+        return {"num_cases": float(res["num_cases"]), **res["mean"]}

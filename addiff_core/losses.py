@@ -1,0 +1,141 @@
+"""Pure loss functions (no modules, no state): KL, masked L1, clinical dose-volume hinge.
+
+All doses are normalised (Gy / rx). Reductions never divide by zero: Opacus Poisson sampling can
+produce empty batches, so every mean is ``sum / max(n, 1)``.
+
+DP note: with ``reduction="sample"`` / per-sample terms a batch loss is ``sum_i loss_i / max(N, 1)``,
+i.e. each sample's gradient depends on its own data only (what Opacus' ``loss_reduction="mean"``
+assumes). ``masked_l1(..., reduction="global")`` normalises by the voxel count of the whole batch,
+which couples samples: fine without DP.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# constraint kinds: order of the one-hot in batch["constraints"][..., :4]
+DMAX, DMEAN, VX, DMIN_PCT = 0, 1, 2, 3
+CONSTRAINT_KINDS = ("Dmax", "Dmean", "Vx", "Dmin_pct")
+TARGET_STRUCT = 14  # constraint_struct value meaning target_primary (= len(OAR_NAMES))
+_BIG = 1e4
+
+
+def _batch_mean(per_sample: torch.Tensor) -> torch.Tensor:
+    return per_sample.sum() / max(per_sample.shape[0], 1)
+
+
+def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """KL(N(mu, exp(logvar)) || N(0, 1)) averaged per element ("mean"), or per sample ("none": (N,))."""
+    kl = -0.5 * (1.0 + logvar - mu.pow(2) - logvar.exp())
+    if reduction == "none":
+        return kl.flatten(1).mean(1)
+    if reduction == "mean":
+        return kl.sum() / max(kl.numel(), 1)
+    raise ValueError(f"unknown reduction {reduction!r}")
+
+
+def masked_l1(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
+              reduction: str = "global") -> torch.Tensor:
+    """Mean |pred - target| over mask voxels.
+
+    reduction: "global": sum over the batch / max(n voxels, 1); "sample": per-sample masked mean,
+    then sum / max(N, 1) (DP-friendly); "none": per-sample masked means (N,).
+    """
+    m = mask.to(pred.dtype).expand_as(pred)
+    err = (pred - target).abs() * m
+    if reduction == "global":
+        return err.sum() / m.sum().clamp_min(1.0)
+    per = err.flatten(1).sum(1) / m.flatten(1).sum(1).clamp_min(1.0)
+    if reduction == "none":
+        return per
+    if reduction == "sample":
+        return _batch_mean(per)
+    raise ValueError(f"unknown reduction {reduction!r}")
+
+
+def _structure_masks(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, 15, V) bool masks [oars(14), target_primary] and (N, 15) bool presence."""
+    oars = batch["oars"].flatten(2) > 0.5
+    tp = batch["target_primary"].flatten(2) > 0.5
+    masks = torch.cat([oars, tp], dim=1)
+    present = torch.cat([batch["oar_present"].bool(), tp.any(-1)], dim=1)
+    return masks, present
+
+
+def _smooth_max(d: torch.Tensor, m: torch.Tensor, nvox: torch.Tensor, top_frac: float) -> torch.Tensor:
+    """Mean of the top ``top_frac`` voxels of each row inside its mask (at least one voxel)."""
+    k = torch.ceil(nvox * top_frac).clamp_min(1).long()
+    kmax = int(k.max())
+    vals = torch.where(m, d, torch.full_like(d, -_BIG)).topk(kmax, dim=1).values
+    keep = torch.arange(kmax, device=d.device)[None, :] < k[:, None]
+    return torch.where(keep, vals, torch.zeros_like(vals)).sum(1) / k.to(d.dtype)
+
+
+def _quantile(d: torch.Tensor, m: torch.Tensor, nvox: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Linear-interpolated q-quantile of each row's masked voxels (gradient to two voxels)."""
+    s = torch.where(m, d, torch.full_like(d, _BIG)).sort(dim=1).values
+    pos = q.clamp(0, 1) * (nvox - 1).clamp_min(0)
+    lo = pos.floor().long()
+    hi = torch.minimum(lo + 1, (nvox - 1).clamp_min(0).long())
+    frac = (pos - lo.to(pos.dtype))
+    v_lo = s.gather(1, lo[:, None])[:, 0]
+    v_hi = s.gather(1, hi[:, None])[:, 0]
+    return v_lo * (1 - frac) + v_hi * frac
+
+
+def constraint_hinge(dose_norm: torch.Tensor, batch: dict, reduction: str = "mean",
+                     temperature: float = 0.02, top_frac: float = 0.02) -> torch.Tensor:
+    """Squared hinge on violated dose-volume constraints of a normalised dose (N, 1, S, S, S).
+
+    Only rows with ``constraint_mask`` and a present structure count (OAR: ``oar_present``;
+    target: non-empty ``target_primary``). Per kind (threshold/limit from batch["constraints"]):
+    Dmax: mean of the top 2% voxels (smooth max) - thr; Dmean: mean - thr;
+    Vx: soft fraction sigmoid((d - thr) / temperature) - limit; Dmin_pct: thr - (1 - limit)-quantile.
+    Each sample averages over its active constraints (0 if none); reduction "mean": sum / max(N, 1),
+    "none": (N,). Always has a grad_fn when ``dose_norm`` has (zero when nothing is active).
+    """
+    n = dose_norm.shape[0]
+    zero = dose_norm.sum() * 0.0
+    per_sample = zero.expand(n).clone()
+    if n == 0:
+        return zero if reduction == "mean" else per_sample
+
+    masks, present = _structure_masks(batch)
+    struct = batch["constraint_struct"].long().clamp(0, TARGET_STRUCT)
+    active = batch["constraint_mask"].bool() & present.gather(1, struct)
+    if not bool(active.any()):
+        return zero if reduction == "mean" else per_sample
+
+    ni, ci = active.nonzero(as_tuple=True)
+    cons = batch["constraints"].to(dose_norm.dtype)[ni, ci]  # (P, 6)
+    kind = cons[:, :4].argmax(1)
+    thr, lim = cons[:, 4], cons[:, 5]
+    d_all = dose_norm.flatten(1)[ni]  # (P, V)
+    m_all = masks[ni, struct[ni, ci]]  # (P, V)
+    nvox = m_all.sum(1).to(dose_norm.dtype)
+
+    viol = torch.zeros_like(thr)
+    for k in (DMAX, DMEAN, VX, DMIN_PCT):
+        sel = (kind == k).nonzero(as_tuple=True)[0]
+        if sel.numel() == 0:
+            continue
+        d, m, nv, t, lm = d_all[sel], m_all[sel], nvox[sel].clamp_min(1), thr[sel], lim[sel]
+        if k == DMAX:
+            v = _smooth_max(d, m, nv, top_frac) - t
+        elif k == DMEAN:
+            v = (d * m).sum(1) / nv - t
+        elif k == VX:
+            v = (torch.sigmoid((d - t[:, None]) / temperature) * m).sum(1) / nv - lm
+        else:
+            v = t - _quantile(d, m, nv, 1.0 - lm)
+        viol = viol.index_put((sel,), v)
+    h = F.relu(viol).pow(2)
+
+    sums = torch.zeros(n, dtype=h.dtype, device=h.device).index_add(0, ni, h)
+    counts = torch.zeros(n, dtype=h.dtype, device=h.device).index_add(0, ni, torch.ones_like(h))
+    per_sample = sums / counts.clamp_min(1.0) + zero
+    if reduction == "none":
+        return per_sample
+    if reduction == "mean":
+        return _batch_mean(per_sample)
+    raise ValueError(f"unknown reduction {reduction!r}")

@@ -1,0 +1,251 @@
+"""Importer for the OpenKBP grand-challenge sparse-CSV format (Babier et al., Med. Phys. 2021).
+
+One OpenKBP patient folder holds ``ct.csv``, ``dose.csv``, ``possible_dose_mask.csv``, one CSV per
+structure present and ``voxel_dimensions.csv``. Every CSV has the header ``,data``; its first
+column is a flat C-order index into a 128^3 array and its second the value (empty for masks).
+
+Axis mapping (verified on the real sample by looking at rendered slices and at structure
+centroids, see ``tests/test_openkbp.py::test_anatomy_orientation``):
+
+* OpenKBP's array is indexed ``(row, column, slice)``. Rows run anterior -> posterior (the
+  mandible has small row indices, the spinal cord large ones), columns run patient right ->
+  patient left (LeftParotid has the larger column index) and slices run superior -> inferior
+  (Brainstem at small slice indices, Esophagus at large ones).
+* ``voxel_dimensions.csv`` is in the same order: (row spacing, column spacing, slice spacing),
+  i.e. (dy, dx, dz), in-plane first.
+* The case format wants SimpleITK's ``(z, y, x)`` array order with spacing ``(x, y, z)`` in LPS
+  (+x = patient left, +y = posterior, +z = superior) and an identity direction, so::
+
+      case_array = openkbp_array.transpose(2, 0, 1)[::-1]   # (slice, row, col), slice flipped
+      spacing    = (vd[1], vd[0], vd[2])                    # (dx, dy, dz)
+
+  i.e. OpenKBP voxel ``(r, c, s)`` becomes case voxel ``(z, y, x) = (S - 1 - s, r, c)``.
+* Origin: the grid is centred on 0 mm: ``origin[i] = -(size[i] - 1) / 2 * spacing[i]``, so the
+  centre of the 128^3 grid (voxel 63.5) lies at (0, 0, 0). OpenKBP carries no patient
+  coordinates, so nothing better is available.
+
+CT values are stored as HU + 1024 (0 = air, omitted): the importer writes ``value - 1024`` as
+int16 HU, with omitted voxels at -1024 HU. Dose is written as float32 Gy.
+"""
+from __future__ import annotations
+
+import re
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from .case_io import Beam, CaseError, Plan, plan_from_dict, save_case
+
+GRID_SHAPE = (128, 128, 128)  # OpenKBP (row, column, slice)
+TARGETS = {"PTV70": 70.0, "PTV63": 63.0, "PTV56": 56.0}
+OARS = ("Brainstem", "SpinalCord", "RightParotid", "LeftParotid", "Esophagus", "Larynx", "Mandible")
+STRUCTURES = tuple(TARGETS) + OARS
+FRACTIONS = 35
+GANTRY_ANGLES = tuple(range(0, 360, 40))  # nine equispaced coplanar 6 MV fields
+CT_OFFSET = 1024
+_CASE_FILES = {"ct.nii.gz", "dose.nii.gz", "possible_dose_mask.nii.gz", "plan.yaml", "masks"}
+
+
+# --------------------------------------------------------------------------------------------
+# CSV parsing
+# --------------------------------------------------------------------------------------------
+def read_sparse_csv(path: Path, case: str | Path, with_values: bool,
+                    shape: tuple[int, int, int] = GRID_SHAPE) -> tuple[np.ndarray, np.ndarray | None]:
+    """Read an OpenKBP sparse CSV -> (flat int64 indices, float64 values or None).
+
+    Raises CaseError naming the file for unparsable rows, non-integral or out-of-range indices
+    and non-finite values.
+    """
+    rel = path.name
+    try:
+        with open(path, "r", encoding="utf-8") as fh:
+            first = fh.readline()
+    except (OSError, UnicodeDecodeError) as e:
+        raise CaseError(case, rel, f"cannot read: {e}") from None
+    skip = 1 if re.search(r"[A-Za-z]", first) else 0  # header ",data"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "input contained no data" for header-only files
+            arr = np.loadtxt(path, delimiter=",", skiprows=skip, usecols=(0, 1) if with_values else (0,),
+                             dtype=np.float64, ndmin=2, encoding="utf-8")
+    except (ValueError, IndexError) as e:
+        what = "index,value rows" if with_values else "index rows"
+        raise CaseError(case, rel, f"not an OpenKBP sparse CSV (expected header ',data' then {what}): "
+                                   f"{str(e).splitlines()[0]}") from None
+    if arr.size == 0:
+        return np.zeros(0, np.int64), (np.zeros(0) if with_values else None)
+    fidx = arr[:, 0]
+    n = int(np.prod(shape))
+    if not np.all(np.isfinite(fidx)) or np.any(fidx != np.floor(fidx)):
+        raise CaseError(case, rel, "flat indices must be integers")
+    bad = (fidx < 0) | (fidx >= n)
+    if np.any(bad):
+        row = int(np.argmax(bad))
+        raise CaseError(case, rel, f"index {int(fidx[row])} (data row {row + 1}) out of range 0..{n - 1} "
+                                   f"for a {'x'.join(map(str, shape))} grid")
+    values = None
+    if with_values:
+        values = arr[:, 1]
+        if not np.all(np.isfinite(values)):
+            row = int(np.argmax(~np.isfinite(values)))
+            raise CaseError(case, rel, f"non-finite value {values[row]} at data row {row + 1}")
+    return fidx.astype(np.int64), values
+
+
+def read_voxel_dimensions(src_dir: Path) -> tuple[float, float, float]:
+    """voxel_dimensions.csv -> (row, column, slice) spacing in mm; CaseError if absent or bad."""
+    path = src_dir / "voxel_dimensions.csv"
+    if not path.is_file():
+        raise CaseError(src_dir, path.name, "missing (needs three voxel sizes in mm)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            vd = np.loadtxt(path, delimiter=",", dtype=np.float64, ndmin=1, encoding="utf-8").ravel()
+    except (ValueError, OSError, UnicodeDecodeError) as e:
+        raise CaseError(src_dir, path.name, f"not three numbers: {str(e).splitlines()[0]}") from None
+    if vd.size != 3:
+        raise CaseError(src_dir, path.name, f"expected three voxel sizes in mm, got {vd.size} values")
+    if not np.all(np.isfinite(vd)) or np.any(vd <= 0) or np.any(vd > 50):
+        raise CaseError(src_dir, path.name, f"voxel sizes must be positive mm values (0 < v <= 50), got {vd.tolist()}")
+    return float(vd[0]), float(vd[1]), float(vd[2])
+
+
+def to_case_array(openkbp_flat_or_3d: np.ndarray, shape: tuple[int, int, int] = GRID_SHAPE) -> np.ndarray:
+    """OpenKBP (row, col, slice) array -> case (z, y, x) array: transpose (2, 0, 1), z flipped
+    so that it increases superiorly. Returns a C-contiguous copy."""
+    a = np.asarray(openkbp_flat_or_3d).reshape(shape)
+    return np.ascontiguousarray(a.transpose(2, 0, 1)[::-1])
+
+
+def openkbp_index_to_case_index(flat: np.ndarray | int,
+                                shape: tuple[int, int, int] = GRID_SHAPE) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Flat OpenKBP index -> (z, y, x) index into the imported case arrays."""
+    r, c, s = np.unravel_index(flat, shape)
+    return shape[2] - 1 - s, r, c
+
+
+def _dense(idx: np.ndarray, values: np.ndarray | float, fill: float, dtype, shape) -> np.ndarray:
+    a = np.full(int(np.prod(shape)), fill, dtype=dtype)
+    a[idx] = values
+    return to_case_array(a, shape)
+
+
+# --------------------------------------------------------------------------------------------
+# import
+# --------------------------------------------------------------------------------------------
+def openkbp_plan(targets: list[str]) -> Plan:
+    """The OpenKBP plan: head and neck, 35 fractions, nine 6 MV IMRT fields, prescriptions for
+    the given PTVs only."""
+    d = {
+        "tumour_site": "head_neck",
+        "prescriptions": {t: TARGETS[t] for t in TARGETS if t in targets},
+        "fractions": FRACTIONS,
+        "technique": "IMRT",
+        "beams": [Beam(gantry=float(g), couch=0.0, energy_mv=6.0).to_dict() for g in GANTRY_ANGLES],
+    }
+    return plan_from_dict(d)
+
+
+def _is_patient_dir(p: Path) -> bool:
+    return p.is_dir() and ((p / "ct.csv").is_file() or (p / "voxel_dimensions.csv").is_file())
+
+
+def import_openkbp_patient(src_dir: str | Path, out_dir: str | Path) -> Path:
+    """Convert one OpenKBP patient folder into a case folder ``out_dir`` (the case itself).
+
+    Writes ct.nii.gz (int16 HU), dose.nii.gz (float32 Gy, if dose.csv exists),
+    possible_dose_mask.nii.gz (if present), masks/<name>.nii.gz for every non-empty structure CSV
+    (PTV70/63/56 and the seven OpenKBP OARs, whose names are already canonical) and plan.yaml.
+    The case is written to a temporary sibling folder and moved into place at the end, so a
+    failed import leaves nothing half-written. An existing case folder at ``out_dir`` is
+    replaced; any other non-empty folder there is refused (FileExistsError).
+
+    Raises CaseError (a ValueError) naming the offending CSV: missing ct.csv, bad
+    voxel_dimensions.csv, unparsable rows, indices out of range, no PTV.
+    """
+    src_dir, out_dir = Path(src_dir), Path(out_dir)
+    if not src_dir.is_dir():
+        raise CaseError(src_dir, ".", "OpenKBP patient folder not found")
+    if not (src_dir / "ct.csv").is_file():
+        raise CaseError(src_dir, "ct.csv", "missing (every OpenKBP patient has a CT)")
+    if out_dir.exists() and (not out_dir.is_dir() or any(p.name not in _CASE_FILES for p in out_dir.iterdir())):
+        raise FileExistsError(f"{out_dir}: exists and is not a case folder; not overwriting")
+    shape = GRID_SHAPE
+    vd = read_voxel_dimensions(src_dir)
+    spacing = (vd[1], vd[0], vd[2])  # (row, col, slice) = (dy, dx, dz) -> (dx, dy, dz)
+    size_xyz = (shape[1], shape[0], shape[2])
+    origin = tuple(-(n - 1) / 2.0 * s for n, s in zip(size_xyz, spacing))
+
+    idx, val = read_sparse_csv(src_dir / "ct.csv", src_dir, True, shape)
+    hu = np.rint(val) - CT_OFFSET
+    if hu.size and (hu.min() < -32768 or hu.max() > 32767):
+        raise CaseError(src_dir, "ct.csv", f"values {val.min()}..{val.max()} do not fit int16 after the -1024 offset")
+    ct = _dense(idx, hu.astype(np.int16), -CT_OFFSET, np.int16, shape)
+
+    dose = None
+    if (src_dir / "dose.csv").is_file():
+        didx, dval = read_sparse_csv(src_dir / "dose.csv", src_dir, True, shape)
+        dose = _dense(didx, dval.astype(np.float32), 0.0, np.float32, shape)
+    pdm = None
+    if (src_dir / "possible_dose_mask.csv").is_file():
+        pidx, _ = read_sparse_csv(src_dir / "possible_dose_mask.csv", src_dir, False, shape)
+        pdm = _dense(pidx, 1, 0, np.uint8, shape)
+    masks: dict[str, np.ndarray] = {}
+    for name in STRUCTURES:
+        f = src_dir / f"{name}.csv"
+        if f.is_file():
+            sidx, _ = read_sparse_csv(f, src_dir, False, shape)
+            if sidx.size:  # an empty structure is dropped (and not prescribed)
+                masks[name] = _dense(sidx, 1, 0, np.uint8, shape)
+    targets = [t for t in TARGETS if t in masks]
+    if not targets:
+        raise CaseError(src_dir, "PTV70.csv", "no non-empty target (PTV70/PTV63/PTV56): cannot write a plan")
+    plan = openkbp_plan(targets)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.importing-", dir=out_dir.parent))
+    try:
+        save_case(tmp, ct, plan, masks, dose=dose, possible_dose_mask=pdm, spacing=spacing, origin=origin)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def _natural_key(p: Path) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p.name)]
+
+
+def import_openkbp(src: str | Path, out: str | Path, progress: bool = True) -> list[Path]:
+    """Import OpenKBP patients into the data folder ``out`` (one case folder per patient, named
+    like the patient folder, e.g. ``out/pt_11``).
+
+    ``src`` is either one patient folder (holding ct.csv) or a folder of patient folders (every
+    sub-folder holding ct.csv or voxel_dimensions.csv, in natural order: pt_3 before pt_11).
+    Stops at the first bad patient with its CaseError. Returns the case folders written.
+    """
+    src, out = Path(src), Path(out)
+    if not src.is_dir():
+        raise CaseError(src, ".", "OpenKBP folder not found")
+    if _is_patient_dir(src):
+        patients = [src]
+    else:
+        patients = sorted((p for p in src.iterdir() if _is_patient_dir(p)), key=_natural_key)
+        if not patients:
+            raise CaseError(src, ".", "no OpenKBP patient folders (sub-folders holding ct.csv) found")
+    written = []
+    for i, p in enumerate(patients, 1):
+        t0 = time.perf_counter()
+        written.append(import_openkbp_patient(p, out / p.name))
+        if progress:
+            print(f"[{i}/{len(patients)}] {p.name} -> {written[-1]} ({time.perf_counter() - t0:.1f} s)",
+                  file=sys.stderr, flush=True)
+    return written

@@ -1,0 +1,159 @@
+"""Sample-level differential privacy for one site (Opacus DP-SGD), budgeted over the whole run.
+
+The noise multiplier for a target epsilon is computed once, for every step the site will take in
+the whole planned federated run (all rounds x local epochs x steps, both stages), and stored in the
+site's own state directory together with the accountant's history. Every round restores that
+history, so the epsilon a site reports covers everything it has released so far, also after a
+restart. A round that would push epsilon past the target is refused before any training.
+
+Nothing in this module talks to the server: the state file stays at the site.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from opacus import PrivacyEngine
+from opacus.accountants import PRVAccountant, RDPAccountant
+from opacus.accountants.utils import get_noise_multiplier
+
+from .checkpoint import atomic_write_bytes
+from .config import PrivacyConfig
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "privacy_accountant.json"
+EPS_TOLERANCE = 1e-6
+
+
+class PrivacyBudgetExhausted(RuntimeError):
+    """The next round would exceed the site's epsilon budget: the site must not train."""
+
+
+def make_accountant(kind: str):
+    return RDPAccountant() if kind == "rdp" else PRVAccountant()
+
+
+def default_delta(num_train: int) -> float:
+    """A delta well below 1 / n (the usual requirement): 1 / (10 n)."""
+    return 1.0 / (10.0 * max(num_train, 1))
+
+
+def epsilon_of(history: list[tuple[float, float, int]], delta: float, accountant: str = "rdp") -> float:
+    """Epsilon an Opacus accountant computes for a history of (noise_multiplier, sample_rate, steps)."""
+    if not history:
+        return 0.0
+    acc = make_accountant(accountant)
+    acc.history = [tuple(h) for h in history]
+    return float(acc.get_epsilon(delta=delta))
+
+
+@dataclass
+class PrivacyState:
+    """What a site keeps about its privacy spending (persisted as JSON in its state directory)."""
+
+    accountant: str
+    noise_multiplier: float
+    sample_rate: float
+    delta: float
+    max_grad_norm: float
+    target_epsilon: float | None
+    planned_steps: int
+    history: list[tuple[float, float, int]] = field(default_factory=list)
+
+    @property
+    def steps_taken(self) -> int:
+        return int(sum(h[2] for h in self.history))
+
+    def epsilon(self) -> float:
+        return epsilon_of(self.history, self.delta, self.accountant)
+
+    def epsilon_after(self, steps: int) -> float:
+        return epsilon_of(self.history + [(self.noise_multiplier, self.sample_rate, steps)], self.delta, self.accountant)
+
+    def to_json(self) -> dict:
+        d = dict(self.__dict__)
+        d["history"] = [list(h) for h in self.history]
+        d["epsilon"] = self.epsilon()
+        return d
+
+
+class SitePrivacy:
+    """Opacus DP-SGD for one site with a persistent, cumulative accountant."""
+
+    def __init__(self, cfg: PrivacyConfig, state_dir: Path, *, num_train: int, batch_size: int, planned_steps: int):
+        self.cfg = cfg
+        self.path = Path(state_dir) / STATE_FILE
+        steps_per_epoch = max(1, math.ceil(num_train / batch_size))
+        sample_rate = 1.0 / steps_per_epoch  # what Opacus' DPDataLoader uses
+        delta = cfg.delta if cfg.delta is not None else default_delta(num_train)
+        if delta >= 1.0 / max(num_train, 1):
+            log.warning("privacy.delta %.3g is not below 1/n = %.3g for %d training cases", delta, 1 / num_train, num_train)
+        stored = self._load()
+        if stored is not None:
+            self.state = stored
+            if stored.planned_steps != planned_steps or abs(stored.sample_rate - sample_rate) > 1e-12:
+                log.warning("privacy plan changed since this site's accounting started (planned steps %d -> %d); "
+                            "keeping the stored noise multiplier %.4f so that the budget stays consistent",
+                            stored.planned_steps, planned_steps, stored.noise_multiplier)
+            return
+        if cfg.noise_multiplier is not None:
+            sigma = float(cfg.noise_multiplier)
+        else:
+            sigma = float(get_noise_multiplier(target_epsilon=cfg.target_epsilon, target_delta=delta,
+                                               sample_rate=sample_rate, steps=planned_steps,
+                                               accountant=cfg.accountant, epsilon_tolerance=0.01))
+        self.state = PrivacyState(accountant=cfg.accountant, noise_multiplier=sigma, sample_rate=sample_rate,
+                                  delta=delta, max_grad_norm=cfg.max_grad_norm, target_epsilon=cfg.target_epsilon,
+                                  planned_steps=planned_steps)
+        self.save()
+
+    # -- persistence ------------------------------------------------------------------------
+    def _load(self) -> PrivacyState | None:
+        if not self.path.exists():
+            return None
+        d = json.loads(self.path.read_text())
+        d.pop("epsilon", None)
+        d["history"] = [(float(a), float(b), int(c)) for a, b, c in d["history"]]
+        return PrivacyState(**d)
+
+    def save(self) -> None:
+        atomic_write_bytes(self.path, json.dumps(self.state.to_json(), indent=2).encode())
+
+    # -- budget -----------------------------------------------------------------------------
+    def check_budget(self, steps: int) -> None:
+        """Raise PrivacyBudgetExhausted if taking ``steps`` more steps would exceed the target."""
+        if self.state.target_epsilon is None:
+            return
+        eps_next = self.state.epsilon_after(steps)
+        if eps_next > self.state.target_epsilon * (1 + EPS_TOLERANCE) + 1e-9:
+            raise PrivacyBudgetExhausted(
+                f"privacy budget: epsilon would reach {eps_next:.3f} > target {self.state.target_epsilon:g} "
+                f"(spent {self.state.epsilon():.3f} after {self.state.steps_taken} steps)")
+
+    def metrics(self) -> dict[str, float]:
+        return {"dp_enabled": 1.0, "epsilon": self.state.epsilon(), "delta": self.state.delta,
+                "noise_multiplier": self.state.noise_multiplier, "dp_steps": float(self.state.steps_taken)}
+
+    # -- training -----------------------------------------------------------------------------
+    def make_private(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer, loader):
+        """Wrap (module, optimizer, loader) for DP-SGD with Poisson sampling; history restored."""
+        engine = PrivacyEngine(accountant=self.state.accountant)
+        engine.accountant.history = list(self.state.history)
+        module, optimizer, loader = engine.make_private(
+            module=module, optimizer=optimizer, data_loader=loader, noise_multiplier=self.state.noise_multiplier,
+            max_grad_norm=self.state.max_grad_norm, poisson_sampling=True)
+        self._engine = engine
+        self._wrapped = module
+        return module, optimizer, loader
+
+    def commit(self) -> float:
+        """Store the accountant history after training; returns the cumulative epsilon."""
+        self.state.history = [(float(a), float(b), int(c)) for a, b, c in self._engine.accountant.history]
+        self.save()
+        self._wrapped._close()  # remove Opacus' hooks: the next round wraps the module afresh
+        return self.state.epsilon()

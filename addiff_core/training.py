@@ -1,0 +1,216 @@
+"""Local training and evaluation: the plain functions the command line and the federation call.
+
+Two stages for ADDiff-Dose: ``train_vae_epoch`` (VAE alone, L1 + beta KL), then
+``train_diffusion_epoch`` (condition encoder + latent denoiser, VAE frozen). ``train_unet_epoch``
+trains the direct-regression baseline. ``evaluate`` predicts every held-out case, maps the dose
+back to the case's CT grid in Gy and scores it with ``addiff_core.metrics``.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from . import diffusion as diff
+from .case_io import load_case
+from .config import ModelConfig, TrainingConfig
+from .data import SampleDataset
+from .metrics import case_metrics
+from .models import stage_prefix
+from .preprocessing import dose_to_ct_grid
+
+log = logging.getLogger(__name__)
+
+STAGES = ("vae", "diffusion", "unet")
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def make_loader(dataset: SampleDataset, batch_size: int, shuffle: bool, seed: int) -> DataLoader:
+    g = torch.Generator()
+    g.manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=g, num_workers=0)
+
+
+def stage_of(model_cfg: ModelConfig, requested: str | None = None) -> str:
+    if model_cfg.kind == "unet":
+        return "unet"
+    if requested not in ("vae", "diffusion"):
+        raise ValueError(f"stage must be 'vae' or 'diffusion' for the diffusion model, got {requested!r}")
+    return requested
+
+
+def stage_module(model: nn.Module, stage: str) -> nn.Module:
+    return getattr(model, stage)
+
+
+def set_trainable(model: nn.Module, stage: str) -> None:
+    """Only the parameters of ``stage`` require gradients; everything else is frozen."""
+    prefix = stage_prefix(stage)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith(prefix))
+
+
+def make_optimizer(params: Iterable[nn.Parameter], cfg: TrainingConfig) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+
+
+def lr_at(cfg: TrainingConfig, epoch: int, total_epochs: int) -> float:
+    """Learning rate for ``epoch`` (0-based) of ``total_epochs``: constant or cosine to 10%."""
+    if cfg.lr_schedule == "constant" or total_epochs <= 1:
+        return cfg.lr
+    frac = min(max(epoch / (total_epochs - 1), 0.0), 1.0)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * frac)))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+@dataclass
+class Proximal:
+    """FedProx term mu/2 * ||w - w_global||^2 over the trained stage's parameters."""
+
+    mu: float
+    reference: dict[str, torch.Tensor]
+
+    @classmethod
+    def from_module(cls, mu: float, module: nn.Module) -> "Proximal":
+        return cls(mu, {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad})
+
+    def __call__(self, module: nn.Module) -> torch.Tensor:
+        terms = [((p - self.reference[n]) ** 2).sum() for n, p in module.named_parameters() if n in self.reference]
+        return 0.5 * self.mu * torch.stack(terms).sum() if terms else torch.zeros(())
+
+
+def _run_epoch(loss_fn: Callable[[dict], tuple[torch.Tensor, dict]], module: nn.Module, loader: DataLoader,
+               optimizer: torch.optim.Optimizer, device: torch.device, grad_clip: float,
+               prox: Proximal | None, desc: str, progress: bool) -> dict[str, float]:
+    totals: dict[str, float] = {}
+    n_batches = 0
+    n_samples = 0
+    t0 = time.perf_counter()
+    bar = tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True)
+    for batch in bar:
+        batch = to_device(batch, device)
+        optimizer.zero_grad(set_to_none=True)
+        loss, parts = loss_fn(batch)
+        if prox is not None and prox.mu > 0:
+            p_term = prox(module)
+            loss = loss + p_term
+            parts = {**parts, "prox": float(p_term.detach())}
+        loss.backward()
+        if grad_clip > 0 and not hasattr(optimizer, "noise_multiplier"):  # DP optimizers clip per sample
+            torch.nn.utils.clip_grad_norm_([p for p in module.parameters() if p.requires_grad], grad_clip)
+        optimizer.step()
+        if not math.isfinite(float(loss.detach())):
+            raise FloatingPointError(f"{desc}: loss is not finite ({float(loss.detach())}); lower the learning rate")
+        n_batches += 1
+        n_samples += int(batch["dose"].shape[0])
+        totals["loss"] = totals.get("loss", 0.0) + float(loss.detach())
+        for k, v in parts.items():
+            totals[k] = totals.get(k, 0.0) + float(v)
+        bar.set_postfix(loss=f"{totals['loss'] / n_batches:.4f}")
+    out = {k: v / max(n_batches, 1) for k, v in totals.items()}
+    out["steps"] = float(n_batches)
+    out["samples"] = float(n_samples)
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+def train_vae_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, cfg: ModelConfig,
+                    device: torch.device, *, grad_clip: float = 1.0, prox: Proximal | None = None,
+                    desc: str = "vae", progress: bool = True) -> dict[str, float]:
+    """One epoch of stage 1: L1 reconstruction + beta KL."""
+    vae = model.vae
+    set_trainable(model, "vae")
+    model.train()
+    return _run_epoch(lambda b: diff.vae_loss(vae, b, cfg), vae, loader, optimizer, device, grad_clip, prox,
+                      desc, progress)
+
+
+def train_diffusion_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, cfg: ModelConfig,
+                          device: torch.device, *, generator: torch.Generator | None = None, grad_clip: float = 1.0,
+                          prox: Proximal | None = None, desc: str = "diffusion", progress: bool = True) -> dict[str, float]:
+    """One epoch of stage 2: noise MSE + constraint hinge; the VAE stays frozen."""
+    set_trainable(model, "diffusion")
+    model.train()
+    model.vae.eval()
+    if float(model.diffusion.latent_scale) == 0.0:
+        with torch.no_grad():
+            diff.calibrate_latent_scale(model, (to_device(b, device) for b in loader))
+    return _run_epoch(lambda b: diff.diffusion_loss(model, b, cfg, generator=generator), model.diffusion, loader,
+                      optimizer, device, grad_clip, prox, desc, progress)
+
+
+def train_unet_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, cfg: ModelConfig,
+                     device: torch.device, *, grad_clip: float = 1.0, prox: Proximal | None = None,
+                     desc: str = "unet", progress: bool = True) -> dict[str, float]:
+    set_trainable(model, "unet")
+    model.train()
+    return _run_epoch(lambda b: diff.unet_loss(model, b, cfg), model.unet, loader, optimizer, device, grad_clip,
+                      prox, desc, progress)
+
+
+def train_stage_epoch(stage: str, model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
+                      cfg: ModelConfig, device: torch.device, **kw) -> dict[str, float]:
+    fn = {"vae": train_vae_epoch, "diffusion": train_diffusion_epoch, "unet": train_unet_epoch}[stage]
+    if stage != "diffusion":
+        kw.pop("generator", None)
+    return fn(model, loader, optimizer, cfg, device, **kw)
+
+
+@torch.no_grad()
+def predict_normalised(model: nn.Module, batch: dict[str, torch.Tensor], cfg: ModelConfig, *, steps: int | None = None,
+                       seed: int = 0, num_samples: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Normalised dose (N,1,S,S,S) (x rx = Gy) and, with several samples, its voxel-wise std."""
+    model.eval()
+    if cfg.kind == "unet":
+        return model.unet(batch).clamp_min(0.0), None
+    return diff.sample(model, batch, cfg, steps=steps, seed=seed, num_samples=num_samples)
+
+
+def evaluate(model: nn.Module, dataset: SampleDataset, cfg: ModelConfig, device: torch.device, *, seed: int = 0,
+             steps: int | None = None, gamma: bool = True, progress: bool = True) -> dict:
+    """Metrics of ``model`` on every case of ``dataset``, on each case's own CT grid, in Gy.
+
+    Returns ``{"num_cases", "mean": {metric: value}, "cases": [{"case_id", metric: value}]}``.
+    """
+    model.eval()
+    rows = []
+    for i in tqdm(range(len(dataset)), desc="evaluate", leave=False, disable=not progress):
+        sample = dataset[i]
+        batch = to_device({k: v[None] for k, v in sample.items()}, device)
+        pred, _ = predict_normalised(model, batch, cfg, steps=steps, seed=seed + i)
+        case = load_case(dataset.case_dirs[i], require_dose=True)
+        pred_img = dose_to_ct_grid(pred[0, 0], float(sample["rx"]), dataset.specs[i], case.ct)
+        from SimpleITK import GetArrayFromImage
+
+        pred_gy = GetArrayFromImage(pred_img).astype(np.float32)
+        ref_gy = case.array("dose")
+        masks = {name: case.array(name) for name in case.masks}
+        eval_mask = case.array("possible_dose_mask")
+        if eval_mask is None:
+            eval_mask = masks.get("Body", ref_gy > 0)
+        m = case_metrics(pred_gy, ref_gy, masks, case.plan, case.ct.GetSpacing(), eval_mask, gamma=gamma)
+        rows.append({"case_id": dataset.case_ids[i], **{k: float(v) for k, v in m.items()}})
+    keys = [k for k in (rows[0] if rows else {}) if k != "case_id"]
+    mean = {k: float(np.nanmean([r[k] for r in rows])) if any(np.isfinite(r[k]) for r in rows) else float("nan")
+            for k in keys}
+    return {"num_cases": len(rows), "mean": mean, "cases": rows}

@@ -1,0 +1,186 @@
+"""The run configuration of a federation: parsed once, validated, paths resolved.
+
+Keys and defaults mirror ``[tool.flwr.app.config]`` in pyproject.toml (``flwr run`` only
+accepts overrides of keys declared there; ``tests/test_federation_strategy.py`` checks that
+both agree). Relative paths resolve against :func:`server.protocol.project_root`.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+from addiff_core.config import ConfigError, GridConfig, ModelConfig, load_model_config
+
+from .protocol import resolve_path, split_list
+
+STRATEGIES = ("fedavg", "fedprox", "fedadam")
+
+DEFAULTS: dict[str, Any] = {
+    "run-dir": "runs/simulation",
+    "site-files": "sites/hospital_a.yaml,sites/hospital_b.yaml,sites/hospital_c.yaml",
+    "model-config": "configs/demo.yaml",
+    "model-kind": "",
+    "grid-size": 0,
+    "strategy": "fedavg",
+    "vae-rounds": 3,
+    "diffusion-rounds": 4,
+    "unet-rounds": 5,
+    "local-epochs": 0,
+    "proximal-mu": 0.01,
+    "fedadam-eta": 0.001,
+    "fedadam-beta-1": 0.9,
+    "fedadam-beta-2": 0.99,
+    "fedadam-tau": 1e-5,
+    "min-sites": 0,
+    "seed": 0,
+    "round-timeout": 3600.0,
+    "resume": False,
+    "stop-after-round": 0,
+    "eval-steps": 0,
+    "eval-gamma": True,
+}
+
+# keys a resumed run may change; everything else comes from the run folder's run.json
+RESUME_MAY_CHANGE = ("resume", "stop-after-round", "round-timeout", "min-sites", "eval-steps", "eval-gamma")
+
+
+@dataclass(frozen=True)
+class Round:
+    number: int  # 1-based global round
+    stage: str  # vae | diffusion | unet
+    stage_round: int  # 1-based round within the stage
+    stage_rounds: int
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    run_dir: Path
+    site_files: tuple[Path, ...]
+    model: ModelConfig
+    model_config_file: Path | None
+    strategy: str = "fedavg"
+    vae_rounds: int = 3
+    diffusion_rounds: int = 4
+    unet_rounds: int = 5
+    local_epochs: int = 0  # 0: each site's own training.vae_epochs / diffusion_epochs
+    proximal_mu: float = 0.01
+    fedadam: dict[str, float] = field(default_factory=dict)
+    min_sites: int = 0  # 0: as many as site_files
+    seed: int = 0
+    round_timeout: float = 3600.0
+    resume: bool = False
+    stop_after_round: int = 0
+    eval_steps: int = 0
+    eval_gamma: bool = True
+    raw: dict[str, Any] = field(default_factory=dict)  # the merged run config as given
+
+    # -- schedule ---------------------------------------------------------------------------
+    @property
+    def schedule(self) -> list[Round]:
+        if self.model.kind == "unet":
+            stages = [("unet", self.unet_rounds)]
+        else:
+            stages = [("vae", self.vae_rounds), ("diffusion", self.diffusion_rounds)]
+        out: list[Round] = []
+        for stage, n in stages:
+            for i in range(1, n + 1):
+                out.append(Round(len(out) + 1, stage, i, n))
+        return out
+
+    @property
+    def num_rounds(self) -> int:
+        return len(self.schedule)
+
+    @property
+    def required_sites(self) -> int:
+        return self.min_sites or max(len(self.site_files), 1)
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain, resolved values (what run.json stores; ``from_run_config`` reads it back)."""
+        d = dict(self.raw)
+        d.update({"run-dir": str(self.run_dir), "site-files": ",".join(str(p) for p in self.site_files),
+                  "model-config": str(self.model_config_file or "")})
+        return d
+
+
+# ------------------------------------------------------------------------------------------
+def _check(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(DEFAULTS)
+    unknown = sorted(set(cfg) - set(DEFAULTS))
+    if unknown:
+        raise ConfigError(f"run config: unknown key {unknown[0]!r} (known: {', '.join(DEFAULTS)})")
+    for k, v in cfg.items():
+        want = type(DEFAULTS[k])
+        if want is float and isinstance(v, int) and not isinstance(v, bool):
+            v = float(v)
+        if want is bool and isinstance(v, str) and v.lower() in ("true", "false"):
+            v = v.lower() == "true"
+        if not isinstance(v, want) or (want is int and isinstance(v, bool)):
+            raise ConfigError(f"run config: {k}: must be {want.__name__}, got {v!r}")
+        if want is float and not math.isfinite(v):
+            raise ConfigError(f"run config: {k}: must be finite, got {v!r}")
+        if want in (int, float) and v < 0:
+            raise ConfigError(f"run config: {k}: must be >= 0, got {v!r}")
+        out[k] = v
+    return out
+
+
+def from_run_config(run_config: Mapping[str, Any]) -> RunSettings:
+    """Validate a Flower run config (``context.run_config``, defaults filled in)."""
+    c = _check(run_config)
+    strategy = c["strategy"].lower()
+    if strategy not in STRATEGIES:
+        raise ConfigError(f"run config: strategy: must be one of {', '.join(STRATEGIES)}, got {c['strategy']!r}")
+    site_files = tuple(resolve_path(p) for p in split_list(c["site-files"]))
+    mc_file = resolve_path(c["model-config"]) if c["model-config"] else None
+    model = load_model_config(mc_file) if mc_file else ModelConfig()
+    if c["model-kind"]:
+        if c["model-kind"] not in ("diffusion", "unet"):
+            raise ConfigError(f"run config: model-kind: must be diffusion or unet, got {c['model-kind']!r}")
+        model = replace(model, kind=c["model-kind"])
+    if c["grid-size"]:
+        model = replace(model, grid=GridConfig(**{**asdict(model.grid), "size": c["grid-size"]}))
+        try:  # re-validate (divisibility etc.)
+            from addiff_core.config import model_config_from_dict
+
+            model = model_config_from_dict(json.loads(json.dumps(model.to_dict())), "run config (grid-size)")
+        except ConfigError as e:
+            raise ConfigError(f"run config: grid-size {c['grid-size']}: {e}") from None
+    if model.kind == "diffusion" and (c["vae-rounds"] < 1 or c["diffusion-rounds"] < 1):
+        raise ConfigError("run config: vae-rounds and diffusion-rounds must be >= 1 for the diffusion model")
+    if model.kind == "unet" and c["unet-rounds"] < 1:
+        raise ConfigError("run config: unet-rounds must be >= 1 for the unet model")
+    return RunSettings(
+        run_dir=resolve_path(c["run-dir"]), site_files=site_files, model=model, model_config_file=mc_file,
+        strategy=strategy, vae_rounds=c["vae-rounds"], diffusion_rounds=c["diffusion-rounds"],
+        unet_rounds=c["unet-rounds"], local_epochs=c["local-epochs"], proximal_mu=c["proximal-mu"],
+        fedadam={"eta": c["fedadam-eta"], "beta_1": c["fedadam-beta-1"], "beta_2": c["fedadam-beta-2"],
+                 "tau": c["fedadam-tau"]},
+        min_sites=c["min-sites"], seed=c["seed"], round_timeout=c["round-timeout"], resume=c["resume"],
+        stop_after_round=c["stop-after-round"], eval_steps=c["eval-steps"], eval_gamma=c["eval-gamma"], raw=c)
+
+
+def settings_for_resume(current: RunSettings) -> RunSettings:
+    """The planned run stored in ``run_dir/run.json``, with the keys a resume may change."""
+    path = current.run_dir / "run.json"
+    if not path.is_file():
+        raise ConfigError(f"{current.run_dir}: not a run folder to resume (no run.json)")
+    try:
+        doc = json.loads(path.read_text())
+        stored, stored_model = dict(doc["run_config"]), doc["model"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{path}: unreadable run description ({type(e).__name__}: {e})") from None
+    merged = {**stored, **{k: current.raw[k] for k in RESUME_MAY_CHANGE if k in current.raw}}
+    merged.update({"run-dir": str(current.run_dir), "resume": True, "model-config": "",
+                   "model-kind": str(stored_model.get("kind", "diffusion")) if isinstance(stored_model, dict) else "",
+                   "grid-size": 0})
+    from addiff_core.config import model_config_from_dict
+
+    s = from_run_config(merged)
+    model = model_config_from_dict(stored_model, f"{path} (model)")
+    return replace(s, model=model, model_config_file=Path(stored["model-config"]) if stored.get("model-config") else None,
+                   raw={**s.raw, "model-config": stored.get("model-config", ""), "model-kind": model.kind,
+                        "grid-size": stored.get("grid-size", 0)})

@@ -1,0 +1,282 @@
+"""Model shapes, state-dict prefixes, token masking and Opacus compatibility (tiny configs, CPU)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from addiff_core.case_io import OAR_NAMES, TUMOUR_SITES
+from addiff_core.config import GridConfig, ModelConfig
+from addiff_core.models import (ADDiffDose, ConditionEncoder, DoseRegressor, LatentDenoiser,
+                                LightweightVAE3D, build_model, count_parameters, stage_prefix)
+from addiff_core import diffusion as D
+
+B_MAX, C_MAX = 72, 16
+
+
+def tiny_cfg(kind: str = "diffusion", size: int = 16) -> ModelConfig:
+    return ModelConfig(kind=kind, grid=GridConfig(size=size), vae_channels=(8, 16), unet_channels=(16, 16),
+                       attention_levels=(False, True), cond_channels=8, context_dim=16, num_heads=2,
+                       norm_groups=4, train_timesteps=1000, sample_steps=5)
+
+
+def _ball(s: int, centre, radius) -> torch.Tensor:
+    z, y, x = torch.meshgrid(*(torch.arange(s, dtype=torch.float32),) * 3, indexing="ij")
+    return (((z - centre[0]) ** 2 + (y - centre[1]) ** 2 + (x - centre[2]) ** 2) <= radius ** 2).float()
+
+
+def fake_batch(n: int = 2, s: int = 16, seed: int = 0, n_beams: int = 5, constraints: bool = True) -> dict:
+    """A batch following docs/ARCHITECTURE.md "Sample tensors" (stacked along a new dim 0)."""
+    g = torch.Generator().manual_seed(seed)
+    c = (s - 1) / 2
+    z, y, x = torch.meshgrid(*(torch.arange(s, dtype=torch.float32),) * 3, indexing="ij")
+    body = ((((y - c) / (0.45 * s)) ** 2 + ((x - c) / (0.45 * s)) ** 2) <= 1).float()
+    target = _ball(s, (c, c, c), s / 6)
+    cord = _ball(s, (c, c + s / 3, c), s / 10)
+    parotid = _ball(s, (c, c, c - s / 4), s / 8)
+    r2 = (z - c) ** 2 + (y - c) ** 2 + (x - c) ** 2
+    dose = torch.exp(-r2 / (2 * (s / 5) ** 2)) * body
+
+    out = {k: [] for k in ("ct", "dose", "has_dose", "targets", "target_primary", "oars", "oar_present", "body",
+                           "beam_plate", "beams", "beam_mask", "technique", "tumour_site", "constraints",
+                           "constraint_struct", "constraint_mask", "rx")}
+    for i in range(n):
+        amp = 1.0 + 0.1 * i
+        out["ct"].append(((torch.rand(1, s, s, s, generator=g) * 0.2 - 1) * (1 - body) + body * 0.1 * i)[None][0])
+        out["dose"].append((dose * amp)[None])
+        out["has_dose"].append(torch.tensor(True))
+        out["targets"].append(target[None])
+        out["target_primary"].append(target[None])
+        oars = torch.zeros(len(OAR_NAMES), s, s, s)
+        oars[OAR_NAMES.index("SpinalCord")] = cord
+        oars[OAR_NAMES.index("LeftParotid")] = parotid
+        out["oars"].append(oars)
+        present = torch.zeros(len(OAR_NAMES), dtype=torch.bool)
+        present[[OAR_NAMES.index("SpinalCord"), OAR_NAMES.index("LeftParotid")]] = True
+        out["oar_present"].append(present)
+        out["body"].append(body[None])
+        out["beam_plate"].append((torch.rand(1, s, s, s, generator=g) * body)[None][0])
+        beams = torch.zeros(B_MAX, 6)
+        bm = torch.zeros(B_MAX, dtype=torch.bool)
+        for b in range(n_beams):
+            ang = 2 * math.pi * b / max(n_beams, 1)
+            beams[b] = torch.tensor([math.sin(ang), math.cos(ang), 0.0, 1.0, 0.6, 0.0])
+            bm[b] = True
+        out["beams"].append(beams)
+        out["beam_mask"].append(bm)
+        out["technique"].append(torch.tensor(0))
+        out["tumour_site"].append(torch.tensor(i % len(TUMOUR_SITES)))
+        cons = torch.zeros(C_MAX, 6)
+        cs = torch.zeros(C_MAX, dtype=torch.long)
+        cm = torch.zeros(C_MAX, dtype=torch.bool)
+        if constraints:
+            rows = [(0, 0.5, 0.0, OAR_NAMES.index("SpinalCord")),   # Dmax <= 0.5
+                    (1, 0.3, 0.0, OAR_NAMES.index("LeftParotid")),  # Dmean <= 0.3
+                    (2, 0.4, 0.2, OAR_NAMES.index("LeftParotid")),  # V(0.4) <= 20%
+                    (3, 0.95, 0.95, len(OAR_NAMES))]                # D95(target) >= 0.95
+            for r, (kind, thr, lim, st) in enumerate(rows):
+                cons[r, kind] = 1.0
+                cons[r, 4] = thr
+                cons[r, 5] = lim
+                cs[r] = st
+                cm[r] = True
+        out["constraints"].append(cons)
+        out["constraint_struct"].append(cs)
+        out["constraint_mask"].append(cm)
+        out["rx"].append(torch.tensor(70.0))
+    return {k: torch.stack(v) for k, v in out.items()}
+
+
+def _reinit_zero_params(module: nn.Module, seed: int = 0) -> None:
+    """MONAI zero-initialises some output convs; give them small values so every grad is non-zero."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.dim() > 1 and float(p.abs().max()) == 0.0:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+
+
+# --------------------------------------------------------------------------------------------
+def test_shapes_and_state_dict_prefixes():
+    cfg = tiny_cfg()
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    assert isinstance(model, ADDiffDose)
+    assert [n for n, _ in model.named_children()] == ["vae", "diffusion"]
+    batch = fake_batch()
+    recon, mu, logvar = model.vae(batch["dose"])
+    L = cfg.latent_size
+    assert recon.shape == (2, 1, 16, 16, 16)
+    assert mu.shape == logvar.shape == (2, cfg.latent_channels, L, L, L)
+    assert model.vae.decode(mu).shape == (2, 1, 16, 16, 16)
+    spatial, context = model.diffusion.cond(batch)
+    assert spatial.shape == (2, cfg.cond_channels, L, L, L)
+    assert context.shape == (2, model.diffusion.cond.num_context_tokens, cfg.context_dim)
+    eps = model.diffusion.denoiser(mu, torch.tensor([1, 500]), spatial, context)
+    assert eps.shape == mu.shape
+    keys = list(model.state_dict())
+    assert keys and all(k.startswith(("vae.", "diffusion.")) for k in keys)
+    assert "diffusion.latent_scale" in keys and float(model.diffusion.latent_scale) == 0.0
+    assert not any("alphas" in k or "betas" in k for k in keys)  # no scheduler state
+    assert count_parameters(model) == count_parameters(model.vae) + count_parameters(model.diffusion)
+
+    unet = build_model(tiny_cfg("unet"))
+    assert isinstance(unet, DoseRegressor)
+    assert all(k.startswith("unet.") for k in unet.state_dict())
+    assert unet(batch).shape == (2, 1, 16, 16, 16)
+    # grid not a multiple of 16: padded inside, cropped back
+    assert build_model(tiny_cfg("unet", size=12))(fake_batch(1, 12)).shape == (1, 1, 12, 12, 12)
+
+    assert stage_prefix("vae") == "vae." and stage_prefix("diffusion") == "diffusion."
+    assert stage_prefix("unet") == "unet."
+    with pytest.raises(ValueError):
+        stage_prefix("gan")
+
+
+def test_no_opacus_unfriendly_layers():
+    for kind in ("diffusion", "unet"):
+        for mod in build_model(tiny_cfg(kind)).modules():
+            assert not isinstance(mod, (nn.modules.batchnorm._BatchNorm, nn.MultiheadAttention,
+                                        nn.modules.conv._ConvTransposeNd)), type(mod)
+
+
+def test_module_validator_has_no_errors():
+    from opacus.validators import ModuleValidator
+
+    for kind in ("diffusion", "unet"):
+        assert ModuleValidator.validate(build_model(tiny_cfg(kind)), strict=False) == []
+
+
+def test_masked_tokens_do_not_change_output():
+    torch.manual_seed(0)
+    cond = ConditionEncoder(tiny_cfg()).eval()
+    batch = fake_batch()
+    spatial, context = cond(batch)
+    other = {k: v.clone() for k, v in batch.items()}
+    pad_b = ~other["beam_mask"]
+    other["beams"][pad_b] = torch.randn(int(pad_b.sum()), 6) * 100
+    other["beams"][0, -1] = float("nan")
+    pad_c = ~other["constraint_mask"]
+    other["constraints"][pad_c] = torch.randn(int(pad_c.sum()), 6) * 100
+    other["constraint_struct"][pad_c] = 7
+    spatial2, context2 = cond(other)
+    assert torch.equal(spatial, spatial2)
+    assert torch.allclose(context, context2, atol=1e-6, rtol=0)
+    # real rows do matter
+    other["beams"][0, 0] += 1.0
+    assert not torch.allclose(cond(other)[1][0], context[0])
+
+
+def test_no_valid_beams_or_constraints_is_finite():
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg())
+    batch = fake_batch(n_beams=0, constraints=False)
+    batch["beam_mask"][1, :3] = True  # mixed: one sample with beams, one without
+    spatial, context = model.diffusion.cond(batch)
+    assert torch.isfinite(context).all() and torch.isfinite(spatial).all()
+    loss, parts = D.diffusion_loss(model, batch, tiny_cfg(), generator=torch.Generator().manual_seed(0))
+    assert math.isfinite(loss.item()) and parts["constraint"] == 0.0
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_gradients_reach_every_parameter_of_the_trained_stage():
+    cfg = tiny_cfg()
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    _reinit_zero_params(model.diffusion)
+    for p in model.vae.parameters():
+        p.requires_grad_(False)
+    batch = fake_batch()
+    # small t so the alpha_bar-weighted constraint term is active too
+    loss, parts = D.diffusion_loss(model, batch, cfg, timesteps=torch.tensor([3, 10]),
+                                   noise=torch.randn(2, cfg.latent_channels, 8, 8, 8))
+    assert parts["constraint"] > 0
+    loss.backward()
+    for name, p in model.diffusion.named_parameters():
+        assert p.grad is not None and float(p.grad.abs().sum()) > 0, name
+    assert all(p.grad is None for p in model.vae.parameters())
+
+    # VAE stage: every VAE parameter gets a gradient
+    vae = LightweightVAE3D(cfg)
+    loss, _ = D.vae_loss(vae, batch, cfg)
+    loss.backward()
+    for name, p in vae.named_parameters():
+        assert p.grad is not None and float(p.grad.abs().sum()) > 0, name
+
+
+def _check_per_sample(gsm_params, single_grads, n):
+    for name, p in gsm_params:
+        assert p.grad_sample is not None and p.grad_sample.shape[0] == n, name
+    for i in range(n):
+        for (name, p), g in zip(gsm_params, single_grads[i]):
+            # loss_reduction="mean": grad_sample[i] is the gradient of sample i's own loss
+            assert torch.allclose(p.grad_sample[i], g, atol=1e-5, rtol=1e-3), name
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook")
+def test_opacus_per_sample_gradients_diffusion_stage():
+    from opacus import GradSampleModule
+
+    cfg = tiny_cfg()
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    _reinit_zero_params(model.diffusion)
+    for p in model.vae.parameters():
+        p.requires_grad_(False)
+    batch = fake_batch()
+    t = torch.tensor([5, 400])
+    noise = torch.randn(2, cfg.latent_channels, 8, 8, 8, generator=torch.Generator().manual_seed(1))
+
+    singles = []
+    for i in range(2):
+        model.zero_grad(set_to_none=True)
+        sub = {k: v[i:i + 1] for k, v in batch.items()}
+        loss, _ = D.diffusion_loss(model, sub, cfg, timesteps=t[i:i + 1], noise=noise[i:i + 1])
+        loss.backward()
+        singles.append([p.grad.clone() for p in model.parameters() if p.requires_grad])
+    model.zero_grad(set_to_none=True)
+
+    gsm = GradSampleModule(model, loss_reduction="mean")
+    loss, _ = D.diffusion_loss(gsm, batch, cfg, timesteps=t, noise=noise)
+    loss.backward()
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert all(n.startswith("diffusion.") for n, _ in params)
+    _check_per_sample(params, singles, 2)
+    assert all(getattr(p, "grad_sample", None) is None for p in model.vae.parameters())
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook")
+def test_opacus_per_sample_gradients_vae(monkeypatch):
+    from opacus import GradSampleModule
+
+    cfg = tiny_cfg()
+    torch.manual_seed(0)
+    # Opacus only records activations in train mode; make the reparameterisation noise zero so
+    # the batched and single-sample losses are comparable.
+    vae = LightweightVAE3D(cfg).train()
+    monkeypatch.setattr(torch, "randn_like", lambda x, **kw: torch.zeros_like(x))
+    batch = fake_batch()
+    singles = []
+    for i in range(2):
+        vae.zero_grad(set_to_none=True)
+        loss, _ = D.vae_loss(vae, {k: v[i:i + 1] for k, v in batch.items()}, cfg)
+        loss.backward()
+        singles.append([p.grad.clone() for p in vae.parameters()])
+    vae.zero_grad(set_to_none=True)
+    gsm = GradSampleModule(vae, loss_reduction="mean")
+    loss, _ = D.vae_loss(gsm, batch, cfg)
+    loss.backward()
+    _check_per_sample(list(vae.named_parameters()), singles, 2)
+
+
+def test_denoiser_attention_is_linear_based():
+    den = LatentDenoiser(tiny_cfg())
+    names = {type(m).__name__ for m in den.modules()}
+    assert "CrossAttentionBlock" in names
+    for m in den.modules():
+        if hasattr(m, "use_flash_attention"):
+            assert not m.use_flash_attention
+    assert not any(getattr(m, "use_checkpoint", False) for m in den.modules())
