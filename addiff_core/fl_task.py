@@ -151,10 +151,13 @@ class SiteTask:
             try:
                 for e in range(epochs):
                     set_lr(optimizer, lr_at(tcfg, epoch_offset + e, total_epochs or epochs))
-                    history.append(train_stage_epoch(
+                    m = train_stage_epoch(
                         stage, self.model, loader, optimizer, self.cfg, self.device, generator=gen,
                         grad_clip=tcfg.grad_clip, prox=prox, progress=self.progress,
-                        desc=f"{self.site.name} {stage} r{server_round} e{e + 1}/{epochs}"))
+                        desc=f"{self.site.name} {stage} r{server_round} e{e + 1}/{epochs}")
+                    history.append(m)
+                    log.info("site %s: %s round %d epoch %d/%d: loss %.4f (%.1f s)", self.site.name, stage,
+                             server_round, e + 1, epochs, m["loss"], m["seconds"])
             finally:
                 if dp is not None:
                     dp.commit()

@@ -69,8 +69,6 @@ def train_site(site_file: Path, out_dir: Path, *, model_kind: str | None = None,
             continue
         res = task.train(None, stage, epochs=epochs, server_round=k, seed=tcfg.seed, planned_epochs=planned)
         history += [{"stage": stage, "epoch": e + 1, **m} for e, m in enumerate(res.history)]
-        for e, m in enumerate(res.history):
-            log.info("%s %s epoch %d/%d: loss %.4f (%.1f s)", site.name, stage, e + 1, epochs, m["loss"], m["seconds"])
     train_seconds = time.perf_counter() - t0
     heldout = evaluate(task.model, data.heldout, cfg, task.device, seed=tcfg.seed, steps=steps, progress=progress)
     ckpt = save_checkpoint(out_dir / "model.pt", task.model.state_dict(), cfg,

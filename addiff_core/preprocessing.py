@@ -48,7 +48,11 @@ class GridSpec:
 
 
 def model_grid(case: Case, grid: GridConfig) -> GridSpec:
-    """The ``grid.size``^3 box at ``grid.spacing`` centred on the centroid of the case's targets."""
+    """The ``grid.size``^3 box at ``grid.spacing`` centred on the centroid of the case's targets.
+
+    At the CT's own spacing the box is aligned with the CT voxels (centre within half a voxel of
+    the centroid), so resampling there and back is exact.
+    """
     spacing = tuple(float(s) for s in (grid.spacing or case.ct.GetSpacing()))
     target = np.zeros(sitk.GetArrayViewFromImage(case.ct).shape, dtype=bool)
     for name in case.plan.prescriptions:
@@ -57,10 +61,14 @@ def model_grid(case: Case, grid: GridConfig) -> GridSpec:
         cz, cy, cx = (float(np.mean(ix)) for ix in np.nonzero(target))
     else:  # no target (should have been caught by the checks): centre of the image
         cz, cy, cx = ((n - 1) / 2.0 for n in target.shape)
-    centre = np.array(case.ct.TransformContinuousIndexToPhysicalPoint((cx, cy, cz)))
     direction = np.array(case.ct.GetDirection()).reshape(3, 3)
-    half = np.array(spacing) * (grid.size - 1) / 2.0
-    origin = centre - direction @ half
+    if np.allclose(spacing, case.ct.GetSpacing(), rtol=1e-6):
+        # same spacing: snap the box onto the CT's voxel lattice so that the round trip is lossless
+        start = [float(round(c - (grid.size - 1) / 2.0)) for c in (cx, cy, cz)]
+        origin = np.array(case.ct.TransformContinuousIndexToPhysicalPoint(start))
+    else:
+        centre = np.array(case.ct.TransformContinuousIndexToPhysicalPoint((cx, cy, cz)))
+        origin = centre - direction @ (np.array(spacing) * (grid.size - 1) / 2.0)
     return GridSpec(size=(grid.size,) * 3, spacing=spacing, origin=tuple(float(o) for o in origin),
                     direction=tuple(float(d) for d in case.ct.GetDirection()))
 

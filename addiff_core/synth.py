@@ -11,11 +11,13 @@ linac (penumbra). A case is drawn on a cube grid of ``size`` voxels:
   (airway, lungs, rectal gas), soft tissues with texture, the treatment couch under the patient;
   targets (one or two PTVs, nested/adjacent) and the canonical OARs of ``case_io.OAR_NAMES``;
 * dose (:func:`phantom_dose`): for every beam (arcs as control points) a field conformed to the
-  target's beam's-eye-view projection plus margin, fluence reduced for beamlets that cross
-  serial OARs and per-beam weights lowered for beams whose path crosses OARs, penumbra and
-  lateral scatter (2-D Gaussian blurs of the fluence), depth dose with build-up and
-  attenuation exp(-mu * radiological depth through the CT), inverse square; the primary target's
-  D95 is scaled to its prescription and a secondary target is brought towards its own.
+  targets' beam's-eye-view projection plus margin, painted with each target's prescription,
+  fluence lowered for beamlets crossing OARs and beam weights lowered for beams whose path
+  crosses OARs; a few multiplicative beamlet updates (an MLEM-like "light optimiser", limited
+  modulation) push targets towards their prescriptions and OARs under their goals; then
+  penumbra (2-D Gaussian of the fluence), depth dose with build-up and attenuation
+  exp(-mu(energy) * radiological depth through the CT), inverse square and a low scatter term;
+  the primary target's D95 is scaled to its prescription exactly.
 
 Everything is deterministic for a ``numpy.random.Generator``; :func:`write_synthetic_sites`
 seeds one per (seed, site, case).
@@ -26,14 +28,14 @@ import math
 import string
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import yaml
 from scipy import ndimage
 
 from . import beams as B
-from .case_io import OAR_NAMES, TUMOUR_SITES, Beam, Plan, save_case
+from .case_io import TUMOUR_SITES, Beam, Plan, save_case
 
 __all__ = [
     "HospitalProfile", "HOSPITAL_PROFILES", "hospital_profile", "default_spacing", "synth_case",
@@ -432,15 +434,16 @@ def _lung(cv: _Canvas, rng: np.random.Generator, prof: HospitalProfile, rx: tupl
     zd_l = zd_r - float(rng.uniform(5, 15))
     hc = (22 * s + rng.normal(0, 4), cyb - 25 * s, zd_l + 45 + rng.normal(0, 5))
     heart = cv.ellipsoid(hc, np.array([58, 48, 58]) * s * rng.uniform(0.88, 1.12)) & inner
-    medi_half = 26 * s
+    medi_half = 32 * s * rng.uniform(0.9, 1.1)
     lungs = {}
     for name, sg, zd in (("RightLung", -1.0, zd_r), ("LeftLung", 1.0, zd_l)):
         xc = sg * 75 * s
         dome = zd + 30 * np.maximum(0.0, 1 - ((cv.X - xc) / (80 * s)) ** 2 - (cv.Y / (95 * s)) ** 2)
         cav_ax, cav_ay = ax - fat - 14 * s, ay - fat - 14 * s
         shape_ = ((cv.X - cxb - sg * 0.5 * cav_ax) / (0.56 * cav_ax)) ** 2 + ((cv.Y - cyb) / (0.97 * cav_ay)) ** 2 <= 1
-        lung = cavity & shape_ & (sg * (cv.X - cxb) > medi_half) & (Z > dome)
-        lung &= ~((np.abs(cv.X - cxb) < 45 * s) & (cv.Y > vb_ant - 5 * s))
+        medi = ((cv.X - cxb) / medi_half) ** 2 + ((cv.Y - cyb + 0.2 * cav_ay) / (1.25 * cav_ay)) ** 2 <= 1
+        lung = cavity & shape_ & (sg * (cv.X - cxb) > 0) & ~medi & (Z > dome)
+        lung &= ~cv.ellipsoid((cxb, yc - 14 * s, 0.0), (42 * s, 36 * s, 1e4), floor=False)  # vertebra + muscles
         lung &= ~cv.ellipsoid(hc, np.array([66, 56, 64]) * s) & ~bone
         lungs[name] = lung
     lung_all = lungs["RightLung"] | lungs["LeftLung"]
@@ -459,7 +462,7 @@ def _lung(cv: _Canvas, rng: np.random.Generator, prof: HospitalProfile, rx: tupl
     sg = 1.0 if side_name == "LeftLung" else -1.0
     semi = rng.uniform(10, 28, 3) * np.array([1, 1, 1.2])
     if rng.random() < 0.25:
-        c = np.array([sg * 42 * s, ye - 10 * s, zc - 20 + rng.normal(0, 8)])
+        c = np.array([sg * 55 * s, ye - 10 * s, zc - 5 + rng.normal(0, 8)])  # hilar
     else:
         dist = ndimage.distance_transform_edt(lungs[side_name], sampling=cv.spacing[::-1])
         cand = np.flatnonzero(dist > max(12.0, 0.6 * float(np.min(semi))))
@@ -648,6 +651,7 @@ class _BeamState:
     direction: np.ndarray
     grid: B.BEVGrid
     fluence: np.ndarray  # un-blurred, on grid
+    initial: np.ndarray  # painted aperture x beam weight (reference for the modulation limits)
     fi: np.ndarray  # flat BEV index of the optimisation voxels
     pu: np.ndarray
     pv: np.ndarray
@@ -692,10 +696,23 @@ def phantom_dose(ct_hu: np.ndarray, masks: Mapping[str, np.ndarray], plan: Plan,
     if tpos.size == 0:
         return dose
     prim = np.flatnonzero(want_body[tpos] == rx_max)  # primary voxels within tpos
-    # optimisation voxels: targets, then (subsampled) OARs outside the targets
+    # distance (mm) to the nearest target voxel, in a box reaching 30 mm around the targets
+    kk, jj, ii = np.unravel_index(idx[tpos], shape)
+    reach = [int(math.ceil(30.0 / sp)) for sp in (spacing[2], spacing[1], spacing[0])]
+    box = (slice(max(kk.min() - reach[0], 0), kk.max() + reach[0] + 1),
+           slice(max(jj.min() - reach[1], 0), jj.max() + reach[1] + 1),
+           slice(max(ii.min() - reach[2], 0), ii.max() + reach[2] + 1))
+    tgrid = np.zeros(shape, bool)
+    tgrid.ravel()[idx[tpos]] = True
+    dist = np.full(shape, np.inf, np.float32)
+    dist[box] = ndimage.distance_transform_edt(~tgrid[box], sampling=(spacing[2], spacing[1], spacing[0]))
+    dist_body = dist.ravel()[idx]
+    near_mm = 2.0 * penumbra_mm + 0.5 * max(float(v) for v in spacing)  # cannot be spared: no goal there
+    # optimisation voxels: targets, then (subsampled) OARs outside the targets, then normal tissue
     sub = [tpos]
-    limit, weight, stride_w, oar_slices = [np.zeros(tpos.size, np.float32)], [np.ones(tpos.size, np.float32)], [], []
+    limit, weight, oar_slices = [np.zeros(tpos.size, np.float32)], [np.ones(tpos.size, np.float32)], []
     start = tpos.size
+    taken = want_body > 0
     for name, (gamma, kappa, length, goal, w) in _SPARING.items():
         if name not in masks:
             continue
@@ -704,13 +721,21 @@ def phantom_dose(ct_hu: np.ndarray, masks: Mapping[str, np.ndarray], plan: Plan,
         p = p[want_body[p] == 0]
         if p.size == 0:
             continue
+        taken[p] = True
         stride = int(math.ceil(p.size / _GOAL_VOXELS))
         p = p[::stride]
         sub.append(p)
         limit.append(np.full(p.size, goal * rx_max, np.float32))
-        weight.append(np.full(p.size, w * sparing, np.float32))
+        weight.append(np.where(dist_body[p] > near_mm, np.float32(w * sparing), np.float32(0.0)))
         oar_slices.append((slice(start, start + p.size), gamma, kappa, length, stride))
         start += p.size
+    # normal tissue around the targets: no hot spots above the highest prescription
+    p = np.flatnonzero(np.isfinite(dist_body) & ~taken)
+    if p.size:
+        p = p[::int(math.ceil(p.size / _GOAL_VOXELS))]
+        sub.append(p)
+        limit.append(np.full(p.size, rx_max, np.float32))
+        weight.append(np.full(p.size, 0.5, np.float32))
     sub = np.concatenate(sub)
     limit, weight = np.concatenate(limit), np.concatenate(weight)
     nt = tpos.size
@@ -726,7 +751,10 @@ def phantom_dose(ct_hu: np.ndarray, masks: Mapping[str, np.ndarray], plan: Plan,
     tsets = [np.flatnonzero(want == r) for r in rx]
 
     states: list[_BeamState] = []
-    for beam, mult in _control_points(plan.beams, arc_step_deg):
+    cps = _control_points(plan.beams, arc_step_deg)
+    cache_depth = idx.size * len(cps) * 4 <= 256 * 2 ** 20  # keep body depths for the final pass
+    depth_cache: list[np.ndarray] = []
+    for beam, mult in cps:
         d = B.beam_direction(beam.gantry, beam.couch)
         pu, pv, r2 = B.bev_coordinates(coords_sub, d, sad_mm)
         grid, union_ap = B.aperture_from_points(pu[:nt], pv[:nt], spacing, margin_mm, pad_mm=3 * penumbra_mm,
@@ -747,10 +775,13 @@ def phantom_dose(ct_hu: np.ndarray, masks: Mapping[str, np.ndarray], plan: Plan,
                 mod *= 1.0 - np.float32(sparing * gamma) * frac
             if union_ap.any():
                 penalty += kappa * float(frac[union_ap].mean())
-        fluence = paint * mod * np.float32(mult * math.exp(-sparing * penalty))
-        depth = B.radiological_depth(rho, spacing, d).ravel()[idx[sub]]
-        tdd = _depth_dose(depth, beam.energy_mv) * (sad2 / r2)
-        states.append(_BeamState(beam, d, grid, fluence, grid.flat_index(pu, pv), pu, pv, tdd))
+        bw = np.float32(mult * math.exp(-sparing * penalty))
+        fluence, initial = paint * mod * bw, paint * bw
+        depth_full = B.radiological_depth(rho, spacing, d).ravel()
+        tdd = _depth_dose(depth_full[idx[sub]], beam.energy_mv) * (sad2 / r2)
+        if cache_depth:
+            depth_cache.append(depth_full[idx])
+        states.append(_BeamState(beam, d, grid, fluence, initial, grid.flat_index(pu, pv), pu, pv, tdd))
 
     def blurred(st: _BeamState) -> np.ndarray:
         return ndimage.gaussian_filter(st.fluence, sig_pen, truncate=3.0)
@@ -762,29 +793,43 @@ def phantom_dose(ct_hu: np.ndarray, masks: Mapping[str, np.ndarray], plan: Plan,
         d95 = _d95(dsub[prim])
         if d95 <= 0:
             break
-        c = np.float32(rx[0] / d95)
-        dsub *= c
+        g = np.float32(rx[0] / d95)  # keep the primary's D95 at its prescription (and caps relative)
+        dsub *= g
+        for st in states:
+            st.fluence *= g
+            st.initial *= g
         ratio = np.ones(sub.size, np.float32)
-        ratio[:nt] = np.clip(want / np.maximum(dsub[:nt], 1e-6), 0.6, 1.6)
+        ratio[:nt] = np.clip(want / np.maximum(dsub[:nt], 1e-6), 0.7, 1.4)
         ratio[nt:] = np.clip(limit[nt:] / np.maximum(dsub[nt:], 1e-6), 0.6, 1.0)
+        # active set: targets always, OAR / normal-tissue voxels only while above their goal
+        w_act = weight * ((ratio < 1.0) | (np.arange(sub.size) < nt))
+        factors, fsum, fn = [], 0.0, 0
         for st, cb in zip(states, contrib):
-            wc = weight * cb
+            wc = w_act * cb
             num = ndimage.gaussian_filter(st.grid.splat(st.pu, st.pv, wc * ratio), sig_vox)
             den = ndimage.gaussian_filter(st.grid.splat(st.pu, st.pv, wc), sig_vox)
-            f = np.ones_like(num)
+            f = np.ones(num.shape, np.float32)
             ok = den > 1e-6 * max(float(den.max()), 1e-30)
-            f[ok] = num[ok] / den[ok]
-            st.fluence *= (c * np.clip(f, 0.5, 2.0)).astype(np.float32)
+            f[ok] = np.clip(num[ok] / den[ok], 0.5, 2.0)
+            factors.append(f)
+            on = st.initial > 0
+            fsum += float(f[on].sum())
+            fn += int(on.sum())
+        mean_f = np.float32(fsum / fn) if fn else np.float32(1.0)  # relative updates only: no drift
+        for st, f in zip(states, factors):
+            st.fluence *= f / mean_f
+            # limited modulation: 0.2 .. 1.6 x the painted aperture fluence
+            np.clip(st.fluence, 0.2 * st.initial, 1.6 * st.initial, out=st.fluence)
 
     # final dose on the whole body
     coords = B.VoxelCoords(shape, spacing, iso, idx)
     total = np.zeros(idx.size, np.float32)
-    for st in states:
+    for n, st in enumerate(states):
         pu, pv, r2 = B.bev_coordinates(coords, st.direction, sad_mm)
         val = B.BEVGrid.sample(blurred(st), st.grid.flat_index(pu, pv))
         if not val.any():
             continue
-        depth = B.radiological_depth(rho, spacing, st.direction).ravel()[idx]
+        depth = depth_cache[n] if cache_depth else B.radiological_depth(rho, spacing, st.direction).ravel()[idx]
         val *= _depth_dose(depth, st.beam.energy_mv)
         val *= sad2 / r2
         total += val

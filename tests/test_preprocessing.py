@@ -19,7 +19,7 @@ def smooth_case(tmp_path, shape=(20, 24, 22), spacing=(2.0, 2.5, 3.0), direction
     cord = (np.abs(x - c[2]) < 2) & (np.abs(y - (c[1] + 7)) < 2)
     dose = (60.0 * np.exp(-r2 / (2 * 14.0 ** 2))).astype(np.float32)
     ct = np.where(r2 < 30 ** 2, 40, -1000).astype(np.int16)
-    plan = Plan("head_neck", {"PTV60": 60.0}, 30, "VMAT", (Beam(180, 0, 6, 178),), {})
+    plan = Plan("head_neck", {"PTV60": 60.0}, 30, "VMAT", (Beam(181, 0, 6, 359),), {})
     d = save_case(tmp_path / "case1", ct, plan, {"PTV60": ptv, "SpinalCord": cord}, dose=dose,
                   spacing=spacing, origin=origin, direction=direction)
     return d, dose
@@ -36,7 +36,7 @@ def test_round_trip_keeps_geometry_and_gy(tmp_path, direction):
     assert sample["beams"].shape == (B_MAX, 6) and sample["beam_mask"].sum() == 19  # 178 deg arc, 10 deg steps
     assert sample["constraints"].shape == (C_MAX, 6)
     assert float(sample["rx"]) == 60.0
-    assert float(sample["dose"].max()) == pytest.approx(1.0, abs=0.02)  # Gy / Rx
+    assert float(sample["dose"].max()) == pytest.approx(1.0, abs=0.05)  # Gy / Rx (half-voxel offset)
     assert -1.0 <= float(sample["ct"].min()) and float(sample["ct"].max()) <= 1.0
     assert sample["oar_present"][OAR_NAMES.index("SpinalCord")]
     assert float(sample["beam_plate"].max()) == pytest.approx(1.0)
@@ -47,7 +47,8 @@ def test_round_trip_keeps_geometry_and_gy(tmp_path, direction):
     assert np.allclose(back.GetOrigin(), case.ct.GetOrigin())
     assert np.allclose(back.GetDirection(), case.ct.GetDirection())
     arr = sitk.GetArrayFromImage(back)
-    assert np.abs(arr - dose).max() < 0.02 * 60.0
+    # native spacing: the model grid sits on the CT lattice, so the round trip is exact
+    assert np.abs(arr - dose).max() < 1e-4
 
 
 def test_resampled_grid_spacing(tmp_path):
@@ -66,7 +67,7 @@ def test_model_grid_is_centred_on_target(tmp_path):
     sample, _ = case_to_sample(case, GridConfig(size=32))
     t = sample["target_primary"][0].numpy()
     centroid = np.array([ix.mean() for ix in np.nonzero(t)])
-    assert np.all(np.abs(centroid - 15.5) < 1.0)
+    assert np.all(np.abs(centroid - 15.5) <= 1.0)
 
 
 def test_openkbp_round_trip(tmp_path, openkbp_dir):
@@ -82,6 +83,6 @@ def test_openkbp_round_trip(tmp_path, openkbp_dir):
     covered = sitk.GetArrayFromImage(dose_to_ct_grid(np.ones((128,) * 3, np.float32), 1.0, spec, case.ct)) > 0.999
     m = pdm & covered
     assert m.sum() > 0.8 * pdm.sum()
-    assert np.abs(back[m] - ref[m]).mean() < 0.5
+    assert np.abs(back[m] - ref[m]).max() < 1e-3
     assert sample["oar_present"][OAR_NAMES.index("SpinalCord")]
     assert int(sample["beam_mask"].sum()) == 9

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..case_io import OAR_NAMES, TUMOUR_SITES
 from ..config import ModelConfig

@@ -1,0 +1,132 @@
+"""The ClientApp (``[tool.flwr.app.components] clientapp = "client.client_app:app"``).
+
+Thin: find this SuperNode's site file, build (once per process and site) an
+:class:`addiff_core.fl_task.SiteTask`, and turn messages into ``SiteTask.train`` /
+``SiteTask.evaluate`` calls. Only numbers and weights leave the site; case ids never do.
+
+Which site am I?
+* deployment: the SuperNode's node config ``site-config="sites/hospital_a.yaml"``
+  (``addiff client start --site ...`` sets it);
+* simulation: node config ``partition-id`` indexes the run's ``site-files`` list (run config,
+  or the train config when the run was started in-process).
+Relative paths resolve against the project root (``server.protocol.project_root``).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from addiff_core.config import ConfigError, load_site_config
+from addiff_core.fl_task import MissingGlobalWeights, SiteTask, state_to_arrays
+
+from server.protocol import (
+    ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, NUM_EXAMPLES, SITE_KEY, STATUS_NEED_VAE, fingerprint, from_record,
+    model_config_from_json, resolve_path, split_list, to_record,
+)
+
+log = logging.getLogger("flwr.addiff.client")
+
+app = ClientApp()
+
+# one SiteTask per (site file, model config) in this process: data are loaded once
+_TASKS: dict[tuple[str, str], SiteTask] = {}
+
+
+def site_file_for(context: Context, config) -> Path:
+    nc = context.node_config
+    if "site-config" in nc:
+        return resolve_path(str(nc["site-config"]))
+    files = split_list(context.run_config.get("site-files") or config.get("site-files", ""))
+    if "partition-id" not in nc:
+        raise ConfigError("this SuperNode has no site file: start it with "
+                          "--node-config 'site-config=\"sites/NAME.yaml\"' (addiff client start --site ...)")
+    pid = int(nc["partition-id"])
+    if not files:
+        raise ConfigError("simulation: the run config lists no site-files")
+    if pid >= len(files):
+        raise ConfigError(f"simulated SuperNode {pid} has no site: the run lists {len(files)} site file(s) "
+                          f"(site-files) for {nc.get('num-partitions', '?')} SuperNodes; "
+                          f"run with num-supernodes={len(files)}")
+    return resolve_path(files[pid])
+
+
+def task_for(site_file: Path, model_json: str) -> SiteTask:
+    key = (str(site_file), model_json)
+    task = _TASKS.get(key)
+    if task is None:
+        for k in [k for k in _TASKS if k[0] == key[0]]:  # the model changed: drop the old one
+            del _TASKS[k]
+        site = load_site_config(site_file)
+        task = SiteTask(site, model_config_from_json(model_json))
+        _TASKS[key] = task
+    return task
+
+
+def _site_record(task: SiteTask, **extra) -> ConfigRecord:
+    return ConfigRecord({"name": task.site.name, **extra})
+
+
+def _has_global_vae(task: SiteTask, arrays: dict, want: str | None) -> bool:
+    """True if the VAE this site would use in stage 2 (received now, or cached) is the global one."""
+    if any(k.startswith("vae.") for k in arrays):
+        return True
+    try:
+        task.load_global(arrays, "diffusion")
+    except MissingGlobalWeights:
+        return False
+    return not want or fingerprint(state_to_arrays(task.model.state_dict(), "vae.")) == want
+
+
+def stage_epochs(task: SiteTask, stage: str, local_epochs: int = 0) -> int:
+    t = task.site.training
+    return local_epochs or (t.vae_epochs if stage == "vae" else t.diffusion_epochs)
+
+
+def planned_epochs(task: SiteTask, plan: str, local_epochs: int = 0) -> int:
+    """Local epochs this site trains over the whole run ("vae:3,diffusion:4" -> 3*e_vae + 4*e_diff),
+    for calibrating DP noise once for the run."""
+    total = 0
+    for part in plan.split(","):
+        if ":" in part:
+            stage, n = part.split(":", 1)
+            total += int(n) * stage_epochs(task, stage.strip(), local_epochs)
+    return total
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    cfg = msg.content[CONFIG_KEY]
+    task = task_for(site_file_for(context, cfg), str(cfg["model-config"]))
+    arrays = from_record(msg.content[ARRAYS_KEY])
+    stage = str(cfg["stage"])
+    if stage == "diffusion" and not _has_global_vae(task, arrays, cfg.get("vae-fingerprint")):
+        log.info("site %s: no matching global VAE cached; asking the server for it", task.site.name)
+        return Message(RecordDict({SITE_KEY: _site_record(task, status=STATUS_NEED_VAE)}), reply_to=msg)
+    epochs = stage_epochs(task, stage, int(cfg.get("local-epochs", 0)))
+    stage_round, stage_rounds = int(cfg.get("stage-round", 1)), int(cfg.get("stage-rounds", 1))
+    t0 = time.perf_counter()
+    res = task.train(arrays, stage, epochs=epochs, server_round=int(cfg["server-round"]), seed=int(cfg.get("seed", 0)),
+                     proximal_mu=float(cfg.get("proximal-mu", 0.0)), total_epochs=epochs * stage_rounds,
+                     epoch_offset=epochs * (stage_round - 1),
+                     planned_epochs=planned_epochs(task, str(cfg.get("stage-plan", "")), int(cfg.get("local-epochs", 0)))
+                     or None)
+    metrics = {NUM_EXAMPLES: int(res.num_examples), **{k: float(v) for k, v in res.metrics.items()},
+               "local_epochs": float(epochs), "site_seconds": time.perf_counter() - t0}
+    return Message(RecordDict({ARRAYS_KEY: to_record(res.arrays), METRICS_KEY: MetricRecord(metrics),
+                               SITE_KEY: _site_record(task)}), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    cfg = msg.content[CONFIG_KEY]
+    task = task_for(site_file_for(context, cfg), str(cfg["model-config"]))
+    steps = int(cfg.get("eval-steps", 0)) or None
+    res = task.evaluate(from_record(msg.content[ARRAYS_KEY]), seed=int(cfg.get("seed", 0)), steps=steps,
+                        gamma=bool(cfg.get("eval-gamma", True)))
+    metrics = {NUM_EXAMPLES: int(res.get("num_cases", 0)),
+               **{k: float(v) for k, v in res.items() if k != "num_cases"}}
+    return Message(RecordDict({METRICS_KEY: MetricRecord(metrics), SITE_KEY: _site_record(task)}), reply_to=msg)

@@ -1,0 +1,91 @@
+"""``addiff client start``: one hospital's SuperNode (``flower-supernode``) for its site file.
+
+The site file is checked first (and its cases counted) so that a wrong path fails here, with
+one line, rather than inside the first round. The SuperNode runs in the foreground, in this
+command's process group (Ctrl-C or SIGTERM to the group ends it and its ClientApp processes).
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+ACTIVATION_FAILED = 305  # flower-supernode's exit code when the SuperLink refuses/cannot activate it
+RETRY_SECONDS = 5
+
+
+def cmd_client_start(args) -> int:
+    from addiff_core.case_io import list_cases
+    from addiff_core.cli import UserError
+    from addiff_core.config import ConfigError, load_site_config
+
+    from server import launch
+    from server.protocol import resolve_path
+
+    site_file = resolve_path(args.site, Path.cwd())
+    site = load_site_config(site_file)
+    if not site.data_dir.is_dir():
+        raise ConfigError(f"{site_file}: data_dir {site.data_dir} does not exist")
+    n_cases = len(list_cases(site.data_dir))
+    if n_cases == 0:
+        raise ConfigError(f"{site_file}: no case folders in {site.data_dir}")
+    if ":" not in args.superlink:
+        raise UserError(f"--superlink must be HOST:PORT, got {args.superlink!r}")
+    cmd = [launch.executable("flower-supernode"), "--superlink", args.superlink,
+           "--node-config", f"site-config={json.dumps(str(site_file))}", "--port", str(args.port),
+           "--isolation", "subprocess"]
+    if args.insecure:
+        print("WARNING: this SuperNode connects WITHOUT TLS (--insecure): model weights and metrics cross the "
+              "network unencrypted. Use this only for a test on one machine.", file=sys.stderr, flush=True)
+        cmd.append("--insecure")
+    else:
+        if not args.ca:
+            raise UserError("--ca CA_CERT is required (the federation's ca.crt), or --insecure for a local test")
+        ca = resolve_path(args.ca, Path.cwd())
+        if not ca.is_file():
+            raise UserError(f"{ca}: CA certificate not found")
+        cmd += ["--root-certificates", str(ca)]
+    if args.auth_key:
+        key = resolve_path(args.auth_key, Path.cwd())
+        if not key.is_file():
+            raise UserError(f"{key}: private key not found (addiff certs node-key DIR NAME)")
+        cmd += ["--auth-supernode-private-key", str(key)]
+    if args.max_retries is not None:
+        cmd += ["--max-retries", str(args.max_retries)]
+    extra = {}
+    if args.threads:
+        extra = {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    env = launch.flower_env(resolve_path(args.flwr_home, Path.cwd()) if args.flwr_home else None, **extra)
+    print(f"site {site.name}: {n_cases} case folder(s) in {site.data_dir}; device {site.device}; "
+          f"SuperNode -> {args.superlink} (runtime API port {args.port})", flush=True)
+    launch.exit_on_sigterm()
+    for attempt in range(args.activation_retries + 1):
+        rc = launch.run_foreground(cmd, env=env)
+        if rc != ACTIVATION_FAILED or attempt == args.activation_retries:
+            return rc
+        print(f"SuperNode could not join the federation (SuperLink not up yet, or -- with authentication -- this "
+              f"node's public key not registered yet); retrying in {RETRY_SECONDS} s "
+              f"({args.activation_retries - attempt} retries left)", file=sys.stderr, flush=True)
+        time.sleep(RETRY_SECONDS)
+    return rc
+
+
+def add_parser(sub) -> None:
+    c = sub.add_parser("client", help="run a hospital's federation client (SuperNode)")
+    csub = c.add_subparsers(dest="client_command", metavar="CLIENT_COMMAND", required=True)
+    s = csub.add_parser("start", help="connect this site to the federation server and train when asked")
+    s.add_argument("--site", required=True, help="this hospital's site file (sites/NAME.yaml)")
+    s.add_argument("--superlink", required=True, help="server address HOST:PORT")
+    s.add_argument("--ca", help="the federation's CA certificate (ca.crt from the server operator)")
+    s.add_argument("--insecure", action="store_true", help="no TLS (tests on one machine only; prints a warning)")
+    s.add_argument("--auth-key", help="private key for SuperNode authentication (addiff certs node-key)")
+    s.add_argument("--port", type=int, default=9094,
+                   help="local port of this SuperNode's runtime (ClientApp IO) API; one per SuperNode on a machine")
+    s.add_argument("--threads", type=int, help="CPU threads for training (OMP_NUM_THREADS)")
+    s.add_argument("--max-retries", type=int, help="give up after this many failed connection attempts")
+    s.add_argument("--activation-retries", type=int, default=60,
+                   help=f"retry joining this often ({RETRY_SECONDS} s apart) while the SuperLink is not up or "
+                        "this node's key is not registered yet (default 60)")
+    s.add_argument("--flwr-home", help="Flower's state folder for this SuperNode (default $FLWR_HOME or ~/.flwr)")
+    s.set_defaults(func=cmd_client_start)

@@ -1,0 +1,206 @@
+"""``addiff server start``: a SuperLink (TLS by default), optional SuperNode authentication,
+then the run is submitted with ``flwr run`` and streamed until it ends.
+
+Processes: the SuperLink runs in this command's process group (Ctrl-C ends both); it is
+stopped by PID when the run is over unless ``--keep-running``. Flower's CLI state (the
+connection profile, the installed app) lives in a private FLWR_HOME inside the run folder.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from .protocol import project_root, resolve_path
+
+PROFILE = "addiff"
+
+
+def _warn_insecure(what: str) -> None:
+    print(f"WARNING: {what} runs WITHOUT TLS (--insecure): model weights and metrics cross the network "
+          "unencrypted and unauthenticated. Use this only for a test on one machine.", file=sys.stderr, flush=True)
+
+
+def _connect_host(bind_host: str, cert: Path | None) -> str:
+    if bind_host not in ("0.0.0.0", "::", ""):
+        return bind_host
+    if cert is None:
+        return "127.0.0.1"
+    from .certs import cert_hosts
+
+    hosts = cert_hosts(cert)
+    for h in ("127.0.0.1", "localhost"):
+        if h in hosts:
+            return h
+    return hosts[0] if hosts else "127.0.0.1"
+
+
+def register_keys(keys: list[Path], env: dict, flwr_home: Path) -> None:
+    from . import launch
+
+    for key in keys:
+        name = key.name[:-4] if key.name.endswith(".pub") else key.stem
+        res = subprocess.run([launch.executable("flwr"), "supernode", "register", str(key), PROFILE, "--name", name],
+                             env=env, capture_output=True, text=True, cwd=str(flwr_home))
+        out = (res.stdout + res.stderr).strip().splitlines()
+        if res.returncode != 0:
+            raise RuntimeError(f"registering {key} failed: {out[-1] if out else res.returncode}")
+        print(f"registered SuperNode key {key} as {name!r}", flush=True)
+
+
+def build_run_config(args, run_dir: Path) -> dict[str, Any]:
+    from .settings import DEFAULTS
+    from .simulate import _kind_of, parse_rounds
+
+    if args.resume:
+        stored = json.loads((run_dir / "run.json").read_text())["run_config"]
+        rc = {**stored, "run-dir": str(run_dir), "resume": True, "stop-after-round": int(args.stop_after_round or 0),
+              "min-sites": args.min_sites}
+        return rc
+    model_config = resolve_path(args.config, Path.cwd()) if args.config else resolve_path(DEFAULTS["model-config"])
+    rc = {**DEFAULTS, "run-dir": str(run_dir), "site-files": "", "model-config": str(model_config),
+          "model-kind": args.model or "", "strategy": args.strategy, "seed": args.seed, "min-sites": args.min_sites,
+          "round-timeout": float(args.round_timeout), "stop-after-round": int(args.stop_after_round or 0)}
+    if args.size:
+        rc["grid-size"] = args.size
+    rc.update(parse_rounds(args.rounds, args.model or _kind_of(model_config)))
+    for key, val in (("local-epochs", args.local_epochs), ("proximal-mu", args.proximal_mu),
+                     ("eval-steps", args.eval_steps)):
+        if val is not None:
+            rc[key] = val
+    if args.no_gamma:
+        rc["eval-gamma"] = False
+    return rc
+
+
+def cmd_server_start(args) -> int:
+    from addiff_core.cli import UserError
+    from addiff_core.config import ConfigError
+
+    from . import launch
+    from .settings import from_run_config
+
+    root = project_root()
+    if args.resume:
+        run_dir = resolve_path(args.resume, Path.cwd())
+        if not (run_dir / "run.json").is_file():
+            raise ConfigError(f"{run_dir}: not a run folder (no run.json)")
+    else:
+        run_dir = (resolve_path(args.run_dir, Path.cwd()) if args.run_dir
+                   else root / "runs" / f"federation-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
+    run_config = build_run_config(args, run_dir)
+    settings = from_run_config(run_config)
+    if not args.resume and any(run_dir.glob("checkpoints/round_*.pt")):
+        raise ConfigError(f"{run_dir} already holds checkpoints: use --resume {run_dir} or another --run-dir")
+
+    tls: dict[str, Path] = {}
+    if args.insecure:
+        _warn_insecure("the SuperLink")
+    else:
+        certs = resolve_path(args.certs, Path.cwd())
+        tls = {"ca": certs / "ca.crt", "cert": certs / "server.pem", "key": certs / "server.key"}
+        missing = [str(p) for p in tls.values() if not p.is_file()]
+        if missing:
+            raise UserError(f"TLS certificate files missing: {', '.join(missing)} (make them with "
+                            f"`addiff certs create {args.certs} --host YOUR.SERVER.NAME`, or pass --insecure for a test)")
+    keys = [resolve_path(k, Path.cwd()) for k in (args.authorized_keys or [])]
+    if keys and not args.auth:
+        raise UserError("--authorized-keys needs --auth (SuperNode authentication)")
+    for k in keys:
+        if not k.is_file():
+            raise UserError(f"{k}: public key file not found (make one with `addiff certs node-key DIR NAME`)")
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    flwr_home = run_dir / "flwr-home"
+    env = launch.flower_env(flwr_home)
+    database = resolve_path(args.database, Path.cwd()) if args.database else run_dir / "superlink-state.db"
+    cmd = [launch.executable("flower-superlink"), "--host", args.host, "--port", str(args.port),
+           "--database", str(database), "--disable-runtime-dependency-installation"]
+    cmd += ["--insecure"] if args.insecure else ["--ssl-ca-certfile", str(tls["ca"]), "--ssl-certfile",
+                                                 str(tls["cert"]), "--ssl-keyfile", str(tls["key"])]
+    if args.auth:
+        cmd.append("--enable-supernode-auth")
+    log_file = run_dir / "superlink.log"
+    connect = f"{_connect_host(args.host, tls.get('cert'))}:{args.port}"
+    print(f"starting SuperLink on {args.host}:{args.port} ({'insecure' if args.insecure else 'TLS'}"
+          f"{', SuperNode authentication' if args.auth else ''}); log: {log_file}", flush=True)
+    launch.exit_on_sigterm()
+    superlink = launch.start(cmd, env=env, log_file=log_file, cwd=root, new_session=False)
+    (run_dir / "superlink.pid").write_text(f"{superlink.pid}\n")
+    rc = 1
+    try:
+        launch.wait_for_port(connect.rsplit(":", 1)[0], args.port, proc=superlink, ca_file=tls.get("ca"),
+                             what="SuperLink")
+        launch.write_flwr_config(flwr_home, PROFILE, connect, root_certificates=tls.get("ca"), insecure=args.insecure)
+        if keys:
+            register_keys(keys, env, flwr_home)
+        if args.no_run:
+            print(f"SuperLink running (PID {superlink.pid}); submit with:\n"
+                  f"  FLWR_HOME={flwr_home} flwr run {root} {PROFILE} --stream\nCtrl-C stops it.", flush=True)
+            superlink.wait()
+            return 0
+        overrides = launch.write_run_config_toml(run_dir / "flwr-run-config.toml", run_config)
+        print(f"submitting the run ({settings.num_rounds} rounds, strategy {settings.strategy}); waiting for "
+              f"{settings.required_sites} SuperNode(s) to connect to {connect} ...", flush=True)
+        t0 = time.perf_counter()
+        rc = launch.run_foreground([launch.executable("flwr"), "run", str(root), PROFILE, "--stream",
+                                    "--run-config", str(overrides)], env=env, cwd=root)
+        doc = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
+        status = str(doc.get("status", "failed"))
+        if status == "complete":
+            print(f"\nfederated run complete in {time.perf_counter() - t0:.0f} s\n"
+                  f"  per-site table : {run_dir / 'final_metrics.md'} (also .csv, .json)\n"
+                  f"  round metrics  : {run_dir / 'metrics.jsonl'}\n"
+                  f"  checkpoints    : {run_dir / 'checkpoints'}", flush=True)
+            rc = 0
+        elif status.startswith("stopped"):
+            print(f"\n{status}; continue with: addiff server start --resume {run_dir} ...", flush=True)
+            rc = 0
+        else:
+            print(f"addiff: error: the run did not complete (status: {status}); SuperLink log: {log_file}",
+                  file=sys.stderr)
+            rc = 1
+        if args.keep_running:
+            print(f"SuperLink keeps running (PID {superlink.pid}); Ctrl-C stops it.", flush=True)
+            superlink.wait()
+    finally:
+        launch.wait_children_exit(superlink.pid, timeout=10.0)  # flwr-serverapp pushing its last output
+        launch.stop(superlink)
+        (run_dir / "superlink.pid").unlink(missing_ok=True)
+    return rc
+
+
+def add_parser(sub) -> None:
+    srv = sub.add_parser("server", help="run the federation server (SuperLink + the run)")
+    ssub = srv.add_subparsers(dest="server_command", metavar="SERVER_COMMAND", required=True)
+    s = ssub.add_parser("start", help="start a SuperLink (TLS), submit the federated run and stream it")
+    s.add_argument("--certs", default="certs", help="folder with ca.crt, server.pem, server.key (addiff certs create)")
+    s.add_argument("--insecure", action="store_true", help="no TLS (tests on one machine only; prints a warning)")
+    s.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+    s.add_argument("--port", type=int, default=9092, help="SuperLink port: Fleet, Control and Runtime APIs (default 9092)")
+    s.add_argument("--auth", action="store_true", help="SuperNode authentication: only registered keys may join")
+    s.add_argument("--authorized-keys", action="append", metavar="PUBKEY",
+                   help="a hospital's public key (addiff certs node-key) to register; repeat per hospital")
+    s.add_argument("--database", help="SuperLink state database (default RUN_DIR/superlink-state.db)")
+    s.add_argument("--min-sites", type=int, default=3, help="SuperNodes to wait for; every round uses all connected (default 3)")
+    s.add_argument("--model", choices=("diffusion", "unet"))
+    s.add_argument("--config", help="model config YAML (default configs/demo.yaml)")
+    s.add_argument("--size", type=int, help="model grid size (default: the model config's)")
+    s.add_argument("--rounds", help="VAE,DIFFUSION rounds (e.g. 3,4); N for unet")
+    s.add_argument("--strategy", choices=("fedavg", "fedprox", "fedadam"), default="fedavg")
+    s.add_argument("--proximal-mu", type=float)
+    s.add_argument("--local-epochs", type=int, help="local epochs per round (default: each site file's)")
+    s.add_argument("--eval-steps", type=int)
+    s.add_argument("--no-gamma", action="store_true")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--round-timeout", type=float, default=3600.0, help="seconds to wait for the sites each round")
+    s.add_argument("--run-dir", help="run folder (default runs/federation-<date>-<time>)")
+    s.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last complete round")
+    s.add_argument("--stop-after-round", type=int, default=0)
+    s.add_argument("--no-run", action="store_true", help="only start the SuperLink (submit runs yourself)")
+    s.add_argument("--keep-running", action="store_true", help="keep the SuperLink up after the run")
+    s.set_defaults(func=cmd_server_start)

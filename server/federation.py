@@ -1,0 +1,447 @@
+"""The server side of a federated run: rounds, checkpoints, metrics, final per-site evaluation.
+
+The loop calls the strategy's own ``configure_train`` / ``aggregate_train`` /
+``configure_evaluate`` each round (instead of ``Strategy.start``) because a round needs more
+than ``start`` offers: a stage schedule (VAE rounds, then diffusion rounds with the VAE frozen),
+only the current stage's weights on the wire, a checkpoint and metrics after every round,
+resume, and a per-site table at the end.
+
+Run folder::
+
+    run.json                   planned run (resolved run config, model config, schedule), status
+    checkpoints/round_0001.pt  global model after round 1 (+ .sha256); meta: round, stage,
+                               strategy name and state (FedAdam moments), run config
+    metrics.jsonl              one JSON object per line: kind "train" (per site and round),
+                               "round" (aggregate, bytes on the wire), "error", "final" (per site)
+    final_metrics.csv/.md/.json  held-out metrics of the final global model, one row per site
+    final_model.pt             the final global model (same format as a round checkpoint)
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from addiff_core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from addiff_core.config import ConfigError
+from addiff_core.fl_task import initial_arrays
+
+from .protocol import (
+    ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, NUM_EXAMPLES, SITE_KEY, STATUS_NEED_VAE, fingerprint, from_record,
+    model_config_to_json, record_nbytes, to_record,
+)
+from .settings import Round, RunSettings, settings_for_resume
+from .strategies import build_strategy, ordered, site_of
+
+log = logging.getLogger("flwr.addiff")  # a child of Flower's logger: shows up in `flwr run --stream`
+
+
+class FederationError(RuntimeError):
+    """A round could not be completed (no site returned usable weights)."""
+
+
+# ------------------------------------------------------------------------------------------
+# run folder
+# ------------------------------------------------------------------------------------------
+class RunDir:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.checkpoints = self.path / "checkpoints"
+        self.metrics = self.path / "metrics.jsonl"
+        self.run_json = self.path / "run.json"
+
+    def checkpoint_path(self, rnd: int) -> Path:
+        return self.checkpoints / f"round_{rnd:04d}.pt"
+
+    def rounds_on_disk(self) -> list[int]:
+        out = []
+        for p in self.checkpoints.glob("round_*.pt"):
+            try:
+                out.append(int(p.stem.split("_")[1]))
+            except (IndexError, ValueError):
+                continue
+        return sorted(out)
+
+    def latest_valid(self) -> tuple[int, dict, Any, dict] | None:
+        """(round, state_dict, model_cfg, meta) of the newest checkpoint that loads; corrupt
+        ones (SHA-256 mismatch, truncated) are skipped with a warning."""
+        for rnd in reversed(self.rounds_on_disk()):
+            try:
+                state, cfg, meta = load_checkpoint(self.checkpoint_path(rnd))
+            except CheckpointError as e:
+                log.warning("skipping checkpoint of round %d: %s", rnd, e)
+                continue
+            if int(meta.get("round", -1)) != rnd:
+                log.warning("skipping %s: it says round %s", self.checkpoint_path(rnd), meta.get("round"))
+                continue
+            return rnd, state, cfg, meta
+        return None
+
+    def append_metrics(self, rows: list[dict]) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        with self.metrics.open("a", encoding="utf-8") as fh:
+            for r in rows:
+                fh.write(json.dumps(_jsonable(r)) + "\n")
+
+    def truncate_metrics(self, last_round: int) -> None:
+        """Drop rows of rounds after ``last_round`` (a round that was not checkpointed is rerun)."""
+        if not self.metrics.is_file():
+            return
+        keep = []
+        for line in self.metrics.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue  # a half-written last line
+            if row.get("kind") != "final" and int(row.get("round", 0)) <= last_round:
+                keep.append(line)
+        from addiff_core.checkpoint import atomic_write_bytes
+
+        atomic_write_bytes(self.metrics, ("\n".join(keep) + ("\n" if keep else "")).encode())
+
+    def write_run_json(self, doc: dict) -> None:
+        from addiff_core.checkpoint import atomic_write_bytes
+
+        atomic_write_bytes(self.run_json, (json.dumps(_jsonable(doc), indent=2) + "\n").encode())
+
+    def read_run_json(self) -> dict:
+        return json.loads(self.run_json.read_text()) if self.run_json.is_file() else {}
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (np.floating, float)):
+        return float(obj) if math.isfinite(float(obj)) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+# ------------------------------------------------------------------------------------------
+# the federation
+# ------------------------------------------------------------------------------------------
+class Federation:
+    """Runs the planned rounds of ``settings`` over ``grid`` (Flower's Grid: simulation or SuperLink)."""
+
+    def __init__(self, grid, settings: RunSettings, *, send_site_files: bool = False):
+        self.grid = grid
+        self.settings = settings_for_resume(settings) if settings.resume else settings
+        self.send_site_files = send_site_files
+        s = self.settings
+        self.rd = RunDir(s.run_dir)
+        self.cfg = s.model
+        self.model_json = model_config_to_json(self.cfg)
+        init = initial_arrays(self.cfg, s.seed)
+        self.dtypes = {k: v.dtype for k, v in init.items()}
+        self.arrays = init
+        from addiff_core.models import build_model
+
+        params = {n for n, _ in build_model(self.cfg).named_parameters()}
+        self.strategy = build_strategy(s.strategy, min_sites=s.required_sites, proximal_mu=s.proximal_mu,
+                                       fedadam=s.fedadam, buffer_keys=[k for k in init if k not in params])
+        self.vae_sent = False  # the full VAE went to every site at least once by this server process
+        self.bytes: dict[str, list[int]] = {}
+
+    # -- helpers ------------------------------------------------------------------------------
+    def _base_config(self) -> dict[str, Any]:
+        c = {"model-config": self.model_json, "seed": int(self.settings.seed)}
+        if self.send_site_files:
+            c["site-files"] = ",".join(str(p) for p in self.settings.site_files)
+        return c
+
+    def _with_vae(self, msg):
+        from flwr.app import ArrayRecord, Message, RecordDict
+
+        vae = to_record({k: v for k, v in self.arrays.items() if k.startswith("vae.")})
+        arrays = ArrayRecord({**dict(msg.content[ARRAYS_KEY].items()), **dict(vae.items())})
+        return Message(content=RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: msg.content[CONFIG_KEY]}),
+                       dst_node_id=msg.metadata.dst_node_id, message_type=msg.metadata.message_type)
+
+    def _checkpoint(self, rnd: Round, extra: dict) -> Path:
+        state = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in self.arrays.items()}
+        sstate = self.strategy.state_dict()
+        sstate_t = {k: ({kk: torch.from_numpy(np.ascontiguousarray(vv)) for kk, vv in v.items()}
+                        if isinstance(v, dict) else v) for k, v in sstate.items()}
+        meta = {"round": rnd.number, "stage": rnd.stage, "stage_round": rnd.stage_round,
+                "num_rounds": self.settings.num_rounds, "strategy": self.settings.strategy,
+                "strategy_state": sstate_t, "run_config": self.settings.to_json(), "created": _now(), **extra}
+        return save_checkpoint(self.rd.checkpoint_path(rnd.number), state, self.cfg, meta)
+
+    def stage_plan(self) -> dict[str, int]:
+        plan: dict[str, int] = {}
+        for r in self.settings.schedule:
+            plan[r.stage] = r.stage_rounds
+        return plan
+
+    @staticmethod
+    def _common_metrics(replies) -> None:
+        """Flower aggregates MetricRecords only when every reply has the same keys; sites may
+        differ (e.g. DP sites report epsilon). Keep the shared keys for aggregation (metrics.jsonl
+        already holds every site's full set)."""
+        from flwr.app import MetricRecord
+
+        keys = [set(r.content[METRICS_KEY].keys()) for r in replies]
+        common = set.intersection(*keys) if keys else set()
+        for r, k in zip(replies, keys):
+            if k != common:
+                r.content[METRICS_KEY] = MetricRecord({kk: v for kk, v in r.content[METRICS_KEY].items()
+                                                       if kk in common})
+
+    # -- start / resume -----------------------------------------------------------------------
+    def _prepare(self) -> int:
+        s = self.settings
+        if s.resume:
+            found = self.rd.latest_valid()
+            doc = self.rd.read_run_json()
+            doc.setdefault("resumed", []).append(_now())
+            doc["status"] = "running"
+            if found is None:
+                log.warning("resume %s: no valid checkpoint, starting from round 1", s.run_dir)
+                self.rd.truncate_metrics(0)
+                self.rd.write_run_json(doc)
+                return 1
+            rnd, state, cfg, meta = found
+            if cfg != self.cfg:
+                raise ConfigError(f"{self.rd.checkpoint_path(rnd)}: model config differs from the planned run")
+            if meta.get("strategy") != s.strategy:
+                raise ConfigError(f"{self.rd.checkpoint_path(rnd)}: strategy {meta.get('strategy')!r} differs "
+                                  f"from the planned {s.strategy!r}")
+            missing = set(self.arrays) - set(state)
+            if missing:
+                raise CheckpointError(f"{self.rd.checkpoint_path(rnd)}: lacks weights {sorted(missing)[:3]}")
+            self.arrays = {k: state[k].numpy().astype(self.dtypes[k]) for k in self.arrays}
+            sstate = {k: ({kk: vv.numpy() for kk, vv in v.items()} if isinstance(v, dict) else v)
+                      for k, v in (meta.get("strategy_state") or {}).items()}
+            self.strategy.load_state_dict(sstate)
+            self.rd.truncate_metrics(rnd)
+            self.rd.write_run_json(doc)
+            log.info("resuming %s after round %d of %d (%s)", s.run_dir, rnd, s.num_rounds,
+                     self.rd.checkpoint_path(rnd).name)
+            return rnd + 1
+        if self.rd.rounds_on_disk():
+            raise ConfigError(f"{s.run_dir} already holds checkpoints: resume it (--resume {s.run_dir}) "
+                              "or choose another run folder")
+        self.rd.path.mkdir(parents=True, exist_ok=True)
+        if self.rd.metrics.exists():
+            self.rd.metrics.unlink()
+        import flwr
+
+        self.rd.write_run_json({
+            "run_config": s.to_json(), "model": self.cfg.to_dict(), "created": _now(), "status": "running",
+            "flwr": getattr(flwr, "__version__", "?"), "num_rounds": s.num_rounds,
+            "schedule": [{"round": r.number, "stage": r.stage} for r in s.schedule],
+            "sites_planned": [str(p) for p in s.site_files]})
+        return 1
+
+    # -- one training round -------------------------------------------------------------------
+    def train_round(self, rnd: Round) -> dict:
+        from flwr.app import ConfigRecord
+
+        s = self.settings
+        t0 = time.perf_counter()
+        prefix = rnd.stage + "."
+        stage_arrays = {k: v for k, v in self.arrays.items() if k.startswith(prefix)}
+        plan = ",".join(f"{st}:{n}" for st, n in self.stage_plan().items())
+        config = {**self._base_config(), "stage": rnd.stage, "stage-round": rnd.stage_round,
+                  "stage-rounds": rnd.stage_rounds, "stage-plan": plan, "local-epochs": int(s.local_epochs)}
+        if rnd.stage == "diffusion":
+            config["vae-fingerprint"] = fingerprint(self.arrays, "vae.")
+        msgs = list(self.strategy.configure_train(rnd.number, to_record(stage_arrays), ConfigRecord(config),
+                                                  self.grid))
+        if not msgs:
+            raise FederationError(f"round {rnd.number}: no site to train")
+        send_vae = rnd.stage == "diffusion" and not self.vae_sent
+        if send_vae:
+            msgs = [self._with_vae(m) for m in msgs]
+        by_node = {m.metadata.dst_node_id: m for m in msgs}
+        down = {m.metadata.dst_node_id: record_nbytes(m.content[ARRAYS_KEY]) for m in msgs}
+        replies = list(self.grid.send_and_receive(msgs, timeout=s.round_timeout))
+
+        # sites that lack (or hold a different) global VAE get the round again, with it
+        need = [r for r in replies if not r.has_error() and r.content.config_records.get(SITE_KEY, {}).get(
+            "status") == STATUS_NEED_VAE]
+        if need:
+            log.info("round %d: sending the global VAE to %s", rnd.number, ", ".join(site_of(r) for r in need))
+            again = [self._with_vae(by_node[r.metadata.src_node_id]) for r in need]
+            for m in again:
+                down[m.metadata.dst_node_id] += record_nbytes(m.content[ARRAYS_KEY])
+            need_ids = {r.metadata.src_node_id for r in need}
+            replies = [r for r in replies if r.metadata.src_node_id not in need_ids]
+            replies += list(self.grid.send_and_receive(again, timeout=s.round_timeout))
+        if rnd.stage == "diffusion":
+            self.vae_sent = True
+
+        good, rows = [], []
+        for r in ordered(replies):
+            site = site_of(r)
+            node = r.metadata.src_node_id
+            if r.has_error() or ARRAYS_KEY not in r.content.array_records or METRICS_KEY not in r.content.metric_records:
+                reason = r.error.reason if r.has_error() else "reply without weights/metrics"
+                log.warning("round %d: %s failed: %s", rnd.number, site, reason)
+                rows.append({"kind": "error", "round": rnd.number, "stage": rnd.stage, "site": site, "node_id": node,
+                             "reason": reason})
+                continue
+            good.append(r)
+            m = dict(r.content[METRICS_KEY])
+            rows.append({"kind": "train", "round": rnd.number, "stage": rnd.stage, "site": site, "node_id": node,
+                         "num_examples": int(m.pop(NUM_EXAMPLES)), **m,
+                         "bytes_down": down.get(node, 0), "bytes_up": record_nbytes(r.content[ARRAYS_KEY])})
+        if not good:
+            self.rd.append_metrics(rows)
+            raise FederationError(f"round {rnd.number} ({rnd.stage}): no site returned weights; "
+                                  + "; ".join(f"{x['site']}: {x['reason']}" for x in rows))
+        self._common_metrics(good)
+        agg, agg_metrics = self.strategy.aggregate_train(rnd.number, good)
+        if agg is None:
+            raise FederationError(f"round {rnd.number}: aggregation failed")
+        new = from_record(agg)
+        unexpected = set(new) - set(stage_arrays)
+        if unexpected:
+            raise FederationError(f"round {rnd.number}: sites returned weights outside stage {rnd.stage}: "
+                                  f"{sorted(unexpected)[:3]}")
+        for k, v in new.items():
+            self.arrays[k] = np.asarray(v).astype(self.dtypes[k], copy=False)
+        seconds = time.perf_counter() - t0
+        summary = {"kind": "round", "round": rnd.number, "stage": rnd.stage, "strategy": s.strategy,
+                   "sites": [site_of(r) for r in good], "num_examples": int(sum(x.get("num_examples", 0) for x in rows)),
+                   **{k: v for k, v in dict(agg_metrics or {}).items()},
+                   "bytes_down": int(sum(down.values())), "bytes_up": int(sum(x.get("bytes_up", 0) for x in rows)),
+                   "vae_sent": bool(send_vae or need), "seconds": seconds}
+        self.bytes.setdefault(rnd.stage, []).append(summary["bytes_down"] + summary["bytes_up"])
+        self.rd.append_metrics(rows + [summary])
+        path = self._checkpoint(rnd, {"sites": summary["sites"]})
+        log.info("round %d/%d (%s %d/%d): %d site(s), loss %.4g, %.1f s, %.2f MB down / %.2f MB up -> %s",
+                 rnd.number, s.num_rounds, rnd.stage, rnd.stage_round, rnd.stage_rounds, len(good),
+                 float(summary.get("train_loss", float("nan"))), seconds, summary["bytes_down"] / 1e6,
+                 summary["bytes_up"] / 1e6, path.name)
+        return summary
+
+    # -- final evaluation ---------------------------------------------------------------------
+    def final_evaluation(self) -> list[dict]:
+        from flwr.app import ConfigRecord
+
+        s = self.settings
+        config = {**self._base_config(), "eval-steps": int(s.eval_steps), "eval-gamma": bool(s.eval_gamma)}
+        msgs = list(self.strategy.configure_evaluate(s.num_rounds, to_record(self.arrays), ConfigRecord(config),
+                                                     self.grid))
+        replies = list(self.grid.send_and_receive(msgs, timeout=s.round_timeout))
+        rows, errors = [], []
+        for r in ordered(replies):
+            if r.has_error() or METRICS_KEY not in r.content.metric_records:
+                reason = r.error.reason if r.has_error() else "reply without metrics"
+                errors.append({"kind": "error", "round": s.num_rounds, "stage": "final", "site": site_of(r),
+                               "reason": reason})
+                log.warning("final evaluation: %s failed: %s", site_of(r), reason)
+                continue
+            m = dict(r.content[METRICS_KEY])
+            rows.append({"site": site_of(r), "cases": int(m.pop(NUM_EXAMPLES, 0)), **m})
+        self.rd.append_metrics(errors + [{"kind": "final", "round": s.num_rounds, **row} for row in rows])
+        write_tables(self.rd.path, rows)
+        return rows
+
+    # -- everything ---------------------------------------------------------------------------
+    def run(self) -> dict:
+        s = self.settings
+        start = self._prepare()
+        t0 = time.perf_counter()
+        for rnd in s.schedule[start - 1:]:
+            if s.stop_after_round and rnd.number > s.stop_after_round:
+                log.info("stopping after round %d as asked (stop-after-round); resume with --resume %s",
+                         s.stop_after_round, s.run_dir)
+                doc = self.rd.read_run_json()
+                doc["status"] = f"stopped after round {s.stop_after_round}"
+                self.rd.write_run_json(doc)
+                return {"status": "stopped", "run_dir": str(s.run_dir)}
+            self.train_round(rnd)
+        state = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in self.arrays.items()}
+        save_checkpoint(self.rd.path / "final_model.pt", state, self.cfg,
+                        {"round": s.num_rounds, "stage": "final", "strategy": s.strategy,
+                         "run_config": s.to_json(), "created": _now()})
+        log.info("final evaluation of the global model on every site's held-out cases ...")
+        rows = self.final_evaluation()
+        table = markdown_table(rows)
+        doc = self.rd.read_run_json()
+        doc.update({"status": "complete", "finished": _now(), "train_seconds_this_process": time.perf_counter() - t0,
+                    "sites_evaluated": [r["site"] for r in rows]})
+        self.rd.write_run_json(doc)
+        print(f"\nFinal global model, held-out metrics per site ({s.run_dir / 'final_metrics.md'}):\n\n{table}\n",
+              flush=True)
+        return {"status": "complete", "run_dir": str(s.run_dir), "final": rows}
+
+
+# ------------------------------------------------------------------------------------------
+# per-site table
+# ------------------------------------------------------------------------------------------
+def _columns(rows: list[dict]) -> list[str]:
+    cols: list[str] = ["site", "cases"]
+    for r in rows:
+        cols += [k for k in r if k not in cols]
+    return cols
+
+
+def with_overall(rows: list[dict]) -> list[dict]:
+    """Rows plus an 'all sites' row: the case-weighted mean of each metric (NaN-aware)."""
+    if len(rows) < 2:
+        return list(rows)
+    out = {"site": "all sites (case-weighted)", "cases": int(sum(r.get("cases", 0) for r in rows))}
+    for k in _columns(rows)[2:]:
+        vals = [(float(r[k]), r.get("cases", 0)) for r in rows
+                if isinstance(r.get(k), (int, float)) and math.isfinite(float(r[k])) and r.get("cases", 0) > 0]
+        w = sum(c for _, c in vals)
+        out[k] = sum(v * c for v, c in vals) / w if w else float("nan")
+    return list(rows) + [out]
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            return "n/a"
+        return f"{v:.4g}"
+    return str(v)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    rows = with_overall(rows)
+    if not rows:
+        return "(no site returned metrics)"
+    cols = _columns(rows)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for r in rows:
+        lines.append("| " + " | ".join(_fmt(r.get(c, "")) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def write_tables(run_dir: Path, rows: list[dict]) -> None:
+    from addiff_core.checkpoint import atomic_write_bytes
+
+    full = with_overall(rows)
+    cols = _columns(full) if full else ["site", "cases"]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in full:
+        w.writerow({c: ("" if isinstance(r.get(c), float) and not math.isfinite(r[c]) else r.get(c, "")) for c in cols})
+    atomic_write_bytes(run_dir / "final_metrics.csv", buf.getvalue().encode())
+    md = ("# Final global model: held-out metrics per site\n\n"
+          "Each site evaluated the final global model on its own held-out cases and returned numbers only.\n\n"
+          + markdown_table(rows) + "\n")
+    atomic_write_bytes(run_dir / "final_metrics.md", md.encode())
+    atomic_write_bytes(run_dir / "final_metrics.json", (json.dumps(_jsonable(rows), indent=2) + "\n").encode())

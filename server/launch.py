@@ -1,0 +1,287 @@
+"""Starting and stopping Flower's processes (SuperLink, SuperNode, ``flwr run``) by PID.
+
+Every long-running process is started in its own session (``start_new_session``) so that it
+and the children it spawns (flwr-serverapp, flwr-clientapp, flwr-simulation, Ray) form one
+process group, which :func:`stop` ends by that group's id: never by process name.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import IO, Sequence
+
+from .protocol import PROJECT_ENV, project_root
+
+
+def flower_env(flwr_home: Path | None = None, **extra: str) -> dict[str, str]:
+    """Environment for Flower processes: no runtime ``uv sync`` (it would download torch), no
+    update check or telemetry (nothing leaves a hospital but the model), our project root."""
+    env = os.environ.copy()
+    if flwr_home is not None:
+        env["FLWR_HOME"] = str(flwr_home)
+    env.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+    env.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    env.setdefault(PROJECT_ENV, str(project_root()))
+    env.update(extra)
+    return env
+
+
+def executable(name: str) -> str:
+    """A console script of this Python environment (flower-superlink, flwr, ...)."""
+    cand = Path(sys.executable).parent / name
+    return str(cand) if cand.exists() else name
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def start(cmd: Sequence[str], *, env: dict[str, str], log_file: Path | None = None, cwd: Path | None = None,
+          new_session: bool = True) -> subprocess.Popen:
+    out: IO | int | None = None
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        out = open(log_file, "ab")  # noqa: SIM115 - closed with the process
+    proc = subprocess.Popen(list(cmd), env=env, cwd=str(cwd) if cwd else None, stdout=out,
+                            stderr=subprocess.STDOUT if out is not None else None, stdin=subprocess.DEVNULL,
+                            start_new_session=new_session)
+    proc._addiff_log = out  # type: ignore[attr-defined]
+    return proc
+
+
+def stop(proc: subprocess.Popen | None, timeout: float = 15.0) -> None:
+    """Stop a process we started and everything it spawned, by PID.
+
+    SIGTERM to the process (to its whole group when it leads one), then to any descendant still
+    alive (Flower's SuperExec and the flwr-serverapp/flwr-clientapp processes it spawns run in
+    sessions of their own), SIGKILL to what is left after ``timeout``.
+    """
+    if proc is None:
+        return
+    kids = descendants(proc.pid) if proc.poll() is None else set()
+    try:
+        own = os.getpgid(proc.pid) == proc.pid
+    except ProcessLookupError:
+        own = False
+
+    def alive() -> list[int]:
+        return [pid for pid, start in kids if (st := _proc_stat(pid)) is not None and st[1] == start
+                and "\nState:\tZ" not in _status(pid)]
+
+    def signal_all(sig: int) -> None:
+        try:
+            if own:
+                os.killpg(proc.pid, sig)
+            elif proc.poll() is None:
+                proc.send_signal(sig)
+        except ProcessLookupError:
+            pass
+        for pid in alive():
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
+    if proc.poll() is None or alive() or (own and _group_alive(proc.pid)):
+        try:  # the leader first: it may stop its own children cleanly
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=timeout / 2)
+        except (subprocess.TimeoutExpired, ProcessLookupError):
+            pass
+        signal_all(signal.SIGTERM)
+        deadline = time.monotonic() + timeout / 2
+        while (proc.poll() is None or alive() or (own and _group_alive(proc.pid))) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if proc.poll() is None or alive() or (own and _group_alive(proc.pid)):
+            signal_all(signal.SIGKILL)
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+    out = getattr(proc, "_addiff_log", None)
+    if out is not None:
+        out.close()
+
+
+def _group_alive(pgid: int) -> bool:
+    """Any live (non-zombie) process in process group ``pgid``."""
+    if Path("/proc/self/stat").exists():
+        return any(g == pgid and st != "Z" for _, g, _, st in _all_procs().values())
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
+
+
+def wait_for_port(host: str, port: int, timeout: float = 60.0, proc: subprocess.Popen | None = None,
+                  ca_file: Path | None = None, what: str = "server") -> None:
+    """Wait until ``host:port`` answers /health (HTTP API; HTTPS when ``ca_file``), or fail."""
+    import httpx
+
+    scheme = "https" if ca_file else "http"
+    verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=str(ca_file)) if ca_file else False
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with status {proc.returncode} while starting")
+        try:
+            r = httpx.get(f"{scheme}://{host}:{port}/health", timeout=1.0, verify=verify)
+            if r.status_code < 500:
+                return
+        except httpx.HTTPError as e:
+            last = str(e)
+        time.sleep(0.2)
+    raise TimeoutError(f"{what} on {host}:{port} did not answer within {timeout:.0f} s ({last})")
+
+
+def write_flwr_config(flwr_home: Path, name: str, address: str, *, root_certificates: Path | None = None,
+                      insecure: bool = False) -> Path:
+    """``$FLWR_HOME/config.toml`` with one SuperLink connection profile (the default)."""
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    lines = ["[superlink]", f'default = "{name}"', "", f"[superlink.{name}]", f'address = "{address}"']
+    if insecure:
+        lines.append("insecure = true")
+    elif root_certificates is not None:
+        lines.append(f'root-certificates = "{Path(root_certificates).resolve()}"')
+    path = flwr_home / "config.toml"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def write_run_config_toml(path: Path, run_config: dict) -> Path:
+    """A TOML file of run-config overrides for ``flwr run --run-config FILE``."""
+    import tomli_w
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(tomli_w.dumps(dict(run_config)).encode())
+    return path
+
+
+# ------------------------------------------------------------------------------------------
+# descendants (Linux /proc): Ray's workers outlive ray.shutdown() by a few seconds as orphans
+# ------------------------------------------------------------------------------------------
+def _proc_stat(pid: int) -> tuple[int, int] | None:
+    """(parent pid, start time) of a process, from /proc; None if gone or not Linux."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    rest = raw[raw.rfind(")") + 2:].split()
+    return int(rest[1]), int(rest[19])
+
+
+def _all_procs() -> dict[int, tuple[int, int, int, str]]:
+    """pid -> (parent pid, process group, start time, state) for every process (Linux /proc)."""
+    out = {}
+    for d in Path("/proc").glob("[0-9]*"):
+        try:
+            raw = (d / "stat").read_text()
+        except OSError:
+            continue
+        rest = raw[raw.rfind(")") + 2:].split()
+        out[int(d.name)] = (int(rest[1]), int(rest[2]), int(rest[19]), rest[0])
+    return out
+
+
+def descendants(root: int | None = None) -> set[tuple[int, int]]:
+    """(pid, start time) of every live (non-zombie) descendant of ``root`` (default: this process)."""
+    root = root or os.getpid()
+    procs = _all_procs()
+    seen: set[int] = set()
+    frontier = {root}
+    while frontier:
+        nxt = {pid for pid, (ppid, _, _, _) in procs.items() if ppid in frontier and pid not in seen}
+        seen |= nxt
+        frontier = nxt
+    return {(pid, procs[pid][2]) for pid in seen if procs[pid][3] != "Z"}
+
+
+def wait_children_exit(pid: int, timeout: float = 15.0) -> bool:
+    """Wait until process ``pid`` has no live descendants (e.g. a SuperLink whose flwr-simulation
+    or flwr-serverapp is still pushing its last output). True if none are left."""
+    deadline = time.monotonic() + timeout
+    while descendants(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
+def _status(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return ""
+
+
+class DescendantTracker:
+    """Remembers every process this process spawned (directly or not) while active; ``reap``
+    waits for them to exit and SIGKILLs the stragglers, by PID (start time checked)."""
+
+    def __init__(self, interval: float = 0.5):
+        import threading
+
+        self.seen: set[tuple[int, int]] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, args=(interval,), daemon=True)
+
+    def _loop(self, interval: float) -> None:
+        while not self._stop.is_set():
+            self.seen |= descendants()
+            self._stop.wait(interval)
+
+    def __enter__(self) -> "DescendantTracker":
+        if Path("/proc/self/stat").exists():
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+            self.seen |= descendants()
+
+    def alive(self) -> list[int]:
+        return [pid for pid, start in self.seen if (st := _proc_stat(pid)) is not None and st[1] == start]
+
+    def reap(self, timeout: float = 20.0) -> list[int]:
+        deadline = time.monotonic() + timeout
+        while self.alive() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        killed = self.alive()
+        for pid in killed:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        return killed
+
+
+def exit_on_sigterm() -> None:
+    """SIGTERM raises SystemExit, so ``finally`` blocks stop the processes we started."""
+    def _handler(signum, frame):  # noqa: ARG001
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, _handler)
+
+
+def run_foreground(cmd: Sequence[str], *, env: dict[str, str], cwd: Path | None = None) -> int:
+    """Run ``cmd`` in our process group, streaming its output; Ctrl-C stops it too."""
+    proc = subprocess.Popen(list(cmd), env=env, cwd=str(cwd) if cwd else None)
+    try:
+        return proc.wait()
+    finally:  # Ctrl-C / SIGTERM (SystemExit via exit_on_sigterm): stop it and its children
+        if proc.poll() is None or descendants(proc.pid):
+            stop(proc)

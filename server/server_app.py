@@ -1,0 +1,41 @@
+"""The ServerApp (``[tool.flwr.app.components] serverapp = "server.server_app:app"``).
+
+Thin: parse the run config, then :class:`server.federation.Federation` does the rounds.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from .federation import Federation
+from .settings import DEFAULTS, from_run_config
+
+
+def _main(grid: Grid, run_config: Mapping[str, Any], send_site_files: bool) -> dict:
+    settings = from_run_config({k: v for k, v in run_config.items() if k in DEFAULTS})
+    return Federation(grid, settings, send_site_files=send_site_files).run()
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    _main(grid, dict(context.run_config), send_site_files=False)
+
+
+def make_server_app(run_config: Mapping[str, Any], results: list | None = None) -> ServerApp:
+    """A ServerApp with the run config baked in, for ``flwr.simulation.run_simulation`` (which
+    passes an empty run config). The site files then travel in the train/evaluate config,
+    because the simulated ClientApps cannot see a run config either."""
+    sim_app = ServerApp()
+
+    @sim_app.main()
+    def _sim_main(grid: Grid, context: Context) -> None:
+        out = _main(grid, {**dict(context.run_config), **dict(run_config)}, send_site_files=True)
+        if results is not None:
+            results.append(out)
+
+    return sim_app

@@ -1,0 +1,296 @@
+"""``addiff simulate``: a whole federation on one machine (demo hospitals unless site files are given).
+
+Two mechanisms, same ServerApp/ClientApp:
+
+* ``inprocess`` (default): ``flwr.simulation.run_simulation`` in this process (Ray actors run
+  the ClientApps). Smallest start-up cost, nothing to clean up afterwards.
+* ``flwr``: a SuperLink in simulation mode started here (own session, private FLWR_HOME, free
+  port), then ``flwr run <project> --stream``; the SuperLink is stopped by PID afterwards.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from .protocol import project_root, resolve_path, split_list
+
+DEMO_STAMP = "addiff-demo.json"
+
+
+# ------------------------------------------------------------------------------------------
+# demo data
+# ------------------------------------------------------------------------------------------
+def ensure_demo_sites(data_dir: Path, n_sites: int, cases_per_site: int, size: int, seed: int = 0) -> list[Path]:
+    """Site files of ``n_sites`` synthetic hospitals under ``data_dir``; written if missing or
+    made with other settings (only folders this function wrote are ever replaced)."""
+    from addiff_core.config import ConfigError
+
+    want = {"sites": n_sites, "cases_per_site": cases_per_site, "size": size, "seed": seed}
+    stamp = data_dir / DEMO_STAMP
+    if stamp.is_file():
+        try:
+            have = json.loads(stamp.read_text())
+        except ValueError:
+            have = {}
+        files = [data_dir / f for f in have.get("site_files", [])]
+        if {k: have.get(k) for k in want} == want and files and all(f.is_file() for f in files):
+            return files
+        for name in have.get("site_names", []):  # stale demo hospitals of other settings
+            if (data_dir / name).is_dir():
+                shutil.rmtree(data_dir / name)
+            if (data_dir / f"{name}.yaml").is_file():
+                (data_dir / f"{name}.yaml").unlink()
+    elif data_dir.exists() and any(p.name != "state" for p in data_dir.iterdir()):
+        from addiff_core.synth import site_name
+
+        files = [data_dir / f"{site_name(i)}.yaml" for i in range(n_sites)]
+        if all(f.is_file() for f in files):  # e.g. written by `addiff data synth --out DIR`
+            print(f"using the existing site files in {data_dir} (no {DEMO_STAMP}: settings unchecked)", flush=True)
+            return files
+        raise ConfigError(f"{data_dir} exists and is not addiff demo data (no {DEMO_STAMP}); "
+                          "choose another --data-dir or pass --site-files")
+    from addiff_core.synth import write_synthetic_sites
+
+    t0 = time.perf_counter()
+    print(f"writing {n_sites} synthetic hospitals x {cases_per_site} cases ({size}^3) to {data_dir} ...", flush=True)
+    files = write_synthetic_sites(data_dir, n_sites=n_sites, cases_per_site=cases_per_site, size=size, seed=seed)
+    doc = {**want, "site_files": [f.name for f in files], "site_names": [f.stem for f in files]}
+    stamp.write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"  done in {time.perf_counter() - t0:.1f} s", flush=True)
+    return list(files)
+
+
+# ------------------------------------------------------------------------------------------
+# resources
+# ------------------------------------------------------------------------------------------
+def client_resources(n_sites: int, cpus_per_site: float | None = None) -> dict[str, float]:
+    """Ray resources per simulated site: GPUs shared evenly when there are any."""
+    try:
+        import torch
+
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except Exception:  # noqa: BLE001
+        gpus = 0
+    cpus = os.cpu_count() or 1
+    num_cpus = cpus_per_site if cpus_per_site else max(1, cpus // max(n_sites, 1))
+    num_gpus = (gpus / n_sites) if gpus else 0.0
+    return {"num_cpus": float(num_cpus) if num_cpus != int(num_cpus) else int(num_cpus), "num_gpus": num_gpus}
+
+
+# ------------------------------------------------------------------------------------------
+# the two mechanisms
+# ------------------------------------------------------------------------------------------
+def run_inprocess(run_config: dict[str, Any], n_sites: int, resources: dict[str, float]) -> dict:
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    import warnings
+
+    from flwr.simulation import run_simulation
+
+    from client.client_app import app as client_app
+
+    from .server_app import make_server_app
+
+    from .launch import DescendantTracker
+
+    logging.getLogger("flwr").propagate = False  # Flower prints its own log lines
+    results: list = []
+    backend = {"client_resources": {"num_cpus": resources["num_cpus"], "num_gpus": resources["num_gpus"]},
+               "init_args": {"logging_level": "error", "log_to_driver": True}}
+    with DescendantTracker() as tracker:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                run_simulation(server_app=make_server_app(run_config, results), client_app=client_app,
+                               num_supernodes=n_sites, backend_config=backend)
+        finally:
+            try:
+                import ray
+
+                if ray.is_initialized():
+                    ray.shutdown()
+            except ImportError:
+                pass
+    # Ray's actor processes exit a few seconds after the simulation; wait for them (by PID)
+    tracker.reap()
+    return results[0] if results else {"status": "failed"}
+
+
+def run_via_flwr(run_config: dict[str, Any], n_sites: int, resources: dict[str, float], run_dir: Path) -> dict:
+    from . import launch
+
+    root = project_root()
+    flwr_home = Path(tempfile.mkdtemp(prefix="addiff-flwr-home-"))
+    env = launch.flower_env(flwr_home)
+    port = launch.free_port()
+    launch.exit_on_sigterm()
+    log_file = run_dir / "superlink-simulation.log"
+    superlink = launch.start([launch.executable("flower-superlink"), "--insecure", "--simulation",
+                              "--isolation", "subprocess", "--host", "127.0.0.1", "--port", str(port),
+                              "--disable-runtime-dependency-installation"], env=env, log_file=log_file, cwd=root)
+    try:
+        launch.wait_for_port("127.0.0.1", port, proc=superlink, what="SuperLink (simulation)")
+        launch.write_flwr_config(flwr_home, "addiff-sim", f"127.0.0.1:{port}", insecure=True)
+        overrides = launch.write_run_config_toml(run_dir / "flwr-run-config.toml", run_config)
+        fed = (f"num-supernodes={n_sites} client-resources-num-cpus={resources['num_cpus']} "
+               f"client-resources-num-gpus={resources['num_gpus']}")
+        rc = launch.run_foreground([launch.executable("flwr"), "run", str(root), "addiff-sim", "--stream",
+                                    "--run-config", str(overrides), "--federation-config", fed], env=env, cwd=root)
+        if rc != 0:
+            print(f"flwr run exited with status {rc}; SuperLink log: {log_file}", file=sys.stderr)
+    finally:
+        launch.wait_children_exit(superlink.pid)  # let flwr-simulation finish and be reaped
+        launch.stop(superlink)
+        shutil.rmtree(flwr_home, ignore_errors=True)
+    doc = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
+    status = str(doc.get("status", "failed"))
+    return {"status": "complete" if status == "complete" else ("stopped" if status.startswith("stopped") else "failed"),
+            "run_dir": str(run_dir)}
+
+
+# ------------------------------------------------------------------------------------------
+# the command
+# ------------------------------------------------------------------------------------------
+def parse_rounds(text: str | None, kind: str) -> dict[str, int]:
+    from addiff_core.config import ConfigError
+
+    if not text:
+        return {}
+    parts = [p for p in text.replace("/", ",").split(",") if p.strip()]
+    try:
+        nums = [int(p) for p in parts]
+    except ValueError:
+        raise ConfigError(f"--rounds: expected numbers, got {text!r}") from None
+    if any(n < 1 for n in nums):
+        raise ConfigError(f"--rounds: rounds must be >= 1, got {text!r}")
+    if kind == "unet":
+        if len(nums) != 1:
+            raise ConfigError(f"--rounds: the unet model has one stage; give one number, got {text!r}")
+        return {"unet-rounds": nums[0]}
+    if len(nums) != 2:
+        raise ConfigError(f"--rounds: give VAE,DIFFUSION rounds for the diffusion model (e.g. 3,4), got {text!r}")
+    return {"vae-rounds": nums[0], "diffusion-rounds": nums[1]}
+
+
+def cmd_simulate(args) -> int:
+    from addiff_core.config import ConfigError
+
+    from .settings import DEFAULTS
+
+    root = project_root()
+    t0 = time.perf_counter()
+    if args.resume:
+        run_dir = resolve_path(args.resume, Path.cwd())
+        doc_path = run_dir / "run.json"
+        if not doc_path.is_file():
+            raise ConfigError(f"{run_dir}: not a run folder (no run.json)")
+        stored = json.loads(doc_path.read_text())["run_config"]
+        n_sites = len(split_list(stored["site-files"]))
+        run_config: dict[str, Any] = {**stored, "run-dir": str(run_dir), "resume": True,
+                                      "stop-after-round": int(args.stop_after_round or 0)}
+        if args.eval_steps is not None:
+            run_config["eval-steps"] = args.eval_steps
+    else:
+        if args.site_files:
+            site_files = [resolve_path(p, Path.cwd()) for p in split_list(args.site_files)]
+            missing = [str(p) for p in site_files if not p.is_file()]
+            if missing:
+                raise ConfigError(f"--site-files: not found: {', '.join(missing)}")
+        else:
+            data_dir = resolve_path(args.data_dir, Path.cwd()) if args.data_dir else root / "demo_data"
+            site_files = ensure_demo_sites(data_dir, args.sites, args.cases_per_site, args.size or 32, args.data_seed)
+        n_sites = len(site_files)
+        run_dir = (resolve_path(args.run_dir, Path.cwd()) if args.run_dir
+                   else root / "runs" / f"simulation-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
+        model_config = resolve_path(args.config, Path.cwd()) if args.config else resolve_path(DEFAULTS["model-config"])
+        run_config = {**DEFAULTS, "run-dir": str(run_dir), "site-files": ",".join(str(p) for p in site_files),
+                      "model-config": str(model_config), "model-kind": args.model or "",
+                      "strategy": args.strategy, "seed": args.seed, "grid-size": args.size if args.size else 0,
+                      "stop-after-round": int(args.stop_after_round or 0)}
+        kind = args.model or _kind_of(model_config)
+        run_config.update(parse_rounds(args.rounds, kind))
+        for key, val in (("local-epochs", args.local_epochs), ("proximal-mu", args.proximal_mu),
+                         ("eval-steps", args.eval_steps)):
+            if val is not None:
+                run_config[key] = val
+        if args.no_gamma:
+            run_config["eval-gamma"] = False
+    from .settings import from_run_config
+
+    settings = from_run_config(run_config)  # fail early, with one clear line, on a bad setting
+    if not settings.resume and settings.run_dir.exists() and any(settings.run_dir.glob("checkpoints/round_*.pt")):
+        raise ConfigError(f"{settings.run_dir} already holds checkpoints: use --resume {settings.run_dir} "
+                          "or another --run-dir")
+    settings.run_dir.mkdir(parents=True, exist_ok=True)
+    resources = client_resources(n_sites, args.cpus_per_site)
+    print(f"federated simulation: {n_sites} site(s), strategy {settings.strategy}, model {settings.model.kind}, "
+          f"{settings.num_rounds} round(s) [{' '.join(sorted({r.stage for r in settings.schedule}, key=['vae', 'diffusion', 'unet'].index))}], "
+          f"via {args.via}, per site {resources['num_cpus']} CPU / {resources['num_gpus']:.2f} GPU\n"
+          f"run folder: {settings.run_dir}", flush=True)
+    if args.via == "flwr":
+        out = run_via_flwr(run_config, n_sites, resources, settings.run_dir)
+    else:
+        out = run_inprocess(run_config, n_sites, resources)
+    took = time.perf_counter() - t0
+    rd = settings.run_dir
+    if out.get("status") == "stopped":
+        print(f"\nstopped as asked after round {run_config['stop-after-round']} ({took:.0f} s); continue with:\n"
+              f"  addiff simulate --resume {rd}")
+        return 0
+    if out.get("status") != "complete" or not (rd / "final_metrics.md").is_file():
+        print(f"addiff: error: the federated run did not complete; see {rd / 'metrics.jsonl'}", file=sys.stderr)
+        return 1
+    print(f"\nfederated run complete in {took:.0f} s\n"
+          f"  per-site table : {rd / 'final_metrics.md'} (also .csv, .json)\n"
+          f"  round metrics  : {rd / 'metrics.jsonl'}\n"
+          f"  checkpoints    : {rd / 'checkpoints'}\n"
+          f"  final model    : {rd / 'final_model.pt'}")
+    return 0
+
+
+def _kind_of(model_config: Path) -> str:
+    from addiff_core.config import load_model_config
+
+    return load_model_config(model_config).kind if model_config.is_file() else "diffusion"
+
+
+def add_parser(sub) -> None:
+    s = sub.add_parser("simulate", help="federated training of simulated hospitals on this machine "
+                                        "(demo data generated if missing), then a per-site evaluation table")
+    s.add_argument("--sites", type=int, default=3, help="number of demo hospitals (default 3)")
+    s.add_argument("--cases-per-site", type=int, default=6, help="demo cases per hospital (default 6)")
+    s.add_argument("--size", type=int, help="grid size of the demo data and the model (default 32 / the model config's)")
+    s.add_argument("--data-dir", help="where demo hospitals live (default ./demo_data in the project)")
+    s.add_argument("--data-seed", type=int, default=0, help=argparse_suppress())
+    s.add_argument("--site-files", help="comma-separated site files to use instead of demo hospitals")
+    s.add_argument("--model", choices=("diffusion", "unet"), help="model kind (default: the model config's)")
+    s.add_argument("--config", help="model config YAML (default configs/demo.yaml)")
+    s.add_argument("--rounds", help="VAE,DIFFUSION rounds for the diffusion model (e.g. 3,4); N for unet")
+    s.add_argument("--strategy", choices=("fedavg", "fedprox", "fedadam"), default="fedavg")
+    s.add_argument("--proximal-mu", type=float, help="FedProx mu (default 0.01)")
+    s.add_argument("--local-epochs", type=int, help="local epochs per round (default: each site file's)")
+    s.add_argument("--eval-steps", type=int, help="DDIM steps in the final evaluation (default: model config)")
+    s.add_argument("--no-gamma", action="store_true", help="skip the gamma pass rate in the final evaluation")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--run-dir", help="run folder (default runs/simulation-<date>-<time>)")
+    s.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped/crashed run from its last complete round")
+    s.add_argument("--stop-after-round", type=int, default=0, help="stop after this round (resume later)")
+    s.add_argument("--via", choices=("inprocess", "flwr"), default="inprocess",
+                   help="inprocess: flwr.simulation.run_simulation (default); flwr: a local SuperLink + flwr run")
+    s.add_argument("--cpus-per-site", type=float, help="Ray CPUs per simulated site (default cpus // sites)")
+    s.set_defaults(func=cmd_simulate)
+
+
+def argparse_suppress():
+    import argparse
+
+    return argparse.SUPPRESS

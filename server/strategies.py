@@ -1,0 +1,120 @@
+"""Flower's strategies, subclassed for a staged model whose stages travel separately.
+
+What the subclasses add (the maths is Flower's):
+
+* replies are aggregated in a fixed order (by site name), so a run is bit-for-bit reproducible
+  whatever order the SuperNodes answer in (``resume`` ends with the same weights);
+* FedAdam: its moments belong to one stage's parameters; when the stage changes (VAE ->
+  diffusion) they start from zero. Non-trainable buffers (e.g. ``diffusion.latent_scale``)
+  are averaged as in FedAvg instead of taking an adaptive step from their previous value.
+* ``state_dict()`` / ``load_state_dict()`` export the server-side optimiser state (FedAdam
+  moments) for the round checkpoint, and restore it on resume.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+
+from .protocol import NUM_EXAMPLES, SITE_KEY
+
+
+def site_of(msg: Message) -> str:
+    """The site name a reply carries (``site`` ConfigRecord), else ``node-<id>``."""
+    try:
+        if not msg.has_error() and SITE_KEY in msg.content.config_records:
+            return str(msg.content.config_records[SITE_KEY]["name"])
+    except (KeyError, AttributeError):
+        pass
+    return f"node-{msg.metadata.src_node_id}"
+
+
+def ordered(replies: Iterable[Message]) -> list[Message]:
+    return sorted(replies, key=lambda m: (site_of(m), m.metadata.src_node_id))
+
+
+class _Staged:
+    """Mixin: deterministic aggregation order and (empty) server-side state."""
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        return super().aggregate_train(server_round, ordered(replies))  # type: ignore[misc]
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class StagedFedAvg(_Staged, FedAvg):
+    """FedAvg weighted by each site's number of training cases (``num-examples``)."""
+
+
+class StagedFedProx(_Staged, FedProx):
+    """FedProx: FedAvg on the server; ``proximal-mu`` goes to the sites in the train config and
+    SiteTask.train adds mu/2 ||w - w_global||^2 to the local loss."""
+
+
+class StagedFedAdam(_Staged, FedAdam):
+    """FedAdam (Reddi et al.) with moments per stage and plain averaging of buffers."""
+
+    def __init__(self, *, buffer_keys: Iterable[str] = (), **kw):
+        super().__init__(**kw)
+        self.buffer_keys = frozenset(buffer_keys)
+        self.stage_keys: frozenset[str] | None = None
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+                        ) -> Iterable[Message]:
+        keys = frozenset(arrays.keys())
+        if self.stage_keys is not None and keys != self.stage_keys:
+            self.m_t = None  # a new stage: new parameters, fresh moments
+            self.v_t = None
+        self.stage_keys = keys
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = ordered(replies)
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        if arrays is None or not self.buffer_keys & set(arrays.keys()):
+            return arrays, metrics
+        valid = [m.content for m in replies if not m.has_error()]
+        mean = aggregate_arrayrecords(valid, self.weighted_by_key)
+        out = {k: (mean[k] if k in self.buffer_keys else a) for k, a in arrays.items()}
+        return ArrayRecord(out), metrics
+
+    def state_dict(self) -> dict:
+        def plain(d):
+            return {k: np.asarray(v).copy() for k, v in (d or {}).items()}
+
+        return {"m_t": plain(self.m_t), "v_t": plain(self.v_t), "stage_keys": sorted(self.stage_keys or [])}
+
+    def load_state_dict(self, state: dict) -> None:
+        def arrays(d):
+            return {k: np.asarray(v) for k, v in d.items()} or None
+
+        self.m_t = arrays(state.get("m_t", {}))
+        self.v_t = arrays(state.get("v_t", {}))
+        keys = state.get("stage_keys") or []
+        self.stage_keys = frozenset(keys) if keys else None
+
+
+def build_strategy(name: str, *, min_sites: int, proximal_mu: float = 0.0, fedadam: dict | None = None,
+                   buffer_keys: Iterable[str] = ()):
+    """The strategy named in the run config; every connected site trains every round."""
+    common = dict(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=min_sites,
+                  min_evaluate_nodes=min_sites, min_available_nodes=min_sites, weighted_by_key=NUM_EXAMPLES)
+    if name == "fedavg":
+        return StagedFedAvg(**common)
+    if name == "fedprox":
+        return StagedFedProx(**common, proximal_mu=proximal_mu)
+    if name == "fedadam":
+        fa = dict(fedadam or {})
+        return StagedFedAdam(**common, buffer_keys=buffer_keys, eta=fa.get("eta", 1e-3),
+                             beta_1=fa.get("beta_1", 0.9), beta_2=fa.get("beta_2", 0.99), tau=fa.get("tau", 1e-5))
+    raise ValueError(f"unknown strategy {name!r}")
