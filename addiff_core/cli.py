@@ -82,7 +82,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                          vae_epochs=args.vae_epochs, diffusion_epochs=args.diffusion_epochs,
                          steps=args.steps, progress=not args.quiet)
     print(json.dumps(summary["heldout"]["mean"], indent=2))
-    print(f"checkpoint: {summary['checkpoint']}\nmetrics:    {summary['metrics_file']}")
+    print(f"checkpoint: {summary['checkpoint']}\nmetrics:    {summary['metrics_file']}\nreport:     {summary['report']}")
     return 0
 
 
@@ -110,8 +110,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from .report import write_report
 
-    path = write_report(Path(args.run_dir))
-    print(f"report: {path}")
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir}: no such run folder")
+    for f in args.site or []:
+        if not Path(f).is_file():
+            raise UserError(f"{f}: site file not found")
+    path = write_report(run_dir, site_files=[Path(f) for f in args.site] if args.site else None,
+                        figures=not args.no_figures)
+    print(f"report: {path}\nhtml:   {path.with_suffix('.html')}")
     return 0
 
 
@@ -167,8 +174,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="write the full result (per case) as JSON")
     s.set_defaults(func=cmd_evaluate)
 
-    s = sub.add_parser("report", help="write report.md and figures for a run folder")
+    s = sub.add_parser("report", help="write RUN_DIR/report/report.md (+ .html, figures) for a run folder",
+                       description="Run summary, training curves, the per-site held-out table, a comparison "
+                                   "(RUN_DIR/comparison.json) and, for sites whose data is reachable here, dose "
+                                   "slices and DVHs of one held-out case. Works for federated and `addiff train` "
+                                   "run folders.")
     s.add_argument("run_dir")
+    s.add_argument("--site", action="append", metavar="SITE_FILE",
+                   help="make per-site figures for this site (repeatable); default: the run's site files, where "
+                        "readable. At a hospital: only its own site file (its figures stay there)")
+    s.add_argument("--no-figures", action="store_true", help="Markdown/HTML only, no PNG figures")
     s.set_defaults(func=cmd_report)
 
     try:

@@ -1,7 +1,11 @@
 """Figures a physicist reads at a glance: dose slices, DVH curves, per-site bars, training curves.
 
 Pure functions: arrays and numbers in, a PNG file out (matplotlib's Agg backend, no display).
-Arrays are (z, y, x) as everywhere in addiff-fl; spacing is (x, y, z) in mm.
+Arrays are (z, y, x) as everywhere in addiff-fl; spacing is (x, y, z) in mm. The slice views
+assume LPS-ordered arrays (+x patient left, +y posterior, +z superior; reorient with
+``SimpleITK.DICOMOrient(img, "LPS")`` first) and follow the radiological convention: axial
+with anterior up and the patient's left on the right, coronal and sagittal with superior up
+(sagittal: anterior on the left).
 """
 from __future__ import annotations
 
@@ -13,15 +17,27 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from .metrics import dvh_curve  # noqa: E402
 
 ISODOSE_FRACTIONS = (0.3, 0.5, 0.8, 0.95)
+ISODOSE_COLOURS = {0.3: "#1f4fff", 0.5: "#00c000", 0.8: "#ffd000", 0.95: "#ff2020", 1.0: "#ffffff",
+                   1.05: "#ff00ff"}
+CT_WINDOW = (-800.0, 1000.0)  # HU shown from black to white under the dose colourwash
+WASH_FROM = 0.1  # dose colourwash from this fraction of Rx up (the CT stays readable in the low-dose bath)
+DIFF_FROM = 0.03  # difference colourwash where |pred - ref| >= this fraction of Rx (the 3 % of gamma 3%/2mm)
+TARGET_COLOUR = "#ff00ff"
+DPI = 100
+
+# (top, bottom, left, right) orientation letters of each view (radiological convention)
+_ORIENT = {"axial": ("A", "P", "R", "L"), "coronal": ("S", "I", "R", "L"), "sagittal": ("S", "I", "A", "P")}
 
 
 def _views(vol: np.ndarray, centre: Sequence[int]) -> list[np.ndarray]:
     z, y, x = centre
-    # axial (y, x), coronal (z, x) and sagittal (z, y); superior up in the latter two
+    # axial (y, x): row 0 = most anterior; coronal (z, x) and sagittal (z, y): flipped so superior is up
     return [vol[z], vol[:, y, :][::-1], vol[:, :, x][::-1]]
 
 
@@ -30,125 +46,191 @@ def _aspects(spacing: Sequence[float]) -> list[float]:
     return [sy / sx, sz / sx, sz / sy]
 
 
-def dose_slices_figure(path: Path, ct_hu: np.ndarray, ref: np.ndarray | None, pred: np.ndarray, spacing: Sequence[float],
-                       rx: float, title: str = "", target: np.ndarray | None = None) -> Path:
-    """Axial/coronal/sagittal slices through the target centre: CT with reference dose, predicted
-    dose and their difference, colour bars in Gy and isodose lines at 30/50/80/95% of Rx."""
-    if target is not None and target.any():
-        centre = [int(round(float(np.mean(ix)))) for ix in np.nonzero(target)]
-    else:
-        centre = [int(np.argmax(pred.max(axis=tuple(a for a in range(3) if a != ax)))) for ax in range(3)]
-    rows = [("reference dose", ref), ("predicted dose", pred)] if ref is not None else [("predicted dose", pred)]
-    if ref is not None:
-        rows.append(("predicted - reference", pred - ref))
-    fig, axes = plt.subplots(len(rows), 3, figsize=(12, 3.6 * len(rows)), squeeze=False)
-    vmax = float(max(pred.max(), ref.max() if ref is not None else 0.0, rx) * 1.05)
-    dlim = max(float(np.abs(pred - ref).max()) if ref is not None else 1.0, 1.0)
-    ct_views = _views(np.clip(ct_hu, -1000, 1500), centre)
-    tgt_views = _views(target.astype(float), centre) if target is not None else [None] * 3
-    levels = [f * rx for f in ISODOSE_FRACTIONS]
-    for r, (label, vol) in enumerate(rows):
-        views = _views(vol, centre)
-        for c, (view_name, aspect) in enumerate(zip(("axial", "coronal", "sagittal"), _aspects(spacing))):
-            ax = axes[r][c]
-            ax.imshow(ct_views[c], cmap="gray", aspect=aspect, vmin=-1000, vmax=1500)
-            if label.startswith("predicted -"):
-                im = ax.imshow(views[c], cmap="RdBu_r", vmin=-dlim, vmax=dlim, alpha=0.75, aspect=aspect)
-            else:
-                shown = np.ma.masked_less(views[c], 0.02 * rx)
-                im = ax.imshow(shown, cmap="jet", vmin=0, vmax=vmax, alpha=0.5, aspect=aspect)
-                if views[c].max() > levels[0]:
-                    cs = ax.contour(views[c], levels=levels, colors=["b", "g", "y", "r"], linewidths=0.8)
-                    ax.clabel(cs, fmt=lambda v: f"{v:.0f}", fontsize=6)
-            if tgt_views[c] is not None and tgt_views[c].any():
-                ax.contour(tgt_views[c], levels=[0.5], colors="w", linewidths=0.8, linestyles="--")
-            ax.set_title(f"{label}: {view_name}", fontsize=9)
-            ax.axis("off")
-            fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02, label="Gy")
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
+def _save(fig, path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=DPI)
     plt.close(fig)
     return path
+
+
+def _isodose_colour(f: float) -> str:
+    return ISODOSE_COLOURS.get(round(float(f), 2), "#ffffff")
+
+
+def _orientation_labels(ax, view: str) -> None:
+    top, bottom, left, right = _ORIENT[view]
+    kw = dict(transform=ax.transAxes, color="#ffff66", fontsize=8, fontweight="bold", clip_on=False)
+    ax.text(0.5, 0.985, top, ha="center", va="top", **kw)
+    ax.text(0.5, 0.015, bottom, ha="center", va="bottom", **kw)
+    ax.text(0.015, 0.5, left, ha="left", va="center", **kw)
+    ax.text(0.985, 0.5, right, ha="right", va="center", **kw)
+
+
+def dose_slices_figure(path: Path, ct_hu: np.ndarray, ref: np.ndarray | None, pred: np.ndarray, spacing: Sequence[float],
+                       rx: float, title: str = "", target: np.ndarray | None = None, target_name: str | None = None,
+                       isodose_fractions: Sequence[float] = ISODOSE_FRACTIONS,
+                       eval_mask: np.ndarray | None = None) -> Path:
+    """Axial/coronal/sagittal slices through the target centre (else the dose maximum): the CT
+    with the reference dose, the predicted dose (colourwash from ``WASH_FROM`` x Rx) and their
+    difference (colourwash where it is at least ``DIFF_FROM`` x Rx), one colour
+    bar in Gy per row, isodose lines at ``isodose_fractions`` of ``rx`` (legend in Gy) and the
+    target outline. The difference is shown inside ``eval_mask`` (e.g. the body) when given.
+    Arrays (z, y, x) in LPS order, doses in Gy, spacing (x, y, z) mm."""
+    pred = np.asarray(pred, dtype=np.float32)
+    ref = None if ref is None else np.asarray(ref, dtype=np.float32)
+    if target is not None and np.asarray(target).any():
+        centre = [int(round(float(np.mean(ix)))) for ix in np.nonzero(target)]
+    else:
+        peak = ref if ref is not None and ref.max() > 0 else pred
+        centre = [int(v) for v in np.unravel_index(int(np.argmax(peak)), peak.shape)]
+    rows = [("reference", ref), ("predicted", pred)] if ref is not None else [("predicted", pred)]
+    diff = pred - ref if ref is not None else None
+    if diff is not None:
+        if eval_mask is not None:
+            diff = np.where(np.asarray(eval_mask, dtype=bool), diff, 0.0)
+        rows.append(("predicted - reference", diff))
+
+    sx, sy, sz = (float(s) for s in spacing)
+    nz, ny, nx = pred.shape
+    widths = [nx * sx, nx * sx, ny * sy]  # physical widths: panels of equal mm scale per row
+    heights = max(ny * sy, nz * sz)
+    row_h = 3.2
+    fig_w = row_h * sum(widths) / heights + 1.6
+    fig = plt.figure(figsize=(min(max(fig_w, 9.0), 16.0), row_h * len(rows) + 1.2), layout="constrained")
+    axes = fig.subplots(len(rows), 3, squeeze=False, gridspec_kw={"width_ratios": widths})
+
+    vmax = float(max(pred.max(), ref.max() if ref is not None else 0.0, rx) * 1.05)
+    if diff is not None:
+        sel = (np.maximum(pred, ref) > 0.05 * rx)
+        dlim = float(np.percentile(np.abs(diff[sel]), 99.5)) if sel.any() else 1.0
+        dlim = max(float(np.ceil(dlim)), 1.0)
+    else:
+        dlim = 1.0
+    ct_views = _views(np.clip(ct_hu, *CT_WINDOW), centre)
+    tgt_views = _views(np.asarray(target, dtype=np.float32), centre) if target is not None else [None] * 3
+    fracs = sorted(float(f) for f in isodose_fractions)
+    levels = [f * rx for f in fracs]
+    colours = [_isodose_colour(f) for f in fracs]
+    for r, (label, vol) in enumerate(rows):
+        views = _views(vol, centre)
+        im = None
+        for c, (view, aspect) in enumerate(zip(("axial", "coronal", "sagittal"), _aspects(spacing))):
+            ax = axes[r][c]
+            ax.imshow(ct_views[c], cmap="gray", aspect=aspect, vmin=CT_WINDOW[0], vmax=CT_WINDOW[1],
+                      interpolation="nearest")
+            if label.startswith("predicted -"):
+                shown = np.ma.masked_where(np.abs(views[c]) < DIFF_FROM * rx, views[c])
+                im = ax.imshow(shown, cmap="RdBu_r", vmin=-dlim, vmax=dlim, alpha=0.8, aspect=aspect,
+                               interpolation="nearest")
+            else:
+                shown = np.ma.masked_less(views[c], WASH_FROM * rx)
+                im = ax.imshow(shown, cmap="jet", vmin=0, vmax=vmax, alpha=0.45, aspect=aspect,
+                               interpolation="bilinear")
+                if float(views[c].max()) > levels[0]:
+                    ax.contour(views[c], levels=levels, colors=colours, linewidths=1.1)
+            if tgt_views[c] is not None and tgt_views[c].any():
+                ax.contour(tgt_views[c], levels=[0.5], colors=TARGET_COLOUR, linewidths=1.0, linestyles="--")
+            _orientation_labels(ax, view)
+            ax.set_title(f"{label}: {view}", fontsize=9)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        is_diff = label.startswith("predicted -")
+        cb = fig.colorbar(im, ax=list(axes[r]), shrink=0.9, pad=0.01, aspect=18,
+                          extend="both" if is_diff else "neither")
+        cb.set_label(f"predicted - reference (Gy), shown where |diff| >= {100 * DIFF_FROM:g} % Rx" if is_diff
+                     else f"dose (Gy), shown from {100 * WASH_FROM:g} % Rx", fontsize=8)
+        cb.ax.tick_params(labelsize=7)
+        if not is_diff:  # mark the isodose levels on the colour bar
+            for lv, col in zip(levels, colours):
+                cb.ax.axhline(lv, color=col, lw=2)
+    handles = [Line2D([], [], color=col, lw=2, label=f"{100 * f:.0f} % = {lv:.1f} Gy")
+               for f, lv, col in zip(fracs, levels, colours)]
+    if target is not None and np.asarray(target).any():
+        handles.append(Line2D([], [], color=TARGET_COLOUR, lw=1.2, ls="--", label=target_name or "target"))
+    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=8, frameon=False,
+               title=f"isodose lines (Rx = {rx:g} Gy)", title_fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    return _save(fig, path)
 
 
 def dvh_figure(path: Path, ref: np.ndarray | None, pred: np.ndarray, structures: Mapping[str, np.ndarray],
-               title: str = "") -> Path:
-    """Cumulative DVH per structure: reference solid, prediction dashed, same colour."""
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    top = float(max(pred.max(), ref.max() if ref is not None else 0.0)) * 1.05 + 1e-6
-    bins = np.linspace(0.0, top, 200)
+               title: str = "", rx: float | None = None, targets: Sequence[str] = ()) -> Path:
+    """Cumulative DVH per structure: reference solid, prediction dashed, same colour per structure;
+    ``targets`` (names in ``structures``) drawn thicker; a dotted line at ``rx``."""
+    fig, ax = plt.subplots(figsize=(8.5, 4.8), layout="constrained")
+    top = float(max(pred.max(), ref.max() if ref is not None else 0.0, rx or 0.0)) * 1.05 + 1e-6
+    bins = np.linspace(0.0, top, 300)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    handles = []
     for i, (name, mask) in enumerate(structures.items()):
+        mask = np.asarray(mask, dtype=bool)
         if not mask.any():
             continue
         col = colours[i % len(colours)]
+        lw = 2.2 if name in (targets or ()) else 1.5
         if ref is not None:
             d, v = dvh_curve(ref, mask, bins)
-            ax.plot(d, 100 * v, color=col, lw=1.5, label=f"{name}")
+            ax.plot(d, 100 * v, color=col, lw=lw)
         d, v = dvh_curve(pred, mask, bins)
-        ax.plot(d, 100 * v, color=col, lw=1.5, ls="--", label=None if ref is not None else name)
+        ax.plot(d, 100 * v, color=col, lw=lw, ls="--")
+        handles.append(Line2D([], [], color=col, lw=lw, label=name + (" (target)" if name in (targets or ()) else "")))
+    if rx:
+        ax.axvline(rx, color="0.4", lw=0.8, ls=":")
+        ax.text(rx, 101, f" Rx {rx:g} Gy", fontsize=7, color="0.3", va="bottom", ha="center")
+    if ref is not None:
+        handles += [Line2D([], [], color="k", lw=1.6, label="reference"),
+                    Line2D([], [], color="k", lw=1.6, ls="--", label="predicted")]
     ax.set_xlabel("dose (Gy)")
     ax.set_ylabel("volume (%)")
-    ax.set_ylim(0, 102)
+    ax.set_xlim(0, top)
+    ax.set_ylim(0, 105)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2, title="solid: reference, dashed: predicted" if ref is not None else None,
-              title_fontsize=7)
-    ax.set_title(title or "DVH")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    ax.legend(handles=handles, fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    ax.set_title(title or "DVH", fontsize=10)
+    return _save(fig, path)
 
 
 def bar_figure(path: Path, values: Mapping[str, Mapping[str, float]], ylabel: str, title: str = "") -> Path:
     """Grouped bars: ``values[series][site]`` (e.g. series = federated / local / pooled)."""
     series = list(values)
     sites = sorted({s for v in values.values() for s in v})
-    fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(sites) * max(1, len(series)) / 2), 4))
+    fig, ax = plt.subplots(figsize=(max(5.5, 0.9 * len(sites) * max(1, len(series)) + 2), 4), layout="constrained")
     width = 0.8 / max(len(series), 1)
     for i, name in enumerate(series):
-        ys = [values[name].get(s, np.nan) for s in sites]
+        ys = np.array([values[name].get(s, np.nan) for s in sites], dtype=float)
         xs = np.arange(len(sites)) + (i - (len(series) - 1) / 2) * width
-        bars = ax.bar(xs, ys, width, label=name)
-        ax.bar_label(bars, fmt="%.2f", fontsize=7)
+        bars = ax.bar(xs, np.nan_to_num(ys, nan=0.0), width, label=name)
+        ax.bar_label(bars, labels=["n/a" if not np.isfinite(y) else f"{y:.2f}" for y in ys], fontsize=7)
     ax.set_xticks(np.arange(len(sites)), sites)
     ax.set_ylabel(ylabel)
+    ax.margins(y=0.12)
     if len(series) > 1:
         ax.legend(fontsize=8)
-    ax.set_title(title)
+    ax.set_title(title, fontsize=10)
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    ax.set_axisbelow(True)
+    return _save(fig, path)
 
 
 def curves_figure(path: Path, curves: Mapping[str, Sequence[tuple[float, float]]], xlabel: str, ylabel: str,
-                  title: str = "", logy: bool = False) -> Path:
-    """Line plot of named (x, y) series, e.g. training loss per round per site."""
-    fig, ax = plt.subplots(figsize=(7, 4))
+                  title: str = "", logy: bool = False, styles: Mapping[str, Mapping] | None = None) -> Path:
+    """Line plot of named (x, y) series, e.g. training loss per round per site. ``styles[name]``:
+    extra matplotlib line keywords for one series (e.g. a dashed aggregate)."""
+    fig, ax = plt.subplots(figsize=(7.5, 4), layout="constrained")
     for name, pts in curves.items():
         if pts:
             xs, ys = zip(*pts)
-            ax.plot(xs, ys, marker="o", ms=3, label=name)
+            kw = {"marker": "o", "ms": 3, **dict((styles or {}).get(name, {}))}
+            ax.plot(xs, ys, label=name, **kw)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if logy:
         ax.set_yscale("log")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    if any(curves.values()):
+        ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=10)
+    return _save(fig, path)

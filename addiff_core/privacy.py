@@ -20,6 +20,8 @@ import torch
 from opacus import PrivacyEngine
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+from torch.utils.data import DataLoader, default_collate
 
 from .checkpoint import atomic_write_bytes
 from .config import PrivacyConfig
@@ -28,6 +30,24 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "privacy_accountant.json"
 EPS_TOLERANCE = 1e-6
+
+
+def poisson_loader(dataset, sample_rate: float, generator: torch.Generator | None = None) -> DataLoader:
+    """Poisson-sampled batches (each sample in with probability ``sample_rate``, 1/q steps an
+    epoch) whose empty batches keep the sample dict's structure with a batch dimension of 0.
+
+    Opacus' own DPDataLoader builds an empty *first* batch from tuple-shaped samples only; our
+    samples are dicts of tensors, hence this loader (the same sampler underneath).
+    """
+    template = dataset[0]
+
+    def collate(items):
+        if not items:
+            return {k: v.new_zeros((0, *v.shape)) for k, v in template.items()}
+        return default_collate(items)
+
+    sampler = UniformWithReplacementSampler(num_samples=len(dataset), sample_rate=sample_rate, generator=generator)
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=0)
 
 
 class PrivacyBudgetExhausted(RuntimeError):
@@ -140,13 +160,15 @@ class SitePrivacy:
                 "noise_multiplier": self.state.noise_multiplier, "dp_steps": float(self.state.steps_taken)}
 
     # -- training -----------------------------------------------------------------------------
-    def make_private(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer, loader):
+    def make_private(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader):
         """Wrap (module, optimizer, loader) for DP-SGD with Poisson sampling; history restored."""
         engine = PrivacyEngine(accountant=self.state.accountant)
         engine.accountant.history = list(self.state.history)
         module, optimizer, loader = engine.make_private(
-            module=module, optimizer=optimizer, data_loader=loader, noise_multiplier=self.state.noise_multiplier,
-            max_grad_norm=self.state.max_grad_norm, poisson_sampling=True)
+            module=module, optimizer=optimizer, data_loader=poisson_loader(loader.dataset, self.state.sample_rate,
+                                                                           loader.generator),
+            noise_multiplier=self.state.noise_multiplier, max_grad_norm=self.state.max_grad_norm,
+            poisson_sampling=False)
         self._engine = engine
         self._wrapped = module
         return module, optimizer, loader

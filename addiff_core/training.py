@@ -104,11 +104,21 @@ def _run_epoch(loss_fn: Callable[[dict], tuple[torch.Tensor, dict]], module: nn.
                prox: Proximal | None, desc: str, progress: bool) -> dict[str, float]:
     totals: dict[str, float] = {}
     n_batches = 0
+    n_empty = 0
     n_samples = 0
     t0 = time.perf_counter()
     bar = tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True)
     for batch in bar:
         batch = to_device(batch, device)
+        if batch["dose"].shape[0] == 0:  # an empty Poisson batch (DP): still a noisy step
+            if hasattr(optimizer, "noise_multiplier"):
+                optimizer.zero_grad(set_to_none=True)
+                for group in optimizer.param_groups:
+                    for p in group["params"]:
+                        p.grad_sample = p.new_zeros((0, *p.shape))
+                optimizer.step()
+                n_empty += 1
+            continue
         optimizer.zero_grad(set_to_none=True)
         loss, parts = loss_fn(batch)
         if prox is not None and prox.mu > 0:
@@ -128,7 +138,7 @@ def _run_epoch(loss_fn: Callable[[dict], tuple[torch.Tensor, dict]], module: nn.
             totals[k] = totals.get(k, 0.0) + float(v)
         bar.set_postfix(loss=f"{totals['loss'] / n_batches:.4f}")
     out = {k: v / max(n_batches, 1) for k, v in totals.items()}
-    out["steps"] = float(n_batches)
+    out["steps"] = float(n_batches + n_empty)
     out["samples"] = float(n_samples)
     out["seconds"] = time.perf_counter() - t0
     return out

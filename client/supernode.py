@@ -11,7 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-ACTIVATION_FAILED = 305  # flower-supernode's exit code when the SuperLink refuses/cannot activate it
+# what flower-supernode prints when the SuperLink refuses to activate it (its exit status is 1)
+ACTIVATION_FAILED = "Failed to activate SuperNode"
 RETRY_SECONDS = 5
 
 
@@ -35,6 +36,8 @@ def cmd_client_start(args) -> int:
     cmd = [launch.executable("flower-supernode"), "--superlink", args.superlink,
            "--node-config", f"site-config={json.dumps(str(site_file))}", "--port", str(args.port),
            "--isolation", "subprocess"]
+    if args.insecure and args.auth_key:
+        raise UserError("--auth-key (SuperNode authentication) needs TLS: drop --insecure, pass --ca")
     if args.insecure:
         print("WARNING: this SuperNode connects WITHOUT TLS (--insecure): model weights and metrics cross the "
               "network unencrypted. Use this only for a test on one machine.", file=sys.stderr, flush=True)
@@ -61,8 +64,9 @@ def cmd_client_start(args) -> int:
           f"SuperNode -> {args.superlink} (runtime API port {args.port})", flush=True)
     launch.exit_on_sigterm()
     for attempt in range(args.activation_retries + 1):
-        rc = launch.run_foreground(cmd, env=env)
-        if rc != ACTIVATION_FAILED or attempt == args.activation_retries:
+        seen: set[str] = set()
+        rc = launch.run_foreground(cmd, env=env, watch=[ACTIVATION_FAILED], seen=seen)
+        if rc == 0 or ACTIVATION_FAILED not in seen or attempt == args.activation_retries:
             return rc
         print(f"SuperNode could not join the federation (SuperLink not up yet, or -- with authentication -- this "
               f"node's public key not registered yet); retrying in {RETRY_SECONDS} s "

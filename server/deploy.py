@@ -98,6 +98,8 @@ def cmd_server_start(args) -> int:
         raise ConfigError(f"{run_dir} already holds checkpoints: use --resume {run_dir} or another --run-dir")
 
     tls: dict[str, Path] = {}
+    if args.insecure and args.auth:
+        raise UserError("--auth (SuperNode authentication) needs TLS: drop --insecure")
     if args.insecure:
         _warn_insecure("the SuperLink")
     else:

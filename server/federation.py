@@ -151,6 +151,7 @@ class Federation:
         self.model_json = model_config_to_json(self.cfg)
         init = initial_arrays(self.cfg, s.seed)
         self.dtypes = {k: v.dtype for k, v in init.items()}
+        self.shapes = {k: v.shape for k, v in init.items()}
         self.arrays = init
         from addiff_core.models import build_model
 
@@ -318,7 +319,12 @@ class Federation:
             raise FederationError(f"round {rnd.number}: sites returned weights outside stage {rnd.stage}: "
                                   f"{sorted(unexpected)[:3]}")
         for k, v in new.items():
-            self.arrays[k] = np.asarray(v).astype(self.dtypes[k], copy=False)
+            v = np.asarray(v).astype(self.dtypes[k], copy=False)
+            if v.shape != self.shapes[k]:
+                if v.size != int(np.prod(self.shapes[k], dtype=np.int64)):
+                    raise FederationError(f"round {rnd.number}: {k} has shape {v.shape}, the model {self.shapes[k]}")
+                v = v.reshape(self.shapes[k])  # Flower returns 0-d arrays as shape (1,)
+            self.arrays[k] = v
         seconds = time.perf_counter() - t0
         summary = {"kind": "round", "round": rnd.number, "stage": rnd.stage, "strategy": s.strategy,
                    "sites": [site_of(r) for r in good], "num_examples": int(sum(x.get("num_examples", 0) for x in rows)),

@@ -227,19 +227,22 @@ def _status(pid: int) -> str:
 
 
 class DescendantTracker:
-    """Remembers every process this process spawned (directly or not) while active; ``reap``
-    waits for them to exit and SIGKILLs the stragglers, by PID (start time checked)."""
+    """Remembers every process spawned (directly or not) by ``root`` (default: this process)
+    while active, also the ones that get orphaned on the way (Ray's workers, Flower's SuperExec).
+    ``reap`` waits for them to exit, ``terminate`` asks them to; both end with SIGKILL for the
+    stragglers. Always by PID, with the start time checked (no PID reuse accidents)."""
 
-    def __init__(self, interval: float = 0.5):
+    def __init__(self, root: int | None = None, interval: float = 0.5):
         import threading
 
+        self.root = root
         self.seen: set[tuple[int, int]] = set()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, args=(interval,), daemon=True)
 
     def _loop(self, interval: float) -> None:
         while not self._stop.is_set():
-            self.seen |= descendants()
+            self.seen |= descendants(self.root)
             self._stop.wait(interval)
 
     def __enter__(self) -> "DescendantTracker":
@@ -251,22 +254,29 @@ class DescendantTracker:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=5)
-            self.seen |= descendants()
 
     def alive(self) -> list[int]:
-        return [pid for pid, start in self.seen if (st := _proc_stat(pid)) is not None and st[1] == start]
+        return [pid for pid, start in self.seen
+                if (st := _proc_stat(pid)) is not None and st[1] == start and "\nState:\tZ" not in _status(pid)]
+
+    def _kill(self, sig: int) -> None:
+        for pid in self.alive():
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
 
     def reap(self, timeout: float = 20.0) -> list[int]:
         deadline = time.monotonic() + timeout
         while self.alive() and time.monotonic() < deadline:
             time.sleep(0.2)
-        killed = self.alive()
-        for pid in killed:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        return killed
+        left = self.alive()
+        self._kill(signal.SIGKILL)
+        return left
+
+    def terminate(self, timeout: float = 10.0) -> list[int]:
+        self._kill(signal.SIGTERM)
+        return self.reap(timeout)
 
 
 def exit_on_sigterm() -> None:
@@ -277,11 +287,37 @@ def exit_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, _handler)
 
 
-def run_foreground(cmd: Sequence[str], *, env: dict[str, str], cwd: Path | None = None) -> int:
-    """Run ``cmd`` in our process group, streaming its output; Ctrl-C stops it too."""
-    proc = subprocess.Popen(list(cmd), env=env, cwd=str(cwd) if cwd else None)
-    try:
-        return proc.wait()
-    finally:  # Ctrl-C / SIGTERM (SystemExit via exit_on_sigterm): stop it and its children
-        if proc.poll() is None or descendants(proc.pid):
-            stop(proc)
+def run_foreground(cmd: Sequence[str], *, env: dict[str, str], cwd: Path | None = None,
+                   watch: Sequence[str] = (), seen: set[str] | None = None) -> int:
+    """Run ``cmd``, streaming its output, until it exits; then end whatever it left behind.
+    Ctrl-C / SIGTERM (SystemExit via exit_on_sigterm) stop it and its children. Substrings of
+    ``watch`` found in its output are added to ``seen``."""
+    import threading
+
+    pipe = subprocess.PIPE if watch else None
+    proc = subprocess.Popen(list(cmd), env=env, cwd=str(cwd) if cwd else None, stdout=pipe,
+                            stderr=subprocess.STDOUT if watch else None)
+
+    def relay() -> None:
+        assert proc.stdout is not None
+        for raw in iter(proc.stdout.readline, b""):
+            sys.stdout.buffer.write(raw)
+            sys.stdout.flush()
+            line = raw.decode(errors="replace")
+            for w in watch:
+                if w in line and seen is not None:
+                    seen.add(w)
+
+    reader = threading.Thread(target=relay, daemon=True) if watch else None
+    if reader is not None:
+        reader.start()
+    with DescendantTracker(proc.pid) as tracker:
+        try:
+            rc = proc.wait()
+        finally:
+            if proc.poll() is None:
+                stop(proc)
+    tracker.terminate()  # e.g. a SuperExec orphaned by a SuperNode that gave up
+    if reader is not None:
+        reader.join(timeout=5)
+    return rc

@@ -38,3 +38,34 @@ class FakeGrid:
             self.sent.append(m)
             out.append(self.client_app(message=m, context=self.contexts[m.metadata.dst_node_id]))
         return out
+
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.yaml"
+
+
+def synthetic_sites(base, n_sites: int = 3, cases_per_site: int = 3, size: int = 32):
+    """Site files of small synthetic hospitals under ``base`` (written once per folder)."""
+    import json
+    from pathlib import Path
+
+    from addiff_core.synth import write_synthetic_sites
+
+    base = Path(base)
+    stamp = base / "sites.json"
+    if stamp.is_file():
+        return [Path(p) for p in json.loads(stamp.read_text())]
+    files = write_synthetic_sites(base, n_sites=n_sites, cases_per_site=cases_per_site, size=size, seed=0)
+    stamp.write_text(json.dumps([str(f) for f in files]))
+    return [Path(f) for f in files]
+
+
+def flower_test_env(tmp_path) -> dict:
+    """Environment for Flower processes in tests: a private FLWR_HOME, no dependency install."""
+    import os
+
+    env = os.environ.copy()
+    env.update({"FLWR_HOME": str(tmp_path / "flwr-home"), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+                "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "OMP_NUM_THREADS": "1",
+                "PYTHONUNBUFFERED": "1"})
+    return env

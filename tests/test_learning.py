@@ -31,12 +31,12 @@ def constant_guess_mae(task: SiteTask) -> float:
 @pytest.mark.slow
 def test_diffusion_learns_beyond_baselines(tmp_path):
     torch.set_num_threads(2)
-    site_file = write_synthetic_sites(tmp_path, n_sites=1, cases_per_site=8, size=32, seed=11)[0]
+    site_file = write_synthetic_sites(tmp_path, n_sites=1, cases_per_site=12, size=32, seed=11)[0]
     site = load_site_config(site_file)
     site = dataclasses.replace(site, training=dataclasses.replace(site.training, lr=1e-3, batch_size=2))
     cfg = dataclasses.replace(site.model, sample_steps=10)
     task = SiteTask(site, cfg)
-    assert len(task.data.heldout) == 2
+    assert len(task.data.heldout) == 3
 
     untrained = evaluate(task.model, task.data.heldout, cfg, task.device, gamma=False, progress=False)["mean"]["mae_gy"]
     task.train(None, "vae", epochs=20, server_round=0)

@@ -109,3 +109,17 @@ def test_dp_training_changes_weights_and_clips(tmp_path, dp_site):
     res2 = task.train(arrays, "vae", epochs=1, server_round=2, planned_epochs=2)
     assert res2.metrics["epsilon"] > res.metrics["epsilon"]
     assert not any(hasattr(p, "grad_sample") and p.grad_sample is not None for p in task.model.parameters())
+
+
+def test_empty_poisson_batches_keep_structure_and_count_as_steps(tmp_path, dp_site):
+    from addiff_core.privacy import poisson_loader
+
+    site = site_with_privacy(dp_site, tmp_path / "state", noise_multiplier=1.0, target_epsilon=None)
+    site = dataclasses.replace(site, training=dataclasses.replace(site.training, batch_size=1))
+    task = SiteTask(site, TINY)
+    empty = next(iter(poisson_loader(task.data.train, 1e-9)))
+    assert set(empty) == set(task.data.train[0]) and all(v.shape[0] == 0 for v in empty.values())
+    # batch size 1 of 4 cases: about a third of the Poisson batches are empty
+    res = task.train(initial_arrays(TINY, seed=0), "vae", epochs=3, server_round=1, planned_epochs=3)
+    assert res.metrics["dp_steps"] == 3 * task.steps_per_epoch()
+    assert np.isfinite(res.metrics["train_loss"])

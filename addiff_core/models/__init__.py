@@ -33,7 +33,7 @@ class DiffusionStage(nn.Module):
         super().__init__()
         self.cond = ConditionEncoder(cfg)
         self.denoiser = LatentDenoiser(cfg)
-        self.register_buffer("latent_scale", torch.zeros(()))
+        self.register_buffer("latent_scale", torch.zeros(1))  # 1 element: survives array round trips
 
     def forward(self, z_t: torch.Tensor, timesteps: torch.Tensor, batch: dict) -> torch.Tensor:
         spatial, context = self.cond(batch)

@@ -1,0 +1,118 @@
+"""The bench scripts run end to end in --smoke mode and write measured, finite numbers.
+
+Not a timing test: the numbers are only checked to be real measurements (finite, positive,
+not all equal), never against a threshold.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def _load(name: str):
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _positive(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _timing(summary: dict) -> None:
+    assert summary["n"] >= 1 and len(summary["values"]) == summary["n"]
+    assert all(_positive(v) for v in summary["values"])
+    assert summary["min"] <= summary["median"] <= summary["max"]
+
+
+def _check_machine(m: dict, device: str) -> None:
+    for key in ("cpu_model", "logical_cpus", "torch", "device", "loadavg_start", "memory_method"):
+        assert key in m
+    assert m["device"] == device and isinstance(m["torch"], str) and m["torch"]
+
+
+def test_model_bench_smoke(tmp_path):
+    mod = _load("model_bench")
+    res = mod.main(["--smoke", "--out", str(tmp_path), "--device", "cpu"])
+    data = json.loads((tmp_path / "model_bench.json").read_text())
+    assert (tmp_path / "model_bench.md").read_text().startswith("# Model bench")
+    assert data["smoke"] is True and data["bench"] == "model_bench"
+    _check_machine(data["machine"], "cpu")
+    assert data["wall_seconds"] == pytest.approx(res["wall_seconds"])
+
+    (pred,) = data["prediction"]
+    assert pred["grid"] == 16 and pred["device"] == "cpu" and pred["sample_steps"] >= 1
+    for key in ("predict", "sample", "preprocess", "condition", "decode", "map_back", "load_model"):
+        _timing(pred["seconds"][key])
+    _timing(pred["cpu_seconds"]["predict"])
+    # the whole predict path contains the sampling: measured, so not the same number
+    assert pred["seconds"]["predict"]["median"] != pred["seconds"]["sample"]["median"]
+    assert _positive(pred["peak_rss_predict_mib"]) and _positive(pred["peak_rss_sample_mib"])
+    assert pred["peak_rss_predict_mib"] >= pred["rss_after_imports_mib"] * 0.5
+    params = pred["parameters"]
+    for key in ("vae", "condition_encoder", "denoiser", "unet_baseline"):
+        assert isinstance(params[key], int) and params[key] > 0
+    assert params["diffusion_stage"] == params["condition_encoder"] + params["denoiser"]
+    assert pred["model_config"]["grid"]["size"] == 16
+
+    mae = data["mae"]
+    assert mae["budget"]["diffusion"]["optimizer_steps"] == mae["budget"]["unet"]["optimizer_steps"] > 0
+    assert _positive(mae["training_seconds"]["diffusion"]) and _positive(mae["training_seconds"]["unet"])
+    assert set(mae["per_site"]) == set(mae["heldout_cases"])
+    for row in mae["per_site"].values():
+        for label in ("diffusion", "unet", "constant"):
+            assert _positive(row[label]["mae_gy"]) and _finite(row[label]["mae_pct_rx"])
+    overall = mae["overall_mean_over_cases"]
+    assert len({overall[k]["mae_gy"] for k in ("diffusion", "unet", "constant")}) == 3
+
+
+def test_dp_bench_smoke(tmp_path):
+    mod = _load("dp_bench")
+    mod.main(["--smoke", "--out", str(tmp_path), "--device", "cpu"])
+    data = json.loads((tmp_path / "dp_bench.json").read_text())
+    assert (tmp_path / "dp_bench.md").read_text().startswith("# DP bench")
+    assert data["smoke"] is True and data["bench"] == "dp_bench"
+    _check_machine(data["machine"], "cpu")
+
+    stages = data["step_time"]["stages"]
+    assert set(stages) == {"vae", "diffusion"}
+    for s in stages.values():
+        for arm in ("dp", "no_dp"):
+            _timing(s[arm]["wall_s_per_step"])
+            _timing(s[arm]["cpu_s_per_step"])
+            assert all(e["steps"] >= 1 for e in s[arm]["epochs"])
+        assert _positive(s["ratio"]["wall_per_step"]["median"]) and _positive(s["ratio_headline"])
+        assert isinstance(s["meets_3x_aim"], bool)
+
+    mem = data["memory"]
+    assert {(r["dp"], r["batch"]) for r in mem["runs"]} == {(False, 1), (True, 1)}
+    for r in mem["runs"]:
+        assert r["samples"] == r["batch"] and r["steps"] == 1  # exactly one step of `batch` samples
+        assert _positive(r["peak_rss_mib"]) and _positive(r["rss_before_step_mib"])
+        assert r["peak_rss_mib"] >= r["rss_before_step_mib"] * 0.9
+        assert _positive(r["step_seconds_first"]) and r["trainable_parameters"] > 0
+
+    rows = data["utility"]["kinds"]["diffusion"]["rows"]
+    assert [r["epsilon_label"] for r in rows] == ["inf", "8"]
+    assert rows[0]["dp_enabled"] is False and rows[0]["noise_multiplier"] is None
+    assert rows[1]["dp_enabled"] is True and _positive(rows[1]["noise_multiplier"])
+    for r in rows:
+        assert _positive(r["overall_mean_over_cases"]["mae_gy"]) and _positive(r["train_seconds"])
+        for site in r["per_site"].values():
+            assert _positive(site["mae_gy"]) and site["optimizer_steps"] >= 1
+    spent = [s["epsilon_spent"] for s in rows[1]["per_site"].values()]
+    assert all(_positive(e) and e <= 8.0 * 1.001 for e in spent)
