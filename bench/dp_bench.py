@@ -412,7 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mem-batches", default=None, help="batch sizes of the memory runs (default 1,2,4)")
     p.add_argument("--mem-stages", default=None, help="stages of the memory runs (default vae,diffusion)")
     p.add_argument("--epsilons", default=None, help="default inf,8,3,1 (inf = DP off)")
-    p.add_argument("--kinds", default=None, help="models of the utility runs: diffusion and/or unet (default diffusion)")
+    p.add_argument("--kinds", default=None, help="models of the utility runs (default diffusion,unet; smoke: diffusion)")
     p.add_argument("--sites", type=int, default=None, help="synthetic sites of the utility runs (default 3)")
     p.add_argument("--cases", type=int, default=None, help="cases per site (default 8)")
     p.add_argument("--mae-grid", type=int, default=None, help="default 32")
@@ -433,7 +433,7 @@ def _defaults(args) -> None:
     d = dict(reps=1 if s else 6, timing_grid=16 if s else 32, timing_cases=3 if s else 16,
              timing_stages="vae,diffusion" if s else "vae,diffusion,unet", mem_sizes="16" if s else "32,64",
              mem_batches="1" if s else "1,2,4", mem_stages="vae" if s else "vae,diffusion",
-             epsilons="inf,8" if s else "inf,8,3,1", kinds="diffusion", sites=1 if s else 3, cases=3 if s else 8,
+             epsilons="inf,8" if s else "inf,8,3,1", kinds="diffusion" if s else "diffusion,unet", sites=1 if s else 3, cases=3 if s else 8,
              mae_grid=16 if s else 32, vae_epochs=1 if s else 10, diffusion_epochs=1 if s else 10)
     for k, v in d.items():
         if getattr(args, k) is None:

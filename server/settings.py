@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from datetime import datetime
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
@@ -19,15 +20,15 @@ from .protocol import resolve_path, split_list
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
 
 DEFAULTS: dict[str, Any] = {
-    "run-dir": "runs/simulation",
+    "run-dir": "",
     "site-files": "sites/hospital_a.yaml,sites/hospital_b.yaml,sites/hospital_c.yaml",
     "model-config": "configs/demo.yaml",
     "model-kind": "",
     "grid-size": 0,
     "strategy": "fedavg",
-    "vae-rounds": 3,
-    "diffusion-rounds": 4,
-    "unet-rounds": 5,
+    "vae-rounds": 5,
+    "diffusion-rounds": 15,
+    "unet-rounds": 10,
     "local-epochs": 0,
     "proximal-mu": 0.01,
     "fedadam-eta": 0.001,
@@ -62,9 +63,9 @@ class RunSettings:
     model: ModelConfig
     model_config_file: Path | None
     strategy: str = "fedavg"
-    vae_rounds: int = 3
-    diffusion_rounds: int = 4
-    unet_rounds: int = 5
+    vae_rounds: int = 5
+    diffusion_rounds: int = 15
+    unet_rounds: int = 10
     local_epochs: int = 0  # 0: each site's own training.vae_epochs / diffusion_epochs
     proximal_mu: float = 0.01
     fedadam: dict[str, float] = field(default_factory=dict)
@@ -153,8 +154,9 @@ def from_run_config(run_config: Mapping[str, Any]) -> RunSettings:
         raise ConfigError("run config: vae-rounds and diffusion-rounds must be >= 1 for the diffusion model")
     if model.kind == "unet" and c["unet-rounds"] < 1:
         raise ConfigError("run config: unet-rounds must be >= 1 for the unet model")
+    run_dir = c["run-dir"] or f"runs/run-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     return RunSettings(
-        run_dir=resolve_path(c["run-dir"]), site_files=site_files, model=model, model_config_file=mc_file,
+        run_dir=resolve_path(run_dir), site_files=site_files, model=model, model_config_file=mc_file,
         strategy=strategy, vae_rounds=c["vae-rounds"], diffusion_rounds=c["diffusion-rounds"],
         unet_rounds=c["unet-rounds"], local_epochs=c["local-epochs"], proximal_mu=c["proximal-mu"],
         fedadam={"eta": c["fedadam-eta"], "beta_1": c["fedadam-beta-1"], "beta_2": c["fedadam-beta-2"],

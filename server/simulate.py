@@ -267,7 +267,7 @@ def add_parser(sub) -> None:
     s = sub.add_parser("simulate", help="federated training of simulated hospitals on this machine "
                                         "(demo data generated if missing), then a per-site evaluation table")
     s.add_argument("--sites", type=int, default=3, help="number of demo hospitals (default 3)")
-    s.add_argument("--cases-per-site", type=int, default=6, help="demo cases per hospital (default 6)")
+    s.add_argument("--cases-per-site", type=int, default=8, help="demo cases per hospital (default 8: 6 training, 2 held out)")
     s.add_argument("--size", type=int, help="grid size of the demo data and the model (default 32 / the model config's)")
     s.add_argument("--data-dir", help="where demo hospitals live (default ./demo_data in the project)")
     s.add_argument("--data-seed", type=int, default=0, help=argparse_suppress())

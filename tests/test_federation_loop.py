@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from addiff_core.config import ConfigError
-from federation_helpers import TINY, FakeGrid, synthetic_sites
+from test_federation_helpers import TINY, FakeGrid, synthetic_sites
 from server.federation import Federation
 from server.settings import from_run_config
 

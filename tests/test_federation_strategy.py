@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 
-from federation_helpers import set_task_identity
+from test_federation_helpers import set_task_identity
 from server.protocol import fingerprint, from_record, record_nbytes, to_record
 from server.strategies import StagedFedAdam, StagedFedAvg, build_strategy, ordered
 

@@ -1,4 +1,4 @@
-"""Helpers for the federation tests: an in-process Grid that hands messages to the ClientApp.
+"""Shared helpers of the federation tests (no tests here): an in-process Grid, synthetic sites, process control.
 
 ``FakeGrid`` implements the two Grid methods the ServerApp uses (``get_node_ids``,
 ``send_and_receive``) and calls the real ``client.client_app.app`` with a per-node Context,
@@ -69,3 +69,41 @@ def flower_test_env(tmp_path) -> dict:
                 "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "OMP_NUM_THREADS": "1",
                 "PYTHONUNBUFFERED": "1"})
     return env
+
+
+class Processes:
+    """Processes a test starts (each in its own session), stopped by PID at the end, also when
+    the test fails: SIGTERM to the leader, then its group and every descendant seen while it
+    ran (some of Flower's processes start sessions of their own), then SIGKILL."""
+
+    def __init__(self):
+        from server.launch import DescendantTracker
+
+        self.procs = []
+        self.tracker = DescendantTracker()  # everything spawned below the test process
+        self.tracker.__enter__()
+
+    def start(self, cmd, *, env, log_file, cwd=None):
+        import subprocess
+
+        fh = open(log_file, "wb")  # noqa: SIM115 - closed in stop_all
+        p = subprocess.Popen([str(c) for c in cmd], env=env, cwd=cwd, stdout=fh, stderr=subprocess.STDOUT,
+                             stdin=subprocess.DEVNULL, start_new_session=True)
+        p._log_fh = fh  # type: ignore[attr-defined]
+        self.procs.append(p)
+        return p
+
+    def stop_all(self) -> list[int]:
+        from server.launch import stop
+
+        for p in reversed(self.procs):
+            stop(p, timeout=20)
+            p._log_fh.close()
+        self.tracker.__exit__(None, None, None)
+        return self.tracker.terminate(timeout=10)  # PIDs that were still alive (now killed)
+
+
+def cli(*args) -> list[str]:
+    import sys
+
+    return [sys.executable, "-m", "addiff_core.cli", *map(str, args)]
