@@ -135,7 +135,8 @@ def _run_epoch(loss_fn: Callable[[dict], tuple[torch.Tensor, dict]], module: nn.
         n_samples += int(batch["dose"].shape[0])
         totals["loss"] = totals.get("loss", 0.0) + float(loss.detach())
         for k, v in parts.items():
-            totals[k] = totals.get(k, 0.0) + float(v)
+            if k != "loss":  # the total (with any proximal term) is counted above
+                totals[k] = totals.get(k, 0.0) + float(v)
         bar.set_postfix(loss=f"{totals['loss'] / n_batches:.4f}")
     out = {k: v / max(n_batches, 1) for k, v in totals.items()}
     out["steps"] = float(n_batches + n_empty)

@@ -341,8 +341,27 @@ def write_markdown(path: Path, res: dict) -> None:
                     lines.append("| " + " | ".join(row) + " |")
         lines.append("")
     floor = res.get("grid_floor")
+    zero = res.get("zero_dose")
+    if zero and zero.get("openkbp_dose_score"):
+        parts = []
+        for mkey, label in METHOD_LABELS.items():
+            v = res["methods"].get(mkey, {}).get("overall", {}).get("mae_gy")
+            if v is not None:
+                parts.append(f"{label} {100 * (1 - v / zero['openkbp_dose_score']):.0f}%")
+        if parts:
+            lines += [f"Share of the 0 Gy reference's MAE that each method removes (all 6 patients): {', '.join(parts)}.", ""]
     pub = "; ".join(f"{k}: {d:.2f} / {v:.2f} Gy" for k, (d, v) in PUBLISHED.items())
+    b = res["budget"]
+    n_site = len(res["split"][0]["train"]) if res.get("split") else 0
+    steps = lambda e, n: e * -(-n // int(b.get("batch_size", 1)))  # noqa: E731
     lines += ["## Caveats", "",
+              f"- ADDiff-Dose is far from trained at this budget: its denoiser got {steps(b['diffusion_epochs'], n_site)} "
+              f"optimiser steps per site ({steps(b['diffusion_epochs'], 3 * n_site)} pooled) after "
+              f"{steps(b['vae_epochs'], n_site)} VAE steps, where latent diffusion models are usually trained for "
+              "tens of thousands of steps; its samples are still noisy, hot-spotted doses. So the ADDiff rows (and "
+              "federated vs. local vs. pooled among them) measure an undertrained denoiser, not the method; the "
+              "direct-regression U-Net learns much faster per step and is the only model here that has clearly "
+              "started to learn the dose distribution.",
               "- Tiny data: 6 training patients per site (18 pooled) and 2 held-out patients per site; a site's "
               "numbers rest on 2 patients (the \"all\" row on 6), so differences of about a Gy between methods "
               "are within the noise; no repeats with other seeds were affordable.",
@@ -360,7 +379,6 @@ def write_markdown(path: Path, res: dict) -> None:
                      f"{floor['openkbp_dose_score']:.2f} Gy dose score and {floor['openkbp_dvh_score']:.2f} Gy DVH "
                      "score on these 6 held-out patients: no model on this grid can do better (the price of the "
                      "coarse voxels; configs/openkbp64.yaml says why 5 mm).")
-    zero = res.get("zero_dose")
     if zero:
         per = ", ".join(f"{k} {v['openkbp_dose_score']:.2f}" for k, v in zero["per_site"].items())
         lines.append(f"- Zero reference: predicting 0 Gy everywhere scores {zero['openkbp_dose_score']:.2f} Gy dose "
