@@ -176,6 +176,18 @@ def machine_info(device: str) -> dict:
     return info
 
 
+def apply_threads(threads: int | None) -> None:
+    """``torch.set_num_threads(threads)`` when given (default: torch's own choice, all cores).
+
+    On a machine shared with other jobs, 1 thread degrades gracefully while a thread team that
+    spans every core slows down many times over whenever one core is taken by someone else.
+    """
+    if threads:
+        import torch
+
+        torch.set_num_threads(int(threads))
+
+
 def resolve_devices(spec: str) -> list[str]:
     """``auto`` -> cuda if available else cpu; ``cpu``, ``cuda``, ``cuda:N``; or a comma list."""
     from addiff_core.config import resolve_device
@@ -313,9 +325,12 @@ def child_result(obj: Any) -> None:
 
 
 def run_child(script: Path, payload: dict, timeout: float = 3600.0) -> dict:
-    """Run ``python script --child JSON`` in a fresh process and return its result dict."""
+    """Run ``python script --child JSON`` in a fresh process and return its result dict.
+    ``payload["threads"]``, when set, also becomes OMP_NUM_THREADS of the child."""
     env = dict(os.environ)
     env.setdefault("PYTHONWARNINGS", "ignore")
+    if payload.get("threads"):
+        env["OMP_NUM_THREADS"] = str(payload["threads"])
     cmd = [sys.executable, str(script), "--child", json.dumps(payload)]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=str(REPO))

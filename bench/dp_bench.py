@@ -143,6 +143,7 @@ def bench_step_time(args, device: str, work: Path) -> dict:
 # --------------------------------------------------------------------------------------------
 def _child_memory(p: dict) -> dict:
     common.quiet_warnings()
+    common.apply_threads(p.get("threads"))
     import torch
 
     from addiff_core.case_io import list_cases
@@ -214,7 +215,8 @@ def bench_memory(args, device: str, work: Path, machine: dict) -> dict:
                 for dp in (False, True):
                     payload = {"task": "memory", "site_file": str(files[0]), "size": size, "batch": b, "stage": stage,
                                "dp": dp, "device": device,
-                               "state_dir": str(work / "mem_state" / f"{size}_{stage}_{b}_{int(dp)}")}
+                               "state_dir": str(work / "mem_state" / f"{size}_{stage}_{b}_{int(dp)}"),
+                               "threads": args.threads}
                     r = common.run_child(SCRIPT, payload)
                     runs.append(r)
                     progress(f"  memory {size}^3 {stage} batch {b} {'DP' if dp else 'no DP'}: peak RSS "
@@ -243,7 +245,7 @@ def bench_memory(args, device: str, work: Path, machine: dict) -> dict:
 MAE_KEYS = ("mae_gy", "mae_pct_rx", "openkbp_dvh_score", "mean_isodose_dice", "gamma_pass_rate")
 
 
-def bench_utility(args, device: str, work: Path) -> dict:
+def bench_utility(args, device: str, work: Path, checkpoint=None) -> dict:
     import numpy as np
 
     from addiff_core.config import load_site_config
@@ -300,24 +302,64 @@ def bench_utility(args, device: str, work: Path) -> dict:
                    "noise_multiplier": statistics.fmean(sig) if sig else None,
                    "train_seconds": t_train, "train_cpu_seconds": t_cpu}
             rows.append(row)
+            out["kinds"][kind] = {"stages": [{"stage": s, "epochs": e} for s, e in stages], "planned_epochs": planned,
+                                  "batch_size": args.batch_size, "rows": rows}
+            if checkpoint is not None:
+                checkpoint(out)
             progress(f"  utility {kind} eps={row['epsilon_label']}: held-out MAE {overall['mae_gy']:.2f} Gy "
                      f"(sigma {row['noise_multiplier'] if sig else 0:.2f}, train {t_train:.0f} s)")
-        out["kinds"][kind] = {"stages": [{"stage": s, "epochs": e} for s, e in stages], "planned_epochs": planned,
-                              "batch_size": args.batch_size, "rows": rows}
     return out
 
 
 # --------------------------------------------------------------------------------------------
 # Markdown
 # --------------------------------------------------------------------------------------------
+def summary_lines(res: dict) -> list[str]:
+    """A few plain sentences with the headline numbers (top of the Markdown)."""
+    lines = []
+    st = res.get("step_time")
+    if st and st["stages"]:
+        parts = [f"{k} {v['ratio']['wall_per_step']['median']:.2f}x" for k, v in st["stages"].items()]
+        worst = max(v["ratio"]["wall_per_step"]["median"] for v in st["stages"].values())
+        lines.append(f"* **Step time**, DP / no DP per step at {st['grid']}^3: {', '.join(parts)} "
+                     f"({'within' if worst <= 3.0 else 'above'} the 3x aim).")
+    mem = res.get("memory")
+    if mem and mem["fits"]:
+        by = {(f["size"], f["stage"], f["dp"]): f for f in mem["fits"]}
+        for size in sorted({f["size"] for f in mem["fits"]}):
+            bits = []
+            for stage in sorted({f["stage"] for f in mem["fits"] if f["size"] == size}):
+                dp, nodp = by.get((size, stage, True)), by.get((size, stage, False))
+                if not dp or not dp["fit"] or not nodp or not nodp["fit"]:
+                    continue
+                extra = dp["fit"]["mib_per_sample"] - nodp["fit"]["mib_per_sample"]
+                fit80 = dp["max_batch"].get("80GiB")
+                bits.append(f"{stage} {dp['fit']['mib_per_sample']:.0f} MiB per sample with DP vs "
+                            f"{nodp['fit']['mib_per_sample']:.0f} without (per-sample gradients: +{extra:.0f} MiB per "
+                            f"sample; batch <= {dp['max_batch'].get('machine_ram')} in this machine's RAM, "
+                            f"~{fit80} in 80 GiB)")
+            if bits:
+                lines.append(f"* **Memory at {size}^3**: " + "; ".join(bits) + ".")
+    ut = res.get("utility")
+    if ut:
+        for kind, k in ut["kinds"].items():
+            maes = ", ".join(f"eps {r['epsilon_label']}: {r['overall_mean_over_cases']['mae_gy']:.2f}"
+                             for r in k["rows"])
+            lines.append(f"* **Utility** ({kind}, held-out MAE in Gy): {maes}.")
+    return (["## Summary", ""] + lines + [""]) if lines else []
+
+
 def markdown(res: dict) -> str:
     m = res["machine"]
     out = [f"# DP bench ({'smoke run' if res['smoke'] else 'full run'})", "",
            f"Written by `python bench/dp_bench.py{' --smoke' if res['smoke'] else ''}` on {res['created']} in "
            f"{res['wall_seconds'] / 60:.1f} min. Machine: {common.machine_line(m)}.", "",
+           *(["**Partial result: the run stopped before every section was measured.**", ""]
+             if not res.get("complete", True) else []),
            "Sample-level DP with Opacus DP-SGD (per-sample gradients, clipping, Gaussian noise, Poisson sampling) "
            "through `SiteTask`, as a site runs it. The machine may be shared with other jobs: wall times are noisy, "
            "which is why DP and non-DP epochs are interleaved and CPU time is given as well.", ""]
+    out += summary_lines(res)
     st = res.get("step_time")
     if st:
         out += ["## Time per training step, DP vs no DP", "",
@@ -422,8 +464,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-timing", action="store_true")
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument("--skip-utility", action="store_true")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: torch's choice); 1 is steadier on a shared machine")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", default=None, help="scratch folder (default: a temporary one, removed)")
+    p.add_argument("--rewrite-md", action="store_true", help="only re-render OUT/dp_bench.md from OUT/dp_bench.json")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     return p
 
@@ -445,8 +490,13 @@ def main(argv: list[str] | None = None) -> dict:
     if args.child is not None:
         common.child_result(_child_memory(json.loads(args.child)))
         return {}
+    if args.rewrite_md:
+        res = json.loads((Path(args.out) / "dp_bench.json").read_text())
+        common.write_text(Path(args.out) / "dp_bench.md", markdown(res))
+        return res
     _defaults(args)
     common.quiet_warnings()
+    common.apply_threads(args.threads)
     import logging
 
     core_log = logging.getLogger("addiff_core")
@@ -464,7 +514,17 @@ def main(argv: list[str] | None = None) -> dict:
     result: dict = {"bench": "dp_bench", "issue": 5, "created": common.now_iso(), "smoke": args.smoke,
                     "argv": sys.argv[1:] if argv is None else list(argv), "machine": machine,
                     "settings": {k: v for k, v in vars(args).items() if k != "child"}}
-    sections = {}
+    sections: dict = {}
+
+    def save(complete: bool) -> None:
+        """Write what is measured so far (a killed run still leaves its finished sections)."""
+        machine["loadavg_end"] = common.loadavg()
+        result["complete"] = complete
+        result["section_seconds"] = sections
+        result["wall_seconds"] = time.perf_counter() - t_start
+        common.write_json(out_dir / "dp_bench.json", result)
+        common.write_text(out_dir / "dp_bench.md", markdown(result))
+
     try:
         if not args.skip_timing:
             progress("step time: DP vs no DP, interleaved")
@@ -472,26 +532,28 @@ def main(argv: list[str] | None = None) -> dict:
             with common.epoch_cpu_time():
                 result["step_time"] = bench_step_time(args, device, tmp)
             sections["step_time"] = time.perf_counter() - t0
+            save(False)
         if not args.skip_memory:
             progress("memory of one step: one child process per configuration")
             t0 = time.perf_counter()
             result["memory"] = bench_memory(args, device, tmp, machine)
             sections["memory"] = time.perf_counter() - t0
+            save(False)
         if not args.skip_utility:
             progress("utility: held-out MAE per epsilon")
             t0 = time.perf_counter()
             with common.epoch_cpu_time():
-                result["utility"] = bench_utility(args, device, tmp)
+                def partial(ut: dict) -> None:
+                    result["utility"] = ut
+                    save(False)
+
+                result["utility"] = bench_utility(args, device, tmp, checkpoint=partial)
             sections["utility"] = time.perf_counter() - t0
     finally:
         core_log.setLevel(old_level)
         if not args.workdir:
             shutil.rmtree(tmp, ignore_errors=True)
-    machine["loadavg_end"] = common.loadavg()
-    result["section_seconds"] = sections
-    result["wall_seconds"] = time.perf_counter() - t_start
-    common.write_json(out_dir / "dp_bench.json", result)
-    common.write_text(out_dir / "dp_bench.md", markdown(result))
+    save(True)
     progress(f"wrote {out_dir / 'dp_bench.json'} and {out_dir / 'dp_bench.md'} ({result['wall_seconds'] / 60:.1f} min)")
     return result
 

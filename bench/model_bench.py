@@ -53,6 +53,7 @@ SCRIPT = Path(__file__).resolve()
 # --------------------------------------------------------------------------------------------
 def _child_predict(p: dict) -> dict:
     common.quiet_warnings()
+    common.apply_threads(p.get("threads"))
     import torch
 
     from addiff_core import diffusion as diff
@@ -139,14 +140,20 @@ def _child_predict(p: dict) -> dict:
     }
 
 
-def _cli_seconds(ckpt: Path, case_dir: Path, out: Path, device: str, reps: int) -> dict | None:
+def _cli_seconds(ckpt: Path, case_dir: Path, out: Path, device: str, reps: int, threads: int | None = None
+                 ) -> dict | None:
     """``addiff predict`` as a user runs it: a new Python process (start-up and imports included)."""
+    import os
+
+    env = dict(os.environ)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
     vals = []
     for r in range(reps):
         cmd = [sys.executable, "-c", "import sys; from addiff_core.cli import main; sys.exit(main())", "predict",
                "--checkpoint", str(ckpt), "--case", str(case_dir), "--out", str(out / f"cli{r}"), "--device", device]
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=str(common.REPO))
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=str(common.REPO), env=env)
         dt = time.perf_counter() - t0
         if proc.returncode != 0:
             raise RuntimeError(f"addiff predict failed: {proc.stderr.strip()[-800:]}")
@@ -154,7 +161,8 @@ def _cli_seconds(ckpt: Path, case_dir: Path, out: Path, device: str, reps: int) 
     return common.summarize(vals)
 
 
-def bench_prediction(size: int, device: str, reps: int, cli_reps: int, work: Path, seed: int) -> dict:
+def bench_prediction(size: int, device: str, reps: int, cli_reps: int, work: Path, seed: int,
+                     threads: int | None = None) -> dict:
     import torch
 
     from addiff_core.case_io import list_cases
@@ -176,10 +184,11 @@ def bench_prediction(size: int, device: str, reps: int, cli_reps: int, work: Pat
     progress(f"predict {size}^3 ({name}, {cfg.sample_steps} DDIM steps, latent {cfg.latent_size}^3) on {device}: "
              f"{reps} rep(s) in a child process")
     res = common.run_child(SCRIPT, {"task": "predict", "checkpoint": str(ckpt), "cases": [str(c) for c in cases],
-                                    "reps": reps, "device": device, "out_dir": str(work / f"out{size}_{device}")})
+                                    "reps": reps, "device": device, "out_dir": str(work / f"out{size}_{device}"),
+                                    "threads": threads})
     cli = None
     if cli_reps > 0:
-        cli = _cli_seconds(ckpt, cases[0], work / f"out{size}_{device}", device, cli_reps)
+        cli = _cli_seconds(ckpt, cases[0], work / f"out{size}_{device}", device, cli_reps, threads)
     best, med = res["seconds"]["predict"]["min"], res["seconds"]["predict"]["median"]
     progress(f"  {size}^3: predict {best:.2f} s/case best of {reps} (median {med:.2f}), sample "
              f"{res['seconds']['sample']['min']:.2f} s best, peak RSS {res['peak_rss_predict_mib']:.0f} MiB"
@@ -348,9 +357,11 @@ def markdown(res: dict) -> str:
     out = [f"# Model bench ({'smoke run' if res['smoke'] else 'full run'})", "",
            f"Written by `python bench/model_bench.py{' --smoke' if res['smoke'] else ''}` on {res['created']} "
            f"in {res['wall_seconds'] / 60:.1f} min. Machine: {common.machine_line(m)}.", "",
+           *(["**Partial result: the run stopped before every section was measured.**", ""]
+             if not res.get("complete", True) else []),
            "Timings: best of the repetitions after one warm-up, median in brackets (all values in the JSON). "
            "The machine is shared with other jobs, which only ever add time, so the best is the closest to the "
-           "machine's own speed; CPU seconds (process time, both threads) are given as well.", ""]
+           "machine's own speed; CPU seconds (process time, all threads) are given as well.", ""]
     if res.get("prediction"):
         out += ["## Prediction time per case (untrained weights, default DDIM steps of each config)", "",
                 f"Reference: paper {ref['paper_rtx4090_s_per_case']} s/case on an RTX 4090; GDP-HMM limit "
@@ -438,8 +449,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unet-epochs", type=int, default=None, help="U-Net epochs (default: VAE + diffusion epochs)")
     p.add_argument("--skip-predict", action="store_true")
     p.add_argument("--skip-mae", action="store_true")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: torch's choice); 1 is steadier on a shared machine")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", default=None, help="scratch folder (default: a temporary one, removed)")
+    p.add_argument("--rewrite-md", action="store_true",
+                   help="only re-render OUT/model_bench.md from OUT/model_bench.json")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     return p
 
@@ -460,8 +475,13 @@ def main(argv: list[str] | None = None) -> dict:
         payload = json.loads(args.child)
         common.child_result(_child_predict(payload))
         return {}
+    if args.rewrite_md:
+        res = json.loads((Path(args.out) / "model_bench.json").read_text())
+        common.write_text(Path(args.out) / "model_bench.md", markdown(res))
+        return res
     _defaults(args)
     common.quiet_warnings()
+    common.apply_threads(args.threads)
     t_start = time.perf_counter()
     devices = common.resolve_devices(args.device)
     machine = common.machine_info(",".join(devices))
@@ -475,20 +495,27 @@ def main(argv: list[str] | None = None) -> dict:
                     "argv": sys.argv[1:] if argv is None else list(argv), "machine": machine,
                     "reference_seconds": common.REFERENCE_SECONDS,
                     "settings": {k: v for k, v in vars(args).items() if k != "child"}}
+
+    def save(complete: bool) -> None:
+        """Write what is measured so far (a killed run still leaves its finished sections)."""
+        machine["loadavg_end"] = common.loadavg()
+        result["complete"] = complete
+        result["wall_seconds"] = time.perf_counter() - t_start
+        common.write_json(out_dir / "model_bench.json", result)
+        common.write_text(out_dir / "model_bench.md", markdown(result))
+
     try:
         if not args.skip_predict:
-            result["prediction"] = [bench_prediction(s, dev, args.reps, args.cli_reps, tmp, args.seed)
+            result["prediction"] = [bench_prediction(s, dev, args.reps, args.cli_reps, tmp, args.seed, args.threads)
                                     for dev in devices for s in common.parse_list(args.sizes)]
+            save(False)
         if not args.skip_mae:
             with common.epoch_cpu_time():
                 result["mae"] = bench_mae(args, devices[0], tmp)
     finally:
         if not args.workdir:
             shutil.rmtree(tmp, ignore_errors=True)
-    machine["loadavg_end"] = common.loadavg()
-    result["wall_seconds"] = time.perf_counter() - t_start
-    common.write_json(out_dir / "model_bench.json", result)
-    common.write_text(out_dir / "model_bench.md", markdown(result))
+    save(True)
     progress(f"wrote {out_dir / 'model_bench.json'} and {out_dir / 'model_bench.md'} "
              f"({result['wall_seconds'] / 60:.1f} min)")
     return result

@@ -24,8 +24,8 @@ from addiff_core.config import ConfigError, load_site_config
 from addiff_core.fl_task import MissingGlobalWeights, SiteTask, state_to_arrays
 
 from server.protocol import (
-    ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, NUM_EXAMPLES, SITE_KEY, STATUS_NEED_VAE, fingerprint, from_record,
-    model_config_from_json, resolve_path, split_list, to_record,
+    ARRAYS_KEY, CONFIG_KEY, LAYOUT_KEY, METRICS_KEY, NUM_EXAMPLES, PACKED, SITE_KEY, STATUS_NEED_VAE, decode, encode,
+    fingerprint, from_record, layout_from_json, model_config_from_json, resolve_path, split_list, to_record,
 )
 
 log = logging.getLogger("flwr.addiff.client")
@@ -101,7 +101,8 @@ def planned_epochs(task: SiteTask, plan: str, local_epochs: int = 0) -> int:
 def train(msg: Message, context: Context) -> Message:
     cfg = msg.content[CONFIG_KEY]
     task = task_for(site_file_for(context, cfg), str(cfg["model-config"]))
-    arrays = from_record(msg.content[ARRAYS_KEY])
+    layout = layout_from_json(str(cfg.get(LAYOUT_KEY, "")))
+    arrays = decode(from_record(msg.content[ARRAYS_KEY]), layout)
     stage = str(cfg["stage"])
     if stage == "diffusion" and not _has_global_vae(task, arrays, cfg.get("vae-fingerprint")):
         log.info("site %s: no matching global VAE cached; asking the server for it", task.site.name)
@@ -116,7 +117,11 @@ def train(msg: Message, context: Context) -> Message:
                      or None)
     metrics = {NUM_EXAMPLES: int(res.num_examples), **{k: float(v) for k, v in res.metrics.items()},
                "local_epochs": float(epochs), "site_seconds": time.perf_counter() - t0}
-    return Message(RecordDict({ARRAYS_KEY: to_record(res.arrays), METRICS_KEY: MetricRecord(metrics),
+    wire = res.arrays
+    if stage in layout:  # reply packed exactly like the request's stage weights
+        separate = {k for k in msg.content[ARRAYS_KEY].keys() if not k.startswith(PACKED) and k.startswith(stage + ".")}
+        wire, _ = encode(res.arrays, [stage], separate, order=layout)
+    return Message(RecordDict({ARRAYS_KEY: to_record(wire), METRICS_KEY: MetricRecord(metrics),
                                SITE_KEY: _site_record(task)}), reply_to=msg)
 
 
@@ -125,7 +130,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     cfg = msg.content[CONFIG_KEY]
     task = task_for(site_file_for(context, cfg), str(cfg["model-config"]))
     steps = int(cfg.get("eval-steps", 0)) or None
-    res = task.evaluate(from_record(msg.content[ARRAYS_KEY]), seed=int(cfg.get("seed", 0)), steps=steps,
+    arrays = decode(from_record(msg.content[ARRAYS_KEY]), layout_from_json(str(cfg.get(LAYOUT_KEY, ""))))
+    res = task.evaluate(arrays, seed=int(cfg.get("seed", 0)), steps=steps,
                         gamma=bool(cfg.get("eval-gamma", True)))
     metrics = {NUM_EXAMPLES: int(res.get("num_cases", 0)),
                **{k: float(v) for k, v in res.items() if k != "num_cases"}}

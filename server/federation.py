@@ -36,8 +36,8 @@ from addiff_core.config import ConfigError
 from addiff_core.fl_task import initial_arrays
 
 from .protocol import (
-    ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, NUM_EXAMPLES, SITE_KEY, STATUS_NEED_VAE, fingerprint, from_record,
-    model_config_to_json, record_nbytes, to_record,
+    ARRAYS_KEY, CONFIG_KEY, LAYOUT_KEY, METRICS_KEY, NUM_EXAMPLES, SITE_KEY, STATUS_NEED_VAE, decode, encode,
+    fingerprint, from_record, layout_from_json, layout_to_json, model_config_to_json, record_nbytes, to_record,
 )
 from .settings import Round, RunSettings, settings_for_resume
 from .strategies import build_strategy, ordered, site_of
@@ -156,8 +156,10 @@ class Federation:
         from addiff_core.models import build_model
 
         params = {n for n, _ in build_model(self.cfg).named_parameters()}
+        self.buffers = frozenset(k for k in init if k not in params)  # travel unpacked (see protocol.encode)
+        self.groups = list(dict.fromkeys(k.split(".", 1)[0] for k in init))  # vae, diffusion | unet
         self.strategy = build_strategy(s.strategy, min_sites=s.required_sites, proximal_mu=s.proximal_mu,
-                                       fedadam=s.fedadam, buffer_keys=[k for k in init if k not in params])
+                                       fedadam=s.fedadam, buffer_keys=self.buffers)
         self.vae_sent = False  # the full VAE went to every site at least once by this server process
         self.bytes: dict[str, list[int]] = {}
 
@@ -169,11 +171,14 @@ class Federation:
         return c
 
     def _with_vae(self, msg):
-        from flwr.app import ArrayRecord, Message, RecordDict
+        """The same train message plus the frozen global VAE (packed as group ``vae``)."""
+        from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
-        vae = to_record({k: v for k, v in self.arrays.items() if k.startswith("vae.")})
-        arrays = ArrayRecord({**dict(msg.content[ARRAYS_KEY].items()), **dict(vae.items())})
-        return Message(content=RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: msg.content[CONFIG_KEY]}),
+        wire, layout = encode(self.arrays, ["vae"], self.buffers)
+        arrays = ArrayRecord({**dict(msg.content[ARRAYS_KEY].items()), **dict(to_record(wire).items())})
+        config = ConfigRecord(dict(msg.content[CONFIG_KEY].items()))
+        config[LAYOUT_KEY] = layout_to_json({**layout_from_json(str(config[LAYOUT_KEY])), **layout})
+        return Message(content=RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: config}),
                        dst_node_id=msg.metadata.dst_node_id, message_type=msg.metadata.message_type)
 
     def _checkpoint(self, rnd: Round, extra: dict) -> Path:
@@ -265,8 +270,9 @@ class Federation:
                   "stage-rounds": rnd.stage_rounds, "stage-plan": plan, "local-epochs": int(s.local_epochs)}
         if rnd.stage == "diffusion":
             config["vae-fingerprint"] = fingerprint(self.arrays, "vae.")
-        msgs = list(self.strategy.configure_train(rnd.number, to_record(stage_arrays), ConfigRecord(config),
-                                                  self.grid))
+        wire, layout = encode(stage_arrays, [rnd.stage], self.buffers)
+        config[LAYOUT_KEY] = layout_to_json(layout)
+        msgs = list(self.strategy.configure_train(rnd.number, to_record(wire), ConfigRecord(config), self.grid))
         if not msgs:
             raise FederationError(f"round {rnd.number}: no site to train")
         send_vae = rnd.stage == "diffusion" and not self.vae_sent
@@ -313,7 +319,7 @@ class Federation:
         agg, agg_metrics = self.strategy.aggregate_train(rnd.number, good)
         if agg is None:
             raise FederationError(f"round {rnd.number}: aggregation failed")
-        new = from_record(agg)
+        new = decode(from_record(agg), layout)
         unexpected = set(new) - set(stage_arrays)
         if unexpected:
             raise FederationError(f"round {rnd.number}: sites returned weights outside stage {rnd.stage}: "
@@ -345,9 +351,10 @@ class Federation:
         from flwr.app import ConfigRecord
 
         s = self.settings
-        config = {**self._base_config(), "eval-steps": int(s.eval_steps), "eval-gamma": bool(s.eval_gamma)}
-        msgs = list(self.strategy.configure_evaluate(s.num_rounds, to_record(self.arrays), ConfigRecord(config),
-                                                     self.grid))
+        wire, layout = encode(self.arrays, self.groups, self.buffers)
+        config = {**self._base_config(), "eval-steps": int(s.eval_steps), "eval-gamma": bool(s.eval_gamma),
+                  LAYOUT_KEY: layout_to_json(layout)}
+        msgs = list(self.strategy.configure_evaluate(s.num_rounds, to_record(wire), ConfigRecord(config), self.grid))
         replies = list(self.grid.send_and_receive(msgs, timeout=s.round_timeout))
         rows, errors = [], []
         for r in ordered(replies):

@@ -6,9 +6,10 @@ Messages (Flower 1.42 Message API, one ``RecordDict`` each):
 
 * train request   ``{"arrays": ArrayRecord, "config": ConfigRecord}``; ``arrays`` holds the
   stage's own weights (prefix ``vae.``, ``diffusion.`` or ``unet.``) and, in a stage-2 round
-  where the site needs it, the frozen global VAE too (``vae.*``).
+  where the site needs it, the frozen global VAE too (``vae.*``); packed, see :func:`encode`
+  (``config["layout"]`` says what is where).
 * train reply     ``{"arrays": ArrayRecord, "metrics": MetricRecord, "site": ConfigRecord}``;
-  ``metrics["num-examples"]`` = the site's training cases (the FedAvg weight); ``site["name"]``
+  ``arrays`` packed like the request's stage; ``metrics["num-examples"]`` = the site's training cases (the FedAvg weight); ``site["name"]``
   = the site name (MetricRecords hold numbers only). A site whose cached VAE does not match
   the round's ``vae-fingerprint`` replies ``{"site": {"name", "status": "missing-global-vae"}}``
   instead, and the server sends that site the round again with the VAE.
@@ -97,6 +98,78 @@ def fingerprint(arrays: dict[str, np.ndarray], prefix: str = "") -> str:
         h.update(str(a.shape).encode())
         h.update(a.tobytes())
     return h.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------
+# packing: one array per stage and dtype on the wire
+# ------------------------------------------------------------------------------------------
+# Flower 1.42 moves every Array of a message as a separate object (HTTP request) on each hop;
+# a stage of ~300 tensors then costs ~300 requests per site and hop. The parameters of a stage
+# therefore travel concatenated, one flat array per dtype (``packed:<stage>:<dtype>``); the
+# layout (names, dtypes, shapes in order) goes in the config as JSON. Buffers (non-trainable,
+# e.g. ``diffusion.latent_scale``) travel as themselves so that FedAdam can average them.
+# Averaging or any element-wise update of the flat array equals doing it tensor by tensor.
+PACKED = "packed:"
+LAYOUT_KEY = "layout"
+
+
+def encode(arrays: dict[str, np.ndarray], groups: list[str], separate=frozenset(),
+           order: dict[str, list] | None = None) -> tuple[dict[str, np.ndarray], dict[str, list]]:
+    """Pack the arrays of each group (state-dict prefix ``group.``) -> (wire arrays, layout).
+
+    ``order``: a layout to follow exactly (a site packs its reply like the request it got)."""
+    out: dict[str, np.ndarray] = {}
+    layout: dict[str, list] = {}
+    for g in groups:
+        if order is not None:
+            keys = [k for k, _, _ in order[g]] + sorted(k for k in separate if k.startswith(g + "."))
+            missing = [k for k in keys if k not in arrays]
+            extra = [k for k in arrays if k.startswith(g + ".") and k not in set(keys)]
+            if missing or extra:
+                raise ValueError(f"arrays do not fit the layout of {g!r}: missing {missing[:3]}, extra {extra[:3]}")
+        else:
+            keys = [k for k in arrays if k.startswith(g + ".")]
+        parts: dict[str, list[np.ndarray]] = {}
+        entries = []
+        for k in keys:
+            v = np.asarray(arrays[k])
+            if k in separate:
+                out[k] = v
+                continue
+            entries.append([k, str(v.dtype), list(v.shape)])
+            parts.setdefault(str(v.dtype), []).append(np.ascontiguousarray(v).reshape(-1))
+        for dt, ps in parts.items():
+            out[f"{PACKED}{g}:{dt}"] = np.concatenate(ps) if ps else np.zeros(0, dt)
+        layout[g] = entries
+    return out, layout
+
+
+def decode(arrays: dict[str, np.ndarray], layout: dict[str, list]) -> dict[str, np.ndarray]:
+    """Inverse of :func:`encode` (arrays that are not packed pass through)."""
+    out: dict[str, np.ndarray] = {}
+    offsets: dict[str, int] = {}
+    for g, entries in layout.items():
+        for k, dt, shape in entries:
+            pk = f"{PACKED}{g}:{dt}"
+            if pk not in arrays:
+                raise ValueError(f"packed array {pk!r} missing")
+            n = int(np.prod(shape, dtype=np.int64))
+            o = offsets.get(pk, 0)
+            out[k] = np.asarray(arrays[pk][o:o + n]).astype(dt, copy=False).reshape(shape)
+            offsets[pk] = o + n
+    for pk, o in offsets.items():
+        if o != np.asarray(arrays[pk]).size:
+            raise ValueError(f"packed array {pk!r} has {np.asarray(arrays[pk]).size} values, layout {o}")
+    out.update({k: v for k, v in arrays.items() if not k.startswith(PACKED)})
+    return out
+
+
+def layout_to_json(layout: dict[str, list]) -> str:
+    return json.dumps(layout, separators=(",", ":"))
+
+
+def layout_from_json(text: str) -> dict[str, list]:
+    return json.loads(text) if text else {}
 
 
 # ------------------------------------------------------------------------------------------

@@ -236,10 +236,16 @@ def cmd_simulate(args) -> int:
           f"{settings.num_rounds} round(s) [{' '.join(sorted({r.stage for r in settings.schedule}, key=['vae', 'diffusion', 'unet'].index))}], "
           f"via {args.via}, per site {resources['num_cpus']} CPU / {resources['num_gpus']:.2f} GPU\n"
           f"run folder: {settings.run_dir}", flush=True)
-    if args.via == "flwr":
-        out = run_via_flwr(run_config, n_sites, resources, settings.run_dir)
-    else:
-        out = run_inprocess(run_config, n_sites, resources)
+    from .federation import FederationError
+
+    try:
+        if args.via == "flwr":
+            out = run_via_flwr(run_config, n_sites, resources, settings.run_dir)
+        else:
+            out = run_inprocess(run_config, n_sites, resources)
+    except FederationError as e:
+        print(f"addiff: error: {e}", file=sys.stderr)
+        out = {"status": "failed"}
     took = time.perf_counter() - t0
     rd = settings.run_dir
     if out.get("status") == "stopped":

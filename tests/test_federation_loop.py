@@ -11,6 +11,7 @@ import torch
 from addiff_core.config import ConfigError
 from test_federation_helpers import TINY, FakeGrid, synthetic_sites
 from server.federation import Federation
+from server.protocol import layout_from_json
 from server.settings import from_run_config
 
 pytestmark = pytest.mark.slow
@@ -73,8 +74,10 @@ def test_rounds_stages_checkpoints_metrics_and_table(full_run, sites):
     assert rnd[2]["vae_sent"] and not rnd[3]["vae_sent"]
     assert rnd[2]["bytes_up"] == rnd[3]["bytes_up"] < rnd[2]["bytes_down"]
     assert rnd[3]["bytes_down"] == rnd[3]["bytes_up"]
-    last = [m for m in grid.sent if m.metadata.message_type == "train"][-3:]
-    assert all(all(k.startswith("diffusion.") for k in m.content["arrays"].keys()) for m in last)
+    train_msgs = [m for m in grid.sent if m.metadata.message_type == "train"]
+    assert [sorted(layout_from_json(m.content["config"]["layout"])) for m in train_msgs] == \
+        [["vae"]] * 3 + [["diffusion", "vae"]] * 3 + [["diffusion"]] * 3
+    assert all(all("diffusion" in k for k in m.content["arrays"].keys()) for m in train_msgs[-3:])
     # the final per-site table: every site
     final = json.loads((run_dir / "final_metrics.json").read_text())
     assert sorted(r["site"] for r in final) == names and all(r["cases"] == 1 and "mae_gy" in r for r in final)
@@ -132,4 +135,5 @@ def test_unet_baseline_is_a_single_stage(sites, tmp_path):
     assert out["status"] == "complete" and len(out["final"]) == 3
     assert [r["stage"] for r in rows(tmp_path / "unet", "round")] == ["unet"]
     sent = [m for m in grid.sent if m.metadata.message_type == "train"]
-    assert all(all(k.startswith("unet.") for k in m.content["arrays"].keys()) for m in sent)
+    assert all(set(layout_from_json(m.content["config"]["layout"])) == {"unet"} for m in sent)
+    assert all(all("unet" in k for k in m.content["arrays"].keys()) for m in sent)

@@ -109,6 +109,32 @@ def test_fedadam_new_stage_fresh_moments_buffers_averaged_and_state_roundtrip():
         np.testing.assert_array_equal(s2.v_t[k], s.v_t[k])
 
 
+def test_packing_roundtrip_and_fedavg_on_packed_equals_fedavg_per_tensor():
+    from server.protocol import decode, encode
+
+    rng = np.random.default_rng(3)
+    def model(seed_shift):
+        return {"diffusion.a.weight": rng.normal(size=(4, 3, 3)).astype(np.float32),
+                "diffusion.a.bias": rng.normal(size=(4,)).astype(np.float32),
+                "diffusion.latent_scale": np.array(1.5 + seed_shift, np.float32),
+                "diffusion.b.weight": rng.normal(size=(2, 4)).astype(np.float32)}
+
+    a, b = model(0), model(1)
+    wire, layout = encode(a, ["diffusion"], separate={"diffusion.latent_scale"})
+    assert set(wire) == {"packed:diffusion:float32", "diffusion.latent_scale"}
+    back = decode(wire, layout)
+    assert all(np.array_equal(back[k], a[k]) and back[k].shape == a[k].shape for k in a)
+    wire_b, _ = encode(b, ["diffusion"], separate={"diffusion.latent_scale"}, order=layout)
+    strategy = build_strategy("fedavg", min_sites=2)
+    packed = decode(from_record(strategy.aggregate_train(1, [_reply(1, "a", wire, 3), _reply(2, "b", wire_b, 1)])[0]),
+                    layout)
+    plain = from_record(strategy.aggregate_train(1, [_reply(1, "a", a, 3), _reply(2, "b", b, 1)])[0])
+    for k in a:
+        assert packed[k].tobytes() == plain[k].reshape(a[k].shape).tobytes()  # bit for bit
+    with pytest.raises(ValueError, match="layout"):
+        encode({**b, "diffusion.extra": np.zeros(1, np.float32)}, ["diffusion"], order=layout)
+
+
 def test_record_helpers():
     arrays = {"a.x": np.arange(6, dtype=np.float32).reshape(2, 3), "b.y": np.ones(2, np.int64)}
     rec = to_record(arrays)
