@@ -117,6 +117,16 @@ class SiteTask:
                            batch_size=self.site.training.batch_size,
                            planned_steps=planned_epochs * self.steps_per_epoch())
 
+    def privacy_spent(self) -> dict[str, float]:
+        """What this site has spent so far, from its stored accountant (nothing is planned or
+        written): ``dp_enabled`` and, with DP, ``epsilon`` and ``delta``."""
+        if not self.site.privacy.enabled:
+            return {"dp_enabled": 0.0}
+        state = SitePrivacy.stored_state(self.site.state_dir)
+        if state is None:  # no private training yet
+            return {"dp_enabled": 1.0, "epsilon": 0.0}
+        return {"dp_enabled": 1.0, "epsilon": state.epsilon(), "delta": state.delta}
+
     def train(self, arrays: dict[str, np.ndarray] | None, stage: str, *, epochs: int, server_round: int,
               seed: int = 0, proximal_mu: float = 0.0, total_epochs: int | None = None, epoch_offset: int = 0,
               planned_epochs: int | None = None) -> TrainResult:

@@ -80,19 +80,10 @@ def train_site(site_file: Path, out_dir: Path, *, model_kind: str | None = None,
                "history": history, "heldout": heldout, "checkpoint": str(ckpt),
                "metrics_file": str(out_dir / "metrics.json")}
     write_json(out_dir / "metrics.json", summary)
+    from .report import write_report_safely
+
     summary["report"] = str(write_report_safely(out_dir))
     return summary
-
-
-def write_report_safely(run_dir: Path) -> Path | None:
-    """Write the run's report; a failing figure must never cost the run its results."""
-    from .report import write_report
-
-    try:
-        return write_report(run_dir)
-    except Exception as e:  # noqa: BLE001 - the report is a convenience on top of saved results
-        log.warning("could not write the report for %s: %s", run_dir, e)
-        return None
 
 
 def load_model(checkpoint: Path, device: torch.device) -> tuple[torch.nn.Module, ModelConfig, dict]:

@@ -133,13 +133,19 @@ class SitePrivacy:
         self.save()
 
     # -- persistence ------------------------------------------------------------------------
-    def _load(self) -> PrivacyState | None:
-        if not self.path.exists():
+    @staticmethod
+    def stored_state(state_dir: Path) -> PrivacyState | None:
+        """The accountant state stored in ``state_dir`` (None if the site never trained with DP)."""
+        path = Path(state_dir) / STATE_FILE
+        if not path.exists():
             return None
-        d = json.loads(self.path.read_text())
+        d = json.loads(path.read_text())
         d.pop("epsilon", None)
         d["history"] = [(float(a), float(b), int(c)) for a, b, c in d["history"]]
         return PrivacyState(**d)
+
+    def _load(self) -> PrivacyState | None:
+        return self.stored_state(self.path.parent)
 
     def save(self) -> None:
         atomic_write_bytes(self.path, json.dumps(self.state.to_json(), indent=2).encode())

@@ -253,7 +253,9 @@ class RunData:
 
     @property
     def error_rows(self) -> list[dict]:
-        return [r for r in self.rows if r.get("kind") == "error"]
+        """Sites left out of a round: failed (error), update rejected by the server, or refused
+        to train (privacy budget spent)."""
+        return [r for r in self.rows if r.get("kind") in ("error", "rejected", "refused")]
 
     def sites(self) -> list[str]:
         names: list[str] = []
@@ -345,10 +347,10 @@ def _load_federated(run_dir: Path, kind: str) -> RunData:
     for pts in [p for s in d.curves.values() for p in s.values()] + list(d.agg_curves.values()):
         pts.sort()
 
-    # privacy per site: the newest train record of the site
-    for r in d.train_rows:
+    # privacy per site: the newest train (or refusal) record of the site, then the final table
+    for r in [r for r in d.rows if r.get("kind") in ("train", "refused")] + list(d.final):
         s = r.get("site")
-        if not isinstance(s, str):
+        if not isinstance(s, str) or r.get("dp_enabled") is None:
             continue
         d.privacy[s] = {"dp_enabled": bool(_num(r.get("dp_enabled"))), "epsilon": _num(r.get("epsilon")),
                         "delta": _num(r.get("delta")), "noise_multiplier": _num(r.get("noise_multiplier"))}
@@ -593,7 +595,7 @@ def _summary(doc: Doc, d: RunData) -> None:
     final_by = {r.get("site"): r for r in d.final}
     headers = ["site", "training cases", "held-out cases"]
     if d.kind == "federated":
-        headers += ["rounds trained", "failures"]
+        headers += ["rounds trained", "left out (failed/rejected/refused)"]
     headers += ["DP", "epsilon spent", "delta"] if dp_any else ["DP"]
     rows = []
     for s in sites:
@@ -674,8 +676,9 @@ def _training(doc: Doc, d: RunData, fig_dir: Path | None, notes: list[str]) -> N
                          _mb(wire), _duration(sum(_num(r.get("seconds")) or 0 for r in rr))])
         doc.table(["stage", "rounds done", "loss, first round", "loss, last round", "on the wire", "time"], rows)
     if d.error_rows:
-        doc.p(f"**{len(d.error_rows)} site failure(s)** during the run (the round went on without the site):")
-        doc.ul(f"round {r.get('round', '?')} ({r.get('stage', '?')}): {r.get('site', '?')}: "
+        doc.p(f"**{len(d.error_rows)} time(s) a site was left out of a round** (failed, update rejected by the "
+              "server's checks, or refused to train because its privacy budget was spent):")
+        doc.ul(f"round {r.get('round', '?')} ({r.get('stage', '?')}): {r.get('site', '?')} {r.get('kind')}: "
                f"{_short_reason(r.get('reason', ''))}" for r in d.error_rows[:20])
         if len(d.error_rows) > 20:
             doc.p(f"... and {len(d.error_rows) - 20} more in `metrics.jsonl`.")
@@ -973,6 +976,16 @@ def _bbox(mask, margin: int = 4) -> tuple[slice, ...]:
 # ------------------------------------------------------------------------------------------
 # the report
 # ------------------------------------------------------------------------------------------
+def write_report_safely(run_dir: str | Path) -> Path | None:
+    """Write the run's report at the end of a run; a failing figure must never cost the run its
+    results (they are saved before), so any error becomes a warning."""
+    try:
+        return write_report(run_dir)
+    except Exception as e:  # noqa: BLE001 - the report is a convenience on top of saved results
+        log.warning("could not write the report for %s: %s", run_dir, e)
+        return None
+
+
 def write_report(run_dir: str | Path, site_files: Iterable[str | Path] | None = None, figures: bool = True) -> Path:
     """Write ``RUN_DIR/report/report.md`` (+ ``report.html`` and ``figures/*.png``); return the
     path of report.md. ``site_files``: make per-site figures for these sites (default: the run

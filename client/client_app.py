@@ -22,10 +22,11 @@ from flwr.clientapp import ClientApp
 
 from addiff_core.config import ConfigError, load_site_config
 from addiff_core.fl_task import MissingGlobalWeights, SiteTask, state_to_arrays
+from addiff_core.privacy import PrivacyBudgetExhausted
 
 from server.protocol import (
-    ARRAYS_KEY, CONFIG_KEY, LAYOUT_KEY, METRICS_KEY, NUM_EXAMPLES, PACKED, SITE_KEY, STATUS_NEED_VAE, decode, encode,
-    fingerprint, from_record, layout_from_json, model_config_from_json, resolve_path, split_list, to_record,
+    ARRAYS_KEY, CONFIG_KEY, LAYOUT_KEY, METRICS_KEY, NUM_EXAMPLES, PACKED, SITE_KEY, STATUS_NEED_VAE, STATUS_REFUSED,
+    decode, encode, fingerprint, from_record, layout_from_json, model_config_from_json, resolve_path, split_list, to_record,
 )
 
 log = logging.getLogger("flwr.addiff.client")
@@ -110,11 +111,16 @@ def train(msg: Message, context: Context) -> Message:
     epochs = stage_epochs(task, stage, int(cfg.get("local-epochs", 0)))
     stage_round, stage_rounds = int(cfg.get("stage-round", 1)), int(cfg.get("stage-rounds", 1))
     t0 = time.perf_counter()
-    res = task.train(arrays, stage, epochs=epochs, server_round=int(cfg["server-round"]), seed=int(cfg.get("seed", 0)),
-                     proximal_mu=float(cfg.get("proximal-mu", 0.0)), total_epochs=epochs * stage_rounds,
-                     epoch_offset=epochs * (stage_round - 1),
-                     planned_epochs=planned_epochs(task, str(cfg.get("stage-plan", "")), int(cfg.get("local-epochs", 0)))
-                     or None)
+    try:
+        res = task.train(arrays, stage, epochs=epochs, server_round=int(cfg["server-round"]), seed=int(cfg.get("seed", 0)),
+                         proximal_mu=float(cfg.get("proximal-mu", 0.0)), total_epochs=epochs * stage_rounds,
+                         epoch_offset=epochs * (stage_round - 1),
+                         planned_epochs=planned_epochs(task, str(cfg.get("stage-plan", "")),
+                                                       int(cfg.get("local-epochs", 0))) or None)
+    except PrivacyBudgetExhausted as e:  # a clear refusal, no weights
+        log.warning("site %s: refusing round %s: %s", task.site.name, cfg["server-round"], e)
+        return Message(RecordDict({SITE_KEY: _site_record(task, status=STATUS_REFUSED, reason=str(e)),
+                                   METRICS_KEY: MetricRecord(task.privacy_spent())}), reply_to=msg)
     metrics = {NUM_EXAMPLES: int(res.num_examples), **{k: float(v) for k, v in res.metrics.items()},
                "local_epochs": float(epochs), "site_seconds": time.perf_counter() - t0}
     wire = res.arrays
@@ -134,5 +140,5 @@ def evaluate(msg: Message, context: Context) -> Message:
     res = task.evaluate(arrays, seed=int(cfg.get("seed", 0)), steps=steps,
                         gamma=bool(cfg.get("eval-gamma", True)))
     metrics = {NUM_EXAMPLES: int(res.get("num_cases", 0)),
-               **{k: float(v) for k, v in res.items() if k != "num_cases"}}
+               **{k: float(v) for k, v in res.items() if k != "num_cases"}, **task.privacy_spent()}
     return Message(RecordDict({METRICS_KEY: MetricRecord(metrics), SITE_KEY: _site_record(task)}), reply_to=msg)

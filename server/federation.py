@@ -36,17 +36,22 @@ from addiff_core.config import ConfigError
 from addiff_core.fl_task import initial_arrays
 
 from .protocol import (
-    ARRAYS_KEY, CONFIG_KEY, LAYOUT_KEY, METRICS_KEY, NUM_EXAMPLES, SITE_KEY, STATUS_NEED_VAE, decode, encode,
+    ARRAYS_KEY, CONFIG_KEY, LAYOUT_KEY, METRICS_KEY, NUM_EXAMPLES, SITE_KEY, STATUS_NEED_VAE, STATUS_REFUSED, decode, encode,
     fingerprint, from_record, layout_from_json, layout_to_json, model_config_to_json, record_nbytes, to_record,
 )
 from .settings import Round, RunSettings, settings_for_resume
 from .strategies import build_strategy, ordered, site_of
+from .validation import check_reply, norm_outliers, spec_of, update_norm
 
 log = logging.getLogger("flwr.addiff")  # a child of Flower's logger: shows up in `flwr run --stream`
 
 
 class FederationError(RuntimeError):
-    """A round could not be completed (no site returned usable weights)."""
+    """The run cannot go on (e.g. a round failed on every attempt)."""
+
+
+class RoundFailed(FederationError):
+    """One attempt at a round got too few usable replies (it may be retried)."""
 
 
 # ------------------------------------------------------------------------------------------
@@ -159,7 +164,7 @@ class Federation:
         self.buffers = frozenset(k for k in init if k not in params)  # travel unpacked (see protocol.encode)
         self.groups = list(dict.fromkeys(k.split(".", 1)[0] for k in init))  # vae, diffusion | unet
         self.strategy = build_strategy(s.strategy, min_sites=s.required_sites, proximal_mu=s.proximal_mu,
-                                       fedadam=s.fedadam, buffer_keys=self.buffers)
+                                       fedadam=s.fedadam, buffer_keys=self.buffers, trim_beta=s.trim_beta)
         self.vae_sent = False  # the full VAE went to every site at least once by this server process
         self.bytes: dict[str, list[int]] = {}
 
@@ -258,7 +263,58 @@ class Federation:
         return 1
 
     # -- one training round -------------------------------------------------------------------
-    def train_round(self, rnd: Round) -> dict:
+    def _screen_replies(self, rnd: Round, replies, wire: dict, down: dict, attempt: int
+                        ) -> tuple[list, list[dict], int]:
+        """Sort the replies of a round: failed (error, timeout), refused (privacy budget),
+        rejected (:mod:`server.validation`), or good. Returns (good replies, metrics rows, number
+        of sites that answered: good + rejected + refused)."""
+        s = self.settings
+        spec = spec_of(wire)
+        base = {"round": rnd.number, "stage": rnd.stage, "attempt": attempt}
+        rows: list[dict] = []
+        candidates: list[tuple[Any, dict]] = []
+        answered = 0
+        for r in ordered(replies):
+            site, node = site_of(r), r.metadata.src_node_id
+            status = "" if r.has_error() else str(r.content.config_records.get(SITE_KEY, {}).get("status", ""))
+            if status == STATUS_REFUSED:
+                answered += 1
+                info = r.content.config_records[SITE_KEY]
+                m = dict(r.content[METRICS_KEY]) if METRICS_KEY in r.content.metric_records else {}
+                rows.append({"kind": "refused", **base, "site": site, "node_id": node,
+                             "reason": str(info.get("reason", "")), **m})
+                log.warning("round %d: %s refused to train: %s", rnd.number, site, info.get("reason", ""))
+                continue
+            if r.has_error() or ARRAYS_KEY not in r.content.array_records or METRICS_KEY not in r.content.metric_records:
+                reason = r.error.reason if r.has_error() else "reply without weights/metrics"
+                log.warning("round %d: %s failed: %s", rnd.number, site, reason)
+                rows.append({"kind": "error", **base, "site": site, "node_id": node, "reason": reason})
+                continue
+            answered += 1
+            m = dict(r.content[METRICS_KEY])
+            got = from_record(r.content[ARRAYS_KEY])
+            row = {"kind": "train", **base, "site": site, "node_id": node, "num_examples": m.pop(NUM_EXAMPLES, None),
+                   **m, "bytes_down": down.get(node, 0), "bytes_up": record_nbytes(r.content[ARRAYS_KEY])}
+            reason = check_reply(got, row["num_examples"], spec, s.max_num_examples)
+            if reason is None:
+                row["update_norm"] = update_norm(got, wire)
+            candidates.append((r, row)) if reason is None else rows.append({**row, "kind": "rejected", "reason": reason})
+            if reason is not None:
+                log.warning("round %d: rejected the update of %s: %s", rnd.number, site, reason)
+        outliers = norm_outliers({str(i): row["update_norm"] for i, (_, row) in enumerate(candidates)},
+                                 s.update_norm_multiple)
+        good = []
+        for i, (r, row) in enumerate(candidates):
+            if str(i) in outliers:
+                rows.append({**row, "kind": "rejected", "reason": outliers[str(i)]})
+                log.warning("round %d: rejected the update of %s: %s", rnd.number, row["site"], outliers[str(i)])
+                continue
+            row["num_examples"] = int(row["num_examples"])
+            rows.append(row)
+            good.append(r)
+        return good, rows, answered
+
+    def train_round(self, rnd: Round, attempt: int = 0) -> dict:
         from flwr.app import ConfigRecord
 
         s = self.settings
@@ -296,25 +352,16 @@ class Federation:
         if rnd.stage == "diffusion":
             self.vae_sent = True
 
-        good, rows = [], []
-        for r in ordered(replies):
-            site = site_of(r)
-            node = r.metadata.src_node_id
-            if r.has_error() or ARRAYS_KEY not in r.content.array_records or METRICS_KEY not in r.content.metric_records:
-                reason = r.error.reason if r.has_error() else "reply without weights/metrics"
-                log.warning("round %d: %s failed: %s", rnd.number, site, reason)
-                rows.append({"kind": "error", "round": rnd.number, "stage": rnd.stage, "site": site, "node_id": node,
-                             "reason": reason})
-                continue
-            good.append(r)
-            m = dict(r.content[METRICS_KEY])
-            rows.append({"kind": "train", "round": rnd.number, "stage": rnd.stage, "site": site, "node_id": node,
-                         "num_examples": int(m.pop(NUM_EXAMPLES)), **m,
-                         "bytes_down": down.get(node, 0), "bytes_up": record_nbytes(r.content[ARRAYS_KEY])})
-        if not good:
+        good, rows, answered = self._screen_replies(rnd, replies, wire, down, attempt)
+        if answered < s.required_sites or not good:
+            for row in rows:  # nothing of this attempt is aggregated
+                if row["kind"] == "train":
+                    row["kind"] = "discarded"
             self.rd.append_metrics(rows)
-            raise FederationError(f"round {rnd.number} ({rnd.stage}): no site returned weights; "
-                                  + "; ".join(f"{x['site']}: {x['reason']}" for x in rows))
+            why = "; ".join(f"{x['site']} {x['kind']}: {x.get('reason', 'too few replies')}" for x in rows
+                            if x["kind"] != "discarded") or "no replies"
+            raise RoundFailed(f"round {rnd.number} ({rnd.stage}): {len(good)} usable update(s), {answered} of "
+                              f"{len(msgs)} site(s) answered (min-sites {s.required_sites}); {why}")
         self._common_metrics(good)
         agg, agg_metrics = self.strategy.aggregate_train(rnd.number, good)
         if agg is None:
@@ -333,9 +380,12 @@ class Federation:
             self.arrays[k] = v
         seconds = time.perf_counter() - t0
         summary = {"kind": "round", "round": rnd.number, "stage": rnd.stage, "strategy": s.strategy,
-                   "sites": [site_of(r) for r in good], "num_examples": int(sum(x.get("num_examples", 0) for x in rows)),
+                   "sites": [site_of(r) for r in good],
+                   "num_examples": int(sum(x["num_examples"] for x in rows if x["kind"] == "train")),
+                   "left_out": {x["site"]: x["kind"] for x in rows if x["kind"] != "train"},
+                   "epsilon": {x["site"]: x["epsilon"] for x in rows if x.get("epsilon") is not None},
                    **{k: v for k, v in dict(agg_metrics or {}).items()},
-                   "bytes_down": int(sum(down.values())), "bytes_up": int(sum(x.get("bytes_up", 0) for x in rows)),
+                   "bytes_down": int(sum(down.values())), "bytes_up": int(sum(x.get("bytes_up", 0) for x in rows)), "attempt": attempt,
                    "vae_sent": bool(send_vae or need), "seconds": seconds}
         self.bytes.setdefault(rnd.stage, []).append(summary["bytes_down"] + summary["bytes_up"])
         self.rd.append_metrics(rows + [summary])
@@ -371,6 +421,26 @@ class Federation:
         return rows
 
     # -- everything ---------------------------------------------------------------------------
+    def _round_with_retries(self, rnd: Round) -> dict:
+        s = self.settings
+        for attempt in range(s.round_retries + 1):
+            try:
+                return self.train_round(rnd, attempt)
+            except RoundFailed as e:
+                if attempt < s.round_retries:
+                    log.warning("%s -- trying the round again (%d of %d retries)", e, attempt + 1, s.round_retries)
+                    continue
+                last = self.rd.rounds_on_disk()
+                keep = (f"the last good checkpoint is {self.rd.checkpoint_path(last[-1])}; continue with --resume "
+                        f"{s.run_dir} once enough sites are back") if last else "no round had completed"
+                msg = f"{e}. Gave up after {s.round_retries + 1} attempt(s); {keep}"
+                doc = self.rd.read_run_json()
+                doc.update({"status": "failed", "error": msg, "finished": _now()})
+                self.rd.write_run_json(doc)
+                log.error(msg)
+                raise FederationError(msg) from None
+        raise AssertionError("unreachable")
+
     def run(self) -> dict:
         s = self.settings
         start = self._prepare()
@@ -383,7 +453,7 @@ class Federation:
                 doc["status"] = f"stopped after round {s.stop_after_round}"
                 self.rd.write_run_json(doc)
                 return {"status": "stopped", "run_dir": str(s.run_dir)}
-            self.train_round(rnd)
+            self._round_with_retries(rnd)
         state = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in self.arrays.items()}
         save_checkpoint(self.rd.path / "final_model.pt", state, self.cfg,
                         {"round": s.num_rounds, "stage": "final", "strategy": s.strategy,
@@ -397,7 +467,14 @@ class Federation:
         self.rd.write_run_json(doc)
         print(f"\nFinal global model, held-out metrics per site ({s.run_dir / 'final_metrics.md'}):\n\n{table}\n",
               flush=True)
-        return {"status": "complete", "run_dir": str(s.run_dir), "final": rows}
+        from addiff_core.report import write_report_safely
+
+        log.info("writing the run report ...")
+        report = write_report_safely(s.run_dir)  # figures of the sites whose files this machine can read
+        if report is not None:
+            print(f"run report: {report}", flush=True)
+        return {"status": "complete", "run_dir": str(s.run_dir), "final": rows,
+                "report": str(report) if report else None}
 
 
 # ------------------------------------------------------------------------------------------

@@ -12,7 +12,10 @@ Messages (Flower 1.42 Message API, one ``RecordDict`` each):
   ``arrays`` packed like the request's stage; ``metrics["num-examples"]`` = the site's training cases (the FedAvg weight); ``site["name"]``
   = the site name (MetricRecords hold numbers only). A site whose cached VAE does not match
   the round's ``vae-fingerprint`` replies ``{"site": {"name", "status": "missing-global-vae"}}``
-  instead, and the server sends that site the round again with the VAE.
+  instead, and the server sends that site the round again with the VAE. A site whose privacy
+  budget would be exceeded replies ``{"site": {"name", "status": "refused", "reason"},
+  "metrics": {"epsilon", "delta", "dp_enabled"}}``: no weights; the server records it and goes
+  on with the others.
 * evaluate request ``{"arrays": full model, "config"}``; reply ``{"metrics", "site"}`` with
   held-out metrics (numbers only; ``num-examples`` = held-out cases).
 """
@@ -27,6 +30,7 @@ from typing import Any
 import numpy as np
 
 STATUS_NEED_VAE = "missing-global-vae"
+STATUS_REFUSED = "refused"  # the site will not train (its privacy budget is spent); no weights
 SITE_KEY = "site"
 ARRAYS_KEY = "arrays"
 METRICS_KEY = "metrics"

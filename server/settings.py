@@ -17,7 +17,7 @@ from addiff_core.config import ConfigError, GridConfig, ModelConfig, load_model_
 
 from .protocol import resolve_path, split_list
 
-STRATEGIES = ("fedavg", "fedprox", "fedadam")
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg")
 
 DEFAULTS: dict[str, Any] = {
     "run-dir": "",
@@ -35,7 +35,11 @@ DEFAULTS: dict[str, Any] = {
     "fedadam-beta-1": 0.9,
     "fedadam-beta-2": 0.99,
     "fedadam-tau": 1e-5,
+    "trim-beta": 0.2,
     "min-sites": 0,
+    "round-retries": 2,
+    "max-num-examples": 100000,
+    "update-norm-multiple": 10.0,
     "seed": 0,
     "round-timeout": 3600.0,
     "resume": False,
@@ -45,7 +49,8 @@ DEFAULTS: dict[str, Any] = {
 }
 
 # keys a resumed run may change; everything else comes from the run folder's run.json
-RESUME_MAY_CHANGE = ("resume", "stop-after-round", "round-timeout", "min-sites", "eval-steps", "eval-gamma")
+RESUME_MAY_CHANGE = ("resume", "stop-after-round", "round-timeout", "min-sites", "round-retries", "eval-steps",
+                     "eval-gamma")
 
 
 @dataclass(frozen=True)
@@ -69,7 +74,11 @@ class RunSettings:
     local_epochs: int = 0  # 0: each site's own training.vae_epochs / diffusion_epochs
     proximal_mu: float = 0.01
     fedadam: dict[str, float] = field(default_factory=dict)
+    trim_beta: float = 0.2  # fedtrimmedavg: fraction cut at each end
     min_sites: int = 0  # 0: as many as site_files
+    round_retries: int = 2  # a round with too few usable replies is tried again this many times
+    max_num_examples: int = 100000  # a reply claiming more training cases is rejected
+    update_norm_multiple: float = 10.0  # reject an update whose norm exceeds this x the round's median (0: off)
     seed: int = 0
     round_timeout: float = 3600.0
     resume: bool = False
@@ -154,6 +163,12 @@ def from_run_config(run_config: Mapping[str, Any]) -> RunSettings:
         raise ConfigError("run config: vae-rounds and diffusion-rounds must be >= 1 for the diffusion model")
     if model.kind == "unet" and c["unet-rounds"] < 1:
         raise ConfigError("run config: unet-rounds must be >= 1 for the unet model")
+    if not 0.0 <= c["trim-beta"] < 0.5:
+        raise ConfigError(f"run config: trim-beta: must be in [0, 0.5), got {c['trim-beta']!r}")
+    if c["max-num-examples"] < 1:
+        raise ConfigError("run config: max-num-examples: must be >= 1")
+    if 0 < c["update-norm-multiple"] < 1:
+        raise ConfigError(f"run config: update-norm-multiple: must be 0 (off) or >= 1, got {c['update-norm-multiple']!r}")
     run_dir = c["run-dir"] or f"runs/run-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     return RunSettings(
         run_dir=resolve_path(run_dir), site_files=site_files, model=model, model_config_file=mc_file,
@@ -161,7 +176,8 @@ def from_run_config(run_config: Mapping[str, Any]) -> RunSettings:
         unet_rounds=c["unet-rounds"], local_epochs=c["local-epochs"], proximal_mu=c["proximal-mu"],
         fedadam={"eta": c["fedadam-eta"], "beta_1": c["fedadam-beta-1"], "beta_2": c["fedadam-beta-2"],
                  "tau": c["fedadam-tau"]},
-        min_sites=c["min-sites"], seed=c["seed"], round_timeout=c["round-timeout"], resume=c["resume"],
+        trim_beta=c["trim-beta"], min_sites=c["min-sites"], round_retries=c["round-retries"],
+        max_num_examples=c["max-num-examples"], update_norm_multiple=c["update-norm-multiple"], seed=c["seed"], round_timeout=c["round-timeout"], resume=c["resume"],
         stop_after_round=c["stop-after-round"], eval_steps=c["eval-steps"], eval_gamma=c["eval-gamma"], raw=c)
 
 

@@ -20,7 +20,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from addiff_core.config import ConfigError
+
 from .protocol import project_root, resolve_path, split_list
+from .settings import DEFAULTS, STRATEGIES
 
 DEMO_STAMP = "addiff-demo.json"
 
@@ -224,6 +227,9 @@ def cmd_simulate(args) -> int:
                 run_config[key] = val
         if args.no_gamma:
             run_config["eval-gamma"] = False
+        if args.min_sites is not None:
+            run_config["min-sites"] = args.min_sites
+    run_config.update(parse_sets(args.set))
     from .settings import from_run_config
 
     settings = from_run_config(run_config)  # fail early, with one clear line, on a bad setting
@@ -263,6 +269,21 @@ def cmd_simulate(args) -> int:
     return 0
 
 
+def parse_sets(items: list[str]) -> dict[str, Any]:
+    """``["min-sites=2", "eval-gamma=false"]`` -> typed run-config overrides (checked later)."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or key not in DEFAULTS:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE with KEY one of {', '.join(DEFAULTS)}")
+        v = yaml.safe_load(value) if value.strip() else ""
+        out[key] = value if isinstance(DEFAULTS[key], str) else v
+    return out
+
+
 def _kind_of(model_config: Path) -> str:
     from addiff_core.config import load_model_config
 
@@ -281,7 +302,11 @@ def add_parser(sub) -> None:
     s.add_argument("--model", choices=("diffusion", "unet"), help="model kind (default: the model config's)")
     s.add_argument("--config", help="model config YAML (default configs/demo.yaml)")
     s.add_argument("--rounds", help="VAE,DIFFUSION rounds for the diffusion model (e.g. 3,4); N for unet")
-    s.add_argument("--strategy", choices=("fedavg", "fedprox", "fedadam"), default="fedavg")
+    s.add_argument("--strategy", choices=STRATEGIES, default="fedavg",
+                   help="aggregation: fedavg, fedprox, fedadam, or robust fedmedian / fedtrimmedavg")
+    s.add_argument("--min-sites", type=int, help="usable replies a round needs (default: every site)")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any run-config key (see [tool.flwr.app.config] in pyproject.toml), e.g. round-retries=1")
     s.add_argument("--proximal-mu", type=float, help="FedProx mu (default 0.01)")
     s.add_argument("--local-epochs", type=int, help="local epochs per round (default: each site file's)")
     s.add_argument("--eval-steps", type=int, help="DDIM steps in the final evaluation (default: model config)")

@@ -7,6 +7,8 @@ What the subclasses add (the maths is Flower's):
 * FedAdam: its moments belong to one stage's parameters; when the stage changes (VAE ->
   diffusion) they start from zero. Non-trainable buffers (e.g. ``diffusion.latent_scale``)
   are averaged as in FedAvg instead of taking an adaptive step from their previous value.
+* FedMedian and FedTrimmedAvg (robust aggregation) work element-wise, so they apply unchanged
+  to the packed wire arrays (``server.protocol.encode``);
 * ``state_dict()`` / ``load_state_dict()`` export the server-side optimiser state (FedAdam
   moments) for the round checkpoint, and restore it on resume.
 """
@@ -17,7 +19,7 @@ from collections.abc import Iterable
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from .protocol import NUM_EXAMPLES, SITE_KEY
@@ -58,6 +60,14 @@ class StagedFedAvg(_Staged, FedAvg):
 class StagedFedProx(_Staged, FedProx):
     """FedProx: FedAvg on the server; ``proximal-mu`` goes to the sites in the train config and
     SiteTask.train adds mu/2 ||w - w_global||^2 to the local loss."""
+
+
+class StagedFedMedian(_Staged, FedMedian):
+    """Robust: the element-wise median of the sites' weights (one bad site cannot move it far)."""
+
+
+class StagedFedTrimmedAvg(_Staged, FedTrimmedAvg):
+    """Robust: the element-wise mean after cutting the ``beta`` fraction of values at each end."""
 
 
 class StagedFedAdam(_Staged, FedAdam):
@@ -105,14 +115,19 @@ class StagedFedAdam(_Staged, FedAdam):
 
 
 def build_strategy(name: str, *, min_sites: int, proximal_mu: float = 0.0, fedadam: dict | None = None,
-                   buffer_keys: Iterable[str] = ()):
-    """The strategy named in the run config; every connected site trains every round."""
+                   buffer_keys: Iterable[str] = (), trim_beta: float = 0.2):
+    """The strategy named in the run config; every connected site trains every round (a round
+    starts once ``min_sites`` SuperNodes are connected)."""
     common = dict(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=min_sites,
                   min_evaluate_nodes=min_sites, min_available_nodes=min_sites, weighted_by_key=NUM_EXAMPLES)
     if name == "fedavg":
         return StagedFedAvg(**common)
     if name == "fedprox":
         return StagedFedProx(**common, proximal_mu=proximal_mu)
+    if name == "fedmedian":
+        return StagedFedMedian(**common)
+    if name == "fedtrimmedavg":
+        return StagedFedTrimmedAvg(**common, beta=trim_beta)
     if name == "fedadam":
         fa = dict(fedadam or {})
         return StagedFedAdam(**common, buffer_keys=buffer_keys, eta=fa.get("eta", 1e-3),

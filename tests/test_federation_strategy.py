@@ -69,6 +69,29 @@ def test_fedavg_result_does_not_depend_on_reply_order():
     assert [m.content["site"]["name"] for m in ordered(shuffled)] == [s for s, _, _ in sites]
 
 
+def test_robust_aggregation_median_and_trimmed_mean():
+    """FedMedian / FedTrimmedAvg: element-wise, so one wild site barely moves the result."""
+    rng = np.random.default_rng(5)
+    good = [rng.normal(size=(5, 8)).astype(np.float32) for _ in range(4)]
+    wild = np.full((5, 8), 1e6, np.float32)
+    stack = np.stack(good + [wild])
+
+    def replies():  # fresh each time: Flower's FedMedian consumes the replies' arrays
+        return [_reply(100 + i, f"hospital_{c}", {"unet.w": w}, n)
+                for i, (c, w, n) in enumerate(zip("abcde", good + [wild], (3, 1, 2, 5, 100)))]
+
+    med = from_record(build_strategy("fedmedian", min_sites=5).aggregate_train(1, replies())[0])["unet.w"]
+    np.testing.assert_allclose(med, np.median(stack, axis=0), rtol=1e-6)
+    assert np.abs(med).max() < 10  # the wild site is out-voted
+    # trimmed mean, beta 0.2 of 5 sites: drop the lowest and the highest value of each element
+    tm = from_record(build_strategy("fedtrimmedavg", min_sites=5, trim_beta=0.2).aggregate_train(1, replies())[0])["unet.w"]
+    np.testing.assert_allclose(tm, np.sort(stack, axis=0)[1:-1].mean(axis=0), rtol=1e-5, atol=1e-6)
+    assert np.abs(tm).max() < 10
+    # FedAvg, for contrast, is dragged away by the wild (and heavily weighted) site
+    avg = from_record(build_strategy("fedavg", min_sites=5).aggregate_train(1, replies())[0])["unet.w"]
+    assert np.abs(avg).min() > 1e5
+
+
 def test_fedprox_sends_mu_to_the_sites():
     set_task_identity()
     strategy = build_strategy("fedprox", min_sites=2, proximal_mu=0.05)

@@ -65,6 +65,8 @@ def make_run(root: Path, site_files: list[Path], *, comparison: bool = True) -> 
                      "seconds": 3.0})
     rows.append({"kind": "error", "round": 2, "stage": "diffusion", "site": "node-101", "node_id": 101,
                  "reason": "\x1b[36mray::ClientAppActor.run()\x1b[39m\n   ^^^^\nValueError: boom"})
+    rows.append({"kind": "rejected", "round": 2, "stage": "diffusion", "site": "hospital_a", "node_id": 100,
+                 "reason": "update norm 50 > 10 x the round's median 2"})
     rows += [{"kind": "final", "round": 2, **final_row(s, 3.0 + i)} for i, s in enumerate(SITES)]
     (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n{half a line")
     (run / "final_metrics.json").write_text(json.dumps([final_row(s, 3.0 + i) for i, s in enumerate(SITES)]))
@@ -113,7 +115,8 @@ def test_report_sections_tables_and_figures(full_report: Path):
     assert "| site | federated | local | pooled |" in md
     assert "| hospital_b | 4.00 | 5.00 | n/a |" in md
     # the failure of an unnamed node is attributed to its site, one line, no ANSI codes
-    assert "hospital_b: ValueError: boom" in md and "\x1b" not in md
+    assert "hospital_a rejected: update norm 50" in md
+    assert "hospital_b error: ValueError: boom" in md and "\x1b" not in md
     assert "unreadable line" in md  # the half-written last line of metrics.jsonl
     # figures: every referenced image exists and is a real picture
     refs = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)

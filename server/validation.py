@@ -1,0 +1,82 @@
+"""Checks on what a site sends back, before anything is aggregated (pure functions, no Flower).
+
+A reply is accepted only if its weights are exactly what the server sent out (the same array
+names, shapes and dtypes on the wire), every value is finite, and it claims a plausible number
+of training cases. Among the accepted replies of a round, an update (site weights minus the
+global weights sent) whose L2 norm exceeds ``multiple`` times the round's median norm is
+rejected too: a broken or hostile site cannot drag the global model far in one round.
+The median test needs at least three updates to mean anything (with two, the median is their
+mean); with fewer it is skipped.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+MIN_UPDATES_FOR_NORM_CHECK = 3
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    shape: tuple[int, ...]
+    dtype: str
+
+
+def spec_of(arrays: dict[str, np.ndarray]) -> dict[str, ArraySpec]:
+    """The names, shapes and dtypes a reply must match (of the arrays the server sent)."""
+    return {k: ArraySpec(tuple(np.shape(v)), str(np.asarray(v).dtype)) for k, v in arrays.items()}
+
+
+def check_reply(arrays: dict[str, np.ndarray], num_examples, spec: dict[str, ArraySpec],
+                max_num_examples: int) -> str | None:
+    """None if the reply may be aggregated, else the reason it may not (one line)."""
+    missing = sorted(set(spec) - set(arrays))
+    extra = sorted(set(arrays) - set(spec))
+    if missing or extra:
+        parts = ([f"missing {len(missing)} array(s) ({', '.join(missing[:3])})"] if missing else []) + \
+                ([f"unexpected array(s) {', '.join(extra[:3])}"] if extra else [])
+        return "wrong parameter names: " + "; ".join(parts)
+    for k, want in spec.items():
+        v = np.asarray(arrays[k])
+        if tuple(v.shape) != want.shape:
+            return f"{k}: shape {tuple(v.shape)}, expected {want.shape}"
+        if str(v.dtype) != want.dtype:
+            return f"{k}: dtype {v.dtype}, expected {want.dtype}"
+        if v.dtype.kind in "fc" and not np.isfinite(v).all():
+            bad = int(v.size - np.isfinite(v).sum())
+            return f"{k}: {bad} non-finite value(s) (NaN/inf)"
+    if isinstance(num_examples, bool) or not isinstance(num_examples, (int, float, np.integer, np.floating)):
+        return f"num-examples is not a number ({num_examples!r})"
+    n = float(num_examples)
+    if not math.isfinite(n) or n <= 0 or n != int(n):
+        return f"num-examples must be a positive whole number, got {num_examples!r}"
+    if n > max_num_examples:
+        return f"num-examples {int(n)} exceeds the configured maximum {max_num_examples} (max-num-examples)"
+    return None
+
+
+def update_norm(new: dict[str, np.ndarray], old: dict[str, np.ndarray]) -> float:
+    """L2 norm of ``new - old`` over every floating-point array (float64 accumulation)."""
+    total = 0.0
+    for k, v in old.items():
+        a = np.asarray(v)
+        if a.dtype.kind != "f":
+            continue
+        d = np.asarray(new[k], dtype=np.float64) - a.astype(np.float64)
+        total += float(np.dot(d.ravel(), d.ravel()))
+    return math.sqrt(total)
+
+
+def norm_outliers(norms: dict[str, float], multiple: float) -> dict[str, str]:
+    """``{site: reason}`` for updates whose norm exceeds ``multiple`` x the median of the round
+    (``multiple`` 0: off; fewer than three updates: nothing to compare with)."""
+    if multiple <= 0 or len(norms) < MIN_UPDATES_FOR_NORM_CHECK:
+        return {}
+    med = float(np.median(list(norms.values())))
+    if med <= 0.0:
+        return {s: f"update norm {n:.4g} while the round's median is 0" for s, n in norms.items() if n > 0}
+    limit = multiple * med
+    return {s: f"update norm {n:.4g} > {multiple:g} x the round's median {med:.4g} (update-norm-multiple)"
+            for s, n in norms.items() if n > limit}
