@@ -174,7 +174,7 @@ class SitePrivacy:
             module=module, optimizer=optimizer, data_loader=poisson_loader(loader.dataset, self.state.sample_rate,
                                                                            loader.generator),
             noise_multiplier=self.state.noise_multiplier, max_grad_norm=self.state.max_grad_norm,
-            poisson_sampling=False)
+            poisson_sampling=False, grad_sample_mode=self.cfg.grad_sample_mode)
         self._engine = engine
         self._wrapped = module
         return module, optimizer, loader

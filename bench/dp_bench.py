@@ -48,15 +48,18 @@ SCRIPT = Path(__file__).resolve()
 TIMING_SIGMA = 1.0
 
 
-def _privacy(eps: float | None, *, sigma: float | None = None, max_grad_norm: float = 1.0):
-    """PrivacyConfig: eps None/inf -> DP off; sigma given -> fixed noise multiplier, no target."""
+def _privacy(eps: float | None, *, sigma: float | None = None, max_grad_norm: float = 1.0, mode: str | None = None):
+    """PrivacyConfig: eps None/inf -> DP off; sigma given -> fixed noise multiplier, no target.
+    ``mode``: Opacus grad_sample_mode (default: the site file default)."""
     from addiff_core.config import PrivacyConfig
 
+    extra = {"grad_sample_mode": mode} if mode else {}
     if sigma is not None:
-        return PrivacyConfig(enabled=True, target_epsilon=None, noise_multiplier=sigma, max_grad_norm=max_grad_norm)
+        return PrivacyConfig(enabled=True, target_epsilon=None, noise_multiplier=sigma, max_grad_norm=max_grad_norm,
+                             **extra)
     if eps is None or math.isinf(eps):
         return PrivacyConfig(enabled=False)
-    return PrivacyConfig(enabled=True, target_epsilon=float(eps), max_grad_norm=max_grad_norm)
+    return PrivacyConfig(enabled=True, target_epsilon=float(eps), max_grad_norm=max_grad_norm, **extra)
 
 
 def _stage_cfg(cfg, stage: str):
@@ -81,7 +84,8 @@ def bench_step_time(args, device: str, work: Path) -> dict:
     for stage in common.parse_list(args.timing_stages, str):
         scfg = _stage_cfg(cfg, stage)
         tasks = {}
-        for label, priv in (("dp", _privacy(None, sigma=TIMING_SIGMA)), ("no_dp", _privacy(None))):
+        for label, priv in (("dp", _privacy(None, sigma=TIMING_SIGMA, mode=args.grad_sample_mode)),
+                            ("no_dp", _privacy(None))):
             site = dataclasses.replace(base, privacy=priv, state_dir=work / "timing_state" / stage / label)
             tasks[label] = SiteTask(site, scfg)
         n_train = tasks["dp"].data.num_train
@@ -156,7 +160,7 @@ def _child_memory(p: dict) -> dict:
     stage = p["stage"]
     site = load_site_config(p["site_file"])
     ids = sorted(d.name for d in list_cases(site.data_dir))
-    priv = _privacy(None, sigma=TIMING_SIGMA) if p["dp"] else _privacy(None)
+    priv = _privacy(None, sigma=TIMING_SIGMA, mode=p.get("grad_sample_mode")) if p["dp"] else _privacy(None)
     site = dataclasses.replace(site, device=p["device"], state_dir=Path(p["state_dir"]), privacy=priv,
                                heldout=HeldOutConfig(case_ids=tuple(ids[b:]), fraction=None, seed=0),
                                training=dataclasses.replace(site.training, batch_size=b))
@@ -216,7 +220,7 @@ def bench_memory(args, device: str, work: Path, machine: dict) -> dict:
                     payload = {"task": "memory", "site_file": str(files[0]), "size": size, "batch": b, "stage": stage,
                                "dp": dp, "device": device,
                                "state_dir": str(work / "mem_state" / f"{size}_{stage}_{b}_{int(dp)}"),
-                               "threads": args.threads}
+                               "threads": args.threads, "grad_sample_mode": args.grad_sample_mode}
                     r = common.run_child(SCRIPT, payload)
                     runs.append(r)
                     progress(f"  memory {size}^3 {stage} batch {b} {'DP' if dp else 'no DP'}: peak RSS "
@@ -271,7 +275,8 @@ def bench_utility(args, device: str, work: Path, checkpoint=None) -> dict:
             per_site, cases, t_train, t_cpu = {}, [], 0.0, 0.0
             for site in sites:
                 tag = "inf" if math.isinf(eps) else f"{eps:g}"
-                s = dataclasses.replace(site, privacy=_privacy(eps, max_grad_norm=args.max_grad_norm),
+                s = dataclasses.replace(site, privacy=_privacy(eps, max_grad_norm=args.max_grad_norm,
+                                                                        mode=args.grad_sample_mode),
                                         state_dir=work / "utility_state" / kind / tag / site.name,
                                         training=dataclasses.replace(site.training, batch_size=args.batch_size))
                 task = SiteTask(s, kcfg)
@@ -464,6 +469,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-timing", action="store_true")
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument("--skip-utility", action="store_true")
+    p.add_argument("--grad-sample-mode", choices=("functorch", "hooks", "ew"), default=None,
+                   help="Opacus per-sample gradient mode (default: the site-file default, functorch)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (default: torch's choice); 1 is steadier on a shared machine")
     p.add_argument("--seed", type=int, default=0)

@@ -164,7 +164,8 @@ class Federation:
         self.buffers = frozenset(k for k in init if k not in params)  # travel unpacked (see protocol.encode)
         self.groups = list(dict.fromkeys(k.split(".", 1)[0] for k in init))  # vae, diffusion | unet
         self.strategy = build_strategy(s.strategy, min_sites=s.required_sites, proximal_mu=s.proximal_mu,
-                                       fedadam=s.fedadam, buffer_keys=self.buffers, trim_beta=s.trim_beta)
+                                       fedadam=s.fedadam, buffer_keys=self.buffers, trim_beta=s.trim_beta,
+                                       central_dp=s.central_dp)
         self.vae_sent = False  # the full VAE went to every site at least once by this server process
         self.bytes: dict[str, list[int]] = {}
 

@@ -36,6 +36,9 @@ DEFAULTS: dict[str, Any] = {
     "fedadam-beta-2": 0.99,
     "fedadam-tau": 1e-5,
     "trim-beta": 0.2,
+    "central-dp-noise": 0.0,
+    "central-dp-clip": 1.0,
+    "central-dp-delta": 1e-3,
     "min-sites": 0,
     "round-retries": 2,
     "max-num-examples": 100000,
@@ -75,6 +78,7 @@ class RunSettings:
     proximal_mu: float = 0.01
     fedadam: dict[str, float] = field(default_factory=dict)
     trim_beta: float = 0.2  # fedtrimmedavg: fraction cut at each end
+    central_dp: dict[str, float] = field(default_factory=dict)  # noise (0: off), clip, delta
     min_sites: int = 0  # 0: as many as site_files
     round_retries: int = 2  # a round with too few usable replies is tried again this many times
     max_num_examples: int = 100000  # a reply claiming more training cases is rejected
@@ -165,6 +169,13 @@ def from_run_config(run_config: Mapping[str, Any]) -> RunSettings:
         raise ConfigError("run config: unet-rounds must be >= 1 for the unet model")
     if not 0.0 <= c["trim-beta"] < 0.5:
         raise ConfigError(f"run config: trim-beta: must be in [0, 0.5), got {c['trim-beta']!r}")
+    if c["central-dp-noise"] > 0:
+        if strategy != "fedavg":
+            raise ConfigError(f"run config: central-dp-noise: central DP needs strategy fedavg, got {strategy!r}")
+        if c["central-dp-clip"] <= 0:
+            raise ConfigError("run config: central-dp-clip: must be > 0")
+        if not 0 < c["central-dp-delta"] < 1:
+            raise ConfigError(f"run config: central-dp-delta: must be in (0, 1), got {c['central-dp-delta']!r}")
     if c["max-num-examples"] < 1:
         raise ConfigError("run config: max-num-examples: must be >= 1")
     if 0 < c["update-norm-multiple"] < 1:
@@ -176,7 +187,8 @@ def from_run_config(run_config: Mapping[str, Any]) -> RunSettings:
         unet_rounds=c["unet-rounds"], local_epochs=c["local-epochs"], proximal_mu=c["proximal-mu"],
         fedadam={"eta": c["fedadam-eta"], "beta_1": c["fedadam-beta-1"], "beta_2": c["fedadam-beta-2"],
                  "tau": c["fedadam-tau"]},
-        trim_beta=c["trim-beta"], min_sites=c["min-sites"], round_retries=c["round-retries"],
+        trim_beta=c["trim-beta"], min_sites=c["min-sites"],
+        central_dp={"noise": c["central-dp-noise"], "clip": c["central-dp-clip"], "delta": c["central-dp-delta"]}, round_retries=c["round-retries"],
         max_num_examples=c["max-num-examples"], update_norm_multiple=c["update-norm-multiple"], seed=c["seed"], round_timeout=c["round-timeout"], resume=c["resume"],
         stop_after_round=c["stop-after-round"], eval_steps=c["eval-steps"], eval_gamma=c["eval-gamma"], raw=c)
 

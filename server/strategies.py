@@ -19,7 +19,9 @@ from collections.abc import Iterable
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyServerSideFixedClipping, FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg,
+)
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from .protocol import NUM_EXAMPLES, SITE_KEY
@@ -114,12 +116,60 @@ class StagedFedAdam(_Staged, FedAdam):
         self.stage_keys = frozenset(keys) if keys else None
 
 
+UNIFORM_KEY = "central-dp-weight"
+
+
+class CentralDP(DifferentialPrivacyServerSideFixedClipping):
+    """Client-level central DP: Flower's server-side fixed clipping wrapper around a uniformly
+    weighted FedAvg. Each site's update is clipped to L2 norm ``clipping_norm`` and Gaussian noise
+    of std ``noise_multiplier * clipping_norm / n`` is added to the mean of the ``n`` aggregated
+    updates, i.e. the Gaussian mechanism on the mean with sensitivity ``clipping_norm / n``
+    (uniform weights: a case-weighted mean would have a larger sensitivity). The cumulative
+    client-level epsilon is the RDP composition of one such release per round (Opacus'
+    accountant, sampling rate 1: every connected site takes part in every round)."""
+
+    def __init__(self, inner, *, noise_multiplier: float, clipping_norm: float, delta: float):
+        super().__init__(inner, noise_multiplier, clipping_norm, num_sampled_clients=1)
+        self.delta = float(delta)
+        self.releases = 0
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = ordered(replies)
+        for r in replies:  # uniform weights (see class docstring)
+            r.content["metrics"][UNIFORM_KEY] = 1.0
+        self.num_sampled_clients = max(len(replies), 1)  # noise std = sigma * C / (updates averaged)
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        if arrays is not None:
+            self.releases += 1
+        metrics = MetricRecord({k: v for k, v in dict(metrics or {}).items() if k != UNIFORM_KEY})
+        metrics["central_dp_epsilon"] = self.epsilon()
+        return arrays, metrics
+
+    def epsilon(self) -> float:
+        from addiff_core.privacy import epsilon_of
+
+        return epsilon_of([(self.noise_multiplier, 1.0, self.releases)], self.delta) if self.releases else 0.0
+
+    def state_dict(self) -> dict:
+        return {"central_dp_releases": self.releases}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.releases = int(state.get("central_dp_releases", 0))
+
+
 def build_strategy(name: str, *, min_sites: int, proximal_mu: float = 0.0, fedadam: dict | None = None,
-                   buffer_keys: Iterable[str] = (), trim_beta: float = 0.2):
+                   buffer_keys: Iterable[str] = (), trim_beta: float = 0.2, central_dp: dict | None = None):
     """The strategy named in the run config; every connected site trains every round (a round
     starts once ``min_sites`` SuperNodes are connected)."""
     common = dict(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=min_sites,
                   min_evaluate_nodes=min_sites, min_available_nodes=min_sites, weighted_by_key=NUM_EXAMPLES)
+    if central_dp and central_dp.get("noise", 0) > 0:
+        if name != "fedavg":
+            raise ValueError("central DP (central-dp-noise > 0) works with strategy fedavg only")
+        inner = StagedFedAvg(**{**common, "weighted_by_key": UNIFORM_KEY})
+        return CentralDP(inner, noise_multiplier=central_dp["noise"], clipping_norm=central_dp["clip"],
+                         delta=central_dp["delta"])
     if name == "fedavg":
         return StagedFedAvg(**common)
     if name == "fedprox":

@@ -296,3 +296,40 @@ def test_robust_aggregation_in_the_loop(sites, tmp_path, strategy):
     for k in replies[0]:
         want = np.median(np.stack([r[k] for r in replies]), axis=0)
         np.testing.assert_allclose(state[k].numpy(), want.reshape(state[k].shape), rtol=1e-5, atol=1e-7)
+
+
+# ------------------------------------------------------------------------------------------
+# optional client-level central DP (Flower's server-side fixed clipping)
+# ------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_central_dp_clips_each_update_adds_noise_and_accounts_per_round(sites, tmp_path):
+    from addiff_core.privacy import epsilon_of
+
+    def run(name, noise, clip):
+        cap = Capture()
+        run_dir = tmp_path / name
+        s = settings(run_dir, sites, **{"unet-rounds": 2, "central-dp-noise": noise, "central-dp-clip": clip,
+                                        "central-dp-delta": 1e-3})
+        Federation(FakeGrid(len(sites), client_app=cap), s, send_site_files=True).run()
+        layout = layout_from_json(str(cap.sent[0][0].content[CONFIG_KEY]["layout"]))
+        sent = decode(from_record(cap.sent[0][0].content[ARRAYS_KEY]), layout)
+        r1 = [decode(w, layout) for _, r, w in cap.sent[:3]]
+        g1, _, _ = load_checkpoint(run_dir / "checkpoints" / "round_0001.pt")
+        return run_dir, sent, r1, {k: g1[k].numpy().reshape(sent[k].shape) for k in sent}
+
+    # no effective clipping, negligible noise: the global model is the UNIFORM mean of the sites
+    _, sent, r1, g1 = run("wide", 1e-9, 1e3)  # noise std 1e-9 * 1e3 / 3
+    for k in sent:
+        np.testing.assert_allclose(g1[k], np.mean([r[k] for r in r1], axis=0), rtol=1e-4, atol=5e-6)
+    # a tight clip: the global step is at most the clipping norm, whatever the sites did
+    run_dir, sent, r1, g1 = run("tight", 1e-9, 1e-3)
+    assert max(update_norm(r, sent) for r in r1) > 0.01  # the sites moved far more than the clip
+    assert update_norm(g1, sent) <= 1e-3 * (1 + 1e-3)
+    # one release per round, RDP-composed (sampling rate 1)
+    eps = [r["central_dp_epsilon"] for r in rows(run_dir, "round")]
+    assert eps[0] == pytest.approx(epsilon_of([(1e-9, 1.0, 1)], 1e-3)) and eps[1] > eps[0]
+    # noise on: the same sites and clip give a different global model, run to run
+    _, _, _, g_noisy = run("noisy", 1.0, 1e-3)
+    assert any(not np.allclose(g_noisy[k], g1[k]) for k in g1)
+    with pytest.raises(Exception, match="fedavg"):
+        settings(tmp_path / "x", sites, **{"central-dp-noise": 1.0, "strategy": "fedmedian"})
