@@ -11,9 +11,26 @@ import sys
 import time
 from pathlib import Path
 
-# what flower-supernode prints when the SuperLink refuses to activate it (its exit status is 1)
+# what flower-supernode prints when the SuperLink refuses to activate it (its exit status is 1):
+# the SuperLink (up, authentication on) holds no node with this public key, or the node with this
+# key is still marked online (a SuperNode with this key stopped less than ~60 s ago, or runs
+# elsewhere). Its own log says which ("No SuperNode found with the given public key" / "could
+# not be activated").
 ACTIVATION_FAILED = "Failed to activate SuperNode"
+# ... and when the SuperLink requires authentication but this node has no --auth-key
+AUTH_REQUIRED = "All SuperNodes must be registered via the CLI"
 RETRY_SECONDS = 5
+
+
+def _refused(superlink: str, key: Path | None) -> str:
+    if key is None:
+        return (f"the SuperLink at {superlink} refused to activate this SuperNode; ask the server operator "
+                "(SuperLink log) why")
+    pub = key.with_name(key.name + ".pub")
+    return (f"the SuperLink at {superlink} refused to activate this SuperNode: its public key "
+            f"({pub if pub.is_file() else 'the public half of ' + str(key)}) is not registered there (send it "
+            "to the server operator: addiff server start --auth --authorized-keys KEY.pub), or a SuperNode "
+            "with this key is still connected (one stopped less than a minute ago counts)")
 
 
 def cmd_client_start(args) -> int:
@@ -49,6 +66,7 @@ def cmd_client_start(args) -> int:
         if not ca.is_file():
             raise UserError(f"{ca}: CA certificate not found")
         cmd += ["--root-certificates", str(ca)]
+    key = None
     if args.auth_key:
         key = resolve_path(args.auth_key, Path.cwd())
         if not key.is_file():
@@ -65,11 +83,21 @@ def cmd_client_start(args) -> int:
     launch.exit_on_sigterm()
     for attempt in range(args.activation_retries + 1):
         seen: set[str] = set()
-        rc = launch.run_foreground(cmd, env=env, watch=[ACTIVATION_FAILED], seen=seen)
-        if rc == 0 or ACTIVATION_FAILED not in seen or attempt == args.activation_retries:
+        rc = launch.run_foreground(cmd, env=env, watch=[ACTIVATION_FAILED, AUTH_REQUIRED], seen=seen)
+        if rc == 0:
+            return 0
+        if AUTH_REQUIRED in seen:
+            print(f"addiff: error: the SuperLink at {args.superlink} requires SuperNode authentication: pass "
+                  "--auth-key with this site's private key (addiff certs node-key) whose public key the server "
+                  "operator registered", file=sys.stderr, flush=True)
             return rc
-        print(f"SuperNode could not join the federation (SuperLink not up yet, or -- with authentication -- this "
-              f"node's public key not registered yet); retrying in {RETRY_SECONDS} s "
+        if ACTIVATION_FAILED not in seen:
+            return rc
+        if attempt == args.activation_retries:
+            print(f"addiff: error: {_refused(args.superlink, key)}; gave up after {attempt + 1} attempt(s)",
+                  file=sys.stderr, flush=True)
+            return rc
+        print(f"SuperNode could not join yet: {_refused(args.superlink, key)}; retrying in {RETRY_SECONDS} s "
               f"({args.activation_retries - attempt} retries left)", file=sys.stderr, flush=True)
         time.sleep(RETRY_SECONDS)
     return rc
@@ -89,7 +117,8 @@ def add_parser(sub) -> None:
     s.add_argument("--threads", type=int, help="CPU threads for training (OMP_NUM_THREADS)")
     s.add_argument("--max-retries", type=int, help="give up after this many failed connection attempts")
     s.add_argument("--activation-retries", type=int, default=60,
-                   help=f"retry joining this often ({RETRY_SECONDS} s apart) while the SuperLink is not up or "
-                        "this node's key is not registered yet (default 60)")
+                   help=f"retry joining this often ({RETRY_SECONDS} s apart) while the SuperLink refuses this node "
+                        "(its key not registered yet, or a SuperNode with this key stopped less than a minute ago; "
+                        "default 60). A SuperLink that is not up yet is waited for without limit (--max-retries)")
     s.add_argument("--flwr-home", help="Flower's state folder for this SuperNode (default $FLWR_HOME or ~/.flwr)")
     s.set_defaults(func=cmd_client_start)

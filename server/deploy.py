@@ -39,17 +39,88 @@ def _connect_host(bind_host: str, cert: Path | None) -> str:
     return hosts[0] if hosts else "127.0.0.1"
 
 
+ALREADY_REGISTERED = "Public key already in use"  # flwr supernode register, code 23
+
+
+def _plain_lines(text: str) -> list[str]:
+    """Lines of Flower CLI output without ANSI colours, box drawing and blank lines."""
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;]*m", "", text)
+    out = []
+    for line in text.splitlines():
+        line = line.strip().strip("│╭╮╰╯─┃━ ").strip()
+        if line and not line.startswith("Using SuperLink:"):
+            out.append(line)
+    return out
+
+
 def register_keys(keys: list[Path], env: dict, flwr_home: Path) -> None:
+    """Register each public key with the SuperLink (``flwr supernode register``). A key the
+    SuperLink's state database already holds (a restart or ``--resume`` with the same database)
+    is fine: that hospital keeps its node id."""
+    from addiff_core.cli import UserError
+
     from . import launch
 
     for key in keys:
         name = key.name[:-4] if key.name.endswith(".pub") else key.stem
-        res = subprocess.run([launch.executable("flwr"), "supernode", "register", str(key), PROFILE, "--name", name],
-                             env=env, capture_output=True, text=True, cwd=str(flwr_home))
-        out = (res.stdout + res.stderr).strip().splitlines()
-        if res.returncode != 0:
-            raise RuntimeError(f"registering {key} failed: {out[-1] if out else res.returncode}")
-        print(f"registered SuperNode key {key} as {name!r}", flush=True)
+        res = subprocess.run([launch.executable("flwr"), "supernode", "register", str(key), PROFILE, "--name", name,
+                              "--format", "json"], env=env, capture_output=True, text=True, cwd=str(flwr_home))
+        try:
+            doc = json.loads(res.stdout)
+        except ValueError:
+            doc = {}
+        if doc.get("success"):
+            print(f"registered SuperNode key {key} as {name!r} (node id {doc.get('node-id')})", flush=True)
+            continue
+        msg = str(doc.get("error-message") or (res.stdout + "\n" + res.stderr))
+        if ALREADY_REGISTERED in msg:
+            print(f"SuperNode key {key} ({name!r}) is already registered with this SuperLink", flush=True)
+            continue
+        lines = _plain_lines(msg)
+        raise UserError(f"registering {key} failed: {' '.join(lines[:3]) if lines else f'exit {res.returncode}'}")
+
+
+LIVE_RUN_STATUSES = ("pending", "starting", "running")
+
+
+def stop_stale_runs(env: dict, flwr_home: Path) -> list[str]:
+    """Stop the runs that the SuperLink's state database still holds as pending/running: on
+    ``--resume`` they are left over from the start that was interrupted (their ServerApp is
+    gone). Flower would mark them failed only when it misses their heartbeat (about a minute
+    later); until then a SuperNode that pulls one of their messages waits on it instead of
+    training the resumed run, and a ServerApp of the old run that outlived the crash could go
+    on next to the resumed one. Returns the run ids stopped."""
+    from . import launch
+
+    flwr = launch.executable("flwr")
+    res = subprocess.run([flwr, "ls", PROFILE, "--format", "json"], env=env, capture_output=True, text=True,
+                         cwd=str(flwr_home))
+    try:
+        runs = json.loads(res.stdout).get("runs", [])
+    except ValueError:
+        print(f"WARNING: could not list the SuperLink's runs: {' '.join(_plain_lines(res.stdout + res.stderr)[:2])}",
+              file=sys.stderr, flush=True)
+        return []
+    stopped = []
+    for run in runs:
+        run_id, status = str(run.get("run-id", "")), str(run.get("status", ""))
+        if not run_id or not status.startswith(LIVE_RUN_STATUSES):
+            continue
+        out = subprocess.run([flwr, "stop", run_id, PROFILE, "--format", "json"], env=env, capture_output=True,
+                             text=True, cwd=str(flwr_home))
+        try:
+            ok = bool(json.loads(out.stdout).get("success"))
+        except ValueError:
+            ok = False
+        if ok:
+            stopped.append(run_id)
+            print(f"stopped run {run_id} ({status}), left over from the interrupted start", flush=True)
+        else:
+            print(f"WARNING: could not stop the left-over run {run_id} ({status}): "
+                  f"{' '.join(_plain_lines(out.stdout + out.stderr)[:3])}", file=sys.stderr, flush=True)
+    return stopped
 
 
 def build_run_config(args, run_dir: Path) -> dict[str, Any]:
@@ -140,6 +211,8 @@ def cmd_server_start(args) -> int:
         launch.write_flwr_config(flwr_home, PROFILE, connect, root_certificates=tls.get("ca"), insecure=args.insecure)
         if keys:
             register_keys(keys, env, flwr_home)
+        if args.resume:
+            stop_stale_runs(env, flwr_home)
         if args.no_run:
             print(f"SuperLink running (PID {superlink.pid}); submit with:\n"
                   f"  FLWR_HOME={flwr_home} flwr run {root} {PROFILE} --stream\nCtrl-C stops it.", flush=True)

@@ -168,6 +168,7 @@ class Federation:
                                        central_dp=s.central_dp)
         self.vae_sent = False  # the full VAE went to every site at least once by this server process
         self.bytes: dict[str, list[int]] = {}
+        self.round_seconds: dict[str, list[float]] = {}  # for the time estimate in the round log
 
     # -- helpers ------------------------------------------------------------------------------
     def _base_config(self) -> dict[str, Any]:
@@ -391,11 +392,22 @@ class Federation:
         self.bytes.setdefault(rnd.stage, []).append(summary["bytes_down"] + summary["bytes_up"])
         self.rd.append_metrics(rows + [summary])
         path = self._checkpoint(rnd, {"sites": summary["sites"]})
-        log.info("round %d/%d (%s %d/%d): %d site(s), loss %.4g, %.1f s, %.2f MB down / %.2f MB up -> %s",
+        self.round_seconds.setdefault(rnd.stage, []).append(seconds)
+        log.info("round %d/%d (%s %d/%d): %d site(s), loss %.4g, %.1f s, %.2f MB down / %.2f MB up -> %s%s",
                  rnd.number, s.num_rounds, rnd.stage, rnd.stage_round, rnd.stage_rounds, len(good),
                  float(summary.get("train_loss", float("nan"))), seconds, summary["bytes_down"] / 1e6,
-                 summary["bytes_up"] / 1e6, path.name)
+                 summary["bytes_up"] / 1e6, path.name, self._eta(rnd))
         return summary
+
+    def _eta(self, rnd: Round) -> str:
+        """'; about 3 min left' from the mean round time of each stage so far (a stage not yet
+        seen counts like the current one)."""
+        left = [r for r in self.settings.schedule if r.number > rnd.number]
+        if not left:
+            return ""
+        mean = {st: sum(v) / len(v) for st, v in self.round_seconds.items()}
+        secs = sum(mean.get(r.stage, mean[rnd.stage]) for r in left)
+        return f"; {len(left)} round(s) left, about " + (f"{secs:.0f} s" if secs < 90 else f"{secs / 60:.1f} min")
 
     # -- final evaluation ---------------------------------------------------------------------
     def final_evaluation(self) -> list[dict]:

@@ -107,3 +107,80 @@ def cli(*args) -> list[str]:
     import sys
 
     return [sys.executable, "-m", "addiff_core.cli", *map(str, args)]
+
+
+# ------------------------------------------------------------------------------------------
+# failure tests (tests/test_federation_failures.py): crashes by PID, polling, run folder rows
+# ------------------------------------------------------------------------------------------
+def kill_tree(proc) -> list[int]:
+    """Crash a process a test started: SIGSTOP it, its process group and every descendant
+    (Flower's SuperExec, flwr-serverapp and flwr-clientapp run in sessions of their own), then
+    SIGKILL them all, by PID (start times checked). Returns the PIDs killed."""
+    import os
+    import signal
+
+    from server.launch import _proc_stat, descendants
+
+    def group_and_tree() -> set[tuple[int, int]]:
+        out = set(descendants(proc.pid))
+        st = _proc_stat(proc.pid)
+        if st is not None:
+            out.add((proc.pid, st[1]))
+        return out
+
+    def send(targets, sig) -> None:
+        try:
+            os.killpg(proc.pid, sig)  # Processes.start: each process leads its own session
+        except (ProcessLookupError, PermissionError):
+            pass
+        for pid, start in targets:
+            st = _proc_stat(pid)
+            if st is not None and st[1] == start:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+
+    targets = group_and_tree()
+    send(targets, signal.SIGSTOP)  # frozen: nothing spawns or exits cleanly between listing and killing
+    targets |= group_and_tree()
+    send(targets, signal.SIGKILL)
+    proc.wait(timeout=20)
+    return sorted(pid for pid, _ in targets)
+
+
+def wait_until(pred, timeout: float, what: str, *, interval: float = 0.5, watch=(), logs=None):
+    """Poll ``pred()`` until it returns something truthy (returned), else fail with ``what``
+    (and ``logs()``). A process of ``watch`` that exits meanwhile fails it at once."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        val = pred()
+        if val:
+            return val
+        dead = [p for p in watch if p.poll() is not None]
+        if dead or time.monotonic() > deadline:
+            why = f"exited with {dead[0].returncode}" if dead else f"not within {timeout:.0f} s"
+            raise AssertionError(f"{what}: {why}\n{logs() if logs else ''}")
+        time.sleep(interval)
+
+
+def read_text(path) -> str:
+    from pathlib import Path
+
+    p = Path(path)
+    return p.read_text(errors="replace") if p.is_file() else ""
+
+
+def metrics_rows(run_dir) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in read_text(run_dir / "metrics.jsonl").splitlines() if line.strip()]
+
+
+def tail_logs(folder, chars: int = 3000) -> str:
+    """The end of every *.log under ``folder`` (for assertion messages)."""
+    from pathlib import Path
+
+    return "\n".join(f"--- {p}\n{read_text(p)[-chars:]}" for p in sorted(Path(folder).rglob("*.log")))
