@@ -166,8 +166,10 @@ class SiteTask:
                         grad_clip=tcfg.grad_clip, prox=prox, progress=self.progress,
                         desc=f"{self.site.name} {stage} r{server_round} e{e + 1}/{epochs}")
                     history.append(m)
-                    log.info("site %s: %s round %d epoch %d/%d: loss %.4f (%.1f s)", self.site.name, stage,
-                             server_round, e + 1, epochs, m["loss"], m["seconds"])
+                    left = (epochs - e - 1) * sum(h["seconds"] for h in history) / len(history)
+                    log.info("site %s: %s round %d epoch %d/%d: loss %.4f (%.1f s%s)", self.site.name, stage,
+                             server_round, e + 1, epochs, m["loss"], m["seconds"],
+                             f"; ~{left:.0f} s left in this round" if left > 0 else "")
             finally:
                 if dp is not None:
                     dp.commit()

@@ -167,6 +167,7 @@ class Federation:
                                        fedadam=s.fedadam, buffer_keys=self.buffers, trim_beta=s.trim_beta,
                                        central_dp=s.central_dp)
         self.vae_sent = False  # the full VAE went to every site at least once by this server process
+        self.site_names: dict[int, str] = {}  # node id -> site name, learnt from the sites' replies
         self.bytes: dict[str, list[int]] = {}
         self.round_seconds: dict[str, list[float]] = {}  # for the time estimate in the round log
 
@@ -264,9 +265,42 @@ class Federation:
             "sites_planned": [str(p) for p in s.site_files]})
         return 1
 
+    # -- who a reply is about ------------------------------------------------------------------
+    @staticmethod
+    def _sent(msgs) -> dict[str, int]:
+        """message id -> destination node of messages the Grid has pushed (it sets the ids)."""
+        return {m.metadata.message_id: m.metadata.dst_node_id for m in msgs if m.metadata.message_id}
+
+    @staticmethod
+    def _node_of(reply, sent: dict[str, int]) -> int:
+        """The SuperNode a reply is about. Error replies the SuperLink makes itself
+        (NODE_UNAVAILABLE once a node missed its heartbeats, REPLY_MESSAGE_UNAVAILABLE) come from
+        node 1 (SUPERLINK_NODE_ID): the message they answer says which node it went to."""
+        return sent.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+
+    def _site_of(self, reply, node: int) -> str:
+        site = site_of(reply)
+        if reply.has_error() or site == f"node-{reply.metadata.src_node_id}":
+            return self.site_names.get(node, f"node-{node}")
+        self.site_names[node] = site
+        return site
+
+    def _unanswered(self, msgs, replies, sent: dict[str, int], base: dict, timeout: float) -> list[dict]:
+        """Error rows for the nodes that got a message but sent nothing back within ``timeout``."""
+        got = {self._node_of(r, sent) for r in replies}
+        rows = []
+        for m in msgs:
+            node = m.metadata.dst_node_id
+            if node not in got:
+                site = self.site_names.get(node, f"node-{node}")
+                log.warning("round %s: %s (node %s) sent no reply within %.0f s", base["round"], site, node, timeout)
+                rows.append({"kind": "error", **base, "site": site, "node_id": node,
+                             "reason": f"no reply within the round timeout ({timeout:g} s)"})
+        return rows
+
     # -- one training round -------------------------------------------------------------------
-    def _screen_replies(self, rnd: Round, replies, wire: dict, down: dict, attempt: int
-                        ) -> tuple[list, list[dict], int]:
+    def _screen_replies(self, rnd: Round, replies, wire: dict, down: dict, attempt: int,
+                        sent: dict[str, int] | None = None) -> tuple[list, list[dict], int]:
         """Sort the replies of a round: failed (error, timeout), refused (privacy budget),
         rejected (:mod:`server.validation`), or good. Returns (good replies, metrics rows, number
         of sites that answered: good + rejected + refused)."""
@@ -277,7 +311,8 @@ class Federation:
         candidates: list[tuple[Any, dict]] = []
         answered = 0
         for r in ordered(replies):
-            site, node = site_of(r), r.metadata.src_node_id
+            node = self._node_of(r, sent or {})
+            site = self._site_of(r, node)
             status = "" if r.has_error() else str(r.content.config_records.get(SITE_KEY, {}).get("status", ""))
             if status == STATUS_REFUSED:
                 answered += 1
@@ -339,6 +374,9 @@ class Federation:
         by_node = {m.metadata.dst_node_id: m for m in msgs}
         down = {m.metadata.dst_node_id: record_nbytes(m.content[ARRAYS_KEY]) for m in msgs}
         replies = list(self.grid.send_and_receive(msgs, timeout=s.round_timeout))
+        sent = self._sent(msgs)
+        base = {"round": rnd.number, "stage": rnd.stage, "attempt": attempt}
+        missing = self._unanswered(msgs, replies, sent, base, s.round_timeout)
 
         # sites that lack (or hold a different) global VAE get the round again, with it
         need = [r for r in replies if not r.has_error() and r.content.config_records.get(SITE_KEY, {}).get(
@@ -350,11 +388,15 @@ class Federation:
                 down[m.metadata.dst_node_id] += record_nbytes(m.content[ARRAYS_KEY])
             need_ids = {r.metadata.src_node_id for r in need}
             replies = [r for r in replies if r.metadata.src_node_id not in need_ids]
-            replies += list(self.grid.send_and_receive(again, timeout=s.round_timeout))
+            again_replies = list(self.grid.send_and_receive(again, timeout=s.round_timeout))
+            sent.update(self._sent(again))
+            missing += self._unanswered(again, again_replies, sent, base, s.round_timeout)
+            replies += again_replies
         if rnd.stage == "diffusion":
             self.vae_sent = True
 
-        good, rows, answered = self._screen_replies(rnd, replies, wire, down, attempt)
+        good, rows, answered = self._screen_replies(rnd, replies, wire, down, attempt, sent)
+        rows += missing
         if answered < s.required_sites or not good:
             for row in rows:  # nothing of this attempt is aggregated
                 if row["kind"] == "train":
@@ -419,16 +461,20 @@ class Federation:
                   LAYOUT_KEY: layout_to_json(layout)}
         msgs = list(self.strategy.configure_evaluate(s.num_rounds, to_record(wire), ConfigRecord(config), self.grid))
         replies = list(self.grid.send_and_receive(msgs, timeout=s.round_timeout))
+        sent = self._sent(msgs)
         rows, errors = [], []
         for r in ordered(replies):
+            node = self._node_of(r, sent)
+            site = self._site_of(r, node)
             if r.has_error() or METRICS_KEY not in r.content.metric_records:
                 reason = r.error.reason if r.has_error() else "reply without metrics"
-                errors.append({"kind": "error", "round": s.num_rounds, "stage": "final", "site": site_of(r),
-                               "reason": reason})
-                log.warning("final evaluation: %s failed: %s", site_of(r), reason)
+                errors.append({"kind": "error", "round": s.num_rounds, "stage": "final", "site": site,
+                               "node_id": node, "reason": reason})
+                log.warning("final evaluation: %s failed: %s", site, reason)
                 continue
             m = dict(r.content[METRICS_KEY])
-            rows.append({"site": site_of(r), "cases": int(m.pop(NUM_EXAMPLES, 0)), **m})
+            rows.append({"site": site, "cases": int(m.pop(NUM_EXAMPLES, 0)), **m})
+        errors += self._unanswered(msgs, replies, sent, {"round": s.num_rounds, "stage": "final"}, s.round_timeout)
         self.rd.append_metrics(errors + [{"kind": "final", "round": s.num_rounds, **row} for row in rows])
         write_tables(self.rd.path, rows)
         return rows

@@ -333,3 +333,30 @@ def test_central_dp_clips_each_update_adds_noise_and_accounts_per_round(sites, t
     assert any(not np.allclose(g_noisy[k], g1[k]) for k in g1)
     with pytest.raises(Exception, match="fedavg"):
         settings(tmp_path / "x", sites, **{"central-dp-noise": 1.0, "strategy": "fedmedian"})
+
+
+class SilentGrid(FakeGrid):
+    """A site that never answers in the given rounds (hangs past the round timeout)."""
+
+    def __init__(self, n, silent_index: int, rounds):
+        super().__init__(n)
+        self.silent, self.rounds = self.node_ids[silent_index], set(rounds)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        keep = [m for m in messages if not (m.metadata.dst_node_id == self.silent and m.metadata.message_type == "train"
+                                            and int(m.content[CONFIG_KEY]["server-round"]) in self.rounds)]
+        return super().send_and_receive(keep, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_a_site_that_never_answers_is_recorded_by_name_and_the_round_goes_on(sites, tmp_path):
+    run_dir = tmp_path / "run"
+    grid = SilentGrid(len(sites), 1, rounds={2})
+    out = Federation(grid, settings(run_dir, sites, **{"min-sites": 2, "unet-rounds": 2, "round-timeout": 7.0}),
+                     send_site_files=True).run()
+    assert out["status"] == "complete"
+    err = rows(run_dir, "error")
+    # named by the site it was in round 1, with the timeout as the reason
+    assert [(r["round"], r["site"], r["node_id"]) for r in err] == [(2, sites[1].stem, grid.node_ids[1])]
+    assert "no reply within the round timeout (7 s)" in err[0]["reason"]
+    assert rows(run_dir, "round")[1]["sites"] == sorted([sites[0].stem, sites[2].stem])
