@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .protocol import project_root, resolve_path
+from .settings import STRATEGIES
 
 PROFILE = "addiff"
 
@@ -125,12 +126,14 @@ def stop_stale_runs(env: dict, flwr_home: Path) -> list[str]:
 
 def build_run_config(args, run_dir: Path) -> dict[str, Any]:
     from .settings import DEFAULTS
-    from .simulate import _kind_of, parse_rounds
+    from .simulate import _kind_of, parse_rounds, parse_sets
 
     if args.resume:
         stored = json.loads((run_dir / "run.json").read_text())["run_config"]
+        from .simulate import parse_sets
+
         rc = {**stored, "run-dir": str(run_dir), "resume": True, "stop-after-round": int(args.stop_after_round or 0),
-              "min-sites": args.min_sites}
+              "min-sites": args.min_sites, **parse_sets(args.set)}
         return rc
     model_config = resolve_path(args.config, Path.cwd()) if args.config else resolve_path(DEFAULTS["model-config"])
     rc = {**DEFAULTS, "run-dir": str(run_dir), "site-files": "", "model-config": str(model_config),
@@ -145,6 +148,7 @@ def build_run_config(args, run_dir: Path) -> dict[str, Any]:
             rc[key] = val
     if args.no_gamma:
         rc["eval-gamma"] = False
+    rc.update(parse_sets(args.set))
     return rc
 
 
@@ -266,7 +270,10 @@ def add_parser(sub) -> None:
     s.add_argument("--config", help="model config YAML (default configs/demo.yaml)")
     s.add_argument("--size", type=int, help="model grid size (default: the model config's)")
     s.add_argument("--rounds", help="VAE,DIFFUSION rounds (e.g. 3,4); N for unet")
-    s.add_argument("--strategy", choices=("fedavg", "fedprox", "fedadam"), default="fedavg")
+    s.add_argument("--strategy", choices=STRATEGIES, default="fedavg",
+                   help="aggregation: fedavg, fedprox, fedadam, or robust fedmedian / fedtrimmedavg")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any run-config key (docs/FEDERATION.md), e.g. round-retries=1 central-dp-noise=1.0")
     s.add_argument("--proximal-mu", type=float)
     s.add_argument("--local-epochs", type=int, help="local epochs per round (default: each site file's)")
     s.add_argument("--eval-steps", type=int)

@@ -289,3 +289,23 @@ def test_certificates_and_node_keys(tmp_path):
     from flwr.cli.supernode.register import try_load_public_key
 
     assert try_load_public_key(pub)
+
+
+def test_set_overrides_are_typed_and_checked():
+    from addiff_core.config import ConfigError
+    from server.simulate import parse_sets
+    from server.settings import from_run_config
+
+    got = parse_sets(["min-sites=2", "eval-gamma=false", "update-norm-multiple=5", "strategy=fedmedian",
+                      "central-dp-noise=1.5"])
+    assert got == {"min-sites": 2, "eval-gamma": False, "update-norm-multiple": 5, "strategy": "fedmedian",
+                   "central-dp-noise": 1.5}
+    with pytest.raises(ConfigError, match="bogus"):
+        parse_sets(["bogus=1"])
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        parse_sets(["min-sites"])
+    for bad, msg in ((dict(got), "central DP needs strategy fedavg"), ({"trim-beta": 0.5}, "trim-beta"),
+                     ({"update-norm-multiple": 0.5}, "update-norm-multiple"), ({"min-sites": "abc"}, "must be int"),
+                     ({"max-num-examples": 0}, "max-num-examples"), ({"strategy": "krum"}, "strategy")):
+        with pytest.raises(ConfigError, match=msg):
+            from_run_config(bad)
