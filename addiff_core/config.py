@@ -242,7 +242,8 @@ class PrivacyConfig:
     noise_multiplier: float | None = None  # used instead of target_epsilon when set
     accountant: str = "rdp"  # rdp | prv
     # how Opacus computes per-sample gradients: functorch (torch.func.vmap, default: ~5x faster
-    # than hooks for our 3D convolutions on a CPU), hooks (Opacus' per-layer grad samplers), ew
+    # than hooks for our 3D convolutions on a CPU), hooks (Opacus' per-layer grad samplers); Opacus'
+    # "ew" (expanded weights) leaves some of our parameters without per-sample gradients
     grad_sample_mode: str = "functorch"
 
 
@@ -316,7 +317,7 @@ def site_config_from_dict(data: Any, source: str | Path, base_dir: Path | None =
         max_grad_norm=p.number("max_grad_norm", dp.max_grad_norm, minimum=0, exclusive_min=True),
         noise_multiplier=p.number("noise_multiplier", None, minimum=0, exclusive_min=True),
         accountant=p.string("accountant", dp.accountant, choices=("rdp", "prv")),
-        grad_sample_mode=p.string("grad_sample_mode", dp.grad_sample_mode, choices=("functorch", "hooks", "ew")),
+        grad_sample_mode=p.string("grad_sample_mode", dp.grad_sample_mode, choices=("functorch", "hooks")),
     )
     p.finish()
 

@@ -381,6 +381,18 @@ def markdown(res: dict) -> str:
                          f"{s['dp']['mean_batch']:.2f}", "yes" if s["meets_3x_aim"] else "**no**"])
         out += [common.md_table(["stage", "trainable params", "steps/epoch", "no DP ms/step", "DP ms/step",
                                  "DP/no DP (wall)", "(CPU time)", "(per sample)", "DP mean batch", "<= 3x"], rows, nd=0), ""]
+        other = res.get("step_time_other_modes") or {}
+        if other:
+            mode = res["settings"].get("grad_sample_mode") or "functorch"
+            out += [f"Per-sample gradient mode above: Opacus `{mode}` (the site-file default "
+                    "`privacy.grad_sample_mode`). Other modes, same benchmark (see `source` in the JSON):", ""]
+            rows = [[stage, f"`{m}`", o["stages"][stage]["no_dp"]["wall_s_per_step"]["median"] * 1e3,
+                     o["stages"][stage]["dp"]["wall_s_per_step"]["median"] * 1e3,
+                     f"{o['stages'][stage]['ratio']['wall_per_step']['median']:.2f}x",
+                     f"{st['stages'][stage]['ratio']['wall_per_step']['median']:.2f}x" if stage in st["stages"] else "-"]
+                    for m, o in other.items() for stage in o["stages"]]
+            out += [common.md_table(["stage", "mode", "no DP ms/step", "DP ms/step", "DP/no DP (wall)",
+                                     f"`{mode}` DP/no DP"], rows, nd=0), ""]
     mem = res.get("memory")
     if mem:
         meas = "CUDA max allocated" if mem["measure"].startswith("cuda") else "peak resident set (whole process)"
@@ -388,9 +400,9 @@ def markdown(res: dict) -> str:
                 f"One child process per row; {meas} during one optimizer step of exactly `batch` samples "
                 f"(model: 32^3 `configs/demo.yaml`, 64^3 the scaled 64 config of `bench/common.py`). "
                 "'DP extra' = DP peak - non-DP peak. The theoretical per-sample gradient store is "
-                "4 bytes x trainable parameters per sample (Opacus `grad_sample`); Opacus' convolution "
-                "grad sampler also unfolds each conv input (im2col, 27x the activation), which is what dominates "
-                "at full resolution.", ""]
+                "4 bytes x trainable parameters per sample (Opacus `grad_sample`); computing them also needs "
+                "per-sample activations and, in the `hooks` mode, an unfolded copy of each conv input (im2col, "
+                "27x the activation), which is what dominates at full resolution.", ""]
         rows = []
         runs = mem["runs"]
         key = mem["measure"]
@@ -469,7 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-timing", action="store_true")
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument("--skip-utility", action="store_true")
-    p.add_argument("--grad-sample-mode", choices=("functorch", "hooks", "ew"), default=None,
+    p.add_argument("--grad-sample-mode", choices=("functorch", "hooks"), default=None,
                    help="Opacus per-sample gradient mode (default: the site-file default, functorch)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (default: torch's choice); 1 is steadier on a shared machine")
