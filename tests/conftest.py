@@ -2,6 +2,8 @@
 
 * ``openkbp_dir``: the OpenKBP sample folder (``/work/shared/openkbp-sample`` or
   ``$ADDIFF_OPENKBP_SAMPLE``); the test is skipped when it is absent.
+* ``procs``: processes a test starts (``Processes`` of test_federation_helpers), all stopped by
+  PID at the end; the test fails if any was still running after its leader stopped.
 * ``make_case``: a factory writing a small valid 16^3 head-and-neck case with
   ``case_io.save_case``::
 
@@ -98,3 +100,13 @@ def openkbp_dir() -> Path:
     if not (p / "pt_11" / "ct.csv").is_file() and not any(p.glob("pt_*/ct.csv")):
         pytest.skip(f"OpenKBP sample not found at {p}")
     return p
+
+
+@pytest.fixture
+def procs():
+    from test_federation_helpers import Processes
+
+    p = Processes()
+    yield p
+    leftover = p.stop_all()
+    assert not leftover, f"processes were still running after their leaders stopped: {leftover}"

@@ -15,14 +15,6 @@ from server.launch import free_port
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def procs():
-    p = Processes()
-    yield p
-    leftover = p.stop_all()
-    assert not leftover, f"processes were still running after their leaders stopped: {leftover}"
-
-
 def test_tls_federation_of_three_supernodes(tmp_path, procs):
     sites = synthetic_sites(tmp_path / "sites")
     certs = tmp_path / "certs"

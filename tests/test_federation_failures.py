@@ -43,14 +43,6 @@ TRAIN_RECEIVED = "Receiving: train message"
 CLIENTAPP_STARTED = "Start `flwr-clientapp` process"
 
 
-@pytest.fixture
-def procs():
-    p = Processes()
-    yield p
-    leftover = p.stop_all()
-    assert not leftover, f"processes were still running after their leaders stopped: {leftover}"
-
-
 class Deployment:
     """Paths, certificates and command lines of one loopback federation."""
 
