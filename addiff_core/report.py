@@ -568,7 +568,7 @@ def _summary(doc: Doc, d: RunData) -> None:
     if m:
         g = m.get("grid") if isinstance(m.get("grid"), dict) else {}
         sp = g.get("spacing")
-        grid = f"{g.get('size', '?')}^3 voxels" + (f" at {sp} mm" if sp else " (each CT resampled over its extent)")
+        grid = f"{g.get('size', '?')}^3 voxels" + (f" at {sp} mm" if sp else " at each CT's own spacing, centred on the targets")
         s = f"**Model**: {m.get('kind', '?')}, grid {grid}"
         if m.get("kind") == "diffusion":
             s += (f", VAE channels {_seq(m.get('vae_channels'))}, latent {m.get('latent_channels')} ch, "

@@ -265,7 +265,9 @@ def cmd_simulate(args) -> int:
           f"  per-site table : {rd / 'final_metrics.md'} (also .csv, .json)\n"
           f"  round metrics  : {rd / 'metrics.jsonl'}\n"
           f"  checkpoints    : {rd / 'checkpoints'}\n"
-          f"  final model    : {rd / 'final_model.pt'}")
+          f"  final model    : {rd / 'final_model.pt'}"
+          + (f"\n  report         : {rd / 'report' / 'report.md'} (+ .html, figures/)"
+             if (rd / "report" / "report.md").is_file() else ""))
     return 0
 
 
