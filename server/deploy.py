@@ -133,11 +133,12 @@ def build_run_config(args, run_dir: Path) -> dict[str, Any]:
         from .simulate import parse_sets
 
         rc = {**stored, "run-dir": str(run_dir), "resume": True, "stop-after-round": int(args.stop_after_round or 0),
-              "min-sites": args.min_sites, **parse_sets(args.set)}
+              "min-sites": args.min_sites, "wait-sites": args.wait_sites or 0, **parse_sets(args.set)}
         return rc
     model_config = resolve_path(args.config, Path.cwd()) if args.config else resolve_path(DEFAULTS["model-config"])
     rc = {**DEFAULTS, "run-dir": str(run_dir), "site-files": "", "model-config": str(model_config),
           "model-kind": args.model or "", "strategy": args.strategy, "seed": args.seed, "min-sites": args.min_sites,
+          "wait-sites": args.wait_sites or 0,
           "round-timeout": float(args.round_timeout), "stop-after-round": int(args.stop_after_round or 0)}
     if args.size:
         rc["grid-size"] = args.size
@@ -265,7 +266,12 @@ def add_parser(sub) -> None:
     s.add_argument("--authorized-keys", action="append", metavar="PUBKEY",
                    help="a hospital's public key (addiff certs node-key) to register; repeat per hospital")
     s.add_argument("--database", help="SuperLink state database (default RUN_DIR/superlink-state.db)")
-    s.add_argument("--min-sites", type=int, default=3, help="SuperNodes to wait for; every round uses all connected (default 3)")
+    s.add_argument("--min-sites", type=int, default=3,
+                   help="sites that must answer for a round to count; rounds wait for this many SuperNodes and "
+                        "use all connected (default 3)")
+    s.add_argument("--wait-sites", type=int,
+                   help="SuperNodes to wait for before the first round (default: --min-sites), e.g. all hospitals "
+                        "while --min-sites tolerates some failing later")
     s.add_argument("--model", choices=("diffusion", "unet"))
     s.add_argument("--config", help="model config YAML (default configs/demo.yaml)")
     s.add_argument("--size", type=int, help="model grid size (default: the model config's)")

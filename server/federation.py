@@ -500,9 +500,28 @@ class Federation:
                 raise FederationError(msg) from None
         raise AssertionError("unreachable")
 
+    def _wait_for_sites(self) -> None:
+        """Before the first round: wait (up to ``round-timeout``) until ``wait-sites`` SuperNodes
+        are connected, so that the run starts with everyone expected even if it may later go on
+        with fewer (``min-sites``)."""
+        s = self.settings
+        want = max(s.wait_sites, s.required_sites)
+        if want <= s.required_sites:
+            return  # Flower's strategies wait for min-sites themselves
+        t0, last = time.monotonic(), -1
+        while (n := len(list(self.grid.get_node_ids()))) < want:
+            if n != last:
+                log.info("waiting for sites: %d of %d connected (wait-sites)", n, want)
+                last = n
+            if time.monotonic() - t0 > s.round_timeout:
+                log.warning("only %d of %d sites connected after %.0f s; starting with them", n, want, s.round_timeout)
+                return
+            time.sleep(1.0)
+
     def run(self) -> dict:
         s = self.settings
         start = self._prepare()
+        self._wait_for_sites()
         t0 = time.perf_counter()
         for rnd in s.schedule[start - 1:]:
             if s.stop_after_round and rnd.number > s.stop_after_round:

@@ -40,6 +40,7 @@ DEFAULTS: dict[str, Any] = {
     "central-dp-clip": 1.0,
     "central-dp-delta": 1e-3,
     "min-sites": 0,
+    "wait-sites": 0,
     "round-retries": 2,
     "max-num-examples": 100000,
     "update-norm-multiple": 10.0,
@@ -52,7 +53,7 @@ DEFAULTS: dict[str, Any] = {
 }
 
 # keys a resumed run may change; everything else comes from the run folder's run.json
-RESUME_MAY_CHANGE = ("resume", "stop-after-round", "round-timeout", "min-sites", "round-retries", "eval-steps",
+RESUME_MAY_CHANGE = ("resume", "stop-after-round", "round-timeout", "min-sites", "wait-sites", "round-retries", "eval-steps",
                      "eval-gamma")
 
 
@@ -80,6 +81,7 @@ class RunSettings:
     trim_beta: float = 0.2  # fedtrimmedavg: fraction cut at each end
     central_dp: dict[str, float] = field(default_factory=dict)  # noise (0: off), clip, delta
     min_sites: int = 0  # 0: as many as site_files
+    wait_sites: int = 0  # SuperNodes to wait for before the first round (0: min-sites)
     round_retries: int = 2  # a round with too few usable replies is tried again this many times
     max_num_examples: int = 100000  # a reply claiming more training cases is rejected
     update_norm_multiple: float = 10.0  # reject an update whose norm exceeds this x the round's median (0: off)
@@ -188,7 +190,7 @@ def from_run_config(run_config: Mapping[str, Any]) -> RunSettings:
         fedadam={"eta": c["fedadam-eta"], "beta_1": c["fedadam-beta-1"], "beta_2": c["fedadam-beta-2"],
                  "tau": c["fedadam-tau"]},
         trim_beta=c["trim-beta"], min_sites=c["min-sites"],
-        central_dp={"noise": c["central-dp-noise"], "clip": c["central-dp-clip"], "delta": c["central-dp-delta"]}, round_retries=c["round-retries"],
+        central_dp={"noise": c["central-dp-noise"], "clip": c["central-dp-clip"], "delta": c["central-dp-delta"]}, round_retries=c["round-retries"], wait_sites=c["wait-sites"],
         max_num_examples=c["max-num-examples"], update_norm_multiple=c["update-norm-multiple"], seed=c["seed"], round_timeout=c["round-timeout"], resume=c["resume"],
         stop_after_round=c["stop-after-round"], eval_steps=c["eval-steps"], eval_gamma=c["eval-gamma"], raw=c)
 

@@ -121,7 +121,7 @@ def test_supernode_killed_mid_round(tmp_path, procs):
     SuperLink declares it unavailable), round 2 and the final evaluation have all three."""
     dep = Deployment(tmp_path, procs)
     victim, survivors = "hospital_a", ["hospital_b", "hospital_c"]
-    server = dep.new_run(rounds="1,1", min_sites=2, round_timeout=150)
+    server = dep.new_run(rounds="1,1", min_sites=2, round_timeout=150, extra=("--wait-sites", 3))
     clients = {s: dep.client(s) for s in dep.sites}
 
     # round 1 under way at the victim: its ClientApp process was started for a train message

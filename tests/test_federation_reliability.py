@@ -360,3 +360,25 @@ def test_a_site_that_never_answers_is_recorded_by_name_and_the_round_goes_on(sit
     assert [(r["round"], r["site"], r["node_id"]) for r in err] == [(2, sites[1].stem, grid.node_ids[1])]
     assert "no reply within the round timeout (7 s)" in err[0]["reason"]
     assert rows(run_dir, "round")[1]["sites"] == sorted([sites[0].stem, sites[2].stem])
+
+
+class LateGrid(FakeGrid):
+    """The third SuperNode connects only after the server has looked ``late`` times."""
+
+    def __init__(self, n, late: int):
+        super().__init__(n)
+        self.late, self.calls = late, 0
+
+    def get_node_ids(self):
+        self.calls += 1
+        return list(self.node_ids) if self.calls > self.late else list(self.node_ids[:-1])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("wait", [0, 3])
+def test_wait_sites_holds_the_first_round_for_every_expected_site(sites, tmp_path, wait):
+    run_dir = tmp_path / "run"
+    grid = LateGrid(len(sites), late=2)
+    Federation(grid, settings(run_dir, sites, **{"min-sites": 2, "wait-sites": wait}), send_site_files=True).run()
+    first = rows(run_dir, "round")[0]["sites"]
+    assert first == (sorted(f.stem for f in sites) if wait == 3 else sorted(f.stem for f in sites[:2]))
