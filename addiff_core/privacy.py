@@ -113,7 +113,7 @@ class SitePrivacy:
         delta = cfg.delta if cfg.delta is not None else default_delta(num_train)
         if delta >= 1.0 / max(num_train, 1):
             log.warning("privacy.delta %.3g is not below 1/n = %.3g for %d training cases", delta, 1 / num_train, num_train)
-        stored = self._load()
+        stored = self.stored_state(state_dir)
         if stored is not None:
             self.state = stored
             if stored.planned_steps != planned_steps or abs(stored.sample_rate - sample_rate) > 1e-12:
@@ -143,9 +143,6 @@ class SitePrivacy:
         d.pop("epsilon", None)
         d["history"] = [(float(a), float(b), int(c)) for a, b, c in d["history"]]
         return PrivacyState(**d)
-
-    def _load(self) -> PrivacyState | None:
-        return self.stored_state(self.path.parent)
 
     def save(self) -> None:
         atomic_write_bytes(self.path, json.dumps(self.state.to_json(), indent=2).encode())

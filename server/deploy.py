@@ -130,8 +130,6 @@ def build_run_config(args, run_dir: Path) -> dict[str, Any]:
 
     if args.resume:
         stored = json.loads((run_dir / "run.json").read_text())["run_config"]
-        from .simulate import parse_sets
-
         rc = {**stored, "run-dir": str(run_dir), "resume": True, "stop-after-round": int(args.stop_after_round or 0),
               "min-sites": args.min_sites, "wait-sites": args.wait_sites or 0, **parse_sets(args.set)}
         return rc

@@ -178,11 +178,11 @@ class Federation:
             c["site-files"] = ",".join(str(p) for p in self.settings.site_files)
         return c
 
-    def _with_vae(self, msg):
-        """The same train message plus the frozen global VAE (packed as group ``vae``)."""
+    def _with_vae(self, msg, vae: tuple[dict, dict]):
+        """The same train message plus the frozen global VAE ``vae`` = ``encode(arrays, ["vae"])``."""
         from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
-        wire, layout = encode(self.arrays, ["vae"], self.buffers)
+        wire, layout = vae
         arrays = ArrayRecord({**dict(msg.content[ARRAYS_KEY].items()), **dict(to_record(wire).items())})
         config = ConfigRecord(dict(msg.content[CONFIG_KEY].items()))
         config[LAYOUT_KEY] = layout_to_json({**layout_from_json(str(config[LAYOUT_KEY])), **layout})
@@ -299,19 +299,20 @@ class Federation:
         return rows
 
     # -- one training round -------------------------------------------------------------------
-    def _screen_replies(self, rnd: Round, replies, wire: dict, down: dict, attempt: int,
-                        sent: dict[str, int] | None = None) -> tuple[list, list[dict], int]:
-        """Sort the replies of a round: failed (error, timeout), refused (privacy budget),
-        rejected (:mod:`server.validation`), or good. Returns (good replies, metrics rows, number
-        of sites that answered: good + rejected + refused)."""
+    def _screen_replies(self, replies, wire: dict, down: dict, base: dict, sent: dict[str, int]
+                        ) -> tuple[list, list[dict], int]:
+        """Sort the replies of a round: failed (error), refused (privacy budget), rejected
+        (:mod:`server.validation`), or good. ``base``: round, stage, attempt of every row.
+        Returns (good replies, metrics rows, number of sites that answered: good + rejected +
+        refused)."""
         s = self.settings
+        rnd = base["round"]
         spec = spec_of(wire)
-        base = {"round": rnd.number, "stage": rnd.stage, "attempt": attempt}
         rows: list[dict] = []
         candidates: list[tuple[Any, dict]] = []
         answered = 0
         for r in ordered(replies):
-            node = self._node_of(r, sent or {})
+            node = self._node_of(r, sent)
             site = self._site_of(r, node)
             status = "" if r.has_error() else str(r.content.config_records.get(SITE_KEY, {}).get("status", ""))
             if status == STATUS_REFUSED:
@@ -320,11 +321,11 @@ class Federation:
                 m = dict(r.content[METRICS_KEY]) if METRICS_KEY in r.content.metric_records else {}
                 rows.append({"kind": "refused", **base, "site": site, "node_id": node,
                              "reason": str(info.get("reason", "")), **m})
-                log.warning("round %d: %s refused to train: %s", rnd.number, site, info.get("reason", ""))
+                log.warning("round %d: %s refused to train: %s", rnd, site, info.get("reason", ""))
                 continue
             if r.has_error() or ARRAYS_KEY not in r.content.array_records or METRICS_KEY not in r.content.metric_records:
                 reason = r.error.reason if r.has_error() else "reply without weights/metrics"
-                log.warning("round %d: %s failed: %s", rnd.number, site, reason)
+                log.warning("round %d: %s failed: %s", rnd, site, reason)
                 rows.append({"kind": "error", **base, "site": site, "node_id": node, "reason": reason})
                 continue
             answered += 1
@@ -335,16 +336,17 @@ class Federation:
             reason = check_reply(got, row["num_examples"], spec, s.max_num_examples)
             if reason is None:
                 row["update_norm"] = update_norm(got, wire)
-            candidates.append((r, row)) if reason is None else rows.append({**row, "kind": "rejected", "reason": reason})
-            if reason is not None:
-                log.warning("round %d: rejected the update of %s: %s", rnd.number, site, reason)
+                candidates.append((r, row))
+            else:
+                rows.append({**row, "kind": "rejected", "reason": reason})
+                log.warning("round %d: rejected the update of %s: %s", rnd, site, reason)
         outliers = norm_outliers({str(i): row["update_norm"] for i, (_, row) in enumerate(candidates)},
                                  s.update_norm_multiple)
         good = []
         for i, (r, row) in enumerate(candidates):
             if str(i) in outliers:
                 rows.append({**row, "kind": "rejected", "reason": outliers[str(i)]})
-                log.warning("round %d: rejected the update of %s: %s", rnd.number, row["site"], outliers[str(i)])
+                log.warning("round %d: rejected the update of %s: %s", rnd, row["site"], outliers[str(i)])
                 continue
             row["num_examples"] = int(row["num_examples"])
             rows.append(row)
@@ -369,8 +371,9 @@ class Federation:
         if not msgs:
             raise FederationError(f"round {rnd.number}: no site to train")
         send_vae = rnd.stage == "diffusion" and not self.vae_sent
+        vae = encode(self.arrays, ["vae"], self.buffers) if send_vae else None  # encoded once per round
         if send_vae:
-            msgs = [self._with_vae(m) for m in msgs]
+            msgs = [self._with_vae(m, vae) for m in msgs]
         by_node = {m.metadata.dst_node_id: m for m in msgs}
         down = {m.metadata.dst_node_id: record_nbytes(m.content[ARRAYS_KEY]) for m in msgs}
         replies = list(self.grid.send_and_receive(msgs, timeout=s.round_timeout))
@@ -383,7 +386,8 @@ class Federation:
             "status") == STATUS_NEED_VAE]
         if need:
             log.info("round %d: sending the global VAE to %s", rnd.number, ", ".join(site_of(r) for r in need))
-            again = [self._with_vae(by_node[r.metadata.src_node_id]) for r in need]
+            vae = vae or encode(self.arrays, ["vae"], self.buffers)
+            again = [self._with_vae(by_node[r.metadata.src_node_id], vae) for r in need]
             for m in again:
                 down[m.metadata.dst_node_id] += record_nbytes(m.content[ARRAYS_KEY])
             need_ids = {r.metadata.src_node_id for r in need}
@@ -395,7 +399,7 @@ class Federation:
         if rnd.stage == "diffusion":
             self.vae_sent = True
 
-        good, rows, answered = self._screen_replies(rnd, replies, wire, down, attempt, sent)
+        good, rows, answered = self._screen_replies(replies, wire, down, base, sent)
         rows += missing
         if answered < s.required_sites or not good:
             for row in rows:  # nothing of this attempt is aggregated
@@ -505,7 +509,7 @@ class Federation:
         are connected, so that the run starts with everyone expected even if it may later go on
         with fewer (``min-sites``)."""
         s = self.settings
-        want = max(s.wait_sites, s.required_sites)
+        want = s.wait_sites
         if want <= s.required_sites:
             return  # Flower's strategies wait for min-sites themselves
         t0, last = time.monotonic(), -1

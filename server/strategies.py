@@ -24,7 +24,7 @@ from flwr.serverapp.strategy import (
 )
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-from .protocol import NUM_EXAMPLES, SITE_KEY
+from .protocol import METRICS_KEY, NUM_EXAMPLES, SITE_KEY
 
 
 def site_of(msg: Message) -> str:
@@ -137,7 +137,7 @@ class CentralDP(DifferentialPrivacyServerSideFixedClipping):
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = ordered(replies)
         for r in replies:  # uniform weights (see class docstring)
-            r.content["metrics"][UNIFORM_KEY] = 1.0
+            r.content[METRICS_KEY][UNIFORM_KEY] = 1.0
         self.num_sampled_clients = max(len(replies), 1)  # noise std = sigma * C / (updates averaged)
         arrays, metrics = super().aggregate_train(server_round, replies)
         if arrays is not None:

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from test_federation_helpers import ROOT, TINY, Processes, cli, flower_test_env, synthetic_sites
+from test_federation_helpers import ROOT, TINY, cli, exit_code, flower_test_env, synthetic_sites
 from server.certs import create_certificates, create_node_key
 from server.launch import free_port
 
@@ -34,10 +34,7 @@ def test_tls_federation_of_three_supernodes(tmp_path, procs):
                         "--auth-key", keys[f.stem][0], "--port", free_port(), "--threads", 1,
                         "--flwr-home", tmp_path / f"flwr-home-{f.stem}"),
                     env=env, log_file=tmp_path / f"client_{f.stem}.log", cwd=ROOT)
-    try:
-        rc = server.wait(timeout=480)
-    except Exception:
-        rc = None
+    rc = exit_code(server, 480)
     logs = "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in sorted(tmp_path.glob("*.log")))
     assert rc == 0, logs
     # TLS: the SuperLink served HTTPS

@@ -30,7 +30,7 @@ import time
 import pytest
 
 from test_federation_helpers import (
-    ROOT, TINY, Processes, cli, flower_test_env, kill_tree, metrics_rows, read_text, synthetic_sites, tail_logs,
+    ROOT, TINY, Processes, cli, exit_code, flower_test_env, kill_tree, metrics_rows, read_text, synthetic_sites, tail_logs,
     wait_until,
 )
 from server.certs import create_certificates, create_node_key
@@ -141,10 +141,7 @@ def test_supernode_killed_mid_round(tmp_path, procs):
     # the site comes back (new SuperNode process, new node id) while round 1 still waits for it
     restarted = dep.client(victim, log=f"client_{victim}_restarted.log")
 
-    try:
-        rc = server.wait(timeout=400)
-    except Exception:
-        rc = None
+    rc = exit_code(server, 400)
     assert rc == 0, dep.logs()
     # the round waited for the crashed node only until the SuperLink declared it unavailable
     t_round1 = dep.round_row(1)["seconds"]
@@ -193,10 +190,7 @@ def test_superlink_killed_and_resumed(tmp_path, procs):
     done_before = dep.checkpoints()  # round 2 may not have finished; it is not checkpointed then
 
     resumed = dep.server("--resume", dep.run_dir, "--min-sites", 3, log="server_resume.log", auth_sites=names)
-    try:
-        rc = resumed.wait(timeout=400)
-    except Exception:
-        rc = None
+    rc = exit_code(resumed, 400)
     assert rc == 0, dep.logs()
     out = dep.log("server_resume.log")
     assert f"after round {len(done_before)}" in out, out[-3000:]
@@ -232,26 +226,17 @@ def test_unregistered_supernode_is_refused(tmp_path, procs):
     keyless = dep.client(intruder, log=f"client_{intruder}_nokey.log", home=f"{intruder}_nokey",
                          extra=("--activation-retries", 0))
 
-    try:
-        rc_refused = refused.wait(timeout=120)
-    except Exception:
-        rc_refused = None
+    rc_refused = exit_code(refused, 120)
     out = dep.log(f"client_{intruder}.log")
     assert rc_refused not in (None, 0), out
     assert "not registered" in out and str(dep.key(intruder)[1]) in out, out
     assert "No SuperNode found with the given public key" in read_text(dep.run_dir / "superlink.log")
-    try:
-        rc_keyless = keyless.wait(timeout=60)
-    except Exception:
-        rc_keyless = None
+    rc_keyless = exit_code(keyless, 60)
     out_keyless = dep.log(f"client_{intruder}_nokey.log")
     assert rc_keyless not in (None, 0), out_keyless
     assert "requires SuperNode authentication" in out_keyless and "--auth-key" in out_keyless, out_keyless
 
-    try:
-        rc = server.wait(timeout=240)
-    except Exception:
-        rc = None
+    rc = exit_code(server, 240)
     assert rc == 0, dep.logs()
     assert dep.train_sites(1) == registered
     assert dep.round_row(1)["sites"] == registered

@@ -166,6 +166,16 @@ def wait_until(pred, timeout: float, what: str, *, interval: float = 0.5, watch=
         time.sleep(interval)
 
 
+def exit_code(proc, timeout: float) -> int | None:
+    """The process's exit status, or None if it is still running after ``timeout`` seconds."""
+    import subprocess
+
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return None
+
+
 def read_text(path) -> str:
     from pathlib import Path
 
