@@ -14,10 +14,13 @@ Arrays are returned in SimpleITK's numpy order (z, y, x).
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import SimpleITK as sitk
@@ -110,6 +113,17 @@ class Plan:
         return d
 
 
+MAX_ENERGY_MV = 25.0  # clinical photon beams: 4-25 MV
+MAX_FRACTIONS = 100
+MAX_BEAMS = 72  # model's B_MAX (control points) and far above any plan's field count
+
+
+def _short(v: Any, n: int = 60) -> str:
+    """repr() of a user value, cut to ``n`` characters (a value can be huge)."""
+    r = repr(v) if isinstance(v, (int, float, str, bool, type(None))) else f"a {type(v).__name__}"
+    return r if len(r) <= n else r[:n] + "..."
+
+
 def _num(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
 
@@ -127,49 +141,61 @@ def plan_from_dict(d: Any, case: str | Path = "<plan>") -> Plan:
             raise bad(f"missing field '{key}'")
     site = d["tumour_site"]
     if site not in TUMOUR_SITES:
-        raise bad(f"tumour_site must be one of {', '.join(TUMOUR_SITES)}; got {site!r}")
+        raise bad(f"tumour_site must be one of {', '.join(TUMOUR_SITES)}; got {_short(site)}")
     rx = d["prescriptions"]
     if not isinstance(rx, Mapping) or not rx:
         raise bad("prescriptions must map target names to doses in Gy, e.g. {PTV70: 70}")
     for name, val in rx.items():
         if not _num(val) or float(val) <= 0:
-            raise bad(f"prescription for {name} must be a positive dose in Gy, got {val!r}")
+            raise bad(f"prescription for {str(name)[:60]} must be a positive dose in Gy, got {_short(val)}")
         if float(val) > 150:
-            raise bad(f"prescription for {name} is {val} Gy: implausible (cGy given instead of Gy?)")
+            raise bad(f"prescription for {str(name)[:60]} is {val} Gy: implausible (cGy given instead of Gy?)")
     fx = d["fractions"]
     if isinstance(fx, bool) or not isinstance(fx, int) or fx <= 0:
-        raise bad(f"fractions must be a positive integer, got {fx!r}")
+        raise bad(f"fractions must be a positive integer, got {_short(fx)}")
+    if fx > MAX_FRACTIONS:
+        raise bad(f"fractions is {fx}: implausible (at most {MAX_FRACTIONS})")
     tech = d["technique"]
     if tech not in TECHNIQUES:
-        raise bad(f"technique must be IMRT or VMAT, got {tech!r}")
+        raise bad(f"technique must be IMRT or VMAT, got {_short(tech)}")
     beams_raw = d["beams"]
     if not isinstance(beams_raw, list) or not beams_raw:
         raise bad("beams must be a non-empty list")
+    if len(beams_raw) > MAX_BEAMS:
+        raise bad(f"{len(beams_raw)} beams: at most {MAX_BEAMS}")
     beams = []
     for i, b in enumerate(beams_raw):
         if not isinstance(b, Mapping):
             raise bad(f"beams[{i}] must be a mapping")
         energy = b.get("energy_mv", 6.0)
         couch = b.get("couch", 0.0)
-        if not _num(energy) or float(energy) <= 0:
-            raise bad(f"beams[{i}].energy_mv must be a positive number (MV), got {energy!r}")
-        if not _num(couch):
-            raise bad(f"beams[{i}].couch must be an angle in degrees, got {couch!r}")
+        if not _num(energy) or not 0 < float(energy) <= MAX_ENERGY_MV:
+            raise bad(f"beams[{i}].energy_mv must be a photon energy in (0, {MAX_ENERGY_MV:g}] MV, got {_short(energy)}")
+
+        def angle(key: str, v: Any) -> float:
+            if not _num(v) or abs(float(v)) > 360:
+                raise bad(f"beams[{i}].{key} must be an angle in degrees in [-360, 360], got {_short(v)}")
+            return float(v)
+
+        couch = angle("couch", couch)
         if "gantry_start" in b or "gantry_stop" in b:
-            g0, g1 = b.get("gantry_start"), b.get("gantry_stop")
-            if not (_num(g0) and _num(g1)):
-                raise bad(f"beams[{i}]: an arc needs numeric gantry_start and gantry_stop")
-            beams.append(Beam(float(g0) % 360, float(couch), float(energy), float(g1) % 360))
+            g0, g1 = angle("gantry_start", b.get("gantry_start")), angle("gantry_stop", b.get("gantry_stop"))
+            beams.append(Beam(g0 % 360, couch, float(energy), g1 % 360))
         else:
-            g = b.get("gantry")
-            if not _num(g):
-                raise bad(f"beams[{i}].gantry must be an angle in degrees, got {g!r}")
-            beams.append(Beam(float(g) % 360, float(couch), float(energy)))
+            beams.append(Beam(angle("gantry", b.get("gantry")) % 360, couch, float(energy)))
     constraints = d.get("constraints") or {}
     if not isinstance(constraints, Mapping):
         raise bad("constraints must be a mapping")
-    return Plan(tumour_site=site, prescriptions={str(k): float(v) for k, v in rx.items()}, fractions=fx,
+    plan = Plan(tumour_site=site, prescriptions={str(k): float(v) for k, v in rx.items()}, fractions=fx,
                 technique=tech, beams=tuple(beams), constraints=dict(constraints))
+    if constraints:
+        from .constraints import constraints_for_plan
+
+        try:
+            constraints_for_plan(plan)
+        except ValueError as e:
+            raise bad(str(e)[:300]) from None
+    return plan
 
 
 def read_plan(case_dir: str | Path) -> Plan:
@@ -177,10 +203,14 @@ def read_plan(case_dir: str | Path) -> Plan:
     p = case_dir / "plan.yaml"
     if not p.is_file():
         raise CaseError(case_dir, "plan.yaml", "missing")
+    from . import yamlsafe
+
     try:
-        d = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise CaseError(case_dir, "plan.yaml", f"not valid YAML: {str(e).splitlines()[0]}") from None
+        d = yamlsafe.load_file(p)
+    except yamlsafe.YamlRefused as e:
+        raise CaseError(case_dir, "plan.yaml", str(e)) from None
+    except OSError as e:
+        raise CaseError(case_dir, "plan.yaml", f"cannot read ({e.strerror})") from None
     return plan_from_dict(d, case_dir)
 
 
@@ -194,6 +224,8 @@ def write_plan(case_dir: str | Path, plan: Plan) -> None:
 # --------------------------------------------------------------------------------------------
 def read_image(case_dir: str | Path, rel: str) -> sitk.Image:
     path = Path(case_dir) / rel
+    if path.exists() and Path(case_dir).resolve() not in path.resolve().parents:
+        raise CaseError(case_dir, rel, "is a symbolic link to a file outside the case folder; not read")
     if not path.is_file():
         raise CaseError(case_dir, rel, "missing")
     try:
@@ -321,3 +353,21 @@ def list_cases(data_dir: str | Path) -> list[Path]:
     data_dir = Path(data_dir)
     return sorted(p for p in data_dir.iterdir()
                   if p.is_dir() and ((p / "plan.yaml").exists() or (p / "ct.nii.gz").exists()))
+
+
+@contextlib.contextmanager
+def staged_case_dir(out_dir: str | Path) -> Iterator[Path]:
+    """A temporary folder beside ``out_dir`` to write a case into; when the block ends without an
+    error it replaces ``out_dir`` (one rename), otherwise it is removed. An importer that fails
+    half-way never leaves a half-written case folder behind."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.importing-", dir=out_dir.parent))
+    try:
+        yield tmp
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

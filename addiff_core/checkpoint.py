@@ -111,4 +111,10 @@ def load_model_state(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]
         detail = (f"missing {missing[:2]}" if missing else f"unexpected {unexpected[:2]}" if unexpected
                   else f"shape of {wrong[0]} is {tuple(state_dict[wrong[0]].shape)}, model has {tuple(own[wrong[0]].shape)}")
         raise CheckpointError(f"{source}: weights do not fit this model configuration ({detail})")
+    bad = {k: int((~torch.isfinite(v)).sum()) for k, v in state_dict.items()
+           if torch.is_floating_point(v) and not bool(torch.isfinite(v).all())}
+    if bad:  # a valid SHA-256 only says the file is what was written, not that it is usable
+        first = sorted(bad)[0]
+        raise CheckpointError(f"{source}: weights hold {sum(bad.values())} NaN/inf value(s) in {len(bad)} tensor(s) "
+                              f"(first: {first}); the checkpoint is unusable")
     model.load_state_dict(state_dict)

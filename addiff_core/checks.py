@@ -24,8 +24,8 @@ from typing import Any, Mapping
 
 import numpy as np
 import SimpleITK as sitk
-import yaml
 
+from . import yamlsafe
 from .case_io import BODY_NAME, OAR_NAMES, CaseError, Plan, plan_from_dict
 
 # A structure (mask file) name: a letter, then letters, digits, '_' or '-' (no spaces, no dots).
@@ -139,6 +139,15 @@ def nifti_nonfinite_count(path: str | Path) -> int:
     return int(a.size - np.count_nonzero(np.isfinite(a)))
 
 
+def _inside(path: Path, folder: Path) -> bool:
+    """True if ``path``, with every symbolic link resolved, lies inside ``folder`` (resolved)."""
+    try:
+        real, base = path.resolve(), folder.resolve()
+    except (OSError, RuntimeError):
+        return False
+    return base in real.parents
+
+
 def _near_names(case_dir: Path, rel: str) -> list[str]:
     """Files that look like a misnamed ``rel`` (other case or extension), for hints."""
     stem = rel.split(".")[0].lower()
@@ -189,6 +198,9 @@ class _Checker:
     def read(self, rel: str, required: bool) -> sitk.Image | None:
         """Read an image, recording missing/unreadable/truncated; None if unusable."""
         path = self.dir / rel
+        if os.path.lexists(path) and not _inside(path, self.dir):
+            self.add(rel, "is a symbolic link to a file outside the case folder; not read")
+            return None
         if not path.exists():
             if required:
                 near = _near_names(self.dir, rel)
@@ -265,14 +277,12 @@ class _Checker:
             self.add("plan.yaml", f"missing{hint}")
             return None, {}
         try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as e:
-            mark, what = getattr(e, "problem_mark", None), getattr(e, "problem", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-            self.add("plan.yaml", f"not valid YAML{where}: {what or str(e).splitlines()[0] or type(e).__name__}")
+            raw = yamlsafe.load_file(path)
+        except yamlsafe.YamlRefused as e:
+            self.add("plan.yaml", str(e))
             return None, {}
-        except (OSError, UnicodeDecodeError) as e:
-            self.add("plan.yaml", f"cannot read: {e}")
+        except OSError as e:
+            self.add("plan.yaml", f"cannot read ({e.strerror})")
             return None, {}
         rx: dict[str, float] = {}
         if isinstance(raw, Mapping) and isinstance(raw.get("prescriptions"), Mapping):
@@ -417,6 +427,9 @@ class _Checker:
             return self.problems
         if not self.dir.is_dir():
             self.add(".", "not a folder")
+            return self.problems
+        if self.dir.is_symlink() and not _inside(self.dir, self.dir.parent):
+            self.add(".", "is a symbolic link to a folder outside the data folder; not read")
             return self.problems
         plan, rx = self.plan()
         ct = self.ct()

@@ -18,7 +18,7 @@ from .case_io import CaseError
 from .checkpoint import CheckpointError
 from .config import ConfigError
 
-USER_ERRORS = (ConfigError, CaseError, CheckpointError, FileNotFoundError, NotADirectoryError, PermissionError)
+USER_ERRORS = (ConfigError, CaseError, CheckpointError, OSError)  # OSError: also ENOSPC, EROFS
 
 
 class UserError(Exception):
@@ -33,6 +33,11 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
 
     from .synth import write_synthetic_sites
 
+    for flag, v, lo, hi in (("--sites", args.sites, 1, 100), ("--cases-per-site", args.cases_per_site, 2, 10000),
+                            ("--size", args.size, 16, 512)):
+        if not lo <= v <= hi:
+            raise UserError(f"{flag}: must be between {lo} and {hi}, got {v}"
+                            + (" (a site needs training and held-out cases)" if flag == "--cases-per-site" else ""))
     t0 = time.perf_counter()
     files = write_synthetic_sites(Path(args.out), n_sites=args.sites, cases_per_site=args.cases_per_site,
                                   size=args.size, seed=args.seed)
@@ -49,8 +54,34 @@ def cmd_data_import_openkbp(args: argparse.Namespace) -> int:
     src = Path(args.src)
     if not src.exists():
         raise UserError(f"{src}: no such folder")
-    cases = import_openkbp(src, Path(args.out))
-    print(f"imported {len(cases)} OpenKBP patient(s) into {args.out}")
+    summary = import_openkbp(src, Path(args.out))
+    print(summary.text(Path(args.out)))
+    return 1 if summary.skipped else 0  # the others are imported; exit 1 says some patient was not
+
+
+def cmd_data_import_dicom(args: argparse.Namespace) -> int:
+    from .dicom.mapping import load_mapping
+    from .dicom.reader import import_dicom
+
+    src = Path(args.src)
+    if not src.exists():
+        raise UserError(f"{src}: no such folder")
+    summary = import_dicom(src, Path(args.out), load_mapping(args.map))
+    if not summary.results:
+        raise UserError(f"{src}: no DICOM CT/RTSTRUCT/RTPLAN/RTDOSE files found "
+                        f"({len(summary.non_dicom)} non-DICOM file(s), {len(summary.unused)} other DICOM object(s))")
+    return 1 if summary.skipped else 0  # the others are imported; exit 1 says some patient was not
+
+
+def cmd_data_export_dicom(args: argparse.Namespace) -> int:
+    from .dicom.writer import export_case
+
+    try:
+        written = export_case(Path(args.case), Path(args.out), uid_root=args.uid_root)
+    except (ValueError, FileExistsError) as e:
+        raise UserError(str(e)) from None
+    n_ct = len(list(Path(args.out).glob("ct_*.dcm")))
+    print(f"wrote {n_ct} CT slice(s), " + ", ".join(p.name for k, p in written.items() if k != "ct") + f" to {args.out}")
     return 0
 
 
@@ -75,12 +106,16 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 # local training / prediction
 # ------------------------------------------------------------------------------------------
 def cmd_train(args: argparse.Namespace) -> int:
+    from .config import MAX_EPOCHS
     from .local import train_site
 
+    for flag, v in (("--vae-epochs", args.vae_epochs), ("--diffusion-epochs", args.diffusion_epochs)):
+        if v is not None and not 0 <= v <= MAX_EPOCHS:
+            raise UserError(f"{flag}: must be between 0 and {MAX_EPOCHS}, got {v}")
     summary = train_site(Path(args.site), Path(args.out), model_kind=args.model,
                          model_config=Path(args.config) if args.config else None,
                          vae_epochs=args.vae_epochs, diffusion_epochs=args.diffusion_epochs,
-                         steps=args.steps, progress=not args.quiet)
+                         steps=args.steps, progress=not args.quiet, overwrite=args.overwrite)
     print(json.dumps(summary["heldout"]["mean"], indent=2))
     print(f"checkpoint: {summary['checkpoint']}\nmetrics:    {summary['metrics_file']}\nreport:     {summary['report']}")
     return 0
@@ -90,7 +125,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .local import predict_case
 
     out = predict_case(Path(args.checkpoint), Path(args.case), Path(args.out), samples=args.samples,
-                       steps=args.steps, seed=args.seed, device=args.device)
+                       steps=args.steps, seed=args.seed, device=args.device, overwrite=args.overwrite,
+                       rtdose=args.rtdose)
     for k, v in out.items():
         print(f"{k}: {v}")
     return 0
@@ -99,12 +135,34 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .local import evaluate_checkpoint
 
-    res = evaluate_checkpoint(Path(args.checkpoint), Path(args.site), steps=args.steps, seed=args.seed)
-    print(json.dumps(res["mean"], indent=2))
     if args.out:
-        Path(args.out).write_text(json.dumps(res, indent=2))
+        from .outputs import check_output_file
+
+        check_output_file(Path(args.out), overwrite=args.overwrite)
+    res = evaluate_checkpoint(Path(args.checkpoint), Path(args.site), steps=args.steps, seed=args.seed)
+    if not res.get("num_cases"):
+        raise UserError(f"{args.site}: no usable held-out case to evaluate on (heldout: in the site file)")
+    print(json.dumps(_json_safe(res["mean"]), indent=2))
+    if args.out:
+        try:
+            Path(args.out).write_text(json.dumps(_json_safe(res), indent=2, allow_nan=False))
+        except OSError as e:
+            raise UserError(f"{args.out}: cannot write ({e.strerror}); the results are printed above") from None
         print(f"written: {args.out}")
     return 0
+
+
+def _json_safe(obj):
+    """NaN/inf -> null (JSON has no NaN)."""
+    import math
+
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -113,6 +171,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
         raise UserError(f"{run_dir}: no such run folder")
+    markers = ("run.json", "metrics.jsonl", "final_metrics.json", "final_metrics.csv", "final_model.pt",
+               "metrics.json", "model.pt")
+    if not any((run_dir / m).exists() for m in markers):
+        raise UserError(f"{run_dir}: not a run folder (none of {', '.join(markers)})")
     for f in args.site or []:
         if not Path(f).is_file():
             raise UserError(f"{f}: site file not found")
@@ -137,10 +199,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--size", type=int, default=32, help="grid size (voxels per axis)")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_data_synth)
-    s = dsub.add_parser("import-openkbp", help="convert OpenKBP patient folders (sparse CSV) to the case format")
-    s.add_argument("src")
-    s.add_argument("out")
+    s = dsub.add_parser("import-openkbp", help="convert OpenKBP patient folders (sparse CSV) to the case format; "
+                        "a bad patient is skipped with its reason (exit 1), the others are imported")
+    s.add_argument("src", help="a patient folder, a folder of patients, or the dataset's folder of splits "
+                               "(provided-data: train-pats/, validation-pats/, test-pats/)")
+    s.add_argument("out", help="data folder; split folders are kept (OUT/train-pats/pt_1)")
     s.set_defaults(func=cmd_data_import_openkbp)
+    s = dsub.add_parser("import-dicom", help="convert DICOM-RT exports (CT, RTSTRUCT, RTPLAN, RTDOSE) to case folders, "
+                        "one per patient; a bad patient is skipped with its reason (exit 1), the others are imported")
+    s.add_argument("src", help="a folder with one sub-folder per patient, or one patient folder; files are found "
+                               "by content")
+    s.add_argument("out", help="data folder for the case folders")
+    s.add_argument("--map", help="mapping file: structure names, tumour site, prescriptions/fractions where the "
+                                 "plan has none (see addiff_core/dicom/mapping.py)")
+    s.set_defaults(func=cmd_data_import_dicom)
+    s = dsub.add_parser("export-dicom", help="write a case as DICOM-RT: CT series, RTSTRUCT, RTPLAN, RTDOSE")
+    s.add_argument("case")
+    s.add_argument("out", help="output folder (empty or new)")
+    s.add_argument("--uid-root", help="your registered UID root ending in '.', e.g. 1.2.3.4. (default: 2.25. "
+                                      "UUID-based, or $ADDIFF_UID_ROOT)")
+    s.set_defaults(func=cmd_data_export_dicom)
     s = dsub.add_parser("check", help="validate every case under DIR; non-zero exit if any is bad")
     s.add_argument("dir")
     s.set_defaults(func=cmd_data_check)
@@ -154,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--diffusion-epochs", type=int, default=None, help="epochs of stage 2 (or of the U-Net)")
     s.add_argument("--steps", type=int, default=None, help="DDIM steps for evaluation")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
+    s.add_argument("--overwrite", action="store_true", help="replace the model.pt of an earlier run in --out")
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("predict", help="predict the dose of one case (Gy, on its CT grid) with DVH table")
@@ -164,6 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the model config's)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", default="auto")
+    s.add_argument("--overwrite", action="store_true", help="replace an earlier prediction in --out")
+    s.add_argument("--rtdose", action="store_true", help="also write OUT/rtdose.dcm: the prediction as a DICOM RTDOSE "
+                                                         "on the case's frame of reference")
     s.set_defaults(func=cmd_predict)
 
     s = sub.add_parser("evaluate", help="metrics of a checkpoint on a site's held-out cohort")
@@ -172,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=int, default=None)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", help="write the full result (per case) as JSON")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     s.set_defaults(func=cmd_evaluate)
 
     s = sub.add_parser("report", help="write RUN_DIR/report/report.md (+ .html, figures) for a run folder",
@@ -210,8 +293,10 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("ADDIFF_DEBUG"):
             raise
         msg = str(e)
-        if isinstance(e, (FileNotFoundError, PermissionError, NotADirectoryError)) and getattr(e, "filename", None):
+        if isinstance(e, OSError) and getattr(e, "filename", None):
             msg = f"{e.filename}: {e.strerror}"
+        elif isinstance(e, OSError):
+            msg = e.strerror or type(e).__name__
         print(f"addiff: error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -220,4 +305,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # run the main() of the importable module: under ``python -m`` this file is also loaded as
+    # __main__, and an error class defined here would be a second class the commands never raise
+    from addiff_core.cli import main as _main
+
+    sys.exit(_main())

@@ -1,8 +1,9 @@
 """Typed configuration: site files and model/run settings, validated once at the edge.
 
-Every YAML file is read with ``yaml.safe_load`` and turned into frozen dataclasses. Any wrong
-field raises :class:`ConfigError` whose message names the file, the field and the problem, so
-the command line can print one clear line instead of a traceback.
+Every YAML file is read with ``addiff_core.yamlsafe`` (safe_load without aliases or duplicate
+keys) and turned into frozen dataclasses. Any wrong field raises :class:`ConfigError` whose
+message names the file, the field and the problem, so the command line can print one clear
+line instead of a traceback.
 """
 from __future__ import annotations
 
@@ -13,13 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-import yaml
-
 
 class ConfigError(ValueError):
     """A configuration file or value is wrong. The message names the file and the field."""
 
 
+PREDICTION_TYPES = ("x0", "v", "epsilon")
+MAX_EPOCHS = 10000  # an extra zero must not start a run that never ends
 DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
 
 
@@ -63,14 +64,17 @@ class _Fields:
             raise self.fail(key, f"must be one of {', '.join(choices)}; got {v!r}")
         return v
 
-    def integer(self, key: str, default: Any = dataclasses.MISSING, minimum: int | None = None) -> int:
+    def integer(self, key: str, default: Any = dataclasses.MISSING, minimum: int | None = None,
+                maximum: int | None = None) -> int:
         v = self.get(key, default)
         if v is None:
             return v
         if isinstance(v, bool) or not isinstance(v, int):
-            raise self.fail(key, f"must be an integer, got {v!r}")
+            raise self.fail(key, f"must be an integer, got {str(v)[:60]!r}")
         if minimum is not None and v < minimum:
             raise self.fail(key, f"must be >= {minimum}, got {v}")
+        if maximum is not None and v > maximum:
+            raise self.fail(key, f"must be <= {maximum}, got {v}")
         return v
 
     def number(self, key: str, default: Any = dataclasses.MISSING, minimum: float | None = None,
@@ -131,9 +135,26 @@ class ModelConfig:
     train_timesteps: int = 1000
     beta_start: float = 1e-4
     beta_end: float = 0.02
-    sample_steps: int = 25
-    constraint_weight: float = 0.5
-    kl_weight: float = 1e-3
+    sample_steps: int = 1  # DDIM steps; x0 prediction: 1 step scored as well as 10 (BENCHMARKS.md)
+    # Weight of the clinical-constraint squared hinge in the loss: of ADDiff's diffusion stage
+    # (on the decoded x0 estimate) and of the U-Net baseline. Measured at equal CPU-seconds
+    # (BENCHMARKS.md): off was better for ADDiff on every metric, constraint compliance included,
+    # while it helped the U-Net; hence one weight per model.
+    constraint_weight: float = 0.0
+    unet_constraint_weight: float = 0.5
+    kl_weight: float = 1e-6
+    # What the denoiser predicts: x0 (the clean latent), v, or epsilon (the noise). Measured on
+    # synthetic 32^3 (BENCHMARKS.md, ablation): x0 is the only one that samples well at these budgets.
+    prediction_type: str = "x0"
+    # The VAE decoder also reads the planning volume (CT, targets, OARs, beam plate) at every
+    # level: body outline and beam edges need not pass through the small latent.
+    anatomy_decoder: bool = True
+    # Probability that the VAE decodes z = 0 during training (per case): z = 0 then decodes to a
+    # plausible dose from the anatomy alone, and the latent carries only what anatomy cannot tell.
+    latent_dropout: float = 0.5
+    # Region of the VAE's reconstruction L1: "body" (the evaluation region, as the metrics and the
+    # U-Net's loss) or "grid" (every voxel, the old design).
+    vae_loss_region: str = "body"
 
     @property
     def downsample(self) -> int:
@@ -189,7 +210,12 @@ def _model_config(f: _Fields) -> ModelConfig:
         beta_end=f.number("beta_end", d.beta_end, maximum=1, exclusive_max=True),
         sample_steps=f.integer("sample_steps", d.sample_steps, minimum=1),
         constraint_weight=f.number("constraint_weight", d.constraint_weight, minimum=0),
+        unet_constraint_weight=f.number("unet_constraint_weight", d.unet_constraint_weight, minimum=0),
         kl_weight=f.number("kl_weight", d.kl_weight, minimum=0),
+        prediction_type=f.string("prediction_type", d.prediction_type, choices=PREDICTION_TYPES),
+        anatomy_decoder=f.boolean("anatomy_decoder", d.anatomy_decoder),
+        latent_dropout=f.number("latent_dropout", d.latent_dropout, minimum=0, maximum=1, exclusive_max=True),
+        vae_loss_region=f.string("vae_loss_region", d.vae_loss_region, choices=("body", "grid")),
     )
     f.finish()
     if cfg.grid.size % (cfg.downsample * 2 ** (len(cfg.unet_channels) - 1)):
@@ -224,7 +250,7 @@ class HeldOutConfig:
 class TrainingConfig:
     batch_size: int = 2
     optimizer: str = "adamw"
-    lr: float = 2e-4
+    lr: float = 1e-3
     weight_decay: float = 0.0
     lr_schedule: str = "constant"  # constant | cosine
     vae_epochs: int = 2  # local epochs per round (federated) or total (addiff train)
@@ -301,8 +327,8 @@ def site_config_from_dict(data: Any, source: str | Path, base_dir: Path | None =
         lr=t.number("lr", dt.lr, minimum=0, exclusive_min=True),
         weight_decay=t.number("weight_decay", dt.weight_decay, minimum=0),
         lr_schedule=t.string("lr_schedule", dt.lr_schedule, choices=("constant", "cosine")),
-        vae_epochs=t.integer("vae_epochs", dt.vae_epochs, minimum=0),
-        diffusion_epochs=t.integer("diffusion_epochs", dt.diffusion_epochs, minimum=0),
+        vae_epochs=t.integer("vae_epochs", dt.vae_epochs, minimum=0, maximum=MAX_EPOCHS),
+        diffusion_epochs=t.integer("diffusion_epochs", dt.diffusion_epochs, minimum=0, maximum=MAX_EPOCHS),
         grad_clip=t.number("grad_clip", dt.grad_clip, minimum=0),
         seed=t.integer("seed", dt.seed),
     )
@@ -328,18 +354,18 @@ def site_config_from_dict(data: Any, source: str | Path, base_dir: Path | None =
 
 
 def load_yaml(path: str | Path) -> Any:
+    """A YAML file as plain data: no aliases, no duplicate keys, at most 1 MB (``yamlsafe``)."""
+    from . import yamlsafe
+
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: file not found")
     try:
-        with path.open("r", encoding="utf-8") as fh:
-            return yaml.safe_load(fh)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark is not None else ""
-        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(e, 'problem', e)}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not a text file") from None
+        return yamlsafe.load_file(path)
+    except yamlsafe.YamlRefused as e:
+        raise ConfigError(f"{path}: {e}") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
 
 
 def load_site_config(path: str | Path) -> SiteConfig:

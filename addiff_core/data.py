@@ -20,6 +20,9 @@ from .config import ConfigError, GridConfig, HeldOutConfig, SiteConfig
 from .preprocessing import GridSpec, case_to_sample
 
 log = logging.getLogger(__name__)
+# messages naming a case (a case folder may be named after the patient): the federated ClientApp
+# sends this logger to the site's own log file only
+case_log = logging.getLogger(__name__ + ".cases")
 
 
 def split_case_ids(case_ids: list[str], heldout: HeldOutConfig) -> tuple[list[str], list[str]]:
@@ -81,7 +84,7 @@ def load_samples(case_dirs: list[Path], grid: GridConfig, require_dose: bool = T
             if skipped is None:
                 raise
             skipped[Path(d).name] = f"{e.file}: {e.problem}"
-            log.warning("skipping case %s: %s: %s", Path(d).name, e.file, e.problem)
+            case_log.warning("skipping case %s: %s: %s", Path(d).name, e.file, e.problem)
             continue
         samples.append(sample)
         specs.append(spec)

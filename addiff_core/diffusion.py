@@ -22,6 +22,7 @@ from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 
 from .config import ModelConfig
 from .losses import constraint_hinge, kl_divergence, masked_l1
+from .models.conditioning import condition_volume
 
 
 # ------------------------------------------------------------------------------------------
@@ -76,17 +77,20 @@ def make_sampler(cfg: ModelConfig, steps: int | None = None) -> DDIMScheduler:
 # ------------------------------------------------------------------------------------------
 # VAE stage
 # ------------------------------------------------------------------------------------------
-def vae_loss(vae: nn.Module, batch: dict, cfg: ModelConfig, body_weight: float = 0.0
-             ) -> tuple[torch.Tensor, dict]:
-    """L1(recon, dose) over the whole grid (+ extra weight ``body_weight`` inside ``body``) +
-    cfg.kl_weight * KL. Per-sample terms, samples without dose count 0, sum / max(N, 1)."""
+def _anatomy(vae: nn.Module, batch: dict) -> torch.Tensor | None:
+    """The planning volume the VAE decoder reads (None for a decoder without anatomy)."""
+    return condition_volume(batch) if getattr(unwrap(vae), "uses_anatomy", False) else None
+
+
+def vae_loss(vae: nn.Module, batch: dict, cfg: ModelConfig) -> tuple[torch.Tensor, dict]:
+    """L1(recon, dose) over the evaluation region (``body``; every voxel when
+    cfg.vae_loss_region is "grid") + cfg.kl_weight * KL. Per-sample terms, samples without dose
+    count 0, sum / max(N, 1)."""
     dose = batch["dose"]
-    recon, mu, logvar = vae(dose)
+    recon, mu, logvar = vae(dose, _anatomy(vae, batch))
     n = dose.shape[0]
-    w = torch.ones_like(dose)
-    if body_weight > 0 and "body" in batch:
-        w = w + body_weight * batch["body"].to(dose.dtype)
-    l1 = ((recon - dose).abs() * w).flatten(1).sum(1) / w.flatten(1).sum(1).clamp_min(1e-8)
+    region = batch["body"] if cfg.vae_loss_region == "body" and "body" in batch else torch.ones_like(dose)
+    l1 = masked_l1(recon, dose, region, reduction="none")
     kl = kl_divergence(mu, logvar, reduction="none")
     has = _has_dose(batch, n, l1)
     loss = _batch_mean(has * (l1 + cfg.kl_weight * kl))
@@ -105,10 +109,36 @@ def encode_dose(model: nn.Module, dose: torch.Tensor) -> torch.Tensor:
     return mu * _latent_scale(m)
 
 
-def decode_latent(model: nn.Module, z: torch.Tensor) -> torch.Tensor:
-    """Normalised dose from a scaled latent (inverse of encode_dose's scaling)."""
+def decode_latent(model: nn.Module, z: torch.Tensor, batch: dict) -> torch.Tensor:
+    """Normalised dose from a scaled latent (inverse of encode_dose's scaling); the decoder reads
+    the batch's planning volume when it is anatomy-aware."""
     m = unwrap(model)
-    return m.vae.decode(z / _latent_scale(m))
+    return m.vae.decode(z / _latent_scale(m), _anatomy(m.vae, batch))
+
+
+def split_prediction(out: torch.Tensor, z_t: torch.Tensor, a: torch.Tensor, prediction_type: str
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x0, eps) estimates from the denoiser output ``out`` at noise level alpha_bar ``a``:
+    x0: out is x0; epsilon: out is the noise; v: out = sqrt(a) eps - sqrt(1 - a) x0."""
+    sa, sb = a.sqrt(), (1 - a).sqrt()
+    if prediction_type == "x0":
+        return out, (z_t - sa * out) / sb
+    if prediction_type == "epsilon":
+        return (z_t - sb * out) / sa, out
+    if prediction_type == "v":
+        return sa * z_t - sb * out, sb * z_t + sa * out
+    raise ValueError(f"unknown prediction_type {prediction_type!r} (expected x0, v or epsilon)")
+
+
+def prediction_target(z0: torch.Tensor, noise: torch.Tensor, a: torch.Tensor, prediction_type: str) -> torch.Tensor:
+    """What the denoiser is trained to output for clean latent ``z0`` and ``noise``."""
+    if prediction_type == "x0":
+        return z0
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v":
+        return a.sqrt() * noise - (1 - a).sqrt() * z0
+    raise ValueError(f"unknown prediction_type {prediction_type!r} (expected x0, v or epsilon)")
 
 
 @torch.no_grad()
@@ -148,13 +178,13 @@ def calibrate_latent_scale(model: nn.Module, batches: Iterable[dict], force: boo
 def diffusion_loss(model: nn.Module, batch: dict, cfg: ModelConfig,
                    generator: torch.Generator | None = None, timesteps: torch.Tensor | None = None,
                    noise: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
-    """Noise MSE + cfg.constraint_weight * alpha_bar_t * constraint_hinge(decoded x0 estimate).
+    """MSE to the cfg.prediction_type target + cfg.constraint_weight * w_t * constraint_hinge(decoded x0 estimate).
 
-    The dose latent comes from the (frozen) VAE under no_grad. The x0 estimate
-    (z_t - sqrt(1 - a) eps) / sqrt(a) is decoded by the VAE decoder *with* autograd, so the
-    constraint gradient reaches the denoiser and condition encoder; the caller freezes the VAE
-    (requires_grad False). Weighting the hinge by alpha_bar_t cancels the 1/alpha_bar_t blow-up
-    of the x0 estimate at high noise levels. Per-sample terms, sum / max(N, 1).
+    The dose latent comes from the (frozen) VAE under no_grad. The x0 estimate is decoded by the
+    VAE decoder *with* autograd, so the constraint gradient reaches the denoiser and condition
+    encoder; the caller freezes the VAE (requires_grad False). With epsilon prediction the hinge
+    is weighted by w_t = alpha_bar_t, cancelling the 1/alpha_bar_t blow-up of the x0 estimate at
+    high noise levels; x0 and v estimates stay bounded (w_t = 1). Per-sample terms, sum / max(N, 1).
     ``timesteps`` (N,) long and ``noise`` (latent shape) may be given (tests, fixed evaluation);
     otherwise they are drawn from ``generator`` (or the global RNG).
     """
@@ -177,17 +207,19 @@ def diffusion_loss(model: nn.Module, batch: dict, cfg: ModelConfig,
     z_t = a.sqrt() * z0 + (1 - a).sqrt() * noise
 
     spatial, context = m.diffusion.cond(batch)
-    eps = m.diffusion.denoiser(z_t, t, spatial, context)
-    mse = (eps - noise).pow(2).flatten(1).mean(1)
+    out = m.diffusion.denoiser(z_t, t, spatial, context)
+    target = prediction_target(z0, noise, a, cfg.prediction_type)
+    mse = (out - target).pow(2).flatten(1).mean(1)
     has = _has_dose(batch, n, mse)
 
     per = mse
     hinge = torch.zeros_like(mse)
     if cfg.constraint_weight > 0:
-        x0 = (z_t - (1 - a).sqrt() * eps) / a.sqrt()
-        dose_hat = decode_latent(m, x0)
+        x0, _ = split_prediction(out, z_t, a, cfg.prediction_type)
+        dose_hat = decode_latent(m, x0, batch)
         hinge = constraint_hinge(dose_hat, batch, reduction="none")
-        per = mse + cfg.constraint_weight * a.reshape(n) * hinge
+        w = a.reshape(n) if cfg.prediction_type == "epsilon" else torch.ones_like(hinge)
+        per = mse + cfg.constraint_weight * w * hinge
     loss = _batch_mean(has * per)
     parts = {"loss": float(loss.detach()), "mse": float(_batch_mean(has * mse).detach()),
              "constraint": float(_batch_mean(has * hinge).detach())}
@@ -208,7 +240,9 @@ def sample(model: nn.Module, batch: dict, cfg: ModelConfig, steps: int | None = 
     """DDIM (eta=0) sampling -> (mean normalised dose (N,1,S,S,S) clamped >= 0, std or None).
 
     Deterministic for a given seed (generator seeded on the model's device; CPU fallback).
-    With num_samples > 1 the std over samples (per voxel) is returned as well.
+    With num_samples > 1 the std over samples (per voxel) is returned as well. The denoiser's
+    output is read according to cfg.prediction_type. Doses (and std) are zero outside the
+    batch's evaluation region (``body``).
     """
     m = unwrap(model)
     dev = _device(m)
@@ -219,17 +253,17 @@ def sample(model: nn.Module, batch: dict, cfg: ModelConfig, steps: int | None = 
     n = spatial.shape[0]
     shape = (n, cfg.latent_channels, *spatial.shape[2:])
     gen = _make_generator(dev, seed)
+    region = batch["body"].to(dev, torch.float32) if "body" in batch else torch.ones((), device=dev)
 
     doses = []
     for _ in range(max(1, int(num_samples))):
         z = torch.randn(shape, generator=gen, device=gen.device).to(dev)
         for i, t in enumerate(ts):
-            eps = m.diffusion.denoiser(z, torch.full((n,), t, device=dev, dtype=torch.long), spatial, context)
-            a_t = ac[t]
+            out = m.diffusion.denoiser(z, torch.full((n,), t, device=dev, dtype=torch.long), spatial, context)
+            x0, eps = split_prediction(out, z, ac[t], cfg.prediction_type)
             a_prev = ac[ts[i + 1]] if i + 1 < len(ts) else torch.ones((), device=dev)
-            x0 = (z - (1 - a_t).sqrt() * eps) / a_t.sqrt()
             z = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
-        doses.append(decode_latent(m, z).clamp_min(0))
+        doses.append(decode_latent(m, z, batch).clamp_min(0) * region)
     stack = torch.stack(doses)
     mean = stack.mean(0)
     std = stack.std(0, unbiased=False) if len(doses) > 1 else None
@@ -240,8 +274,8 @@ def sample(model: nn.Module, batch: dict, cfg: ModelConfig, steps: int | None = 
 # U-Net baseline and a common predict
 # ------------------------------------------------------------------------------------------
 def unet_loss(model: nn.Module, batch: dict, cfg: ModelConfig | None = None) -> tuple[torch.Tensor, dict]:
-    """Masked L1 over ``body`` (per sample) + cfg.constraint_weight * constraint hinge."""
-    cw = (cfg or ModelConfig()).constraint_weight
+    """Masked L1 over ``body`` (per sample) + cfg.unet_constraint_weight * constraint hinge."""
+    cw = (cfg or ModelConfig()).unet_constraint_weight
     pred = model(batch)
     n = pred.shape[0]
     l1 = masked_l1(pred, batch["dose"], batch["body"], reduction="none")
@@ -260,4 +294,5 @@ def predict(model: nn.Module, batch: dict, cfg: ModelConfig, steps: int | None =
     m = unwrap(model)
     if hasattr(m, "diffusion"):
         return sample(m, batch, cfg, steps=steps, seed=seed, num_samples=num_samples)
-    return m(batch).clamp_min(0), None
+    region = batch["body"].float() if "body" in batch else 1.0
+    return m(batch).clamp_min(0) * region, None

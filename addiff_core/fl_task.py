@@ -20,6 +20,7 @@ from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import ModelConfig, SiteConfig, resolve_device
 from .data import SiteData, load_site_data
 from .models import build_model, stage_prefix
+from .optimizer_state import OptimizerStore
 from .privacy import SitePrivacy
 from .training import Proximal, evaluate, lr_at, make_loader, make_optimizer, set_lr, set_trainable, train_stage_epoch
 
@@ -148,6 +149,8 @@ class SiteTask:
             set_trainable(self.model, stage)
             module = getattr(self.model, stage)
             optimizer = make_optimizer(module.parameters(), tcfg)
+            optim_store = OptimizerStore(self.site.state_dir)
+            optim_store.restore(optimizer, stage, server_round)
             loader = make_loader(self.data.train, tcfg.batch_size, shuffle=True, seed=rs)
             prox = Proximal.from_module(proximal_mu, module) if proximal_mu > 0 else None
             if dp is not None:  # Opacus hooks the module's layers; losses call the model as usual
@@ -173,9 +176,13 @@ class SiteTask:
             finally:
                 if dp is not None:
                     dp.commit()
-        metrics = {f"train_{k}": float(v) for k, v in history[-1].items()} if history else {}
-        metrics["skipped_cases"] = float(len(self.data.skipped))
-        metrics.update(dp.metrics() if dp is not None else {"dp_enabled": 0.0})
+            optim_store.save(optimizer, stage, server_round)
+        if dp is None:
+            metrics = {f"train_{k}": float(v) for k, v in history[-1].items()} if history else {}
+            metrics["skipped_cases"] = float(len(self.data.skipped))
+            metrics["dp_enabled"] = 0.0
+        else:  # with DP only what the accountant covers (or is public) leaves: no loss, no case counts
+            metrics = dp.metrics()
         return TrainResult(self.stage_arrays(stage), self.data.num_train, metrics, history)
 
     def evaluate(self, arrays: dict[str, np.ndarray], *, seed: int = 0, steps: int | None = None,
@@ -184,4 +191,25 @@ class SiteTask:
         self.load_global(arrays, None)
         res = evaluate(self.model, self.data.heldout, self.cfg, self.device, seed=seed, steps=steps, gamma=gamma,
                        progress=self.progress)
-        return {"num_cases": float(res["num_cases"]), **res["mean"]}
+        return {"num_cases": float(res["num_cases"]), **res["mean"],
+                ZERO_DOSE_KEY: zero_dose_mae(self.data.heldout.case_dirs)}
+
+
+ZERO_DOSE_KEY = "mae_zero_dose_gy"
+
+
+def zero_dose_mae(case_dirs) -> float:
+    """Held-out MAE (Gy) of predicting 0 Gy everywhere: the mean over the cases of the mean planned
+    dose in the region ``evaluate`` scores (``regions.evaluation_region``). A model
+    whose ``mae_gy`` exceeds it is worse than no prediction at all. nan without cases."""
+    from .case_io import load_case
+    from .metrics import mae
+    from .regions import region_array
+
+    vals = []
+    for d in case_dirs:
+        case = load_case(d, require_dose=True)
+        ref = case.array("dose")
+        vals.append(mae(np.zeros_like(ref), ref, region_array(case)))
+    vals = [v for v in vals if np.isfinite(v)]
+    return float(np.mean(vals)) if vals else float("nan")

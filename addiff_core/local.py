@@ -14,12 +14,13 @@ import SimpleITK as sitk
 import torch
 
 from .case_io import CaseError, load_case
-from .checkpoint import atomic_write_bytes, load_checkpoint, load_model_state, save_checkpoint
+from .checkpoint import CheckpointError, atomic_write_bytes, load_checkpoint, load_model_state, save_checkpoint
 from .config import ConfigError, ModelConfig, SiteConfig, load_model_config, load_site_config, resolve_device
 from .data import load_site_data
 from .metrics import dvh_curve, dvh_points
 from .models import build_model
 from .preprocessing import case_to_sample, dose_to_ct_grid
+from .regions import evaluation_region, zero_outside
 from .fl_task import SiteTask
 from .training import evaluate, predict_normalised
 
@@ -45,15 +46,21 @@ def write_json(path: Path, obj) -> None:
 
 def train_site(site_file: Path, out_dir: Path, *, model_kind: str | None = None, model_config: Path | None = None,
                vae_epochs: int | None = None, diffusion_epochs: int | None = None, steps: int | None = None,
-               progress: bool = True, site: SiteConfig | None = None) -> dict:
-    """Train on one site's training cases, evaluate on its held-out cohort, write checkpoint + metrics."""
+               progress: bool = True, site: SiteConfig | None = None, overwrite: bool = False) -> dict:
+    """Train on one site's training cases, evaluate on its held-out cohort, write checkpoint + metrics.
+
+    ``out_dir`` must not be (in) a case or data folder, and an existing ``model.pt`` there is kept
+    unless ``overwrite``. With DP the site's one accountant (``state_dir``) is charged: a local run
+    spends the same budget as the federated rounds."""
     site = site or load_site_config(site_file)
     cfg: ModelConfig = load_model_config(model_config) if model_config else site.model
     if model_kind:
         cfg = dataclasses.replace(cfg, kind=model_kind)
+    from .outputs import check_output_dir
+
+    check_output_dir(Path(out_dir), results=("model.pt", "metrics.json"), overwrite=overwrite,
+                     data_dirs=(site.data_dir,))
     out_dir = ensure_writable_dir(Path(out_dir))
-    # a local run keeps its own DP accounting next to its outputs (the federated one lives in state_dir)
-    site = dataclasses.replace(site, state_dir=out_dir / "site_state")
     tcfg = site.training
     task = SiteTask(site, cfg, progress=progress)
     data = task.data
@@ -104,11 +111,17 @@ def _check_case_for_prediction(case_dir: Path) -> None:
 
 
 def predict_case(checkpoint: Path, case_dir: Path, out_dir: Path, *, samples: int = 1, steps: int | None = None,
-                 seed: int = 0, device: str = "auto") -> dict[str, str]:
-    """Write ``dose.nii.gz`` (Gy, on the case's CT grid), ``dvh.csv`` and ``dvh_curves.csv``;
-    with ``samples > 1`` also ``dose_std.nii.gz`` (voxel-wise standard deviation, Gy)."""
+                 seed: int = 0, device: str = "auto", overwrite: bool = False, rtdose: bool = False) -> dict[str, str]:
+    """Write ``dose.nii.gz`` (Gy, on the case's CT grid, 0 outside the case's evaluation region:
+    ``regions.evaluation_region``), ``dvh.csv`` and ``dvh_curves.csv``; with ``samples > 1`` also
+    ``dose_std.nii.gz`` (voxel-wise standard deviation, Gy, 0 outside the region too); with
+    ``rtdose`` also ``rtdose.dcm`` (``dicom.writer.write_predicted_rtdose``)."""
     if samples < 1:
         raise ConfigError(f"--samples must be >= 1, got {samples}")
+    from .outputs import check_output_dir
+
+    check_output_dir(Path(out_dir), results=("dose.nii.gz", "dose_std.nii.gz", "dvh.csv"), overwrite=overwrite,
+                     data_dirs=(Path(case_dir),))
     dev = resolve_device(device)
     model, cfg, _ = load_model(Path(checkpoint), dev)
     case_dir = Path(case_dir)
@@ -117,15 +130,27 @@ def predict_case(checkpoint: Path, case_dir: Path, out_dir: Path, *, samples: in
     sample, spec = case_to_sample(case, cfg.grid)
     batch = {k: v[None].to(dev) for k, v in sample.items()}
     t0 = time.perf_counter()
+    bad_inputs = [k for k, v in sample.items() if torch.is_floating_point(v) and not bool(torch.isfinite(v).all())]
+    if bad_inputs:
+        raise CaseError(case_dir, "plan.yaml" if bad_inputs[0] in ("beams", "constraints") else ".",
+                        f"model inputs are not finite ({', '.join(bad_inputs)}): extreme values in the case")
     mean, std = predict_normalised(model, batch, cfg, steps=steps, seed=seed, num_samples=samples)
+    if not bool(torch.isfinite(mean).all()) or (std is not None and not bool(torch.isfinite(std).all())):
+        raise CheckpointError(f"{checkpoint}: the model's prediction for {case_dir} is not finite (NaN/inf); "
+                              "nothing written")
     seconds = time.perf_counter() - t0
     rx = case.plan.max_prescription
     out_dir = ensure_writable_dir(Path(out_dir))
-    dose_img = dose_to_ct_grid(mean[0, 0], rx, spec, case.ct)
+    region = evaluation_region(case)  # OpenKBP-style: the written prediction is 0 outside the region
+    dose_img = zero_outside(dose_to_ct_grid(mean[0, 0], rx, spec, case.ct), region)
     sitk.WriteImage(dose_img, str(out_dir / "dose.nii.gz"), useCompression=True)
     written = {"dose": str(out_dir / "dose.nii.gz")}
+    if rtdose:
+        from .dicom.writer import write_predicted_rtdose
+
+        written["rtdose"] = str(write_predicted_rtdose(dose_img, case_dir, out_dir / "rtdose.dcm"))
     if std is not None:
-        std_img = dose_to_ct_grid(std[0, 0], rx, spec, case.ct)
+        std_img = zero_outside(dose_to_ct_grid(std[0, 0], rx, spec, case.ct), region)
         sitk.WriteImage(std_img, str(out_dir / "dose_std.nii.gz"), useCompression=True)
         written["uncertainty"] = str(out_dir / "dose_std.nii.gz")
     dose = sitk.GetArrayFromImage(dose_img)

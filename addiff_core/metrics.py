@@ -13,15 +13,20 @@ Conventions used throughout
   the structure is smaller than 0.1 cc).
 * ``V_x`` is a *fraction* (0..1) of the structure receiving ``>= x`` Gy.
 * DVH functions return ``nan`` for an empty structure instead of raising.
-* The gamma pass rate is a *percentage* (0..100); every other ratio here is a fraction.
+* The gamma pass rate is a *percentage* (0..100); every other ratio here is a fraction. Gamma
+  lives in :mod:`addiff_core.gamma` (re-exported here).
+* OpenKBP scores follow the official evaluation code: :func:`openkbp_dose_score` (per patient)
+  and :func:`cohort_dvh_score` (one mean over every DVH cell of a cohort); :func:`cohort_means`
+  and :func:`combine_site_means` aggregate per-case and per-site results the same way.
 """
 from __future__ import annotations
 
-import itertools
 import math
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 import numpy as np
+
+from .gamma import gamma_index, gamma_pass_rate  # noqa: F401  (re-exported: metrics.gamma_*)
 
 if TYPE_CHECKING:  # pragma: no cover
     from addiff_core.case_io import Plan
@@ -39,8 +44,6 @@ MIN_STRUCTURE_VOXELS = 5
 """A structure is "present" (for constraints and cord Dmax) when it has more voxels than this."""
 
 BODY_NAMES = frozenset({"Body", "BODY", "body", "External", "EXTERNAL"})
-
-_GAMMA_TOL = 1e-9  # floating-point slack on the gamma <= 1 pass criterion
 
 
 # --------------------------------------------------------------------------------------------
@@ -194,12 +197,24 @@ def dvh_curve(dose: np.ndarray, mask: np.ndarray, bins: int | np.ndarray = 200) 
 
 
 # --------------------------------------------------------------------------------------------
-# OpenKBP scores (patient level; the mean over patients is the caller's)
+# OpenKBP scores (patient level; cohorts and sites combine them below)
 # --------------------------------------------------------------------------------------------
-def openkbp_dose_score(pred: np.ndarray, ref: np.ndarray, possible_dose_mask: np.ndarray) -> float:
-    """OpenKBP dose score of one patient: ``sum |pred - ref|`` over the possible-dose mask
-    divided by the number of mask voxels (Gy)."""
-    return mae(pred, ref, possible_dose_mask)
+def openkbp_dose_score(pred: np.ndarray, ref: np.ndarray, possible_dose_mask: np.ndarray | None) -> float:
+    """OpenKBP dose score of one patient, as the official evaluation code computes it (Gy):
+    ``sum |pred - ref|`` over ALL voxels of the grid, divided by the number of possible-dose-mask
+    voxels.
+
+    The official pipeline multiplies every prediction by the possible-dose mask before it is saved
+    and scored (here :func:`addiff_core.regions.zero_outside` does that for every prediction the
+    project writes or scores). This function does not mask: dose predicted outside the mask is
+    counted against the prediction, as the official evaluator counts it. For a masked prediction
+    and a reference that is 0 outside the mask (OpenKBP's) the score equals the MAE inside the
+    mask. ``None``: every voxel is in the mask. nan for an empty mask. The cohort score is the
+    mean over patients.
+    """
+    pred, ref = _check_pair(pred, ref)
+    n = int(_as_mask(possible_dose_mask, ref.shape).sum())
+    return float(np.abs(pred - ref).sum() / n) if n else math.nan
 
 
 def openkbp_dvh_errors(pred: np.ndarray, ref: np.ndarray, structures: Mapping[str, np.ndarray],
@@ -236,6 +251,88 @@ def openkbp_dvh_score(pred: np.ndarray, ref: np.ndarray, structures: Mapping[str
     structure is non-empty."""
     errs = openkbp_dvh_errors(pred, ref, structures, voxel_volume_cc, target_names)
     return float(np.mean(list(errs.values()))) if errs else math.nan
+
+
+DVH_SCORE_KEY = "openkbp_dvh_score"
+DVH_CELLS_KEY = "dvh_cells"
+"""Metric keys: the DVH score, and the number of (patient, structure, DVH point) cells behind it."""
+
+
+def _finite(v: Any) -> float | None:
+    """``v`` as a float when it is a finite real number (not a bool), else None."""
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+        return None
+    return float(v) if math.isfinite(float(v)) else None
+
+
+def cohort_dvh_score(errors: Iterable[Mapping[str, float]]) -> float:
+    """OpenKBP DVH score of a cohort (Gy): ONE mean over every (patient, structure, metric) cell
+    that exists, as OpenKBP's ``nanmean`` over its patients x (metric, structure) table; not the
+    mean of per-patient means (patients have different numbers of structures).
+
+    ``errors``: one :func:`openkbp_dvh_errors` mapping per patient. Non-finite cells are left out
+    (OpenKBP's nanmean). nan when there is no cell.
+    """
+    cells = [x for e in errors for x in (_finite(v) for v in e.values()) if x is not None]
+    return float(np.mean(cells)) if cells else math.nan
+
+
+def combine_dvh_scores(scores: Iterable[Any], cells: Iterable[Any]) -> float:
+    """DVH score of the union of groups (patients or sites) from each group's DVH score and its
+    number of cells: ``sum(score * cells) / sum(cells)``, which equals :func:`cohort_dvh_score`
+    over all their cells. Groups without cells or without a finite score are left out; nan when
+    none is left."""
+    return _weighted_mean(scores, cells)
+
+
+def _weighted_mean(values: Iterable[Any], weights: Iterable[Any]) -> float:
+    """``sum(v * w) / sum(w)`` over the pairs with a finite value and a finite weight > 0; nan if none."""
+    pairs = [(_finite(v), _finite(w)) for v, w in zip(values, weights)]
+    pairs = [(v, w) for v, w in pairs if v is not None and w is not None and w > 0]
+    total = sum(w for _, w in pairs)
+    return sum(v * w for v, w in pairs) / total if total else math.nan
+
+
+def cohort_means(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """Cohort value of every numeric metric of per-case rows (:func:`case_metrics` outputs; other
+    keys such as ``case_id`` are ignored): the mean over the cases with a finite value (nan if
+    none), except ``openkbp_dvh_score``, one mean over every DVH cell of the cohort
+    (:func:`combine_dvh_scores` with each case's ``dvh_cells``), and ``dvh_cells``, summed."""
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+
+    keys = [k for k in dict.fromkeys(k for r in rows for k in r) if any(number(r.get(k)) for r in rows)]
+    out: dict[str, float] = {}
+    for k in keys:
+        if k == DVH_CELLS_KEY:
+            out[k] = float(sum(_finite(r.get(k)) or 0.0 for r in rows))
+        elif k == DVH_SCORE_KEY and all(DVH_CELLS_KEY in r for r in rows):
+            out[k] = combine_dvh_scores([r.get(k) for r in rows], [r[DVH_CELLS_KEY] for r in rows])
+        else:
+            out[k] = _weighted_mean([r.get(k) for r in rows], [1.0] * len(rows))
+    return out
+
+
+def combine_site_means(rows: Sequence[Mapping[str, Any]], keys: Iterable[str],
+                       cases_key: str = "cases") -> dict[str, float]:
+    """The all-sites value of each of ``keys`` from per-site rows of cohort values: the mean
+    weighted by each site's number of cases (``row[cases_key]``), except ``openkbp_dvh_score``,
+    weighted by the site's ``dvh_cells`` (so that it is one mean over every DVH cell of all
+    sites, as OpenKBP scores a cohort), and ``dvh_cells``, summed. Sites without a finite value or
+    with no weight are left out (nan if none is left). Rows from before ``dvh_cells`` existed:
+    the DVH score falls back to the case weights when a site with a score lacks ``dvh_cells``."""
+    cases = [r.get(cases_key) for r in rows]
+    out: dict[str, float] = {}
+    for k in keys:
+        vals = [r.get(k) for r in rows]
+        if k == DVH_CELLS_KEY:
+            out[k] = float(sum(_finite(v) or 0.0 for v in vals))
+        elif k == DVH_SCORE_KEY and all(_finite(r.get(DVH_CELLS_KEY)) is not None
+                                        for r in rows if _finite(r.get(k)) is not None):
+            out[k] = combine_dvh_scores(vals, [r.get(DVH_CELLS_KEY) for r in rows])
+        else:
+            out[k] = _weighted_mean(vals, cases)
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -308,141 +405,6 @@ def oar_dmax_error(pred: np.ndarray, ref: np.ndarray, mask: np.ndarray) -> float
 
 
 # --------------------------------------------------------------------------------------------
-# gamma (AAPM TG-218)
-# --------------------------------------------------------------------------------------------
-def _gamma_squared(ref: np.ndarray, pred: np.ndarray, spacing: Sequence[float], dose_pct: float, dta_mm: float,
-                   cutoff_pct: float, global_norm: bool, search_mm: float, stop_at: float | None,
-                   mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    """Squared gamma of the evaluated reference voxels: ``(flat indices, gamma^2)``.
-
-    The evaluated (``pred``) dose is interpolated linearly along the grid lines (the edges of the
-    voxel lattice): for every lattice edge within ``search_mm`` of a reference voxel, the minimum
-    of ``|dr|^2 / dta^2 + (D_pred(r') - D_ref(r))^2 / dD^2`` along the edge is found in closed
-    form (a quadratic in the edge parameter). Exact on grid points and along axis-parallel lines.
-    With ``stop_at`` set, voxels are dropped once their gamma is <= ``stop_at`` (the returned
-    value is then only an upper bound <= stop_at for them), which makes pass rates fast.
-    """
-    ref, pred = _check_pair(ref, pred)
-    nd = ref.ndim
-    if len(spacing) != nd:
-        raise ValueError(f"spacing has {len(spacing)} values for a {nd}-D array")
-    h = np.asarray(spacing, dtype=np.float64)[::-1]  # array-axis order
-    if np.any(h <= 0) or dta_mm <= 0 or dose_pct <= 0:
-        raise ValueError("spacing, dta_mm and dose_pct must be positive")
-    ref_max = float(ref.max()) if ref.size else 0.0
-    sel = ref >= (cutoff_pct / 100.0) * ref_max
-    if mask is not None:
-        sel &= _as_mask(mask, ref.shape)
-    if ref_max <= 0 or not sel.any():
-        return np.zeros(0, np.int64), np.zeros(0)
-
-    hs = h / dta_mm                                  # grid step in units of DTA
-    # search half-width in voxels per axis (no further than the array reaches)
-    n = np.minimum(np.floor(search_mm / h + 1e-9), np.asarray(ref.shape) - 1).astype(int)
-    pad = n + 1
-    pp = np.pad(pred, [(int(p), int(p)) for p in pad], mode="constant", constant_values=np.nan)
-    strides = np.array([int(np.prod(pp.shape[k + 1:])) for k in range(nd)], dtype=np.int64)
-    coords = np.nonzero(sel)
-    flat_out = np.ravel_multi_index(coords, ref.shape)
-    pos = sum((c.astype(np.int64) + int(p)) * s for c, p, s in zip(coords, pad, strides))
-    pflat = pp.ravel()
-
-    r = ref[coords]
-    dd = (dose_pct / 100.0) * (np.full(r.shape, ref_max) if global_norm else np.maximum(r, 1e-12 * ref_max))
-    inv_dd = 1.0 / dd
-    rn = r * inv_dd                                  # reference dose in units of dD
-    best = (pflat[pos] * inv_dd - rn) ** 2           # the point itself (no interpolation)
-    best[np.isnan(best)] = np.inf
-    thr2 = None if stop_at is None else stop_at * stop_at + _GAMMA_TOL
-    active = np.arange(best.size) if thr2 is None else np.flatnonzero(best > thr2)
-    r2_search = (search_mm / dta_mm) ** 2
-
-    # Lines along axis k at a fixed perpendicular offset, nearest first; on each line the
-    # segments [j, j+1] (grid units along k) that come within the search radius.
-    lines = []
-    for k in range(nd):
-        others = [a for a in range(nd) if a != k]
-        for perp in itertools.product(*[range(-int(n[a]), int(n[a]) + 1) for a in others]):
-            perp2 = float(sum((o * hs[a]) ** 2 for o, a in zip(perp, others)))
-            reach = math.sqrt(max(r2_search - perp2, 0.0))
-            segs = [j for j in range(-int(pad[k]), int(pad[k]))
-                    if (0.0 if j <= 0 <= j + 1 else min(abs(j), abs(j + 1)) * hs[k]) <= reach + 1e-12]
-            if perp2 <= r2_search + 1e-12 and segs:
-                off = int(sum(o * strides[a] for o, a in zip(perp, others)))
-                lines.append((perp2, k, off, segs))
-    lines.sort(key=lambda x: (x[0], x[1]))
-
-    for perp2, k, off, segs in lines:
-        if active.size == 0:
-            break
-        a_geo = hs[k] ** 2
-        sk = int(strides[k])
-        idx, w, rna, cur = pos[active], inv_dd[active], rn[active], best[active]
-        v0 = pflat[idx + (off + segs[0] * sk)] * w
-        for j in segs:
-            v1 = pflat[idx + (off + (j + 1) * sk)] * w
-            d0 = v0 - rna
-            d1 = v1 - v0
-            # g2(t) = perp2 + (j + t)^2 a_geo + (d0 + t d1)^2, minimised over t in [0, 1]
-            t = -(j * a_geo + d0 * d1) / (a_geo + d1 * d1)
-            np.clip(t, 0.0, 1.0, out=t)
-            g2 = perp2 + (j + t) ** 2 * a_geo + (d0 + t * d1) ** 2
-            np.fmin(cur, g2, out=cur)
-            v0 = v1
-            if thr2 is not None:
-                keep = cur > thr2
-                if not keep.all():
-                    best[active] = cur
-                    active, idx, w, rna, cur, v0 = (x[keep] for x in (active, idx, w, rna, cur, v0))
-                    if active.size == 0:
-                        break
-        best[active] = cur
-    return flat_out, best
-
-
-def gamma_index(ref: np.ndarray, pred: np.ndarray, spacing: Sequence[float], dose_pct: float = 3.0,
-                dta_mm: float = 2.0, cutoff_pct: float = 10.0, global_norm: bool = True,
-                max_search_mm: float | None = None, mask: np.ndarray | None = None) -> np.ndarray:
-    """Gamma index map (same shape as ``ref``; nan where not evaluated).
-
-    Same criteria as :func:`gamma_pass_rate`. The search covers lattice edges within
-    ``max_search_mm`` (default ``2 * dta_mm``) of each voxel, so a value above
-    ``max_search_mm / dta_mm`` is the minimum found in the search region (the true gamma is at
-    least ``max_search_mm / dta_mm`` there).
-    """
-    search = 2.0 * dta_mm if max_search_mm is None else float(max_search_mm)
-    flat, g2 = _gamma_squared(ref, pred, spacing, dose_pct, dta_mm, cutoff_pct, global_norm, search, None, mask)
-    out = np.full(np.shape(ref), np.nan)
-    out.ravel()[flat] = np.sqrt(g2)
-    return out
-
-
-def gamma_pass_rate(ref: np.ndarray, pred: np.ndarray, spacing: Sequence[float], dose_pct: float = 3.0,
-                    dta_mm: float = 2.0, cutoff_pct: float = 10.0, global_norm: bool = True,
-                    max_search_mm: float | None = None, mask: np.ndarray | None = None) -> float:
-    """Gamma pass rate in percent (AAPM TG-218). Note the argument order: reference first.
-
-    * dose criterion ``dD``: ``dose_pct`` % of the reference maximum (global) or of the local
-      reference dose (``global_norm=False``); distance criterion ``dta_mm``;
-    * evaluated points: reference voxels with ``ref >= cutoff_pct`` % of the reference maximum
-      (and inside ``mask`` if given); a point passes if ``gamma <= 1``;
-    * ``spacing`` in SimpleITK ``(x, y, z)`` order (mm) for ``(z, y, x)`` arrays; any
-      dimensionality (the spacing has one value per array axis, reversed);
-    * the predicted dose is interpolated linearly along grid lines (see ``_gamma_squared``) and
-      treated as unknown outside the array. The search radius is ``max_search_mm`` (default
-      ``dta_mm``: a larger radius cannot change a pass/fail decision, a smaller one can only
-      lower the pass rate).
-
-    Returns nan when no voxel is evaluated (e.g. an all-zero reference).
-    """
-    search = float(dta_mm) if max_search_mm is None else float(max_search_mm)
-    flat, g2 = _gamma_squared(ref, pred, spacing, dose_pct, dta_mm, cutoff_pct, global_norm, search, 1.0, mask)
-    if flat.size == 0:
-        return math.nan
-    return float(100.0 * np.count_nonzero(g2 <= 1.0 + _GAMMA_TOL) / flat.size)
-
-
-# --------------------------------------------------------------------------------------------
 # constraints and the one-stop summary
 # --------------------------------------------------------------------------------------------
 def constraint_compliance(dose: np.ndarray, masks: Mapping[str, np.ndarray], plan: Plan) -> dict[str, Any]:
@@ -480,11 +442,15 @@ def case_metrics(pred: np.ndarray, ref: np.ndarray, masks: Mapping[str, np.ndarr
 
     ``masks`` maps structure names to boolean arrays; names in ``plan.prescriptions`` are targets,
     the rest OARs; a body mask (``Body``/``External``) is ignored for DVH scoring. ``eval_mask``
-    is the evaluation region (possible-dose mask or body; None = every voxel) used for MAE, the
-    dose score, isodose Dice and gamma. Keys:
+    is the evaluation region (:func:`addiff_core.regions.evaluation_region`; None = every voxel)
+    used for MAE, the dose score, isodose Dice and gamma. ``pred`` is scored as given: the
+    pipeline zeroes it outside the region first, as OpenKBP's does (see
+    :func:`openkbp_dose_score`). Keys:
 
     ``mae_gy``, ``mae_pct_rx`` (100 * MAE / highest Rx), ``openkbp_dose_score``,
-    ``openkbp_dvh_score``, ``hi_pred``, ``hi_ref``, ``ci_rtog_pred``, ``ci_rtog_ref``,
+    ``openkbp_dvh_score`` (mean of this case's DVH cells), ``dvh_cells`` (their number, the
+    weight of this case in a cohort's DVH score: :func:`cohort_means`), ``hi_pred``, ``hi_ref``,
+    ``ci_rtog_pred``, ``ci_rtog_ref``,
     ``paddick_ci_pred``, ``paddick_ci_ref`` (primary = highest-Rx target; nan if absent),
     ``mean_isodose_dice`` (10..100 % Rx), ``spinal_cord_dmax_err_gy`` (nan without a SpinalCord
     of > 5 voxels), ``gamma_pass_rate`` (percent, 3 %/2 mm global, 10 % cutoff),
@@ -500,7 +466,9 @@ def case_metrics(pred: np.ndarray, ref: np.ndarray, masks: Mapping[str, np.ndarr
     out["mae_gy"] = mae(pred, ref, em)
     out["mae_pct_rx"] = 100.0 * out["mae_gy"] / rx
     out["openkbp_dose_score"] = openkbp_dose_score(pred, ref, em)
-    out["openkbp_dvh_score"] = openkbp_dvh_score(pred, ref, scored, vv, plan.prescriptions.keys())
+    errs = openkbp_dvh_errors(pred, ref, scored, vv, plan.prescriptions.keys())
+    out[DVH_SCORE_KEY] = cohort_dvh_score([errs])
+    out[DVH_CELLS_KEY] = float(sum(_finite(v) is not None for v in errs.values()))
     primary = plan.targets[0]
     tmask = bool_masks.get(primary)
     has_t = tmask is not None and bool(tmask.any())

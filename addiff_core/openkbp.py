@@ -30,16 +30,15 @@ int16 HU, with omitted voxels at -1024 HU. Dose is written as float32 Gy.
 from __future__ import annotations
 
 import re
-import shutil
 import sys
-import tempfile
 import time
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from .case_io import Beam, CaseError, Plan, plan_from_dict, save_case
+from .case_io import Beam, CaseError, Plan, plan_from_dict, save_case, staged_case_dir
 
 GRID_SHAPE = (128, 128, 128)  # OpenKBP (row, column, slice)
 TARGETS = {"PTV70": 70.0, "PTV63": 63.0, "PTV56": 56.0}
@@ -151,8 +150,13 @@ def openkbp_plan(targets: list[str]) -> Plan:
     return plan_from_dict(d)
 
 
+PATIENT_FILES = ("ct.csv", "dose.csv", "possible_dose_mask.csv", "voxel_dimensions.csv")
+"""A folder holding any of these is an OpenKBP patient folder."""
+MAX_DEPTH = 3  # patient folders are looked for at most this deep below the folder given
+
+
 def _is_patient_dir(p: Path) -> bool:
-    return p.is_dir() and ((p / "ct.csv").is_file() or (p / "voxel_dimensions.csv").is_file())
+    return p.is_dir() and any((p / f).is_file() for f in PATIENT_FILES)
 
 
 def import_openkbp_patient(src_dir: str | Path, out_dir: str | Path) -> Path:
@@ -207,16 +211,8 @@ def import_openkbp_patient(src_dir: str | Path, out_dir: str | Path) -> Path:
         raise CaseError(src_dir, "PTV70.csv", "no non-empty target (PTV70/PTV63/PTV56): cannot write a plan")
     plan = openkbp_plan(targets)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.importing-", dir=out_dir.parent))
-    try:
+    with staged_case_dir(out_dir) as tmp:
         save_case(tmp, ct, plan, masks, dose=dose, possible_dose_mask=pdm, spacing=spacing, origin=origin)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 
@@ -224,28 +220,76 @@ def _natural_key(p: Path) -> list:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p.name)]
 
 
-def import_openkbp(src: str | Path, out: str | Path, progress: bool = True) -> list[Path]:
-    """Import OpenKBP patients into the data folder ``out`` (one case folder per patient, named
-    like the patient folder, e.g. ``out/pt_11``).
+def find_patients(src: Path, max_depth: int = MAX_DEPTH) -> list[Path]:
+    """OpenKBP patient folders in ``src``: ``src`` itself when it is one, else every patient folder
+    up to ``max_depth`` levels below it (not below a patient folder; hidden folders skipped), in
+    natural order per level. Covers one patient, a flat folder of patients and the dataset's own
+    layout (``provided-data/train-pats/pt_1``, ``validation-pats/``, ``test-pats/``)."""
+    if _is_patient_dir(src):
+        return [src]
+    found: list[Path] = []
 
-    ``src`` is either one patient folder (holding ct.csv) or a folder of patient folders (every
-    sub-folder holding ct.csv or voxel_dimensions.csv, in natural order: pt_3 before pt_11).
-    Stops at the first bad patient with its CaseError. Returns the case folders written.
+    def walk(folder: Path, depth: int) -> None:
+        subs = sorted((c for c in folder.iterdir() if c.is_dir() and not c.name.startswith(".")), key=_natural_key)
+        for c in subs:
+            if _is_patient_dir(c):
+                found.append(c)
+            elif depth < max_depth:
+                walk(c, depth + 1)
+
+    walk(src, 1)
+    return found
+
+
+@dataclass
+class ImportSummary:
+    """What :func:`import_openkbp` did: the case folders written and the patients skipped, each
+    as ``(patient folder relative to the source, reason)``."""
+
+    imported: list[Path] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def text(self, out: Path | None = None) -> str:
+        """A few lines for a person: counts, where the cases are, every skipped patient's reason."""
+        where = ""
+        if out is not None and self.imported:
+            folders = sorted({str(p.parent) for p in self.imported})
+            where = f" into {', '.join(folders)}" if len(folders) <= 4 else f" into {len(folders)} folders under {out}"
+        lines = [f"imported {len(self.imported)} OpenKBP patient(s){where}"
+                 + (f"; skipped {len(self.skipped)}:" if self.skipped else "")]
+        lines += [f"  {name}: {reason}" for name, reason in self.skipped]
+        return "\n".join(lines)
+
+
+def import_openkbp(src: str | Path, out: str | Path, progress: bool = True) -> ImportSummary:
+    """Import OpenKBP patients into ``out``, one case folder per patient, at the patient's path
+    relative to ``src`` (``out/pt_11`` for a flat folder of patients; ``out/train-pats/pt_1``,
+    ``out/validation-pats/...`` for the dataset's split folders, so that each split stays a data
+    folder of its own; ``out/pt_11`` for a single patient folder). See :func:`find_patients`.
+
+    A patient that cannot be imported (missing or malformed CSV, no target, ...) is skipped with
+    its reason and the others are imported; nothing of it is left half-written. Raises CaseError
+    when ``src`` holds no patient folder and FileExistsError when a destination exists and is not
+    a case folder (nothing is overwritten). Returns an :class:`ImportSummary`.
     """
     src, out = Path(src), Path(out)
     if not src.is_dir():
         raise CaseError(src, ".", "OpenKBP folder not found")
-    if _is_patient_dir(src):
-        patients = [src]
-    else:
-        patients = sorted((p for p in src.iterdir() if _is_patient_dir(p)), key=_natural_key)
-        if not patients:
-            raise CaseError(src, ".", "no OpenKBP patient folders (sub-folders holding ct.csv) found")
-    written = []
+    patients = find_patients(src)
+    if not patients:
+        raise CaseError(src, ".", f"no OpenKBP patient folders (sub-folders holding {' or '.join(PATIENT_FILES)}) "
+                                  f"found up to {MAX_DEPTH} levels down")
+    summary = ImportSummary()
     for i, p in enumerate(patients, 1):
+        rel = Path(p.name) if p == src else p.relative_to(src)
         t0 = time.perf_counter()
-        written.append(import_openkbp_patient(p, out / p.name))
+        try:
+            summary.imported.append(import_openkbp_patient(p, out / rel))
+            msg = f"{rel} -> {summary.imported[-1]} ({time.perf_counter() - t0:.1f} s)"
+        except CaseError as e:
+            reason = f"{e.file}: {e.problem}"
+            summary.skipped.append((rel.as_posix(), reason))
+            msg = f"{rel} skipped: {reason}"
         if progress:
-            print(f"[{i}/{len(patients)}] {p.name} -> {written[-1]} ({time.perf_counter() - t0:.1f} s)",
-                  file=sys.stderr, flush=True)
-    return written
+            print(f"[{i}/{len(patients)}] {msg}", file=sys.stderr, flush=True)
+    return summary

@@ -15,9 +15,10 @@ import torch
 from monai.transforms import ScaleIntensityRange
 
 from .beams import beam_plate
-from .case_io import BODY_NAME, OAR_NAMES, TUMOUR_SITES, Case
+from .case_io import OAR_NAMES, TUMOUR_SITES, Case
 from .config import GridConfig
 from .constraints import constraints_for_plan
+from .regions import evaluation_region
 
 B_MAX = 72
 C_MAX = 16
@@ -152,12 +153,7 @@ def case_to_sample(case: Case, grid: GridConfig) -> tuple[dict[str, torch.Tensor
             m = _resample_mask(case.masks[name], ref)
             oars[k] = m
             present[name] = bool(m.sum() > MIN_STRUCTURE_VOXELS)
-    if case.possible_dose_mask is not None:
-        body = _resample_mask(case.possible_dose_mask, ref)
-    elif BODY_NAME in case.masks:
-        body = _resample_mask(case.masks[BODY_NAME], ref)
-    else:
-        body = ct > (-500.0 - grid.hu_min) / (grid.hu_max - grid.hu_min) * 2.0 - 1.0
+    body = _resample_mask(evaluation_region(case), ref)  # the one rule: regions.evaluation_region
 
     if case.dose is not None:
         dose = _resample(sitk.Cast(case.dose, sitk.sitkFloat32), ref, sitk.sitkLinear, 0.0) / np.float32(rx)

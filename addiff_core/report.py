@@ -62,6 +62,7 @@ MAX_OARS_IN_DVH = 6
 KEY_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("mae_gy", "MAE (Gy)", "gy"),
     ("mae_pct_rx", "MAE (% Rx)", "pct"),
+    ("mae_zero_dose_gy", "MAE of 0 Gy (Gy)", "gy"),
     ("openkbp_dose_score", "dose score (Gy)", "gy"),
     ("openkbp_dvh_score", "DVH score (Gy)", "gy"),
     ("mean_isodose_dice", "isodose Dice", "num"),
@@ -72,8 +73,11 @@ KEY_COLUMNS: tuple[tuple[str, str, str], ...] = (
 )
 METRIC_LEGEND = (
     "MAE: mean absolute dose difference in the body / possible-dose region (lower is better); "
-    "dose score: OpenKBP dose score (mean |pred - ref| in the possible-dose mask, Gy); "
-    "DVH score: OpenKBP DVH score (mean |error| of D99/D95/D1 of targets and D0.1cc/Dmean of OARs, Gy); "
+    "MAE of 0 Gy: the MAE of predicting no dose at all (a model above it is useless); "
+    "dose score: OpenKBP dose score (sum of |pred - ref| over the whole grid / possible-dose-mask voxels, "
+    "the prediction being 0 outside the case's evaluation region, as OpenKBP's; Gy); "
+    "DVH score: OpenKBP DVH score (|error| of D99/D95/D1 of targets and D0.1cc/Dmean of OARs, one mean over "
+    "every case, structure and point of the cohort, Gy; the all-sites row weights it by those cells); "
     "isodose Dice: mean Dice of the 10..100 % Rx isodose volumes (1 = perfect); "
     "cord Dmax err: |Dmax pred - Dmax ref| in the spinal cord; "
     "gamma: pass rate 3 %/2 mm global, 10 % cutoff (higher is better); "
@@ -477,14 +481,15 @@ def _duration(s: float | None) -> str:
 
 
 def weighted_overall(rows: list[dict], keys: Iterable[str]) -> dict:
-    """The case-weighted mean of each key over the rows with a finite value and cases > 0."""
+    """The all-sites row: ``metrics.combine_site_means`` (case-weighted mean of each key over the
+    rows with a finite value and cases > 0; the DVH score weighted by DVH cells); None where none."""
+    from .metrics import combine_site_means
+
     out: dict[str, Any] = {"site": "all sites (case-weighted)",
                            "cases": int(sum(_num(r.get("cases")) or 0 for r in rows))}
-    for k in keys:
-        vals = [(_num(r.get(k)), _num(r.get("cases")) or 0) for r in rows]
-        vals = [(v, c) for v, c in vals if v is not None and c > 0]
-        w = sum(c for _, c in vals)
-        out[k] = sum(v * c for v, c in vals) / w if w else None
+    numeric = [{k: _num(v) for k, v in r.items()} for r in rows]  # CSV rows hold strings
+    for k, v in combine_site_means(numeric, keys).items():
+        out[k] = v if math.isfinite(v) else None
     return out
 
 
@@ -537,13 +542,17 @@ def _summary(doc: Doc, d: RunData) -> None:
         items.append("**Dates**: " + ", ".join(x for x in dates if x))
     if d.kind == "federated":
         strategy = rc.get("strategy") or next((r.get("strategy") for r in d.round_rows if r.get("strategy")), None)
-        s = f"**Strategy**: {strategy or 'unknown'}"
-        if strategy == "fedprox" and rc.get("proximal-mu") is not None:
-            s += f" (mu = {rc['proximal-mu']})"
-        if strategy == "fedadam":
-            s += " (" + ", ".join(f"{k.split('-', 1)[1]} = {rc[k]}" for k in
-                                  ("fedadam-eta", "fedadam-beta-1", "fedadam-beta-2", "fedadam-tau") if k in rc) + ")"
-        items.append(s)
+        from .run_summary import central_dp_text, robustness_warning, site_dp_text, strategy_text, worse_than_zero_dose
+
+        rcs = {**rc, "strategy": strategy}
+        n_sites = len(d.sites()) or None
+        items.append(f"**Strategy**: {strategy_text(rcs, n_sites) if strategy else 'unknown'}")
+        eps = next((_num(r.get("central_dp_epsilon")) for r in reversed(d.round_rows)
+                    if _num(r.get("central_dp_epsilon")) is not None), None)
+        items.append(f"**Central DP**: {central_dp_text(rc, eps, len(d.round_rows) or None)}")
+        items.append(f"**Per-site DP (DP-SGD)**: {site_dp_text(d.privacy)}")
+        items += [f"**Warning**: {w}" for w in [robustness_warning(rcs, n_sites)] if w]
+        items += [f"**Warning**: {w[len('WARNING: '):]}" for w in worse_than_zero_dose(d.final, rc)]
         plan = _stage_plan(d)
         if plan:
             done = {}
@@ -731,6 +740,10 @@ def _heldout(doc: Doc, d: RunData, fig_dir: Path | None, notes: list[str]) -> No
             line.append(_fmt(p.get("epsilon")) if p.get("dp_enabled") else "-")
         out.append(line)
     doc.table(headers, out)
+    from .run_summary import worse_than_zero_dose
+
+    for w in worse_than_zero_dose(d.final, d.run_config):
+        doc.p(f"**{w}**")
     doc.p(METRIC_LEGEND)
 
 
@@ -833,7 +846,7 @@ def _site_sections(doc: Doc, d: RunData, fig_dir: Path | None, site_files: list[
         if site.name in done:
             continue
         if not site.data_dir.is_dir():
-            skipped.append(f"{site.name}: data folder `{site.data_dir}` not reachable here")
+            skipped.append(f"{site.name}: data folder not reachable here")
             continue
         if model_bundle is None:
             try:
@@ -845,11 +858,12 @@ def _site_sections(doc: Doc, d: RunData, fig_dir: Path | None, site_files: list[
             doc.p(f"Model: {model_bundle[3]}.")
         doc.h(3, f"Site {site.name}")
         try:
-            ok = _one_site(doc, d, site, model_bundle, fig_dir, notes)
+            ok = _one_site(doc, d, site, model_bundle, fig_dir, notes, show_ids=given)
         except Exception as e:  # noqa: BLE001 - one site never stops the report
-            log.warning("report: site %s failed: %s", site.name, e, exc_info=log.isEnabledFor(logging.DEBUG))
-            doc.p(f"No figures for {site.name}: {type(e).__name__}: {e}")
-            notes.append(f"site {site.name}: figures failed ({type(e).__name__}: {e})")
+            # the message may name the site's data path or a case: it stays out of the report
+            log.debug("report: site %s failed: %s", site.name, e, exc_info=True)
+            doc.p(f"No figures for {site.name}: {type(e).__name__}")
+            notes.append(f"site {site.name}: figures failed ({type(e).__name__})")
             ok = False
         if ok:
             done.add(site.name)
@@ -865,15 +879,19 @@ def _site_sections(doc: Doc, d: RunData, fig_dir: Path | None, site_files: list[
               f"`addiff report {d.path} --site SITE_FILE`.")
 
 
-def _one_site(doc: Doc, d: RunData, site, bundle, fig_dir: Path, notes: list[str]) -> bool:
+def _one_site(doc: Doc, d: RunData, site, bundle, fig_dir: Path, notes: list[str], show_ids: bool = True) -> bool:
+    """Figures of one held-out case of ``site``. Without ``show_ids`` (the report a server writes
+    for every site it can read, e.g. in a simulation) no case id or data path is written: a case
+    folder may be named after the patient."""
     import numpy as np
     import SimpleITK as sitk
     import torch
 
-    from .case_io import BODY_NAME, CaseError, list_cases, load_case
+    from .case_io import CaseError, list_cases, load_case
     from .data import split_case_ids
     from .metrics import BODY_NAMES, MIN_STRUCTURE_VOXELS, dvh_points, mae
     from .preprocessing import case_to_sample, dose_to_ct_grid
+    from .regions import evaluation_region, zero_outside
     from .training import predict_normalised
 
     model, cfg, _, _ = bundle
@@ -889,10 +907,12 @@ def _one_site(doc: Doc, d: RunData, site, bundle, fig_dir: Path, notes: list[str
             case = load_case(site.data_dir / cid, require_dose=True)
             break
         except CaseError as e:
-            problems.append(f"{cid}: {e}")
+            problems.append(f"{cid}: {e.file}: {e.problem}")
     if case is None:
-        doc.p(f"No usable held-out case at {site.name}: " + "; ".join(problems[:3]))
+        doc.p(f"No usable held-out case at {site.name}"
+              + (": " + "; ".join(problems[:3]) if show_ids else f" ({len(problems)} unusable)"))
         return False
+    label = case.case_id if show_ids else "1"
     seed = int(_num(d.run_config.get("seed")) or 0)
     steps = int(_num(d.run_config.get("eval-steps")) or 0) or None
     from .config import ConfigError, resolve_device
@@ -908,7 +928,8 @@ def _one_site(doc: Doc, d: RunData, site, bundle, fig_dir: Path, notes: list[str
         pred_n, _ = predict_normalised(model, batch, cfg, steps=steps, seed=seed)
     pred_n = pred_n.cpu()
     rx = float(case.plan.max_prescription)
-    pred_img = dose_to_ct_grid(pred_n[0, 0], rx, spec, case.ct)
+    region = evaluation_region(case)  # the prediction is shown and scored as it is written: 0 outside
+    pred_img = zero_outside(dose_to_ct_grid(pred_n[0, 0], rx, spec, case.ct), region)
 
     def lps(img: sitk.Image) -> sitk.Image:  # anterior up / patient left on the right, whatever the file says
         try:
@@ -922,12 +943,10 @@ def _one_site(doc: Doc, d: RunData, site, bundle, fig_dir: Path, notes: list[str
     pred = sitk.GetArrayFromImage(lps(pred_img)).astype(np.float32)
     masks = {n: sitk.GetArrayFromImage(lps(m)) > 0 for n, m in case.masks.items()}
     spacing = ct_img.GetSpacing()
-    em = sitk.GetArrayFromImage(lps(case.possible_dose_mask)) > 0 if case.possible_dose_mask is not None else \
-        masks.get(BODY_NAME, ct > -500)
-    body = masks.get(BODY_NAME, ct > -500)
+    em = sitk.GetArrayFromImage(lps(region)) > 0
 
-    # crop to the body (plus a margin): a 512^2 CT is mostly air
-    sl = _bbox(body | (ref > 0.05 * rx), margin=4)
+    # crop to the evaluation region (plus a margin): a 512^2 CT is mostly air
+    sl = _bbox(em | (ref > 0.05 * rx), margin=4)
     ct, ref, pred, em = ct[sl], ref[sl], pred[sl], em[sl]
     masks = {n: m[sl] for n, m in masks.items()}
 
@@ -938,16 +957,16 @@ def _one_site(doc: Doc, d: RunData, site, bundle, fig_dir: Path, notes: list[str
     oars = sorted(oars, key=lambda n: -float(ref[masks[n]].mean()))[:MAX_OARS_IN_DVH]
     structs = {t: masks[t] for t in targets} | {o: masks[o] for o in oars}
     case_mae = mae(pred, ref, em)
-    doc.p(f"Held-out case **{case.case_id}** ({case.plan.tumour_site.replace('_', ' ')}, {case.plan.technique}, "
+    doc.p(f"Held-out case **{label}** ({case.plan.tumour_site.replace('_', ' ')}, {case.plan.technique}, "
           f"Rx {', '.join(f'{t} {case.plan.prescriptions[t]:g} Gy' for t in case.plan.targets)}, "
           f"{case.plan.fractions} fractions): MAE {case_mae:.2f} Gy in the evaluation region. "
           f"Prediction seed {seed}" + (f", {steps} DDIM steps" if steps else "") + ".")
-    title = f"{site.name} / {case.case_id}: reference vs predicted dose (Rx {rx:g} Gy)"
-    _figure(doc, notes, f"{site.name}: dose slices of {case.case_id}", fig_dir / f"site_{site.name}_slices.png",
+    title = f"{site.name} / {label}: reference vs predicted dose (Rx {rx:g} Gy)"
+    _figure(doc, notes, f"{site.name}: dose slices of held-out case {label}", fig_dir / f"site_{site.name}_slices.png",
             "dose_slices_figure", ct, ref, pred, spacing, rx, title=title, target=primary,
             target_name=targets[0] if targets else None, eval_mask=em)
-    _figure(doc, notes, f"{site.name}: DVH of {case.case_id}", fig_dir / f"site_{site.name}_dvh.png",
-            "dvh_figure", ref, pred, structs, title=f"{site.name} / {case.case_id}: DVH", rx=rx, targets=targets)
+    _figure(doc, notes, f"{site.name}: DVH of held-out case {label}", fig_dir / f"site_{site.name}_dvh.png",
+            "dvh_figure", ref, pred, structs, title=f"{site.name} / {label}: DVH", rx=rx, targets=targets)
     rows = []
     for n, m in structs.items():
         is_t = n in targets

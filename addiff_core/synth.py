@@ -947,7 +947,7 @@ def write_synthetic_sites(out_dir: str | Path, n_sites: int = 3, cases_per_site:
             "data_dir": f"{name}/cases",
             "heldout": {"fraction": 0.25, "seed": int(seed)},
             "device": "auto",
-            "training": {"batch_size": 2, "optimizer": "adamw", "lr": 2.0e-4, "vae_epochs": 2,
+            "training": {"batch_size": 2, "optimizer": "adamw", "lr": 1.0e-3, "vae_epochs": 2,
                          "diffusion_epochs": 2, "seed": int(seed) + si},
             "privacy": {"enabled": False},
         }

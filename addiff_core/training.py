@@ -192,36 +192,43 @@ def predict_normalised(model: nn.Module, batch: dict[str, torch.Tensor], cfg: Mo
                        seed: int = 0, num_samples: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Normalised dose (N,1,S,S,S) (x rx = Gy) and, with several samples, its voxel-wise std."""
     model.eval()
-    if cfg.kind == "unet":
-        return model.unet(batch).clamp_min(0.0), None
-    return diff.sample(model, batch, cfg, steps=steps, seed=seed, num_samples=num_samples)
+    return diff.predict(model, batch, cfg, steps=steps, seed=seed, num_samples=num_samples)
 
 
 def evaluate(model: nn.Module, dataset: SampleDataset, cfg: ModelConfig, device: torch.device, *, seed: int = 0,
              steps: int | None = None, gamma: bool = True, progress: bool = True) -> dict:
     """Metrics of ``model`` on every case of ``dataset``, on each case's own CT grid, in Gy.
 
-    Returns ``{"num_cases", "mean": {metric: value}, "cases": [{"case_id", metric: value}]}``.
+    Each prediction is set to 0 outside the case's evaluation region (possible-dose mask, else
+    body, else CT > -500 HU: ``regions.evaluation_region``), as OpenKBP masks every prediction
+    before scoring, and scored there. Returns ``{"num_cases", "mean": {metric: value},
+    "cases": [{"case_id", metric: value}]}``; ``mean`` is ``metrics.cohort_means`` of the cases:
+    the mean over cases, except ``openkbp_dvh_score`` (one mean over every DVH cell of the cohort,
+    as OpenKBP) and ``dvh_cells`` (the cohort's number of DVH cells, the weight of this cohort's
+    DVH score when sites are combined).
     """
+    from SimpleITK import GetArrayFromImage
+
+    from .metrics import cohort_means
+    from .regions import evaluation_region, zero_outside
+
     model.eval()
     rows = []
     for i in tqdm(range(len(dataset)), desc="evaluate", leave=False, disable=not progress):
         sample = dataset[i]
         batch = to_device({k: v[None] for k, v in sample.items()}, device)
         pred, _ = predict_normalised(model, batch, cfg, steps=steps, seed=seed + i)
+        if not bool(torch.isfinite(pred).all()):
+            raise FloatingPointError(f"the model's output for held-out case {i + 1} of {len(dataset)} is not finite "
+                                     "(NaN/inf): the weights or the case's inputs hold extreme values")
         case = load_case(dataset.case_dirs[i], require_dose=True)
-        pred_img = dose_to_ct_grid(pred[0, 0], float(sample["rx"]), dataset.specs[i], case.ct)
-        from SimpleITK import GetArrayFromImage
-
+        region = evaluation_region(case)
+        pred_img = zero_outside(dose_to_ct_grid(pred[0, 0], float(sample["rx"]), dataset.specs[i], case.ct), region)
         pred_gy = GetArrayFromImage(pred_img).astype(np.float32)
         ref_gy = case.array("dose")
         masks = {name: case.array(name) for name in case.masks}
-        eval_mask = case.array("possible_dose_mask")
-        if eval_mask is None:
-            eval_mask = masks.get("Body", ref_gy > 0)
+        eval_mask = GetArrayFromImage(region) > 0
         m = case_metrics(pred_gy, ref_gy, masks, case.plan, case.ct.GetSpacing(), eval_mask, gamma=gamma)
         rows.append({"case_id": dataset.case_ids[i], **{k: float(v) for k, v in m.items()}})
-    keys = [k for k in (rows[0] if rows else {}) if k != "case_id"]
-    mean = {k: float(np.nanmean([r[k] for r in rows])) if any(np.isfinite(r[k]) for r in rows) else float("nan")
-            for k in keys}
+    mean = cohort_means(rows)
     return {"num_cases": len(rows), "mean": mean, "cases": rows}

@@ -344,6 +344,41 @@ def run_child(script: Path, payload: dict, timeout: float = 3600.0) -> dict:
 
 
 # --------------------------------------------------------------------------------------------
+# scoring predictions the way training.evaluate and OpenKBP do
+# --------------------------------------------------------------------------------------------
+DVH_CELLS = "dvh_cells"
+
+
+def openkbp_case_scores(case: Any, pred_img: Any) -> tuple[float, dict[str, float]]:
+    """``(dose score, DVH errors)`` of a predicted dose (SimpleITK image, Gy, on the case's CT
+    grid) for a loaded case: the prediction is first set to 0 outside the case's evaluation
+    region (``addiff_core.regions``, OpenKBP's ``pred * possible_dose_mask``), then scored with
+    ``metrics.openkbp_dose_score`` over that region and ``metrics.openkbp_dvh_errors`` (one
+    error per DVH cell; the cohort score is ``metrics.cohort_dvh_score`` of these)."""
+    import SimpleITK as sitk
+
+    from addiff_core.metrics import BODY_NAMES, openkbp_dose_score, openkbp_dvh_errors
+    from addiff_core.regions import evaluation_region, zero_outside
+
+    region = evaluation_region(case)
+    pred = sitk.GetArrayFromImage(zero_outside(pred_img, region)).astype("float64")
+    ref = case.array("dose")
+    masks = {k: case.array(k) for k in case.masks if k not in BODY_NAMES}
+    errs = openkbp_dvh_errors(pred, ref, masks, case.voxel_volume_cc, case.plan.prescriptions.keys())
+    return openkbp_dose_score(pred, ref, sitk.GetArrayFromImage(region) > 0), errs
+
+
+def cohort_overall(case_rows: Sequence[dict], keys: Iterable[str]) -> dict[str, float | None]:
+    """Cohort value of ``keys`` over per-case rows of ``training.evaluate`` (each holding its
+    ``dvh_cells``): ``metrics.cohort_means`` (mean over cases; the DVH score one mean over every
+    DVH cell, as OpenKBP), None where there is no finite value."""
+    from addiff_core.metrics import cohort_means
+
+    means = cohort_means(case_rows)
+    return {k: (means[k] if k in means and math.isfinite(means[k]) else None) for k in keys}
+
+
+# --------------------------------------------------------------------------------------------
 # result files
 # --------------------------------------------------------------------------------------------
 def sanitize(obj: Any) -> Any:

@@ -117,7 +117,7 @@ def _child_predict(p: dict) -> dict:
             times["condition"].append(sw.wall)
             z = torch.randn((1, cfg.latent_channels) + (cfg.latent_size,) * 3, device=dev)
             with common.Stopwatch(dev) as sw:
-                diff.decode_latent(model, z)
+                diff.decode_latent(model, z, batch)
             times["decode"].append(sw.wall)
         with common.Stopwatch(dev) as sw:
             dose_to_ct_grid(mean[0, 0], float(case.plan.max_prescription), spec, case.ct)
@@ -276,7 +276,6 @@ def _pick(res: dict) -> dict:
 
 
 def bench_mae(args, device: str, work: Path) -> dict:
-    import numpy as np
     import torch
 
     from addiff_core.config import TrainingConfig, load_site_config
@@ -320,13 +319,12 @@ def bench_mae(args, device: str, work: Path) -> dict:
             res = evaluate(model, data.heldout, mcfg, dev, seed=args.seed, gamma=not args.smoke, progress=False)
             eval_seconds[label] += time.perf_counter() - t0
             row[label] = _pick(res)
-            all_cases[label] += [{k: c.get(k) for k in MAE_KEYS} for c in res["cases"]]
+            all_cases[label] += [{k: c.get(k) for k in MAE_KEYS + (common.DVH_CELLS,)} for c in res["cases"]]
         per_site[site.name] = row
         progress(f"  {site.name}: held-out MAE diffusion {row['diffusion']['mae_gy']:.2f} Gy, "
                  f"U-Net {row['unet']['mae_gy']:.2f} Gy, constant {row['constant']['mae_gy']:.2f} Gy")
-    overall = {label: {k: float(np.nanmean([c[k] for c in rows])) if rows and any(
-        c[k] is not None and np.isfinite(c[k]) for c in rows) else None for k in MAE_KEYS}
-        for label, rows in all_cases.items()}
+    # mean over all held-out cases; the DVH score one mean over every DVH cell (OpenKBP)
+    overall = {label: common.cohort_overall(rows, MAE_KEYS) for label, rows in all_cases.items()}
     return {
         "grid": size, "config_name": name, "model_config": common.config_summary(cfg), "device": device,
         "sites": len(sites), "cases_per_site": args.mae_cases, "train_cases_pooled": len(train_set),

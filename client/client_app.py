@@ -13,20 +13,26 @@ Relative paths resolve against the project root (``server.protocol.project_root`
 """
 from __future__ import annotations
 
+import functools
 import logging
 import time
+import traceback
+from contextlib import contextmanager
 from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from addiff_core.config import ConfigError, load_site_config
+from addiff_core.case_io import CaseError
+from addiff_core.checkpoint import CheckpointError
+from addiff_core.config import ConfigError, SiteConfig, load_site_config, resolve_device
 from addiff_core.fl_task import MissingGlobalWeights, SiteTask, state_to_arrays
 from addiff_core.privacy import PrivacyBudgetExhausted
 
 from server.protocol import (
-    ARRAYS_KEY, CONFIG_KEY, LAYOUT_KEY, METRICS_KEY, NUM_EXAMPLES, PACKED, SITE_KEY, STATUS_NEED_VAE, STATUS_REFUSED,
-    decode, encode, fingerprint, from_record, layout_from_json, model_config_from_json, resolve_path, split_list, to_record,
+    ARRAYS_KEY, CONFIG_KEY, LAYOUT_KEY, METRICS_KEY, NUM_EXAMPLES, PACKED, SITE_ERROR_CLASSES, SITE_KEY,
+    STATUS_FAILED, STATUS_NEED_VAE, STATUS_REFUSED, decode, encode, fingerprint, from_record, layout_from_json,
+    model_config_from_json, resolve_path, split_list, to_record,
 )
 
 log = logging.getLogger("flwr.addiff.client")
@@ -41,7 +47,8 @@ def site_file_for(context: Context, config) -> Path:
     nc = context.node_config
     if "site-config" in nc:
         return resolve_path(str(nc["site-config"]))
-    files = split_list(context.run_config.get("site-files") or config.get("site-files", ""))
+    # the server's list first: in a simulation it sends the site files resolved where it runs
+    files = split_list(config.get("site-files") or context.run_config.get("site-files", ""))
     if "partition-id" not in nc:
         raise ConfigError("this SuperNode has no site file: start it with "
                           "--node-config 'site-config=\"sites/NAME.yaml\"' (addiff client start --site ...)")
@@ -55,16 +62,128 @@ def site_file_for(context: Context, config) -> Path:
     return resolve_path(files[pid])
 
 
-def task_for(site_file: Path, model_json: str) -> SiteTask:
+def task_for(site_file: Path, model_json: str, where: dict | None = None) -> SiteTask:
+    """The site's task (cached). ``where`` records the phase reached and the site, for the
+    failure reply (:func:`_never_raises`)."""
+    where = where if where is not None else {}
     key = (str(site_file), model_json)
     task = _TASKS.get(key)
     if task is None:
         for k in [k for k in _TASKS if k[0] == key[0]]:  # the model changed: drop the old one
             del _TASKS[k]
+        where["phase"] = "site-config"
         site = load_site_config(site_file)
-        task = SiteTask(site, model_config_from_json(model_json))
+        where["site"] = site
+        where["phase"] = "model-config"
+        cfg = model_config_from_json(model_json)
+        where["phase"] = "device"
+        resolve_device(site.device)
+        where["phase"] = "data"
+        with site_log(site):
+            task = SiteTask(site, cfg)
         _TASKS[key] = task
+    where["site"] = task.site
     return task
+
+
+# ------------------------------------------------------------------------------------------
+# failures stay at the site
+# ------------------------------------------------------------------------------------------
+# Flower copies str(exception) of a ClientApp into the error reply the server stores, and an
+# exception message may name a data path or a case id (a case folder is often named after the
+# patient). So no exception leaves this ClientApp: a failure is answered with a fixed status,
+# an error class and a code from closed lists (``server.protocol``), and the details (message,
+# traceback) go to the site's own log, ``STATE_DIR/site.log``, which never leaves the site.
+CASE_LOGGER = "addiff_core.data.cases"  # per-case messages (skipped cases and why) of addiff_core.data
+
+
+@contextmanager
+def site_log(site: SiteConfig | None):
+    """While inside: per-case messages and failure details go to the site's own log file
+    (``STATE_DIR/site.log``) only, not to the console (in simulation the console is the
+    coordinator's too)."""
+    handler = None
+    case_log = logging.getLogger(CASE_LOGGER)
+    old = case_log.propagate
+    if site is not None:
+        try:
+            site.state_dir.mkdir(parents=True, exist_ok=True)
+            handler = logging.FileHandler(site.state_dir / "site.log", encoding="utf-8")
+            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        except OSError:
+            handler = None
+    case_log.propagate = False  # without a file: dropped rather than shown to the coordinator's console
+    if handler is not None:
+        case_log.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        case_log.propagate = old
+        if handler is not None:
+            case_log.removeHandler(handler)
+            handler.close()
+
+
+def classify(exc: BaseException, phase: str) -> tuple[str, str]:
+    """(code, error class) of a failure, both from the closed lists of ``server.protocol``."""
+    import torch
+
+    cls = next((c.__name__ for c in (ConfigError, CaseError, CheckpointError, MissingGlobalWeights, MemoryError,
+                                     FloatingPointError, OSError, ValueError, RuntimeError) if isinstance(exc, c)),
+               "Exception")
+    if isinstance(exc, torch.OutOfMemoryError):
+        cls = "MemoryError"
+    assert cls in SITE_ERROR_CLASSES
+    if cls == "MemoryError":
+        code = "out-of-memory"
+    elif phase in ("site-config", "model-config", "device"):
+        code = phase
+    elif phase == "data":
+        code = "bad-data" if cls == "CaseError" else "data-io" if cls == "OSError" else "no-usable-data"
+    elif phase == "weights":
+        code = "missing-weights" if cls == "MissingGlobalWeights" else "bad-weights"
+    elif cls == "FloatingPointError":
+        code = "non-finite"
+    elif cls == "OSError":
+        code = "disk"
+    else:
+        code = "internal"
+    return code, cls
+
+
+def _failure_reply(msg: Message, where: dict, exc: BaseException) -> Message:
+    site: SiteConfig | None = where.get("site")
+    code, cls = classify(exc, where.get("phase", "internal"))
+    name = site.name if site is not None else ""
+    with site_log(site) as handler:
+        detail = logging.getLogger(CASE_LOGGER)
+        if handler is not None:
+            detail.error("%s failed (%s, %s): %s\n%s", msg.metadata.message_type, code, cls, exc,
+                         "".join(traceback.format_exception(exc)))
+    where_to = "details in the site's log (STATE_DIR/site.log)" if handler is not None else \
+        "details not logged (no state directory)"
+    log.error("site %s: %s failed (%s, %s); %s", name or "?", msg.metadata.message_type, code, cls, where_to)
+    return Message(RecordDict({SITE_KEY: ConfigRecord({"name": name, "status": STATUS_FAILED, "code": code,
+                                                       "error": cls})}), reply_to=msg)
+
+
+def _never_raises(fn):
+    """Run a message handler; any exception becomes a failure reply (see above)."""
+
+    @functools.wraps(fn)
+    def wrapper(msg: Message, context: Context) -> Message:
+        where: dict = {"phase": "site-config", "site": None}
+        try:
+            return fn(msg, context, where)
+        except Exception as e:  # noqa: BLE001 - nothing may leave the site as an exception
+            try:
+                return _failure_reply(msg, where, e)
+            except Exception:  # noqa: BLE001 - even the reply failed: the barest one
+                return Message(RecordDict({SITE_KEY: ConfigRecord({"name": "", "status": STATUS_FAILED,
+                                                                   "code": "internal", "error": "Exception"})}),
+                               reply_to=msg)
+
+    return wrapper
 
 
 def _site_record(task: SiteTask, **extra) -> ConfigRecord:
@@ -99,9 +218,11 @@ def planned_epochs(task: SiteTask, plan: str, local_epochs: int = 0) -> int:
 
 
 @app.train()
-def train(msg: Message, context: Context) -> Message:
+@_never_raises
+def train(msg: Message, context: Context, where: dict) -> Message:
     cfg = msg.content[CONFIG_KEY]
-    task = task_for(site_file_for(context, cfg), str(cfg["model-config"]))
+    task = task_for(site_file_for(context, cfg), str(cfg["model-config"]), where)
+    where["phase"] = "weights"
     layout = layout_from_json(str(cfg.get(LAYOUT_KEY, "")))
     arrays = decode(from_record(msg.content[ARRAYS_KEY]), layout)
     stage = str(cfg["stage"])
@@ -111,6 +232,7 @@ def train(msg: Message, context: Context) -> Message:
     epochs = stage_epochs(task, stage, int(cfg.get("local-epochs", 0)))
     stage_round, stage_rounds = int(cfg.get("stage-round", 1)), int(cfg.get("stage-rounds", 1))
     t0 = time.perf_counter()
+    where["phase"] = "train"
     try:
         res = task.train(arrays, stage, epochs=epochs, server_round=int(cfg["server-round"]), seed=int(cfg.get("seed", 0)),
                          proximal_mu=float(cfg.get("proximal-mu", 0.0)), total_epochs=epochs * stage_rounds,
@@ -122,7 +244,9 @@ def train(msg: Message, context: Context) -> Message:
         return Message(RecordDict({SITE_KEY: _site_record(task, status=STATUS_REFUSED, reason=str(e)),
                                    METRICS_KEY: MetricRecord(task.privacy_spent())}), reply_to=msg)
     metrics = {NUM_EXAMPLES: int(res.num_examples), **{k: float(v) for k, v in res.metrics.items()},
-               "local_epochs": float(epochs), "site_seconds": time.perf_counter() - t0}
+               "local_epochs": float(epochs)}
+    if not task.site.privacy.enabled:  # with DP, the time a round took (it depends on the data) stays here
+        metrics["site_seconds"] = time.perf_counter() - t0
     wire = res.arrays
     if stage in layout:  # reply packed exactly like the request's stage weights
         separate = {k for k in msg.content[ARRAYS_KEY].keys() if not k.startswith(PACKED) and k.startswith(stage + ".")}
@@ -132,11 +256,14 @@ def train(msg: Message, context: Context) -> Message:
 
 
 @app.evaluate()
-def evaluate(msg: Message, context: Context) -> Message:
+@_never_raises
+def evaluate(msg: Message, context: Context, where: dict) -> Message:
     cfg = msg.content[CONFIG_KEY]
-    task = task_for(site_file_for(context, cfg), str(cfg["model-config"]))
+    task = task_for(site_file_for(context, cfg), str(cfg["model-config"]), where)
     steps = int(cfg.get("eval-steps", 0)) or None
+    where["phase"] = "weights"
     arrays = decode(from_record(msg.content[ARRAYS_KEY]), layout_from_json(str(cfg.get(LAYOUT_KEY, ""))))
+    where["phase"] = "evaluate"
     res = task.evaluate(arrays, seed=int(cfg.get("seed", 0)), steps=steps,
                         gamma=bool(cfg.get("eval-gamma", True)))
     metrics = {NUM_EXAMPLES: int(res.get("num_cases", 0)),

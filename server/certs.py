@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import re
 import os
 from pathlib import Path
 
@@ -31,12 +32,18 @@ def _write(path: Path, data: bytes, private: bool = False) -> None:
     os.replace(tmp, path)
 
 
+_HOSTNAME = re.compile(r"(?=.{1,253}$)(\*\.)?([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
+
+
 def _san(hosts: list[str]) -> x509.SubjectAlternativeName:
     names: list[x509.GeneralName] = []
     for h in hosts:
         try:
             names.append(x509.IPAddress(ipaddress.ip_address(h)))
         except ValueError:
+            if not _HOSTNAME.fullmatch(h):
+                raise ValueError(f"--host {h[:80]!r}: not a host name (letters, digits, '-' and dots) or an "
+                                 "IP address") from None
             names.append(x509.DNSName(h))
     return x509.SubjectAlternativeName(names)
 
@@ -47,6 +54,7 @@ def create_certificates(out_dir: Path, hosts: list[str], *, days: int = 365, loo
     hosts = list(dict.fromkeys([h.strip() for h in hosts if h.strip()] + (["localhost", "127.0.0.1"] if loopback else [])))
     if not hosts:
         raise ValueError("give at least one --host (the name or address hospitals use to reach the server)")
+    _san(hosts)  # every name checked before anything is written
     paths = {"ca_cert": out_dir / "ca.crt", "ca_key": out_dir / "ca.key", "server_cert": out_dir / "server.pem",
              "server_key": out_dir / "server.key"}
     existing = [str(p) for p in paths.values() if p.exists()]

@@ -129,7 +129,13 @@ def build_run_config(args, run_dir: Path) -> dict[str, Any]:
     from .simulate import _kind_of, parse_rounds, parse_sets
 
     if args.resume:
-        stored = json.loads((run_dir / "run.json").read_text())["run_config"]
+        from addiff_core.config import ConfigError
+
+        from .settings import read_run_doc
+
+        stored = read_run_doc(run_dir).get("run_config")
+        if not isinstance(stored, dict):
+            raise ConfigError(f"{run_dir / 'run.json'}: holds no run config; not a run folder to resume")
         rc = {**stored, "run-dir": str(run_dir), "resume": True, "stop-after-round": int(args.stop_after_round or 0),
               "min-sites": args.min_sites, "wait-sites": args.wait_sites or 0, **parse_sets(args.set)}
         return rc
@@ -227,7 +233,9 @@ def cmd_server_start(args) -> int:
         t0 = time.perf_counter()
         rc = launch.run_foreground([launch.executable("flwr"), "run", str(root), PROFILE, "--stream",
                                     "--run-config", str(overrides)], env=env, cwd=root)
-        doc = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
+        from .settings import read_run_doc
+
+        doc = read_run_doc(run_dir)
         status = str(doc.get("status", "failed"))
         if status == "complete":
             print(f"\nfederated run complete in {time.perf_counter() - t0:.0f} s\n"
@@ -239,8 +247,8 @@ def cmd_server_start(args) -> int:
             print(f"\n{status}; continue with: addiff server start --resume {run_dir} ...", flush=True)
             rc = 0
         else:
-            print(f"addiff: error: the run did not complete (status: {status}); SuperLink log: {log_file}",
-                  file=sys.stderr)
+            why = doc.get("error") or f"the run did not complete (status: {status})"
+            print(f"addiff: error: {why}; SuperLink log: {log_file}", file=sys.stderr)
             rc = 1
         if args.keep_running:
             print(f"SuperLink keeps running (PID {superlink.pid}); Ctrl-C stops it.", flush=True)

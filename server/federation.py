@@ -36,7 +36,8 @@ from addiff_core.config import ConfigError
 from addiff_core.fl_task import initial_arrays
 
 from .protocol import (
-    ARRAYS_KEY, CONFIG_KEY, LAYOUT_KEY, METRICS_KEY, NUM_EXAMPLES, SITE_KEY, STATUS_NEED_VAE, STATUS_REFUSED, decode, encode,
+    ARRAYS_KEY, CONFIG_KEY, LAYOUT_KEY, METRICS_KEY, NUM_EXAMPLES, SITE_KEY, STATUS_FAILED, STATUS_NEED_VAE, STATUS_REFUSED,
+    decode, describe_failure, encode,
     fingerprint, from_record, layout_from_json, layout_to_json, model_config_to_json, record_nbytes, to_record,
 )
 from .settings import Round, RunSettings, settings_for_resume
@@ -119,7 +120,9 @@ class RunDir:
         atomic_write_bytes(self.run_json, (json.dumps(_jsonable(doc), indent=2) + "\n").encode())
 
     def read_run_json(self) -> dict:
-        return json.loads(self.run_json.read_text()) if self.run_json.is_file() else {}
+        from .settings import read_run_doc
+
+        return read_run_doc(self.path)
 
 
 def _jsonable(obj: Any) -> Any:
@@ -136,6 +139,46 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
+def _failure_reason(reply, default: str) -> str:
+    """Why a reply is unusable, in words the server chose: a site's own failure reply carries a
+    code from a closed list (``protocol.describe_failure``); of an error reply made by Flower only
+    its code is kept (its reason may hold an exception's text, which may name site paths)."""
+    if reply.has_error():
+        from flwr.common.constant import ErrorCode
+
+        names = {v: k for k, v in vars(ErrorCode).items() if k.isupper() and isinstance(v, int)}
+        name = names.get(reply.error.code, "UNKNOWN").lower().replace("_", " ")
+        return f"Flower error {reply.error.code}: {name}"
+    info = reply.content.config_records.get(SITE_KEY, {})
+    if str(info.get("status", "")) == STATUS_FAILED:
+        return describe_failure(info.get("code", ""), info.get("error", ""))
+    return default
+
+
+def _ranges(nums: list[int]) -> str:
+    """[3, 4, 6] -> '3-4, 6'."""
+    out, start = [], None
+    for i, n in enumerate(nums):
+        if start is None:
+            start = n
+        if i + 1 == len(nums) or nums[i + 1] != n + 1:
+            out.append(f"{start}-{n}" if n != start else f"{n}")
+            start = None
+    return ", ".join(out)
+
+
+def _read_rows(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -149,7 +192,9 @@ class Federation:
     def __init__(self, grid, settings: RunSettings, *, send_site_files: bool = False):
         self.grid = grid
         self.settings = settings_for_resume(settings) if settings.resume else settings
-        self.send_site_files = send_site_files
+        # a simulation (Flower's InMemoryGrid) sends the site files resolved here: its ClientApps may run
+        # in other folders (Ray workers, an app bundle) where relative paths would point elsewhere
+        self.send_site_files = send_site_files or is_simulation(grid)
         s = self.settings
         self.rd = RunDir(s.run_dir)
         self.cfg = s.model
@@ -298,6 +343,16 @@ class Federation:
                              "reason": f"no reply within the round timeout ({timeout:g} s)"})
         return rows
 
+    def _absent(self, rows: list[dict], base: dict) -> list[dict]:
+        """Rows for sites that took part before but got no message in this round (their
+        SuperNode is not connected): they are left out too, and recorded as such."""
+        present = {x["site"] for x in rows}
+        out = []
+        for name in sorted(set(self.site_names.values()) - present):
+            log.warning("round %s: %s is not connected; left out", base["round"], name)
+            out.append({"kind": "absent", **base, "site": name, "reason": "not connected (no message sent)"})
+        return out
+
     # -- one training round -------------------------------------------------------------------
     def _screen_replies(self, replies, wire: dict, down: dict, base: dict, sent: dict[str, int]
                         ) -> tuple[list, list[dict], int]:
@@ -324,7 +379,7 @@ class Federation:
                 log.warning("round %d: %s refused to train: %s", rnd, site, info.get("reason", ""))
                 continue
             if r.has_error() or ARRAYS_KEY not in r.content.array_records or METRICS_KEY not in r.content.metric_records:
-                reason = r.error.reason if r.has_error() else "reply without weights/metrics"
+                reason = _failure_reason(r, "reply without weights/metrics")
                 log.warning("round %d: %s failed: %s", rnd, site, reason)
                 rows.append({"kind": "error", **base, "site": site, "node_id": node, "reason": reason})
                 continue
@@ -401,6 +456,7 @@ class Federation:
 
         good, rows, answered = self._screen_replies(replies, wire, down, base, sent)
         rows += missing
+        rows += self._absent(rows, base)
         if answered < s.required_sites or not good:
             for row in rows:  # nothing of this attempt is aggregated
                 if row["kind"] == "train":
@@ -471,7 +527,7 @@ class Federation:
             node = self._node_of(r, sent)
             site = self._site_of(r, node)
             if r.has_error() or METRICS_KEY not in r.content.metric_records:
-                reason = r.error.reason if r.has_error() else "reply without metrics"
+                reason = _failure_reason(r, "reply without metrics")
                 errors.append({"kind": "error", "round": s.num_rounds, "stage": "final", "site": site,
                                "node_id": node, "reason": reason})
                 log.warning("final evaluation: %s failed: %s", site, reason)
@@ -479,9 +535,62 @@ class Federation:
             m = dict(r.content[METRICS_KEY])
             rows.append({"site": site, "cases": int(m.pop(NUM_EXAMPLES, 0)), **m})
         errors += self._unanswered(msgs, replies, sent, {"round": s.num_rounds, "stage": "final"}, s.round_timeout)
+        rows = self._with_status(rows, errors)
         self.rd.append_metrics(errors + [{"kind": "final", "round": s.num_rounds, **row} for row in rows])
-        write_tables(self.rd.path, rows)
+        write_tables(self.rd.path, rows, planned=self._expected_sites(rows), notes=self.final_notes(rows))
         return rows
+
+    def _planned_names(self) -> list[str]:
+        """Names of the planned sites where the server can know them: in a simulation, from the
+        site files (the ``name`` field; the file name if unreadable). A deployment plans no
+        names (``site-files`` is empty): its sites are known from their replies."""
+        from addiff_core.config import load_yaml
+
+        names = []
+        for f in self.settings.site_files:
+            try:
+                doc = load_yaml(f)
+                name = str(doc.get("name")) if isinstance(doc, dict) and doc.get("name") else f.stem
+            except Exception:  # noqa: BLE001 - a name is all we want here
+                name = f.stem
+            names.append(name)
+        return names
+
+    def _expected_sites(self, rows: list[dict]) -> int:
+        return max(len(rows), len(self.settings.site_files), self.settings.wait_sites, self.settings.required_sites)
+
+    def _with_status(self, rows: list[dict], errors: list[dict]) -> list[dict]:
+        """One row per site that is planned or ever took part, each with its ``status``: "ok",
+        "no reply", "final evaluation failed: ..." and the rounds it was left out of."""
+        s = self.settings
+        history = [r for r in _read_rows(self.rd.metrics) if r.get("kind") != "final"]
+        planned = self._planned_names()
+        seen = [str(r["site"]) for r in history if r.get("site")] + [str(e["site"]) for e in errors]
+        names = list(dict.fromkeys(planned + [r["site"] for r in rows]
+                                   + [x for x in seen if not (planned and x.startswith("node-"))]))
+        trained: dict[str, set[int]] = {}
+        for r in history:
+            if r.get("kind") == "train":
+                trained.setdefault(str(r["site"]), set()).add(int(r["round"]))
+        failed = {str(e["site"]): str(e.get("reason", "")) for e in errors}
+        by_site = {r["site"]: r for r in rows}
+        out = []
+        for name in names:
+            missed = [n for n in range(1, s.num_rounds + 1) if n not in trained.get(name, set())]
+            if name in by_site:
+                status = "ok"
+            elif name in failed:
+                status = "final evaluation " + failed[name].replace("site failed", "failed")
+            else:
+                status = "no reply"
+            if not trained.get(name):
+                status += "; trained in no round"
+            elif missed:
+                status += f"; left out in round{'s' if len(missed) > 1 else ''} {_ranges(missed)}"
+            row = dict(by_site.get(name, {"site": name, "cases": 0}))
+            row["status"] = status
+            out.append(row)
+        return out
 
     # -- everything ---------------------------------------------------------------------------
     def _round_with_retries(self, rnd: Round) -> dict:
@@ -504,6 +613,56 @@ class Federation:
                 raise FederationError(msg) from None
         raise AssertionError("unreachable")
 
+    def _check_simulation_size(self) -> None:
+        """In a simulation every SuperNode exists from the start (Flower registers them all at
+        once), so fewer than the run needs would make Flower's strategies wait for ever (a plain
+        ``flwr run .`` starts 2): stop at once with what to do instead."""
+        if not is_simulation(self.grid):
+            return
+        need = max(self.settings.required_sites, self.settings.wait_sites)
+        deadline, n = time.monotonic() + 60.0, 0
+        while time.monotonic() < deadline:
+            n = len(list(self.grid.get_node_ids()))
+            if n >= need:
+                return
+            if n > 0:  # registered in one go: give it a moment, then it is final
+                time.sleep(2.0)
+                n = len(list(self.grid.get_node_ids()))
+                break
+            time.sleep(0.2)
+        if n >= need:
+            return
+        files = len(self.settings.site_files)
+        msg = (f"this simulation has {n} SuperNode(s) but the run needs {need} (min-sites {self.settings.required_sites}"
+               + (f"; {files} site file(s)" if files else "") + "): Flower would wait for ever. Run it with one "
+               f"simulated SuperNode per site file: flwr run . --stream --federation-config \"num-supernodes={files or need}\""
+               " (or `addiff simulate`)")
+        doc = self.rd.read_run_json()
+        doc.update({"status": "failed", "error": msg, "finished": _now()})
+        self.rd.write_run_json(doc)
+        log.error(msg)
+        raise FederationError(msg)
+
+    def _log_what_runs(self) -> None:
+        from addiff_core.run_summary import run_lines
+
+        s = self.settings
+        log.info("run folder %s (relative paths resolve against %s)", s.run_dir, _root_or_env())
+        for line in run_lines(s.to_json(), n_sites=len(s.site_files) or s.required_sites):
+            (log.warning if line.startswith("WARNING") else log.info)("%s", line)
+
+    def final_notes(self, rows: list[dict]) -> list[str]:
+        """What ran (aggregation, central DP with its epsilon, per-site DP) and warnings (a robust
+        strategy that trimmed nothing; a site where the model is worse than predicting 0 Gy)."""
+        from addiff_core.run_summary import privacy_of_rows, run_lines, worse_than_zero_dose
+
+        s = self.settings
+        rc = s.to_json()
+        eps = self.strategy.epsilon() if hasattr(self.strategy, "epsilon") else None
+        lines = run_lines(rc, n_sites=len(rows) or None, central_epsilon=eps, rounds=s.num_rounds,
+                          privacy=privacy_of_rows(rows))
+        return lines + worse_than_zero_dose(rows, rc)
+
     def _wait_for_sites(self) -> None:
         """Before the first round: wait (up to ``round-timeout``) until ``wait-sites`` SuperNodes
         are connected, so that the run starts with everyone expected even if it may later go on
@@ -525,6 +684,8 @@ class Federation:
     def run(self) -> dict:
         s = self.settings
         start = self._prepare()
+        self._check_simulation_size()
+        self._log_what_runs()
         self._wait_for_sites()
         t0 = time.perf_counter()
         for rnd in s.schedule[start - 1:]:
@@ -542,12 +703,18 @@ class Federation:
                          "run_config": s.to_json(), "created": _now()})
         log.info("final evaluation of the global model on every site's held-out cases ...")
         rows = self.final_evaluation()
-        table = markdown_table(rows)
+        table = markdown_table(rows, self._expected_sites(rows))
+        notes = self.final_notes(rows)
         doc = self.rd.read_run_json()
         doc.update({"status": "complete", "finished": _now(), "train_seconds_this_process": time.perf_counter() - t0,
-                    "sites_evaluated": [r["site"] for r in rows]})
+                    "sites_evaluated": [r["site"] for r in rows if str(r.get("status", "ok")).startswith("ok")],
+                    "warnings": [n[len("WARNING: "):] for n in notes if n.startswith("WARNING: ")]})
         self.rd.write_run_json(doc)
-        print(f"\nFinal global model, held-out metrics per site ({s.run_dir / 'final_metrics.md'}):\n\n{table}\n",
+        for n in notes:
+            if n.startswith("WARNING: "):
+                log.warning("%s", n[len("WARNING: "):])
+        print(f"\nFinal global model, held-out metrics per site ({s.run_dir / 'final_metrics.md'}):\n"
+              + "".join(f"{n}\n" for n in notes) + f"\n{table}\n",
               flush=True)
         from addiff_core.report import write_report_safely
 
@@ -559,26 +726,48 @@ class Federation:
                 "report": str(report) if report else None}
 
 
+def is_simulation(grid) -> bool:
+    """True for Flower's simulation runtime (``run_simulation`` or a ``--simulation`` SuperLink)."""
+    try:
+        from flwr.superlink.grid.inmemory_grid import InMemoryGrid
+    except ImportError:  # pragma: no cover - another Flower layout
+        return False
+    return isinstance(grid, InMemoryGrid)
+
+
+def _root_or_env() -> str:
+    from .protocol import project_root
+
+    try:
+        return str(project_root())
+    except ConfigError as e:
+        return f"(unknown: {e})"
+
+
 # ------------------------------------------------------------------------------------------
 # per-site table
 # ------------------------------------------------------------------------------------------
 def _columns(rows: list[dict]) -> list[str]:
     cols: list[str] = ["site", "cases"]
     for r in rows:
-        cols += [k for k in r if k not in cols]
-    return cols
+        cols += [k for k in r if k not in cols and k != "status"]
+    return cols + (["status"] if any("status" in r for r in rows) else [])
 
 
-def with_overall(rows: list[dict]) -> list[dict]:
-    """Rows plus an 'all sites' row: the case-weighted mean of each metric (NaN-aware)."""
-    if len(rows) < 2:
+def with_overall(rows: list[dict], planned: int | None = None) -> list[dict]:
+    """Rows plus an 'all sites' row: the case-weighted mean of each metric (NaN-aware), except the
+    DVH score, weighted by each site's ``dvh_cells`` (one mean over every DVH cell, as OpenKBP), and
+    ``dvh_cells``, summed (``addiff_core.metrics.combine_site_means``). Only sites that returned
+    metrics count; the row's name says how many of the ``planned`` sites that is."""
+    from addiff_core.metrics import combine_site_means
+
+    covered = [r for r in rows if r.get("cases", 0) > 0 and str(r.get("status", "ok")).startswith("ok")]
+    total = max(planned or 0, len(rows))
+    if total < 2 and len(covered) == total:
         return list(rows)
-    out = {"site": "all sites (case-weighted)", "cases": int(sum(r.get("cases", 0) for r in rows))}
-    for k in _columns(rows)[2:]:
-        vals = [(float(r[k]), r.get("cases", 0)) for r in rows
-                if isinstance(r.get(k), (int, float)) and math.isfinite(float(r[k])) and r.get("cases", 0) > 0]
-        w = sum(c for _, c in vals)
-        out[k] = sum(v * c for v, c in vals) / w if w else float("nan")
+    out = {"site": f"all sites (case-weighted, {len(covered)} of {total} sites)",
+           "cases": int(sum(r.get("cases", 0) for r in covered))}
+    out.update(combine_site_means(covered, [c for c in _columns(rows)[2:] if c != "status"]))
     return list(rows) + [out]
 
 
@@ -590,8 +779,8 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def markdown_table(rows: list[dict]) -> str:
-    rows = with_overall(rows)
+def markdown_table(rows: list[dict], planned: int | None = None) -> str:
+    rows = with_overall(rows, planned)
     if not rows:
         return "(no site returned metrics)"
     cols = _columns(rows)
@@ -601,10 +790,10 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_tables(run_dir: Path, rows: list[dict]) -> None:
+def write_tables(run_dir: Path, rows: list[dict], planned: int | None = None, notes: list[str] = ()) -> None:
     from addiff_core.checkpoint import atomic_write_bytes
 
-    full = with_overall(rows)
+    full = with_overall(rows, planned)
     cols = _columns(full) if full else ["site", "cases"]
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
@@ -614,6 +803,7 @@ def write_tables(run_dir: Path, rows: list[dict]) -> None:
     atomic_write_bytes(run_dir / "final_metrics.csv", buf.getvalue().encode())
     md = ("# Final global model: held-out metrics per site\n\n"
           "Each site evaluated the final global model on its own held-out cases and returned numbers only.\n\n"
-          + markdown_table(rows) + "\n")
+          + "".join(f"- {n}\n" for n in notes) + ("\n" if notes else "")
+          + markdown_table(rows, planned) + "\n")
     atomic_write_bytes(run_dir / "final_metrics.md", md.encode())
     atomic_write_bytes(run_dir / "final_metrics.json", (json.dumps(_jsonable(rows), indent=2) + "\n").encode())

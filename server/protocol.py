@@ -16,11 +16,16 @@ Messages (Flower 1.42 Message API, one ``RecordDict`` each):
   budget would be exceeded replies ``{"site": {"name", "status": "refused", "reason"},
   "metrics": {"epsilon", "delta", "dp_enabled"}}``: no weights; the server records it and goes
   on with the others.
+* a site that cannot do the round (any exception in the ClientApp) replies
+  ``{"site": {"name", "status": "failed", "code", "error"}}``: a code and an error class from
+  :data:`SITE_ERROR_CODES` / :data:`SITE_ERROR_CLASSES`, nothing else (details stay in the
+  site's log); ``name`` is "" when the site file could not be read.
 * evaluate request ``{"arrays": full model, "config"}``; reply ``{"metrics", "site"}`` with
   held-out metrics (numbers only; ``num-examples`` = held-out cases).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -29,8 +34,37 @@ from typing import Any
 
 import numpy as np
 
+from addiff_core.config import ConfigError
+
 STATUS_NEED_VAE = "missing-global-vae"
 STATUS_REFUSED = "refused"  # the site will not train (its privacy budget is spent); no weights
+STATUS_FAILED = "failed"  # the site could not do the round; "code" and "error" from the closed lists below
+# What a failed site tells the server: nothing but one code and one error class from these
+# lists (never an exception message: it may name a path or a case id). Details stay in the
+# site's own log.
+SITE_ERROR_CODES = {
+    "site-config": "the site file is invalid",
+    "model-config": "the model configuration sent by the server is invalid",
+    "device": "the site's device is not available",
+    "no-usable-data": "no usable training case (or no data folder)",
+    "bad-data": "a case could not be read",
+    "data-io": "reading the site's data failed",
+    "missing-weights": "the round lacks weights the site needs",
+    "bad-weights": "the weights sent do not fit the model",
+    "non-finite": "training produced a non-finite loss",
+    "out-of-memory": "out of memory",
+    "disk": "writing the site's state failed",
+    "internal": "an unexpected error",
+}
+SITE_ERROR_CLASSES = ("ConfigError", "CaseError", "CheckpointError", "MissingGlobalWeights", "MemoryError",
+                      "FloatingPointError", "OSError", "ValueError", "RuntimeError", "Exception")
+
+
+def describe_failure(code, error) -> str:
+    """The reason a server records for a failed site, from the closed lists only."""
+    code = str(code) if str(code) in SITE_ERROR_CODES else "unknown"
+    error = str(error) if str(error) in SITE_ERROR_CLASSES else "unknown"
+    return f"site failed: {code} ({SITE_ERROR_CODES.get(code, 'unknown code')}; {error}); details in the site's log"
 SITE_KEY = "site"
 ARRAYS_KEY = "arrays"
 METRICS_KEY = "metrics"
@@ -43,21 +77,95 @@ PROJECT_ENV = "ADDIFF_PROJECT_DIR"
 # paths
 # ------------------------------------------------------------------------------------------
 def project_root() -> Path:
-    """The folder relative paths of the run configuration resolve against.
+    """The folder relative paths of the run configuration resolve against: the app's own folder.
 
-    ``$ADDIFF_PROJECT_DIR`` if set; else the addiff-fl checkout that ``addiff_core`` is imported
-    from (the project root of an editable install); else the current directory. Not the
-    folder Flower unpacks the app bundle (FAB) into: site files and data stay where they are.
+    1. ``$ADDIFF_PROJECT_DIR`` if set (our launchers set it for the processes they start);
+    2. run from an app bundle (FAB: ``flwr run`` unpacks ``server/``, ``client/``, ``configs/``
+       and pyproject.toml into ``$FLWR_HOME/apps/...``, without the site files and data): the
+       addiff-fl folder the server process runs in (the folder where the local SuperLink was
+       started) when it holds exactly the app of the bundle, else the checkout ``addiff_core``
+       is installed from if that one does; else :class:`ProjectRootError`, never a guess;
+    3. otherwise the addiff-fl folder the current directory is in (so a copy of the project
+       works on its own files), else the checkout ``addiff_core`` is installed from, else the
+       current directory.
     """
     env = os.environ.get(PROJECT_ENV)
     if env:
         return Path(env).expanduser().resolve()
+    return _project_root(str(Path.cwd().resolve()))
+
+
+class ProjectRootError(ConfigError):
+    """The folder relative paths should resolve against cannot be told (see project_root)."""
+
+
+def _installed_checkout() -> Path | None:
     import addiff_core
 
     root = Path(addiff_core.__file__).resolve().parents[1]
-    if (root / "pyproject.toml").is_file():
-        return root
-    return Path.cwd().resolve()
+    return root if _is_checkout(root) else None
+
+
+def _is_checkout(d: Path) -> bool:
+    """An addiff-fl project folder: its pyproject.toml, the ServerApp and the addiff_core sources."""
+    try:
+        return (d / "addiff_core").is_dir() and (d / "server" / "server_app.py").is_file() and \
+            'name = "addiff-fl"' in (d / "pyproject.toml").read_text(encoding="utf-8")
+    except OSError:
+        return False
+
+
+def _enclosing_checkout(start: Path) -> Path | None:
+    return next((d for d in (start, *start.parents) if _is_checkout(d)), None)
+
+
+def bundle_dir() -> Path | None:
+    """The unpacked app bundle this code runs from (``flwr run``), or None (a checkout or an install)."""
+    d = Path(__file__).resolve().parents[1]
+    if (d / "pyproject.toml").is_file() and not (d / "addiff_core").is_dir():
+        return d
+    return None
+
+
+_APP_PATTERNS = ("server/*.py", "client/*.py", "configs/*.yaml")
+
+
+def same_app(bundle: Path, folder: Path) -> bool:
+    """True if ``folder`` holds exactly the app files of ``bundle`` (the fab-include patterns;
+    pyproject.toml compared as parsed TOML: Flower rewrites it into the bundle)."""
+    import tomllib
+
+    def files(d: Path) -> dict[str, bytes]:
+        return {str(p.relative_to(d)): p.read_bytes() for pat in _APP_PATTERNS for p in sorted(d.glob(pat))}
+
+    def toml(d: Path) -> dict:
+        doc = tomllib.loads((d / "pyproject.toml").read_text(encoding="utf-8"))
+        doc.get("tool", {}).get("flwr", {}).pop("federations", None)
+        return doc
+
+    try:
+        return files(bundle) == files(folder) and toml(bundle) == toml(folder)
+    except (OSError, ValueError):
+        return False
+
+
+@functools.lru_cache(maxsize=16)
+def _project_root(cwd: str) -> Path:
+    here = _enclosing_checkout(Path(cwd))
+    installed = _installed_checkout()
+    bundle = bundle_dir()
+    if bundle is None:
+        return here or installed or Path(cwd)
+    for cand in dict.fromkeys(c for c in (here, installed) if c is not None):
+        if same_app(bundle, cand):
+            return cand
+    tried = ", ".join(str(c) for c in dict.fromkeys(c for c in (here, installed) if c is not None)) or "none"
+    raise ProjectRootError(
+        f"cannot tell which folder this app was started from: the app bundle ({bundle}) matches no addiff-fl "
+        f"folder this server can see (tried: {tried}). Flower's local SuperLink keeps the folder it was started "
+        f"in: stop it (README, 'flwr run') and run `flwr run .` again from the app's folder, or give absolute "
+        f"paths for run-dir, site-files and model-config in the run config, or start the SuperLink with "
+        f"{PROJECT_ENV}=/path/to/the/app")
 
 
 def resolve_path(value: str | os.PathLike, base: Path | None = None) -> Path:

@@ -9,13 +9,18 @@ from typing import Any, Mapping
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from .federation import Federation
+from .federation import Federation, FederationError
 from .settings import DEFAULTS, from_run_config
 
 
 def _main(grid: Grid, run_config: Mapping[str, Any], send_site_files: bool) -> dict:
     settings = from_run_config({k: v for k, v in run_config.items() if k in DEFAULTS})
-    return Federation(grid, settings, send_site_files=send_site_files).run()
+    try:
+        return Federation(grid, settings, send_site_files=send_site_files).run()
+    except FederationError as e:
+        # a clean stop (e.g. "gave up after N attempts"): already logged in one line and recorded in
+        # run.json (status "failed"), which the launchers read; no Flower traceback, no exit code 201
+        return {"status": "failed", "run_dir": str(settings.run_dir), "error": str(e)}
 
 
 app = ServerApp()

@@ -26,9 +26,9 @@ DEFAULTS: dict[str, Any] = {
     "model-kind": "",
     "grid-size": 0,
     "strategy": "fedavg",
-    "vae-rounds": 5,
-    "diffusion-rounds": 15,
-    "unet-rounds": 10,
+    "vae-rounds": 20,
+    "diffusion-rounds": 4,
+    "unet-rounds": 17,  # about the CPU of 20 VAE + 4 diffusion rounds (BENCHMARKS.md, main job)
     "local-epochs": 0,
     "proximal-mu": 0.01,
     "fedadam-eta": 0.001,
@@ -72,9 +72,9 @@ class RunSettings:
     model: ModelConfig
     model_config_file: Path | None
     strategy: str = "fedavg"
-    vae_rounds: int = 5
-    diffusion_rounds: int = 15
-    unet_rounds: int = 10
+    vae_rounds: int = DEFAULTS["vae-rounds"]
+    diffusion_rounds: int = DEFAULTS["diffusion-rounds"]
+    unet_rounds: int = DEFAULTS["unet-rounds"]
     local_epochs: int = 0  # 0: each site's own training.vae_epochs / diffusion_epochs
     proximal_mu: float = 0.01
     fedadam: dict[str, float] = field(default_factory=dict)
@@ -140,8 +140,15 @@ def _check(cfg: Mapping[str, Any]) -> dict[str, Any]:
             raise ConfigError(f"run config: {k}: must be finite, got {v!r}")
         if want in (int, float) and v < 0:
             raise ConfigError(f"run config: {k}: must be >= 0, got {v!r}")
+        if k in UPPER and v > UPPER[k]:
+            raise ConfigError(f"run config: {k}: at most {UPPER[k]}, got {v!r}")
         out[k] = v
     return out
+
+
+# upper bounds: a typo (an extra zero) must not start a run that never ends or fills the memory
+UPPER = {"grid-size": 512, "local-epochs": 10000, "vae-rounds": 10000, "diffusion-rounds": 10000,
+         "unet-rounds": 10000, "round-retries": 100}
 
 
 def from_run_config(run_config: Mapping[str, Any]) -> RunSettings:
@@ -193,6 +200,21 @@ def from_run_config(run_config: Mapping[str, Any]) -> RunSettings:
         central_dp={"noise": c["central-dp-noise"], "clip": c["central-dp-clip"], "delta": c["central-dp-delta"]}, round_retries=c["round-retries"], wait_sites=c["wait-sites"],
         max_num_examples=c["max-num-examples"], update_norm_multiple=c["update-norm-multiple"], seed=c["seed"], round_timeout=c["round-timeout"], resume=c["resume"],
         stop_after_round=c["stop-after-round"], eval_steps=c["eval-steps"], eval_gamma=c["eval-gamma"], raw=c)
+
+
+def read_run_doc(run_dir: Path) -> dict:
+    """``run_dir/run.json`` as a dict ({} if absent); a garbled file is a ConfigError (one line)."""
+    path = Path(run_dir) / "run.json"
+    if not path.is_file():
+        return {}
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path}: not a readable run description ({type(e).__name__}); "
+                          "restore it or start a new run folder") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{path}: not a run description (a JSON object expected)")
+    return doc
 
 
 def settings_for_resume(current: RunSettings) -> RunSettings:

@@ -36,7 +36,8 @@ def ensure_demo_sites(data_dir: Path, n_sites: int, cases_per_site: int, size: i
     made with other settings (only folders this function wrote are ever replaced)."""
     from addiff_core.config import ConfigError
 
-    want = {"sites": n_sites, "cases_per_site": cases_per_site, "size": size, "seed": seed}
+    # "version": bumped when the written site files change (2: lr 1e-3), so older demo data is rewritten
+    want = {"sites": n_sites, "cases_per_site": cases_per_site, "size": size, "seed": seed, "version": 2}
     stamp = data_dir / DEMO_STAMP
     if stamp.is_file():
         try:
@@ -154,7 +155,9 @@ def run_via_flwr(run_config: dict[str, Any], n_sites: int, resources: dict[str, 
         launch.wait_children_exit(superlink.pid)  # let flwr-simulation finish and be reaped
         launch.stop(superlink)
         shutil.rmtree(flwr_home, ignore_errors=True)
-    doc = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
+    from .settings import read_run_doc
+
+    doc = read_run_doc(run_dir)
     status = str(doc.get("status", "failed"))
     return {"status": "complete" if status == "complete" else ("stopped" if status.startswith("stopped") else "failed"),
             "run_dir": str(run_dir)}
@@ -196,7 +199,11 @@ def cmd_simulate(args) -> int:
         doc_path = run_dir / "run.json"
         if not doc_path.is_file():
             raise ConfigError(f"{run_dir}: not a run folder (no run.json)")
-        stored = json.loads(doc_path.read_text())["run_config"]
+        from .settings import read_run_doc
+
+        stored = read_run_doc(run_dir).get("run_config")
+        if not isinstance(stored, dict) or "site-files" not in stored:
+            raise ConfigError(f"{doc_path}: holds no run config; not a run folder to resume")
         n_sites = len(split_list(stored["site-files"]))
         run_config: dict[str, Any] = {**stored, "run-dir": str(run_dir), "resume": True,
                                       "stop-after-round": int(args.stop_after_round or 0)}
@@ -242,6 +249,10 @@ def cmd_simulate(args) -> int:
           f"{settings.num_rounds} round(s) [{' '.join(sorted({r.stage for r in settings.schedule}, key=['vae', 'diffusion', 'unet'].index))}], "
           f"via {args.via}, per site {resources['num_cpus']} CPU / {resources['num_gpus']:.2f} GPU\n"
           f"run folder: {settings.run_dir}", flush=True)
+    from addiff_core.run_summary import run_lines
+
+    for line in run_lines(settings.to_json(), n_sites=n_sites, privacy=_site_privacy(settings.site_files)):
+        print(("  " if not line.startswith("WARNING") else "") + line, flush=True)
     from .federation import FederationError
 
     try:
@@ -259,7 +270,10 @@ def cmd_simulate(args) -> int:
               f"  addiff simulate --resume {rd}")
         return 0
     if out.get("status") != "complete" or not (rd / "final_metrics.md").is_file():
-        print(f"addiff: error: the federated run did not complete; see {rd / 'metrics.jsonl'}", file=sys.stderr)
+        from .settings import read_run_doc
+
+        why = out.get("error") or read_run_doc(rd).get("error") or "the federated run did not complete"
+        print(f"addiff: error: {why}; see {rd / 'metrics.jsonl'}", file=sys.stderr)
         return 1
     print(f"\nfederated run complete in {took:.0f} s\n"
           f"  per-site table : {rd / 'final_metrics.md'} (also .csv, .json)\n"
@@ -283,6 +297,23 @@ def parse_sets(items: list[str]) -> dict[str, Any]:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE with KEY one of {', '.join(DEFAULTS)}")
         v = yaml.safe_load(value) if value.strip() else ""
         out[key] = value if isinstance(DEFAULTS[key], str) else v
+    return out
+
+
+def _site_privacy(site_files) -> dict[str, dict] | None:
+    """site -> {dp_enabled, epsilon (target), delta} from the site files this machine reads (the
+    header's per-site DP line); None if one cannot be read (the run will say why)."""
+    from addiff_core.config import load_site_config
+
+    out = {}
+    try:
+        for f in site_files:
+            site = load_site_config(f)
+            p = site.privacy
+            out[site.name] = {"dp_enabled": 1.0 if p.enabled else 0.0,
+                              "target_epsilon": p.target_epsilon if p.enabled else None}
+    except Exception:  # noqa: BLE001 - only for the header
+        return None
     return out
 
 

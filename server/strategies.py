@@ -31,7 +31,9 @@ def site_of(msg: Message) -> str:
     """The site name a reply carries (``site`` ConfigRecord), else ``node-<id>``."""
     try:
         if not msg.has_error() and SITE_KEY in msg.content.config_records:
-            return str(msg.content.config_records[SITE_KEY]["name"])
+            name = str(msg.content.config_records[SITE_KEY]["name"])
+            if name:  # "" from a site that failed before reading its site file
+                return name
     except (KeyError, AttributeError):
         pass
     return f"node-{msg.metadata.src_node_id}"

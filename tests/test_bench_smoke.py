@@ -116,3 +116,25 @@ def test_dp_bench_smoke(tmp_path):
             assert _positive(site["mae_gy"]) and site["optimizer_steps"] >= 1
     spent = [s["epsilon_spent"] for s in rows[1]["per_site"].values()]
     assert all(_positive(e) and e <= 8.0 * 1.001 for e in spent)
+
+
+@pytest.mark.slow
+def test_ablation_smoke_and_merge(tmp_path):
+    """Two variants at a tiny CPU budget: every row has finite held-out numbers, the budget was
+    spent, and --merge combines result files of parallel runs."""
+    mod = _load("ablation")
+    data = tmp_path / "data"
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    common = ["--budgets", "1", "--seeds", "0", "--cases", "4", "--samples", "2", "--data", str(data)]
+    assert mod.main(["--variants", "new", *common, "--out", str(a)]) == 0
+    assert mod.main(["--variants", "unet", *common, "--out", str(b)]) == 0
+    merged = tmp_path / "m.json"
+    assert mod.main(["--merge", str(a), str(b), "--out", str(merged)]) == 0
+    rows = json.loads(merged.read_text())["rows"]
+    assert sorted(r["variant"] for r in rows) == ["new", "unet"]
+    for r in rows:
+        assert _positive(r["heldout"]["mae_gy"]) and r["num_heldout"] == 1
+        spent = r["unet"]["cpu_s"] if r["variant"] == "unet" else r["vae"]["cpu_s"] + r["diffusion"]["cpu_s"]
+        assert spent >= 1.0 * 0.99
+    assert -1.0 <= [r for r in rows if r["variant"] == "new"][0]["uncertainty_spearman"] <= 1.0
+    assert "new" in merged.with_suffix(".md").read_text()

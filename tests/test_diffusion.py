@@ -1,6 +1,7 @@
 """Losses (hand-computed values), schedulers, VAE overfitting, diffusion loss and DDIM sampling."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -10,7 +11,8 @@ import torch.nn as nn
 from addiff_core import diffusion as D
 from addiff_core.case_io import OAR_NAMES
 from addiff_core.losses import constraint_hinge, kl_divergence, masked_l1
-from addiff_core.models import LightweightVAE3D, build_model
+from addiff_core.models import build_model
+from addiff_core.models.conditioning import condition_volume
 
 try:
     from tests.test_models import _reinit_zero_params, fake_batch, tiny_cfg
@@ -133,8 +135,10 @@ def test_calibrate_latent_scale():
         z = torch.cat([D.encode_dose(model, b["dose"]) for b in batches])
     assert z.std(unbiased=False).item() == pytest.approx(1.0, rel=0.05)
     assert D.calibrate_latent_scale(model, [fake_batch(2, seed=5)]) == scale  # kept once set
-    dec = D.decode_latent(model, D.encode_dose(model, batches[0]["dose"]))
-    assert torch.allclose(dec, model.vae.decode(model.vae.encode(batches[0]["dose"])[0]), atol=1e-5)
+    b = batches[0]
+    dec = D.decode_latent(model, D.encode_dose(model, b["dose"]), b)
+    anatomy = condition_volume(b)
+    assert torch.allclose(dec, model.vae.decode(model.vae.encode(b["dose"])[0], anatomy), atol=1e-5)
 
 
 # --------------------------------------------------------------------------------------------
@@ -143,7 +147,7 @@ def test_calibrate_latent_scale():
 def test_vae_overfits_one_dose_volume():
     cfg = tiny_cfg()
     torch.manual_seed(0)
-    vae = LightweightVAE3D(cfg)
+    vae = build_model(cfg).vae  # anatomy-aware decoder, latent dropout on
     batch = {k: v[:1] for k, v in fake_batch(1).items()}
     opt = torch.optim.Adam(vae.parameters(), lr=5e-3)
     first = None
@@ -155,8 +159,12 @@ def test_vae_overfits_one_dose_volume():
         first = parts["l1"] if first is None else first
     vae.eval()
     with torch.no_grad():
-        err = float((vae(batch["dose"])[0] - batch["dose"]).abs().mean())
+        recon = vae(batch["dose"], condition_volume(batch))[0]
+        err = float(masked_l1(recon, batch["dose"], batch["body"]))  # the loss's region
+        zero = float(masked_l1(vae.decode(torch.zeros_like(vae.encode(batch["dose"])[0]), condition_volume(batch)),
+                               batch["dose"], batch["body"]))
     assert err < 0.03 and err < first / 5, (first, err)
+    assert zero < first / 3, (first, zero)  # latent dropout: z = 0 decodes to a plausible dose too
 
 
 def test_diffusion_loss_and_unet_loss():
@@ -203,25 +211,47 @@ def test_sampler_is_deterministic_per_seed():
 
 
 class _Oracle(nn.Module):
-    """Optimal epsilon for a point-mass data distribution at z0: DDIM must land exactly on z0."""
+    """The optimal denoiser output for a point-mass data distribution at z0 (x0, eps or v,
+    written out here from the definitions, not with the module's own conversion): DDIM must land
+    exactly on z0."""
 
-    def __init__(self, z0, alphas_cumprod):
+    def __init__(self, z0, alphas_cumprod, prediction_type):
         super().__init__()
-        self.z0, self.ac = z0, alphas_cumprod
+        self.z0, self.ac, self.kind = z0, alphas_cumprod, prediction_type
 
     def forward(self, z_t, t, spatial, context):
         a = self.ac[t].reshape(-1, 1, 1, 1, 1)
-        return (z_t - a.sqrt() * self.z0) / (1 - a).sqrt()
+        eps = (z_t - a.sqrt() * self.z0) / (1 - a).sqrt()
+        return {"x0": self.z0, "epsilon": eps, "v": a.sqrt() * eps - (1 - a).sqrt() * self.z0}[self.kind]
 
 
-def test_ddim_recovers_the_oracle_latent():
-    cfg = tiny_cfg()
+@pytest.mark.parametrize("prediction_type", ["x0", "epsilon", "v"])
+def test_ddim_recovers_the_oracle_latent(prediction_type):
+    cfg = dataclasses.replace(tiny_cfg(), prediction_type=prediction_type)
     torch.manual_seed(0)
     model = build_model(cfg).eval()
     model.diffusion.latent_scale.fill_(2.0)
     z0 = torch.randn(2, cfg.latent_channels, 8, 8, 8)
-    model.diffusion.denoiser = _Oracle(z0, D.make_train_scheduler(cfg).alphas_cumprod)
-    dose, _ = D.sample(model, fake_batch(), cfg, steps=6, seed=0)
+    model.diffusion.denoiser = _Oracle(z0, D.make_train_scheduler(cfg).alphas_cumprod, prediction_type)
+    batch = fake_batch()
+    dose, _ = D.sample(model, batch, cfg, steps=6, seed=0)
     with torch.no_grad():
-        ref = model.vae.decode(z0 / 2.0).clamp_min(0)
+        ref = model.vae.decode(z0 / 2.0, condition_volume(batch)).clamp_min(0) * batch["body"]
     assert torch.allclose(dose, ref, atol=1e-4)
+    assert float(dose[batch["body"].expand_as(dose) == 0].abs().max()) == 0.0  # zero outside the region
+
+
+@pytest.mark.parametrize("prediction_type", ["x0", "epsilon", "v"])
+def test_diffusion_loss_is_zero_for_the_oracle(prediction_type):
+    """The training target matches the sampler's reading of each parametrisation."""
+    cfg = dataclasses.replace(tiny_cfg(), prediction_type=prediction_type, constraint_weight=0.0)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    model.diffusion.latent_scale.fill_(1.0)
+    batch = fake_batch()
+    with torch.no_grad():
+        z0 = D.encode_dose(model, batch["dose"])
+    model.diffusion.denoiser = _Oracle(z0, D.make_train_scheduler(cfg).alphas_cumprod, prediction_type)
+    loss, parts = D.diffusion_loss(model, batch, cfg, timesteps=torch.tensor([10, 700]),
+                                   noise=torch.randn(z0.shape, generator=torch.Generator().manual_seed(2)))
+    assert parts["mse"] < 1e-8

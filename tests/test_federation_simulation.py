@@ -50,6 +50,9 @@ def uninterrupted(tmp_path_factory, sites):
 def test_simulate_runs_the_federation_and_writes_the_table(uninterrupted, sites):
     run_dir, out = uninterrupted
     assert "per-site table" in out and str(run_dir / "final_metrics.md") in out
+    # what ran, in the console header and above the final table (issue #16)
+    assert out.count("Aggregation: fedavg (weighted by training cases)") >= 2, out[-4000:]
+    assert "Central DP: off" in out and "Per-site DP (DP-SGD): off at every site" in out
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("round_*.pt")) == [
         "round_0001.pt", "round_0002.pt", "round_0003.pt"]
     final = json.loads((run_dir / "final_metrics.json").read_text())

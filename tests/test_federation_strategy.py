@@ -254,12 +254,17 @@ def test_final_tables(tmp_path):
             {"site": "hospital_b", "cases": 1, "mae_gy": 6.0, "gamma_pass_rate": 90.0}]
     write_tables(tmp_path, rows)
     table = list(csv.DictReader((tmp_path / "final_metrics.csv").open()))
-    assert [r["site"] for r in table] == ["hospital_a", "hospital_b", "all sites (case-weighted)"]
+    assert [r["site"] for r in table] == ["hospital_a", "hospital_b", "all sites (case-weighted, 2 of 2 sites)"]
     assert float(table[2]["mae_gy"]) == pytest.approx(3.0)  # (3 * 2 + 1 * 6) / 4
     assert float(table[2]["gamma_pass_rate"]) == pytest.approx(90.0)  # NaN sites left out
     md = (tmp_path / "final_metrics.md").read_text()
     assert "| hospital_a | 3 | 2 | n/a |" in md and md.count("\n|") == 5
     assert markdown_table([]) == "(no site returned metrics)"
+    # a planned site without metrics keeps its row, and the overall row says it covers fewer sites
+    rows = [{**rows[0], "status": "ok"}, {"site": "hospital_c", "cases": 0, "status": "no reply; trained in no round"}]
+    md = markdown_table(rows, planned=3)
+    assert "| hospital_c | 0 |" in md and "no reply" in md
+    assert "| all sites (case-weighted, 1 of 3 sites) | 3 | 2 |" in md
 
 
 # ------------------------------------------------------------------------------------------

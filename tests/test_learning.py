@@ -3,13 +3,14 @@ and below a constant-dose guess (same site, same held-out cases, same metric on 
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from addiff_core.case_io import load_case
-from addiff_core.config import load_site_config
+from addiff_core.config import load_model_config, load_site_config
 from addiff_core.fl_task import SiteTask
 from addiff_core.metrics import mae
 from addiff_core.synth import write_synthetic_sites
@@ -28,21 +29,45 @@ def constant_guess_mae(task: SiteTask) -> float:
     return float(np.mean(errs))
 
 
-@pytest.mark.slow
-def test_diffusion_learns_beyond_baselines(tmp_path):
-    torch.set_num_threads(2)
-    site_file = write_synthetic_sites(tmp_path, n_sites=1, cases_per_site=12, size=32, seed=11)[0]
-    site = load_site_config(site_file)
-    site = dataclasses.replace(site, training=dataclasses.replace(site.training, lr=1e-3, batch_size=2))
-    cfg = dataclasses.replace(site.model, sample_steps=10)
-    task = SiteTask(site, cfg)
-    assert len(task.data.heldout) == 3
+DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+VAE_EPOCHS, DIFFUSION_EPOCHS = 16, 8
 
-    untrained = evaluate(task.model, task.data.heldout, cfg, task.device, gamma=False, progress=False)["mean"]["mae_gy"]
-    task.train(None, "vae", epochs=20, server_round=0)
-    task.train(None, "diffusion", epochs=40, server_round=1)
-    trained = evaluate(task.model, task.data.heldout, cfg, task.device, gamma=False, progress=False)["mean"]
+
+@pytest.fixture(scope="module")
+def learning_site(tmp_path_factory):
+    root = tmp_path_factory.mktemp("learning")
+    site_file = write_synthetic_sites(root, n_sites=1, cases_per_site=12, size=32, seed=11)[0]
+    site = load_site_config(site_file)
+    return dataclasses.replace(site, training=dataclasses.replace(site.training, lr=1e-3, batch_size=2))
+
+
+def _heldout(task: SiteTask, cfg) -> dict:
+    return evaluate(task.model, task.data.heldout, cfg, task.device, gamma=False, progress=False)["mean"]
+
+
+@pytest.mark.slow
+def test_diffusion_learns_and_matches_the_unet(learning_site):
+    """ADDiff-Dose beats an untrained model and a constant guess, and its held-out MAE is within
+    1.3x the U-Net baseline's at a budget that favours the U-Net: the U-Net trains as many epochs
+    as both ADDiff stages together, and a U-Net step costs more CPU than a step of either stage.
+    (The design before issue #11, epsilon prediction and a decoder blind to anatomy, was at
+    ~3x the U-Net's MAE in the main job.)"""
+    torch.set_num_threads(2)
+    cfg = load_model_config(DEMO_CONFIG)  # the main job's model (x0, anatomy-aware decoder)
+    task = SiteTask(learning_site, cfg)
+    assert len(task.data.heldout) == 3
+    untrained = _heldout(task, cfg)["mae_gy"]
+    task.train(None, "vae", epochs=VAE_EPOCHS, server_round=0)
+    task.train(None, "diffusion", epochs=DIFFUSION_EPOCHS, server_round=1)
+    trained = _heldout(task, cfg)
     constant = constant_guess_mae(task)
-    print(f"held-out MAE: trained {trained['mae_gy']:.2f} Gy, untrained {untrained:.2f} Gy, constant {constant:.2f} Gy")
+
+    ucfg = dataclasses.replace(cfg, kind="unet")
+    unet = SiteTask(dataclasses.replace(learning_site, state_dir=learning_site.state_dir / "unet"), ucfg)
+    unet.train(None, "unet", epochs=VAE_EPOCHS + DIFFUSION_EPOCHS, server_round=0)
+    baseline = _heldout(unet, ucfg)
+    print(f"held-out MAE: ADDiff {trained['mae_gy']:.2f} Gy, U-Net {baseline['mae_gy']:.2f} Gy, "
+          f"untrained {untrained:.2f} Gy, constant {constant:.2f} Gy")
     assert trained["mae_gy"] < 0.5 * untrained
     assert trained["mae_gy"] < 0.8 * constant
+    assert trained["mae_gy"] <= 1.3 * baseline["mae_gy"]

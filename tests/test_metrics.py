@@ -134,6 +134,110 @@ def test_openkbp_scores_by_hand():
     assert math.isnan(M.openkbp_dvh_score(pred, ref, {}, 1.0, []))
 
 
+def readme_dose_score(pred: np.ndarray, ref: np.ndarray, pdm: np.ndarray) -> float:
+    """The official dose score as ../shared/openkbp-sample/README.md words it, written
+    independently of addiff_core: the prediction is multiplied by the possible-dose mask, then
+    (sum of |pred - ref| over ALL voxels) / (number of possible-dose-mask voxels)."""
+    masked = (np.asarray(pred, np.float64) * (np.asarray(pdm) != 0)).ravel().tolist()
+    return math.fsum(abs(p - r) for p, r in zip(masked, np.asarray(ref, np.float64).ravel().tolist())) \
+        / int(np.count_nonzero(pdm))
+
+
+def test_openkbp_dose_score_counts_every_voxel_by_hand():
+    """Issue #11: the official score sums over the whole grid and divides by the mask size; the
+    official pipeline first multiplies the prediction by the mask (pred * mask)."""
+    from addiff_core.regions import zero_outside
+
+    ref = np.array([4.0, 0.0, 10.0, 20.0, 30.0, 0.0])   # reference dose 4 Gy outside the mask (voxel 0)
+    pdm = np.array([0, 0, 1, 1, 1, 0], bool)             # 3 mask voxels
+    pred = np.array([7.0, 1.0, 12.0, 20.0, 27.0, 2.0])   # dose outside the mask: 7, 1, 2
+    masked = zero_outside(pred, pdm)
+    np.testing.assert_array_equal(masked, [0, 0, 12, 20, 27, 0])
+    # official pipeline: |0-4| + 0 + |12-10| + 0 + |27-30| + 0 = 9 over 3 mask voxels
+    assert M.openkbp_dose_score(masked, ref, pdm) == pytest.approx(9.0 / 3)
+    # an unmasked prediction is penalised for its dose outside: 3 + 1 + 2 + 0 + 3 + 2 = 11
+    assert M.openkbp_dose_score(pred, ref, pdm) == pytest.approx(11.0 / 3)
+    # the old ruler (mean inside the mask only) gave (2 + 0 + 3) / 3: not the official number
+    assert M.mae(pred, ref, pdm) == pytest.approx(5.0 / 3) != M.openkbp_dose_score(masked, ref, pdm)
+    assert M.openkbp_dose_score(masked, ref, pdm) == pytest.approx(readme_dose_score(pred, ref, pdm))
+    assert M.openkbp_dose_score(pred, ref, None) == pytest.approx(11.0 / 6)  # no mask: every voxel
+    assert math.isnan(M.openkbp_dose_score(pred, ref, np.zeros(6, bool)))
+
+
+def test_openkbp_dose_score_matches_the_readme_formula_on_random_doses():
+    from addiff_core.regions import zero_outside
+
+    rng = np.random.default_rng(11)
+    for shape in ((7, 9, 8), (5, 4, 6)):
+        pdm = rng.random(shape) < 0.4
+        ref = rng.gamma(2.0, 10.0, shape) * pdm
+        ref[0, 0, 0] = 3.0                      # a little reference dose outside the mask too
+        pred = rng.gamma(2.0, 10.0, shape)      # dose everywhere, also outside the mask
+        got = M.openkbp_dose_score(zero_outside(pred, pdm), ref, pdm)
+        assert got == pytest.approx(readme_dose_score(pred, ref, pdm), rel=1e-12)
+
+
+def _dvh_patient(shape, structures, shifts):
+    """ref = a ramp; pred = ref + shift on each structure's voxels (structures do not overlap)."""
+    ref = np.arange(float(np.prod(shape))).reshape(shape)
+    pred = ref.copy()
+    for name, m in structures.items():
+        pred[m] += shifts[name]
+    return pred, ref
+
+
+def test_cohort_dvh_score_is_one_mean_over_every_cell():
+    """Patient A: PTV +1 Gy (3 cells of error 1) and Cord +4 Gy (2 cells of 4): mean 11/5 = 2.2.
+    Patient B: only a Cord, exact (2 cells of 0): mean 0. OpenKBP: 11/7 over the 7 cells, not
+    the mean of the patient means (2.2 + 0) / 2 = 1.1."""
+    shape = (4, 5)
+    ptv, cord = np.zeros(shape, bool), np.zeros(shape, bool)
+    ptv[1:3] = True
+    cord[3] = True
+    pa, ra = _dvh_patient(shape, {"PTV": ptv, "Cord": cord}, {"PTV": 1.0, "Cord": 4.0})
+    pb, rb = _dvh_patient(shape, {"Cord": cord}, {"Cord": 0.0})
+    ea = M.openkbp_dvh_errors(pa, ra, {"PTV": ptv, "Cord": cord}, 1.0, ["PTV"])
+    eb = M.openkbp_dvh_errors(pb, rb, {"Cord": cord}, 1.0, ["PTV"])
+    assert sorted(ea.values()) == pytest.approx([1, 1, 1, 4, 4]) and list(eb.values()) == [0.0, 0.0]
+    assert M.cohort_dvh_score([ea, eb]) == pytest.approx(11 / 7)
+    assert M.cohort_dvh_score([ea]) == pytest.approx(M.openkbp_dvh_score(pa, ra, {"PTV": ptv, "Cord": cord}, 1.0,
+                                                                          ["PTV"])) == pytest.approx(2.2)
+    assert np.mean([2.2, 0.0]) == pytest.approx(1.1)  # the mean of patient means differs
+    assert M.combine_dvh_scores([2.2, 0.0], [5, 2]) == pytest.approx(11 / 7)
+    assert math.isnan(M.cohort_dvh_score([])) and math.isnan(M.cohort_dvh_score([{}, {"x": float("nan")}]))
+    # per-case rows as training.evaluate builds them: cohort_means gives the same one mean
+    rows = [{"case_id": "a", "mae_gy": 1.0, "openkbp_dvh_score": 2.2, "dvh_cells": 5.0},
+            {"case_id": "b", "mae_gy": 3.0, "openkbp_dvh_score": 0.0, "dvh_cells": 2.0},
+            {"case_id": "c", "mae_gy": float("nan"), "openkbp_dvh_score": float("nan"), "dvh_cells": 0.0}]
+    mean = M.cohort_means(rows)
+    assert set(mean) == {"mae_gy", "openkbp_dvh_score", "dvh_cells"}
+    assert mean["openkbp_dvh_score"] == pytest.approx(11 / 7) and mean["dvh_cells"] == 7.0
+    assert mean["mae_gy"] == pytest.approx(2.0)  # other metrics: mean over the cases with a value
+    assert M.cohort_means([]) == {}
+
+
+def test_sites_combine_the_dvh_score_by_cells_and_the_rest_by_cases():
+    """All-sites row (server/federation.py, report.py, benches): metrics weighted by held-out
+    cases, the DVH score by DVH cells (= one mean over every cell of all sites), cells summed."""
+    from server.federation import with_overall
+
+    rows = [{"site": "a", "cases": 2, "mae_gy": 1.0, "openkbp_dvh_score": 2.2, "dvh_cells": 5.0},
+            {"site": "b", "cases": 1, "mae_gy": 4.0, "openkbp_dvh_score": 0.0, "dvh_cells": 2.0}]
+    out = M.combine_site_means(rows, ["mae_gy", "openkbp_dvh_score", "dvh_cells"])
+    assert out["mae_gy"] == pytest.approx((2 * 1.0 + 4.0) / 3)
+    assert out["openkbp_dvh_score"] == pytest.approx(11 / 7)   # case-weighted would be 4.4 / 3
+    assert out["dvh_cells"] == 7.0
+    overall = with_overall(rows)[-1]
+    assert overall["site"].startswith("all sites") and overall["cases"] == 3
+    assert overall["openkbp_dvh_score"] == pytest.approx(11 / 7) and overall["dvh_cells"] == 7.0
+    # results written before dvh_cells existed: the DVH score falls back to the case weights
+    old = [{k: v for k, v in r.items() if k != "dvh_cells"} for r in rows]
+    assert M.combine_site_means(old, ["openkbp_dvh_score"])["openkbp_dvh_score"] == pytest.approx(4.4 / 3)
+    # a site without a finite value or without cases is left out
+    rows.append({"site": "c", "cases": 0, "mae_gy": 100.0, "openkbp_dvh_score": None, "dvh_cells": 0.0})
+    assert M.combine_site_means(rows, ["mae_gy"])["mae_gy"] == pytest.approx(2.0)
+
+
 # --------------------------------------------------------------------------------------------
 # target quality
 # --------------------------------------------------------------------------------------------
@@ -343,8 +447,11 @@ def test_case_metrics_identity_and_perturbation():
     expected_keys = {"mae_gy", "mae_pct_rx", "openkbp_dose_score", "openkbp_dvh_score", "hi_pred", "hi_ref",
                      "ci_rtog_pred", "ci_rtog_ref", "paddick_ci_pred", "paddick_ci_ref", "mean_isodose_dice",
                      "spinal_cord_dmax_err_gy", "gamma_pass_rate", "constraint_compliance_pred",
-                     "constraint_compliance_ref"}
+                     "constraint_compliance_ref",
+                     # issue #11: the case's number of DVH cells, its weight in a cohort's DVH score
+                     "dvh_cells"}
     assert set(m) == expected_keys
+    assert m["dvh_cells"] == 3 + 2  # PTV70: D99, D95, D1; SpinalCord: D_0.1cc, mean (Larynx empty, Body excluded)
 
     pred = ref + 0.7 * masks["Body"]
     m = M.case_metrics(pred, ref, masks, plan, spacing, masks["Body"])
@@ -457,7 +564,17 @@ def test_case_metrics_on_a_real_patient(openkbp_patients):
     plan = Plan("head_neck", rx, 35, "IMRT", tuple(Beam(float(g)) for g in range(0, 360, 40)), {})
     pred = gaussian_filter(ref, 1.0) * pdm
     m = M.case_metrics(pred, ref, masks, plan, tuple(pt["voxel_mm"]), pdm)
-    assert 0 < m["mae_gy"] == m["openkbp_dose_score"] < 5
+    # pred and ref are 0 outside the mask, so the official score (sum over the whole grid / mask
+    # voxels) equals the MAE inside the mask, up to the order of the float sums
+    assert 0 < m["mae_gy"] < 5 and m["openkbp_dose_score"] == pytest.approx(m["mae_gy"], rel=1e-12)
+    assert m["openkbp_dose_score"] == pytest.approx(readme_dose_score(pred, ref, pdm), rel=1e-9)
+    # a prediction with dose outside the mask: the official pipeline masks it first
+    from addiff_core.regions import zero_outside
+
+    spill = gaussian_filter(ref, 3.0) + 0.5
+    assert M.openkbp_dose_score(zero_outside(spill, pdm), ref, pdm) == pytest.approx(
+        readme_dose_score(spill, ref, pdm), rel=1e-9)
+    assert M.openkbp_dose_score(spill, ref, pdm) > M.openkbp_dose_score(zero_outside(spill, pdm), ref, pdm)
     assert 0 < m["openkbp_dvh_score"] < 10
     assert 50 < m["gamma_pass_rate"] <= 100 and 0.5 < m["mean_isodose_dice"] <= 1
     assert m["spinal_cord_dmax_err_gy"] >= 0 and 0 <= m["constraint_compliance_ref"] <= 1

@@ -1,6 +1,7 @@
 """Model shapes, state-dict prefixes, token masking and Opacus compatibility (tiny configs, CPU)."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -9,9 +10,10 @@ import torch.nn as nn
 
 from addiff_core.case_io import OAR_NAMES, TUMOUR_SITES
 from addiff_core.config import GridConfig, ModelConfig
-from addiff_core.models import (ADDiffDose, ConditionEncoder, DoseRegressor, LatentDenoiser,
-                                LightweightVAE3D, build_model, count_parameters, stage_prefix)
+from addiff_core.models import (ADDiffDose, ConditionEncoder, DoseRegressor, LatentDenoiser, build_model,
+                                count_parameters, stage_prefix)
 from addiff_core import diffusion as D
+from addiff_core.models.conditioning import condition_volume
 
 B_MAX, C_MAX = 72, 16
 
@@ -19,7 +21,7 @@ B_MAX, C_MAX = 72, 16
 def tiny_cfg(kind: str = "diffusion", size: int = 16) -> ModelConfig:
     return ModelConfig(kind=kind, grid=GridConfig(size=size), vae_channels=(8, 16), unet_channels=(16, 16),
                        attention_levels=(False, True), cond_channels=8, context_dim=16, num_heads=2,
-                       norm_groups=4, train_timesteps=1000, sample_steps=5)
+                       norm_groups=4, train_timesteps=1000, sample_steps=5, constraint_weight=0.5)
 
 
 def _ball(s: int, centre, radius) -> torch.Tensor:
@@ -106,11 +108,19 @@ def test_shapes_and_state_dict_prefixes():
     assert isinstance(model, ADDiffDose)
     assert [n for n, _ in model.named_children()] == ["vae", "diffusion"]
     batch = fake_batch()
-    recon, mu, logvar = model.vae(batch["dose"])
+    anatomy = condition_volume(batch)
+    assert model.vae.uses_anatomy  # the decoder reads the planning volume (its path is part of vae.)
+    assert any(k.startswith("vae.anatomy.") for k in model.state_dict())
+    recon, mu, logvar = model.vae(batch["dose"], anatomy)
     L = cfg.latent_size
     assert recon.shape == (2, 1, 16, 16, 16)
     assert mu.shape == logvar.shape == (2, cfg.latent_channels, L, L, L)
-    assert model.vae.decode(mu).shape == (2, 1, 16, 16, 16)
+    assert model.vae.decode(mu, anatomy).shape == (2, 1, 16, 16, 16)
+    with pytest.raises(ValueError, match="anatomy"):
+        model.vae.decode(mu)
+    # the original design (no anatomy) still builds and decodes from the latent alone
+    plain = build_model(dataclasses.replace(cfg, anatomy_decoder=False)).vae
+    assert not plain.uses_anatomy and plain.decode(mu).shape == (2, 1, 16, 16, 16)
     spatial, context = model.diffusion.cond(batch)
     assert spatial.shape == (2, cfg.cond_channels, L, L, L)
     assert context.shape == (2, model.diffusion.cond.num_context_tokens, cfg.context_dim)
@@ -199,8 +209,8 @@ def test_gradients_reach_every_parameter_of_the_trained_stage():
         assert p.grad is not None and float(p.grad.abs().sum()) > 0, name
     assert all(p.grad is None for p in model.vae.parameters())
 
-    # VAE stage: every VAE parameter gets a gradient
-    vae = LightweightVAE3D(cfg)
+    # VAE stage: every VAE parameter (anatomy path included) gets a gradient
+    vae = build_model(dataclasses.replace(cfg, latent_dropout=0.0)).vae
     loss, _ = D.vae_loss(vae, batch, cfg)
     loss.backward()
     for name, p in vae.named_parameters():
@@ -252,11 +262,12 @@ def test_opacus_per_sample_gradients_diffusion_stage():
 def test_opacus_per_sample_gradients_vae(monkeypatch):
     from opacus import GradSampleModule
 
-    cfg = tiny_cfg()
+    # latent dropout draws one number per case: off, so batched and single losses compare
+    cfg = dataclasses.replace(tiny_cfg(), latent_dropout=0.0)
     torch.manual_seed(0)
     # Opacus only records activations in train mode; make the reparameterisation noise zero so
     # the batched and single-sample losses are comparable.
-    vae = LightweightVAE3D(cfg).train()
+    vae = build_model(cfg).vae.train()
     monkeypatch.setattr(torch, "randn_like", lambda x, **kw: torch.zeros_like(x))
     batch = fake_batch()
     singles = []

@@ -177,13 +177,14 @@ def test_import_folder_of_patients_and_single_patient(tmp_path, capsys):
     for name in ("pt_11", "pt_3"):
         _fake_patient(src / name)
     (src / "notes").mkdir()
-    out = import_openkbp(src, tmp_path / "data")
+    out = import_openkbp(src, tmp_path / "data").imported  # issue #11: a summary, with .imported / .skipped
     assert [p.name for p in out] == ["pt_3", "pt_11"]  # natural order
     assert list_cases(tmp_path / "data") == sorted(out)
     assert "[2/2] pt_11" in capsys.readouterr().err
     # one patient folder; re-import replaces the existing case
     again = import_openkbp(src / "pt_3", tmp_path / "data", progress=False)
-    assert again == [tmp_path / "data" / "pt_3"] and capsys.readouterr().err == ""
+    assert again.imported == [tmp_path / "data" / "pt_3"] and again.skipped == []
+    assert capsys.readouterr().err == ""
     # refuses to overwrite a folder that is not a case
     (tmp_path / "other" / "pt_3").mkdir(parents=True)
     (tmp_path / "other" / "pt_3" / "precious.txt").write_text("keep")
@@ -191,3 +192,50 @@ def test_import_folder_of_patients_and_single_patient(tmp_path, capsys):
         import_openkbp(src / "pt_3", tmp_path / "other", progress=False)
     with pytest.raises(CaseError, match="no OpenKBP patient folders"):
         import_openkbp(src / "notes", tmp_path / "data")
+
+
+def test_import_the_dataset_layout_skipping_bad_patients(openkbp_dir, tmp_path, capsys):
+    """The dataset's own layout (provided-data/train-pats/pt_N, validation-pats/, test-pats/): the
+    split folders are kept; a bad patient is skipped with its reason and the rest are imported."""
+    import shutil
+
+    from addiff_core.cli import main
+    from addiff_core.openkbp import find_patients
+
+    root = tmp_path / "provided-data"
+    shutil.copytree(openkbp_dir / PATIENT, root / "train-pats" / PATIENT)       # a real patient
+    _fake_patient(root / "train-pats" / "pt_2")
+    _fake_patient(root / "validation-pats" / "pt_201")
+    bad_csv = _fake_patient(root / "validation-pats" / "pt_202")
+    (bad_csv / "dose.csv").write_text(",data\n12,not-a-dose\n")                 # malformed CSV
+    no_ct = _fake_patient(root / "test-pats" / "pt_241")
+    (no_ct / "ct.csv").unlink()                                                   # missing CSV
+    (root / "test-pats" / "README").mkdir()                                       # not a patient
+    assert [p.relative_to(root).as_posix() for p in find_patients(root)] == [
+        "test-pats/pt_241", "train-pats/pt_2", f"train-pats/{PATIENT}", "validation-pats/pt_201",
+        "validation-pats/pt_202"]
+
+    out = tmp_path / "cases"
+    summary = import_openkbp(root, out)
+    assert [p.relative_to(out).as_posix() for p in summary.imported] == [
+        "train-pats/pt_2", f"train-pats/{PATIENT}", "validation-pats/pt_201"]
+    assert [name for name, _ in summary.skipped] == ["test-pats/pt_241", "validation-pats/pt_202"]
+    reasons = dict(summary.skipped)
+    assert reasons["test-pats/pt_241"].startswith("ct.csv: missing")
+    assert reasons["validation-pats/pt_202"].startswith("dose.csv: not an OpenKBP sparse CSV")
+    err = capsys.readouterr().err
+    assert "[1/5] test-pats/pt_241 skipped: ct.csv: missing" in err and "[5/5] validation-pats/pt_202 skipped" in err
+    assert list_cases(out / "train-pats") == sorted([out / "train-pats" / "pt_2", out / "train-pats" / PATIENT])
+    assert list_cases(out / "validation-pats") == [out / "validation-pats" / "pt_201"]
+    assert not (out / "test-pats").exists() and not list((out / "validation-pats").glob("*pt_202*"))
+    assert check_case(out / "train-pats" / PATIENT) == []
+    text = summary.text(out)
+    assert text.splitlines()[0].startswith("imported 3 OpenKBP patient(s) into ") and "skipped 2:" in text
+    assert "  validation-pats/pt_202: dose.csv: " in text
+
+    # the command line: the same summary, exit status 1 because a patient was skipped
+    code = main(["data", "import-openkbp", str(root / "validation-pats"), str(tmp_path / "cli")])
+    printed = capsys.readouterr().out
+    assert code == 1 and "imported 1 OpenKBP patient(s)" in printed and "pt_202: dose.csv" in printed
+    assert list_cases(tmp_path / "cli") == [tmp_path / "cli" / "pt_201"]  # a split folder is a flat folder
+    assert main(["data", "import-openkbp", str(root / "train-pats" / "pt_2"), str(tmp_path / "one")]) == 0

@@ -88,3 +88,55 @@ def test_missing_sample_skips_with_a_clear_message(bench, tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"OpenKBP sample not found at {missing}; skipping" in out
     assert not (tmp_path / "out").exists() and not (tmp_path / "work").exists()  # nothing written
+
+
+def test_split_84_gives_three_sites_of_28_with_5_held_out(bench):
+    # 84 patients as with the extra pool: ids and spacings shaped like the real ones (many ties)
+    sp = {f"pt_{i}": (3.5 + 0.1 * (i % 7), 3.5 + 0.1 * (i % 7), 2.5 if i % 3 else 3.0) for i in range(1, 200, 2)}
+    sp = dict(list(sp.items())[:84])
+    split = bench.make_split(sp, n_heldout=bench.HELDOUT_WITH_EXTRA)
+    assert split == bench.make_split(dict(reversed(list(sp.items()))), n_heldout=5)  # deterministic
+    assert [len(s["patients"]) for s in split] == [28, 28, 28]
+    assert [len(s["heldout"]) for s in split] == [5, 5, 5] and [len(s["train"]) for s in split] == [23, 23, 23]
+    held = [p for s in split for p in s["heldout"]]
+    assert len(set(held)) == 15
+    for a, b in zip(split, split[1:]):
+        assert max(a["in_plane_spacing_mm"].values()) <= min(b["in_plane_spacing_mm"].values())
+    for k, s in enumerate(split):
+        assert s["heldout"] == bench.choose_heldout(s["patients"], 5, seed=bench.SPLIT_SEED, site_index=k)
+
+
+def test_extra_archive_is_unpacked_once_and_its_patients_found(bench, tmp_path):
+    import tarfile
+
+    src = tmp_path / "src" / "okbp-train"
+    for pid in ("pt_5", "pt_16"):
+        (src / pid).mkdir(parents=True)
+        (src / pid / "ct.csv").write_text(",data\n")
+    (src / "README.md").write_text("not a patient")
+    archive = tmp_path / "pool.tar.xz"
+    with tarfile.open(archive, "w:xz") as tar:
+        tar.add(src, arcname="okbp-train")
+    work = tmp_path / "work"
+    folder = bench.resolve_extra(archive, work)
+    assert folder == work / "extra"
+    found = bench.find_extra_patients(folder)
+    assert list(found) == ["pt_5", "pt_16"] and found["pt_5"] == folder / "okbp-train" / "pt_5"
+    (folder / "okbp-train" / "pt_5" / "marker").write_text("kept")  # a second call reuses the unpacked folder
+    assert bench.resolve_extra(archive, work) == folder and (folder / "okbp-train" / "pt_5" / "marker").exists()
+    assert bench.resolve_extra(src.parent, work) == src.parent  # an unpacked folder is read as it is
+    assert bench.resolve_extra("none", work) is None
+    with pytest.raises(FileNotFoundError):
+        bench.resolve_extra(tmp_path / "missing.tar.xz", work)
+
+
+def test_spearman_in_mask(bench):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    err = rng.random((4, 5, 6))
+    mask = np.zeros(err.shape, bool)
+    mask[1:3] = True
+    assert bench.spearman_in_mask(err * 2 + 1, err, mask) == pytest.approx(1.0)
+    assert bench.spearman_in_mask(-err, err, mask) == pytest.approx(-1.0)
+    assert bench.spearman_in_mask(np.zeros_like(err), err, mask) is None  # a constant std map: undefined

@@ -144,3 +144,29 @@ def test_functorch_and_hooks_per_sample_gradients_give_the_same_update(tmp_path,
         np.testing.assert_allclose(out["functorch"][k], v, rtol=1e-4, atol=1e-6, err_msg=k)
         moved = max(moved, float(np.abs(v - arrays[k]).max()))
     assert moved > 1e-6  # the step did something
+
+
+# ------------------------------------------------------------------------------------------
+# issue #12.6: with DP a site releases only what its accountant covers; one ledger per site
+# ------------------------------------------------------------------------------------------
+DP_RELEASED = {"dp_enabled", "epsilon", "delta", "noise_multiplier", "dp_steps"}
+
+
+def test_a_dp_site_releases_no_unnoised_training_numbers(tmp_path, dp_site):
+    site = site_with_privacy(dp_site, tmp_path / "state", target_epsilon=50.0)
+    task = SiteTask(site, dataclasses.replace(TINY, kind="unet"))
+    res = task.train(initial_arrays(task.cfg), "unet", epochs=1, server_round=1, planned_epochs=2)
+    assert set(res.metrics) == DP_RELEASED, sorted(res.metrics)  # no train_loss / l1 / kl, no skipped_cases
+    assert res.history and "loss" in res.history[0]  # the losses stay at the site
+
+
+def test_local_training_with_dp_charges_the_sites_one_ledger(tmp_path, dp_site):
+    from addiff_core.local import train_site
+
+    state = tmp_path / "state"
+    site = site_with_privacy(dp_site, state, target_epsilon=50.0)
+    site = dataclasses.replace(site, model=dataclasses.replace(TINY, kind="unet"))
+    train_site(dp_site, tmp_path / "run", site=site, diffusion_epochs=1, steps=1, progress=False)
+    stored = SitePrivacy.stored_state(state)
+    assert stored is not None and stored.steps_taken > 0  # in the site's state_dir, not in the run folder
+    assert not list((tmp_path / "run").rglob(STATE_FILE))

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from ..config import ModelConfig
-from .conditioning import ConditionEncoder
+from .conditioning import COND_IN_CHANNELS, ConditionEncoder
 from .denoiser import LatentDenoiser
 from .unet_baseline import DoseUNet
 from .vae import LightweightVAE3D
@@ -49,7 +49,7 @@ class ADDiffDose(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.vae = LightweightVAE3D(cfg, in_channels=1)
+        self.vae = LightweightVAE3D(cfg, in_channels=1, condition_channels=COND_IN_CHANNELS)
         self.diffusion = DiffusionStage(cfg)
 
     def forward(self, z_t: torch.Tensor, timesteps: torch.Tensor, batch: dict) -> torch.Tensor:

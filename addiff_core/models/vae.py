@@ -52,12 +52,21 @@ class ResBlock3D(nn.Module):
 class LightweightVAE3D(nn.Module):
     """Dose (N, in_channels, S, S, S) <-> latent (N, cfg.latent_channels, S/d, S/d, S/d), d = cfg.downsample.
 
-    Encoder: stem conv at full resolution, then one stride-2 conv (+ one residual block) per extra
-    entry of ``cfg.vae_channels``; 1x1 conv to (mu, logvar). The decoder mirrors it with
-    nearest upsampling + conv. No residual blocks at full resolution (cost at 128^3).
+    Encoder (dose only): stem conv at full resolution, then one stride-2 conv (+ one residual
+    block) per extra entry of ``cfg.vae_channels``; 1x1 conv to (mu, logvar).
+
+    Decoder: with ``cfg.anatomy_decoder`` it is a U-Net over the planning volume (``anatomy``,
+    ``condition_channels`` channels at full resolution: CT, targets, OARs, beam plate) whose
+    bottleneck also receives the latent: an anatomy encoder mirrors the dose encoder's levels and
+    its features join the decoder at every level (concatenated skips), so body outline and beam
+    edges need not pass through the latent. Without it, the decoder mirrors the encoder on the
+    latent alone (the original design). Up-sampling is nearest + conv at every level.
+
+    ``cfg.latent_dropout``: in training, each case decodes z = 0 with this probability, so that
+    z = 0 decodes to a plausible dose from the anatomy alone (a regression the diffusion refines).
     """
 
-    def __init__(self, cfg: ModelConfig, in_channels: int = 1):
+    def __init__(self, cfg: ModelConfig, in_channels: int = 1, condition_channels: int = 0):
         super().__init__()
         ch = tuple(cfg.vae_channels)
         g = cfg.norm_groups
@@ -65,6 +74,8 @@ class LightweightVAE3D(nn.Module):
         self.in_channels = in_channels
         self.latent_channels = lc
         self.downsample = cfg.downsample
+        self.latent_dropout = float(cfg.latent_dropout)
+        self.uses_anatomy = bool(cfg.anatomy_decoder and condition_channels > 0)
 
         enc: list[nn.Module] = [conv_block(in_channels, ch[0], g)]
         for i in range(1, len(ch)):
@@ -72,11 +83,19 @@ class LightweightVAE3D(nn.Module):
         self.encoder = nn.Sequential(*enc)
         self.to_moments = nn.Conv3d(ch[-1], 2 * lc, 1)
 
-        dec: list[nn.Module] = [conv_block(lc, ch[-1], g)]
+        skip = ch if self.uses_anatomy else (0,) * len(ch)  # channels joining each decoder level
+        if self.uses_anatomy:
+            anat: list[nn.Module] = [conv_block(condition_channels, ch[0], g)]
+            anat += [conv_block(ch[i - 1], ch[i], g, stride=2) for i in range(1, len(ch))]
+            self.anatomy = nn.ModuleList(anat)
+        self.bottleneck = conv_block(lc + skip[-1], ch[-1], g)
+        self.up = nn.ModuleList()
         for i in range(len(ch) - 1, 0, -1):
-            dec += [ResBlock3D(ch[i], g), nn.Upsample(scale_factor=2, mode="nearest"),
-                    conv_block(ch[i], ch[i - 1], g)]
-        self.decoder = nn.Sequential(*dec)
+            self.up.append(nn.ModuleDict({
+                "res": ResBlock3D(ch[i], g),
+                "up": nn.Upsample(scale_factor=2, mode="nearest"),
+                "conv": conv_block(ch[i] + skip[i - 1], ch[i - 1], g),
+            }))
         self.to_out = nn.Conv3d(ch[0], in_channels, 3, padding=1)
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,11 +103,39 @@ class LightweightVAE3D(nn.Module):
         mu, logvar = h.chunk(2, dim=1)
         return mu, logvar.clamp(LOGVAR_MIN, LOGVAR_MAX)
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return self.to_out(self.decoder(z))
+    def _anatomy_features(self, anatomy: torch.Tensor | None) -> list[torch.Tensor]:
+        if not self.uses_anatomy:
+            return []
+        if anatomy is None:
+            raise ValueError("this VAE's decoder reads the planning volume: pass anatomy=condition_volume(batch)")
+        feats, h = [], anatomy
+        for block in self.anatomy:
+            h = block(h)
+            feats.append(h)
+        return feats
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(recon, mu, logvar); samples z with the reparameterisation trick in train mode, z = mu in eval."""
+    def decode(self, z: torch.Tensor, anatomy: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalised dose from latent ``z``; ``anatomy`` (N, condition_channels, S, S, S) is
+        required when the decoder is anatomy-aware."""
+        skips = self._anatomy_features(anatomy)
+        h = torch.cat([z, skips[-1]], dim=1) if skips else z
+        h = self.bottleneck(h)
+        for k, level in enumerate(self.up):
+            h = level["up"](level["res"](h))
+            if skips:
+                h = torch.cat([h, skips[len(skips) - 2 - k]], dim=1)
+            h = level["conv"](h)
+        return self.to_out(h)
+
+    def forward(self, x: torch.Tensor, anatomy: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(recon, mu, logvar); in train mode z is sampled with the reparameterisation trick and
+        dropped to 0 per case with probability ``latent_dropout``; z = mu in eval."""
         mu, logvar = self.encode(x)
-        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar) if self.training else mu
-        return self.decode(z), mu, logvar
+        z = mu
+        if self.training:
+            z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+            if self.latent_dropout > 0:
+                keep = (torch.rand(z.shape[0], device=z.device) >= self.latent_dropout).to(z.dtype)
+                z = z * keep.reshape(-1, *([1] * (z.ndim - 1)))
+        return self.decode(z, anatomy), mu, logvar

@@ -1,0 +1,165 @@
+"""Building blocks of the DICOM objects :mod:`.writer` writes: UIDs, the shared patient/study/frame
+identity, the common modules of every object, the Part 10 file writing and the image plane.
+
+UIDs: every new UID comes from ``pydicom.uid.generate_uid`` under a root: the argument, else the
+environment variable ``ADDIFF_UID_ROOT``, else ``2.25.`` (a random UUID written as a decimal
+number, ISO/IEC 9834-8 and DICOM PS3.5 B.2: unique without a registered root). A hospital with
+its own registered root (digits and dots, ending in a dot, at most 40 characters) gets UIDs of
+that root followed by a random suffix, at most 64 characters in all.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import SimpleITK as sitk
+import yaml
+from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
+from pydicom.valuerep import format_number_as_ds
+
+from ..case_io import Case
+from .scan import SOP_CLASSES
+
+__all__ = ["UID_ROOT", "STUDY_SOP_CLASS", "new_uid", "Identity", "base_dataset", "save", "right_handed",
+           "set_image_plane", "ds_number", "now"]
+
+UID_ROOT = "2.25."
+STUDY_SOP_CLASS = "1.2.840.10008.3.1.2.3.1"  # Detached Study Management, as RTSTRUCTs refer to studies
+_PYDICOM_MAJOR = int(pydicom.__version__.split(".")[0])
+
+
+def new_uid(root: str | None = None) -> str:
+    """A new UID under ``root``, else ``$ADDIFF_UID_ROOT``, else ``2.25.`` (UUID-derived)."""
+    root = root or os.environ.get("ADDIFF_UID_ROOT") or UID_ROOT
+    if not re.fullmatch(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*\.", root) or len(root) > 40:
+        raise ValueError(f"UID root {root!r} must be digits separated by dots, end with a dot and be <= 40 characters")
+    return generate_uid(prefix=None) if root == "2.25." else generate_uid(prefix=root)
+
+
+def ds_number(v: float) -> str:
+    """A number as a DICOM decimal string (at most 16 characters)."""
+    return format_number_as_ds(float(v))
+
+
+def now() -> tuple[str, str]:
+    t = _dt.datetime.now()
+    return t.strftime("%Y%m%d"), t.strftime("%H%M%S")
+
+
+@dataclass
+class Identity:
+    """Patient, study and frame of reference shared by the objects written for one case."""
+
+    patient_id: str
+    patient_name: str
+    birth_date: str
+    sex: str
+    study_uid: str
+    study_id: str
+    study_date: str
+    study_time: str
+    accession: str
+    for_uid: str
+    plan_uid: str | None = None  # the case's own RTPLAN (from dicom.yaml), for predicted doses
+
+    @classmethod
+    def for_case(cls, case: Case, root: str | None, keep_study: bool) -> "Identity":
+        """The patient from the case's dicom.yaml (else the case id); the study and frame of
+        reference too when ``keep_study`` (results written back), else fresh ones."""
+        info = {}
+        p = Path(case.path) / "dicom.yaml"
+        if p.is_file():
+            info = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        pat, st = info.get("patient") or {}, info.get("study") or {}
+        date, time = now()
+        keep = keep_study and bool(st.get("StudyInstanceUID")) and bool(info.get("frame_of_reference_uid"))
+        return cls(
+            patient_id=str(pat.get("PatientID") or case.case_id)[:64], patient_name=str(pat.get("PatientName") or case.case_id),
+            birth_date=str(pat.get("PatientBirthDate") or ""), sex=str(pat.get("PatientSex") or ""),
+            study_uid=st["StudyInstanceUID"] if keep else new_uid(root),
+            study_id=str(st.get("StudyID") or "") if keep else "addiff",
+            study_date=str(st.get("StudyDate") or "") if keep else date,
+            study_time=str(st.get("StudyTime") or "") if keep else time,
+            accession=str(st.get("AccessionNumber") or "") if keep else "",
+            for_uid=info["frame_of_reference_uid"] if keep else new_uid(root),
+            plan_uid=((info.get("rtplan") or {}).get("SOPInstanceUID") or None) if keep else None)
+
+
+def base_dataset(kind: str, ident: Identity, series_uid: str, series_number: int, description: str, root: str | None,
+                 instance: int = 1) -> FileDataset:
+    """A new object of ``kind`` (CT | RTSTRUCT | RTPLAN | RTDOSE) with its file meta and the patient,
+    study, series, equipment, frame of reference and SOP common modules filled in."""
+    sop_uid = new_uid(root)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SOP_CLASSES[kind]
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    meta.ImplementationVersionName = "ADDIFF_FL"
+    ds = FileDataset("", Dataset(), file_meta=meta, preamble=b"\0" * 128)
+    date, time = now()
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.InstanceCreationDate, ds.InstanceCreationTime = date, time
+    ds.SOPClassUID, ds.SOPInstanceUID = SOP_CLASSES[kind], sop_uid
+    ds.StudyDate, ds.StudyTime = ident.study_date, ident.study_time
+    ds.AccessionNumber = ident.accession
+    ds.Modality = kind
+    ds.Manufacturer = "addiff-fl"
+    ds.ReferringPhysicianName = ""
+    ds.SeriesDescription = description[:64]
+    ds.PatientName = ident.patient_name
+    ds.PatientID = ident.patient_id
+    ds.PatientBirthDate = ident.birth_date
+    ds.PatientSex = ident.sex
+    ds.SoftwareVersions = "addiff-fl"
+    ds.StudyInstanceUID = ident.study_uid
+    ds.SeriesInstanceUID = series_uid
+    ds.StudyID = ident.study_id[:16]
+    ds.SeriesNumber = series_number
+    ds.InstanceNumber = instance
+    if kind != "RTSTRUCT":  # the structure set names its frame of reference in its own sequence
+        ds.FrameOfReferenceUID = ident.for_uid
+        ds.PositionReferenceIndicator = ""
+    return ds
+
+
+def save(ds: FileDataset, path: Path) -> Path:
+    """Write a DICOM Part 10 file (preamble, file meta, Explicit VR Little Endian)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if _PYDICOM_MAJOR >= 3:
+        ds.save_as(str(path), enforce_file_format=True)
+    else:  # pydicom 2.x
+        ds.is_little_endian, ds.is_implicit_VR = True, False
+        ds.save_as(str(path), write_like_original=False)
+    return path
+
+
+def right_handed(img: sitk.Image) -> sitk.Image:
+    """The same image with slices ordered along +normal (DICOM positions increase along it)."""
+    d = np.array(img.GetDirection()).reshape(3, 3)
+    if np.linalg.det(d) > 0:
+        return img
+    nz = img.GetSize()[2]
+    out = sitk.GetImageFromArray(sitk.GetArrayFromImage(img)[::-1].copy())
+    out.SetSpacing(img.GetSpacing())
+    out.SetOrigin(img.TransformIndexToPhysicalPoint((0, 0, nz - 1)))
+    d[:, 2] *= -1
+    out.SetDirection([float(v) for v in d.ravel()])
+    return out
+
+
+def set_image_plane(ds: Dataset, img: sitk.Image, k: int = 0) -> None:
+    """Image plane of slice ``k`` of ``img``: position, orientation, pixel spacing, size."""
+    d = np.array(img.GetDirection()).reshape(3, 3)
+    sx, sy, sz = img.GetSpacing()
+    ds.ImagePositionPatient = [ds_number(v) for v in img.TransformIndexToPhysicalPoint((0, 0, int(k)))]
+    ds.ImageOrientationPatient = [ds_number(v) for v in np.concatenate([d[:, 0], d[:, 1]])]
+    ds.PixelSpacing = [ds_number(sy), ds_number(sx)]  # row spacing (y), column spacing (x)
+    ds.SliceThickness = ds_number(sz)
+    ds.Rows, ds.Columns = img.GetSize()[1], img.GetSize()[0]

@@ -1,0 +1,383 @@
+"""``addiff data import-dicom SRC OUT``: DICOM-RT exports -> case folders, one per patient.
+
+For each patient (see :mod:`.scan`) the importer picks one consistent set of objects: the RTPLAN
+(the one an RTDOSE refers to when there are several), the RTSTRUCT that plan refers to, the CT
+series that structure set refers to, and the plan dose (``DoseSummationType`` PLAN) on the same
+frame of reference. It writes, with :func:`case_io.save_case`:
+
+* ``ct.nii.gz``: the CT in HU (rescale slope/intercept applied), DICOM geometry kept;
+* ``masks/<name>.nii.gz``: every closed-planar ROI rasterised on the CT grid (:mod:`.contours`),
+  named through :class:`.names.NameMapper`;
+* ``dose.nii.gz``: the RTDOSE in Gy resampled onto the CT grid (linear, 0 outside its grid);
+* ``plan.yaml``: beams from the RTPLAN, prescriptions and fractions from the RTPLAN or else the
+  mapping file (:mod:`.mapping`), tumour site from the mapping file or else the structures;
+* ``dicom.yaml``: the identifiers needed to send results back (patient, StudyInstanceUID,
+  FrameOfReferenceUID, the CT series and its SOP instances, the RTSTRUCT/RTPLAN/RTDOSE
+  instances, original ROI names). It stays at the hospital like the images.
+
+A patient that cannot be imported is skipped with one line naming the file and the problem;
+the others go on. A case is written to a temporary sibling folder and moved into place at the
+end, so nothing is left half-written.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Mapping
+
+import numpy as np
+import SimpleITK as sitk
+import yaml
+
+from ..case_io import BODY_NAME, OAR_NAMES, CaseError, plan_from_dict, save_case, staged_case_dir
+from .contours import contours_to_mask
+from .mapping import ImportMapping
+from .names import NameMapper, infer_tumour_site, site_from_text, target_dose_from_name
+from .rtplan import read_rtplan
+from .scan import DicomFile, PatientFiles, scan_folder
+from .volumes import DicomDataError, dose_on_grid, read_ct_series, read_rtdose
+
+__all__ = ["PatientResult", "ImportSummary", "import_patient", "import_dicom", "DICOM_INFO_FILE"]
+
+DICOM_INFO_FILE = "dicom.yaml"
+_CASE_ENTRIES = {"ct.nii.gz", "dose.nii.gz", "possible_dose_mask.nii.gz", "plan.yaml", "masks", DICOM_INFO_FILE}
+
+
+@dataclass
+class PatientResult:
+    name: str
+    patient_id: str
+    case_dir: Path | None = None
+    reason: str | None = None  # why the patient was skipped
+    summary: str = ""
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ImportSummary:
+    results: list[PatientResult]
+    non_dicom: list[Path]
+    unused: list[tuple[Path, str]]
+
+    @property
+    def imported(self) -> list[PatientResult]:
+        return [r for r in self.results if r.case_dir is not None]
+
+    @property
+    def skipped(self) -> list[PatientResult]:
+        return [r for r in self.results if r.case_dir is None]
+
+
+class _PackedMasks(Mapping):
+    """Masks kept bit-packed (a 512x512x200 CT has 50 MB per bool mask) and unpacked one at a time
+    as uint8 when read, e.g. by ``save_case`` while it writes them."""
+
+    def __init__(self, shape: tuple[int, ...]):
+        self.shape = shape
+        self._bits: dict[str, np.ndarray] = {}
+
+    def add(self, name: str, mask: np.ndarray) -> None:
+        self._bits[name] = np.packbits(mask, axis=None)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        n = int(np.prod(self.shape))
+        return np.unpackbits(self._bits[name], count=n).reshape(self.shape)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._bits
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._bits)
+
+    def __len__(self) -> int:
+        return len(self._bits)
+
+
+def _uid(ds, key: str) -> str:
+    return str(ds.get(key, "") or "")
+
+
+def _ref_uid(ds, seq: str) -> str | None:
+    items = ds.get(seq) or []
+    return str(items[0].ReferencedSOPInstanceUID) if items and "ReferencedSOPInstanceUID" in items[0] else None
+
+
+def _structure_refs(ds) -> tuple[str | None, str | None]:
+    """(frame of reference UID, CT SeriesInstanceUID) an RTSTRUCT refers to."""
+    for_uid = series_uid = None
+    for fr in ds.get("ReferencedFrameOfReferenceSequence") or []:
+        for_uid = for_uid or _uid(fr, "FrameOfReferenceUID") or None
+        for st in fr.get("RTReferencedStudySequence") or []:
+            for se in st.get("RTReferencedSeriesSequence") or []:
+                series_uid = series_uid or _uid(se, "SeriesInstanceUID") or None
+    if for_uid is None:
+        for roi in ds.get("StructureSetROISequence") or []:
+            for_uid = _uid(roi, "ReferencedFrameOfReferenceUID") or None
+            if for_uid:
+                break
+    return for_uid, series_uid
+
+
+def _choose(pf: PatientFiles, notes: list[str]) -> tuple[DicomFile, DicomFile, list[DicomFile], list[DicomFile]]:
+    """-> (RTPLAN, RTSTRUCT, CT slices, RTDOSE candidates) of one patient."""
+    plans, structs, doses = pf.of("RTPLAN"), pf.of("RTSTRUCT"), pf.of("RTDOSE")
+    where = pf.files[0].path.parent
+    if not plans:
+        raise DicomDataError(where, "no RTPLAN among the patient's files (beams and prescription come from it)")
+    if len(plans) > 1:
+        dosed = {_ref_uid(d.ds, "ReferencedRTPlanSequence") for d in doses}
+        plans = [p for p in plans if _uid(p.ds, "SOPInstanceUID") in dosed] or plans
+        if len(plans) > 1:
+            raise DicomDataError(where, f"{len(plans)} RTPLANs ({', '.join(p.path.name for p in plans)}) and no RTDOSE "
+                                        f"telling which one: keep one plan per patient folder")
+    plan = plans[0]
+    if not structs:
+        raise DicomDataError(where, "no RTSTRUCT among the patient's files (targets and organs come from it)")
+    wanted = _ref_uid(plan.ds, "ReferencedStructureSetSequence")
+    chosen = [s for s in structs if _uid(s.ds, "SOPInstanceUID") == wanted]
+    if not chosen:
+        if len(structs) > 1:
+            raise DicomDataError(plan.path, f"refers to structure set {wanted}, which is not among the "
+                                            f"{len(structs)} RTSTRUCTs found: keep the plan's structure set")
+        if wanted:
+            notes.append(f"{plan.path.name}: refers to structure set {wanted}; using the only RTSTRUCT, {structs[0].path.name}")
+        chosen = structs
+    struct = chosen[0]
+    series: dict[str, list[DicomFile]] = {}
+    for f in pf.of("CT"):
+        series.setdefault(_uid(f.ds, "SeriesInstanceUID"), []).append(f)
+    if not series:
+        raise DicomDataError(where, "no CT image series among the patient's files")
+    for_uid, series_uid = _structure_refs(struct.ds)
+    ct_uid = series_uid if series_uid in series else None
+    if ct_uid is None:
+        same_for = [u for u, fs in series.items() if _uid(fs[0].ds, "FrameOfReferenceUID") == for_uid]
+        if len(series) == 1:
+            ct_uid = next(iter(series))
+        elif len(same_for) == 1:
+            ct_uid = same_for[0]
+        else:
+            raise DicomDataError(struct.path, f"{len(series)} CT series found and the RTSTRUCT does not tell which one "
+                                              f"it was drawn on: keep one CT series per patient folder")
+    for u, fs in series.items():
+        if u != ct_uid:
+            notes.append(f"CT series {u} ({len(fs)} file(s), e.g. {fs[0].path.name}) not used: the structures "
+                         f"were drawn on series {ct_uid}")
+    ct_for = _uid(series[ct_uid][0].ds, "FrameOfReferenceUID")
+    if for_uid and ct_for and for_uid != ct_for:
+        raise DicomDataError(struct.path, f"RTSTRUCT is on frame of reference {for_uid} but its CT series is on "
+                                          f"{ct_for}: the contours are not in the CT's coordinates")
+    return plan, struct, series[ct_uid], doses
+
+
+def _pick_dose(doses: list[DicomFile], plan_uid: str, ct_for: str, notes: list[str]) -> DicomFile | None:
+    usable = []
+    for d in doses:
+        d_for = _uid(d.ds, "FrameOfReferenceUID")
+        if d_for and ct_for and d_for != ct_for:
+            notes.append(f"{d.path.name}: RTDOSE on another frame of reference ({d_for}): not imported")
+        else:
+            usable.append(d)
+    plan_doses = [d for d in usable if str(d.ds.get("DoseSummationType", "")).upper() == "PLAN"]
+    mine = [d for d in plan_doses if _ref_uid(d.ds, "ReferencedRTPlanSequence") in (plan_uid, None)]
+    pick = mine or plan_doses or (usable if len(usable) == 1 else [])
+    if not pick:
+        if usable:
+            notes.append(f"{len(usable)} RTDOSE(s) and none is the plan dose (DoseSummationType PLAN): dose not imported")
+        return None
+    if len(pick) > 1:
+        notes.append(f"{len(pick)} plan doses; using {pick[0].path.name}")
+    return pick[0]
+
+
+def _rois(struct: DicomFile) -> list[tuple[int, str, str, list[np.ndarray], int]]:
+    """-> [(ROI number, name, interpreted type, closed planar contours, other contours)]."""
+    ds = struct.ds
+    names = {int(r.ROINumber): str(r.get("ROIName", "") or f"ROI{r.ROINumber}")
+             for r in ds.get("StructureSetROISequence") or [] if "ROINumber" in r}
+    types = {int(o.ReferencedROINumber): str(o.get("RTROIInterpretedType", "") or "")
+             for o in ds.get("RTROIObservationsSequence") or [] if "ReferencedROINumber" in o}
+    out = []
+    for rc in ds.get("ROIContourSequence") or []:
+        num = int(rc.get("ReferencedROINumber", -1))
+        closed, other = [], 0
+        for c in rc.get("ContourSequence") or []:
+            data = c.get("ContourData")
+            if str(c.get("ContourGeometricType", "")).upper() == "CLOSED_PLANAR" and data is not None and len(data) >= 9:
+                closed.append(np.asarray([float(v) for v in data], dtype=np.float64).reshape(-1, 3))
+            else:
+                other += 1
+        out.append((num, names.get(num, f"ROI{num}"), types.get(num, ""), closed, other))
+    return out
+
+
+def _prescriptions(info, roi_names: dict[int, str], masks: Mapping[str, np.ndarray], defaults, notes: list[str],
+                   plan_path: Path, mapping_path: str) -> dict[str, float]:
+    rx = {roi_names[n]: d for n, d in info.rx_by_roi.items() if roi_names.get(n) in masks}
+    for n in set(info.rx_by_roi) - set(roi_names):
+        notes.append(f"RTPLAN prescribes {info.rx_by_roi[n]:g} Gy to ROI number {n}, which has no mask: ignored")
+    targets = [m for m in masks if m.upper().startswith("PTV")]
+    for desc, dose in info.rx_unlinked:
+        by_dose = [t for t in targets if t not in rx and (target_dose_from_name(t) or -1) == round(dose, 2)]
+        free = [t for t in targets if t not in rx]
+        pick = by_dose[0] if len(by_dose) == 1 else (free[0] if len(free) == 1 and not rx else None)
+        if pick:
+            rx[pick] = dose
+            notes.append(f"prescription {dose:g} Gy ({desc or 'no structure'}) assigned to {pick}")
+        else:
+            notes.append(f"prescription {dose:g} Gy ({desc or 'no structure'}) is tied to no structure: ignored")
+    if not rx and defaults.prescriptions:
+        missing = [t for t in defaults.prescriptions if t not in masks]
+        if missing:
+            raise DicomDataError(mapping_path or "mapping file",
+                                 f"prescribes {', '.join(missing)}, which the RTSTRUCT does not contain "
+                                 f"(structures: {', '.join(sorted(masks))})")
+        rx = dict(defaults.prescriptions)
+        notes.append("prescriptions from the mapping file")
+    if not rx:
+        rx = {t: target_dose_from_name(t) for t in targets if target_dose_from_name(t)}
+        if rx:
+            notes.append(f"prescriptions read from the target names ({', '.join(f'{k} {v:g} Gy' for k, v in rx.items())})")
+    if not rx:
+        raise DicomDataError(plan_path, "no prescription tied to a target structure: give `prescriptions` in the "
+                                        "mapping file (--map)")
+    return rx
+
+
+def import_patient(pf: PatientFiles, out_root: Path, mapping: ImportMapping) -> PatientResult:
+    """Import one patient; raises DicomDataError / CaseError for a patient that cannot be used."""
+    res = PatientResult(pf.name, pf.patient_id)
+    notes = res.notes
+    plan_f, struct_f, ct_files, doses = _choose(pf, notes)
+    ct, ct_headers = read_ct_series([(f.path, f.ds) for f in ct_files])
+    ct_for = _uid(ct_headers[0], "FrameOfReferenceUID")
+    info = read_rtplan(plan_f.ds, plan_f.path)
+    notes.extend(f"{plan_f.path.name}: {n}" for n in info.notes)
+    mapper = NameMapper(mapping.structure_names)
+    masks = _PackedMasks(sitk.GetArrayViewFromImage(ct).shape)
+    roi_names: dict[int, str] = {}
+    original: dict[str, str] = {}
+    unknown = []
+    for num, name, kind, contours, other in _rois(struct_f):
+        target, known = mapper(name, kind)
+        if target is None:
+            continue
+        if not contours:
+            if other:
+                notes.append(f"ROI {name!r}: only point/open contours, no volume: left out")
+            continue
+        mask, cnotes = contours_to_mask(contours, ct)
+        notes.extend(f"ROI {name!r}: {n}" for n in cnotes)
+        if not mask.any():
+            notes.append(f"ROI {name!r}: no voxel centre inside its contours on the CT grid: left out")
+            continue
+        if target in masks:
+            n = 2
+            while f"{target}_{n}" in masks:
+                n += 1
+            notes.append(f"ROI {name!r} maps to {target}, which {original[target]!r} already has: kept as {target}_{n}")
+            target = f"{target}_{n}"
+        masks.add(target, mask)
+        roi_names[num], original[target] = target, name
+        if not known:
+            unknown.append(target)
+    if not masks:
+        raise DicomDataError(struct_f.path, "no ROI with closed planar contours on the CT")
+    defaults = mapping.for_patient(pf.patient_id, pf.name)
+    rx = _prescriptions(info, roi_names, masks, defaults, notes, plan_f.path, mapping.source)
+    kept = [u for u in unknown if u not in rx]
+    if kept:
+        notes.append(f"structures kept under their own names (not used by the model): {', '.join(kept)}")
+    fractions = info.fractions or defaults.fractions
+    if not fractions:
+        raise DicomDataError(plan_f.path, "number of fractions unknown (no FractionGroupSequence): give `fractions` "
+                                          "in the mapping file (--map)")
+    own = mapping.patients.get(pf.patient_id) or mapping.patients.get(pf.name)
+    site = ((own.tumour_site if own else None) or site_from_text(info.treatment_site) or mapping.defaults.tumour_site
+            or infer_tumour_site(set(masks)))
+    if site is None:
+        raise DicomDataError(struct_f.path, "tumour site unknown (the structures do not tell): give `tumour_site` "
+                                            "in the mapping file (--map)")
+    plan = plan_from_dict({"tumour_site": site, "prescriptions": rx, "fractions": int(fractions),
+                           "technique": "VMAT" if any(b.is_arc for b in info.beams) else "IMRT",
+                           "beams": [b.to_dict() for b in info.beams]}, pf.name)
+    dose_arr, dose_f = None, _pick_dose(doses, _uid(plan_f.ds, "SOPInstanceUID"), ct_for, notes)
+    if dose_f is not None:
+        try:
+            dose_arr = sitk.GetArrayFromImage(dose_on_grid(read_rtdose(dose_f.path), ct)).astype(np.float32)
+        except DicomDataError as e:
+            notes.append(f"{e}: dose not imported (the case can still be predicted)")
+            dose_f = None
+    out_dir = out_root / pf.name
+    if out_dir.exists() and (not out_dir.is_dir() or any(p.name not in _CASE_ENTRIES for p in out_dir.iterdir())):
+        raise CaseError(out_dir, ".", "exists and is not a case folder; not overwriting")
+    with staged_case_dir(out_dir) as tmp:
+        save_case(tmp, sitk.GetArrayFromImage(ct), plan, masks,
+                  dose=dose_arr, spacing=ct.GetSpacing(), origin=ct.GetOrigin(), direction=ct.GetDirection())
+        first = ct_headers[0]
+        info_doc = {
+            "source": "DICOM-RT import (addiff data import-dicom)",
+            "patient": {k: str(first.get(k, "") or "") for k in ("PatientID", "PatientName", "PatientBirthDate", "PatientSex")},
+            "study": {k: str(first.get(k, "") or "") for k in ("StudyInstanceUID", "StudyID", "StudyDate", "StudyTime",
+                                                                 "AccessionNumber")},
+            "frame_of_reference_uid": ct_for,
+            "ct_series": {"SeriesInstanceUID": _uid(first, "SeriesInstanceUID"), "SOPClassUID": _uid(first, "SOPClassUID"),
+                          "sop_instance_uids": [_uid(h, "SOPInstanceUID") for h in ct_headers]},
+            "rtstruct": {"SOPInstanceUID": _uid(struct_f.ds, "SOPInstanceUID"), "file": struct_f.path.name},
+            "rtplan": {"SOPInstanceUID": _uid(plan_f.ds, "SOPInstanceUID"), "SOPClassUID": _uid(plan_f.ds, "SOPClassUID"),
+                       "RTPlanLabel": info.label, "file": plan_f.path.name},
+            "rtdose": {"SOPInstanceUID": _uid(dose_f.ds, "SOPInstanceUID"), "file": dose_f.path.name} if dose_f else None,
+            "structure_names": {k: original[k] for k in sorted(masks)},
+        }
+        (tmp / DICOM_INFO_FILE).write_text(yaml.safe_dump(info_doc, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    res.case_dir = out_dir
+    canon = [m for m in masks if m in OAR_NAMES]
+    nx, ny, nz = ct.GetSize()
+    res.summary = (f"CT {nx}x{ny}x{nz} ({'x'.join(f'{s:.3g}' for s in ct.GetSpacing())} mm), {len(masks)} structures "
+                   f"({len(canon)} model OARs{', Body' if BODY_NAME in masks else ''}), "
+                   f"{'dose' if dose_arr is not None else 'no dose'}, {len(info.beams)} {plan.technique} beam(s), "
+                   f"{', '.join(f'{k} {v:g} Gy' for k, v in plan.prescriptions.items())} in {plan.fractions} fx, "
+                   f"{plan.tumour_site}")
+    return res
+
+
+def import_dicom(src: str | Path, out: str | Path, mapping: ImportMapping | None = None,
+                 echo: Callable[[str], None] | None = print) -> ImportSummary:
+    """Import every patient under ``src`` into ``out``; a bad patient is skipped with its reason."""
+    from ..checks import check_case
+
+    src, out = Path(src), Path(out)
+    mapping = mapping or ImportMapping()
+    scan = scan_folder(src)
+    if not scan.patients:  # nothing to import: the caller says so in one line
+        return ImportSummary([], scan.non_dicom, scan.unused)
+    say = echo or (lambda s: None)
+    results = []
+    for i, pf in enumerate(scan.patients, 1):
+        head = f"[{i}/{len(scan.patients)}] {pf.name} (PatientID {pf.patient_id or '?'})"
+        try:
+            res = import_patient(pf, out, mapping)
+        except (DicomDataError, CaseError, ValueError, OSError) as e:
+            res = PatientResult(pf.name, pf.patient_id, reason=str(e))
+        except Exception as e:  # noqa: BLE001 - one broken patient never stops the import
+            res = PatientResult(pf.name, pf.patient_id, reason=f"unexpected error: {type(e).__name__}: {e}")
+        if res.case_dir is not None:
+            res.notes.extend(f"check: {p.file}: {p.message}" for p in check_case(res.case_dir))
+            say(f"{head}: imported -> {res.case_dir}: {res.summary}")
+        else:
+            say(f"{head}: SKIPPED: {res.reason}")
+        for n in res.notes:
+            say(f"    note: {n}")
+        results.append(res)
+    if scan.non_dicom:
+        shown = ", ".join(str(p.relative_to(src) if src.is_dir() else p.name) for p in scan.non_dicom[:5])
+        say(f"ignored {len(scan.non_dicom)} non-DICOM file(s): {shown}{', ...' if len(scan.non_dicom) > 5 else ''}")
+    if scan.unused:
+        kinds: dict[str, int] = {}
+        for _, k in scan.unused:
+            kinds[k] = kinds.get(k, 0) + 1
+        say(f"ignored {len(scan.unused)} DICOM object(s) not used for cases: "
+            + ", ".join(f"{k} x{n}" for k, n in sorted(kinds.items())))
+    summary = ImportSummary(results, scan.non_dicom, scan.unused)
+    say(f"imported {len(summary.imported)} of {len(results)} patient(s) into {out}; {len(summary.skipped)} skipped")
+    return summary

@@ -1,0 +1,284 @@
+"""Writing DICOM-RT: a case -> CT series, RTSTRUCT, RTPLAN and RTDOSE; a predicted dose -> RTDOSE.
+
+Files are written with pydicom as DICOM Part 10 files (128-byte preamble, file meta, Explicit VR
+Little Endian) of the standard storage SOP classes: CT Image (1.2.840.10008.5.1.4.1.1.2), RT
+Structure Set (...481.3), RT Plan (...481.5) and RT Dose (...481.2). All objects of one export
+share one study and one frame of reference; the RTSTRUCT refers to every CT slice, the RTPLAN to
+the RTSTRUCT, the RTDOSE to the RTPLAN.
+
+UIDs: every new UID (study, series, SOP instance, frame of reference) comes from
+``pydicom.uid.generate_uid`` under a root (:mod:`.objects`). The default root is ``2.25.``: the UID
+is a random UUID written as a decimal number (ISO/IEC 9834-8, DICOM PS3.5 B.2), unique without a
+registered root. A hospital with its own registered root passes it (``--uid-root 1.2.3.4.``, ending in a dot,
+or the environment variable ``ADDIFF_UID_ROOT``, which ``predict --rtdose`` also uses);
+UIDs are then that root followed by a random suffix (pydicom's scheme), at most 64 characters.
+
+The RTPLAN carries geometry only (beams with gantry, couch, energy, arcs as control points;
+prescriptions; fractions; ``TreatmentSite`` = the case's tumour site), no MLC or monitor units:
+it is for the importer and for viewers, not for delivery. ``possible_dose_mask.nii.gz`` has no
+DICOM-RT counterpart and is not written.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
+from pydicom.tag import Tag
+
+from ..case_io import BODY_NAME, Case, load_case
+from .contours import index_to_patient, mask_to_contours
+from .objects import (STUDY_SOP_CLASS, UID_ROOT, Identity, base_dataset, ds_number, new_uid, now, right_handed, save,
+                      set_image_plane)
+from .scan import SOP_CLASSES
+
+__all__ = ["UID_ROOT", "Identity", "new_uid", "export_case", "write_ct_series", "write_rtstruct", "write_rtplan",
+           "write_rtdose", "write_predicted_rtdose"]
+
+_COLOURS = ((255, 0, 0), (0, 160, 255), (0, 200, 0), (255, 200, 0), (200, 0, 255), (255, 120, 0), (0, 220, 200),
+            (150, 90, 40), (255, 105, 180), (128, 128, 255))
+
+
+def write_ct_series(ct: sitk.Image, out_dir: Path, ident: Identity, root: str | None) -> tuple[str, list[str]]:
+    """One CT Image file per slice (int16 HU, slope 1) -> (SeriesInstanceUID, SOP instance UIDs by slice)."""
+    hu = np.clip(np.rint(sitk.GetArrayFromImage(ct).astype(np.float64)), -32768, 32767).astype(np.int16)
+    series_uid, uids = new_uid(root), []
+    for k in range(hu.shape[0]):
+        ds = base_dataset("CT", ident, series_uid, 1, "CT (exported by addiff-fl)", root, instance=k + 1)
+        ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL"]
+        ds.AcquisitionNumber = 1
+        ds.KVP = ""
+        set_image_plane(ds, ct, k)
+        ds.SliceLocation = ds_number(float(np.array(ds.ImagePositionPatient, dtype=float) @ np.array(ct.GetDirection()).reshape(3, 3)[:, 2]))
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = "0", "1", "HU"
+        ds.WindowCenter, ds.WindowWidth = "40", "400"
+        ds.PixelData = np.ascontiguousarray(hu[k]).astype("<i2").tobytes()
+        save(ds, out_dir / f"ct_{k + 1:04d}.dcm")
+        uids.append(str(ds.SOPInstanceUID))
+    return series_uid, uids
+
+
+def _interpreted_type(name: str, targets) -> str:
+    if name == BODY_NAME:
+        return "EXTERNAL"
+    up = name.upper()
+    if name in targets or up.startswith("PTV"):
+        return "PTV"
+    return "CTV" if up.startswith("CTV") else "GTV" if up.startswith("GTV") else "ORGAN"
+
+
+def write_rtstruct(case: Case, ct: sitk.Image, ct_series_uid: str, ct_uids: list[str], path: Path, ident: Identity,
+                   root: str | None) -> tuple[str, dict[str, int]]:
+    """Every mask of the case as closed planar contours -> (SOPInstanceUID, ROI number by name)."""
+    ds = base_dataset("RTSTRUCT", ident, new_uid(root), 2, "Structures (exported by addiff-fl)", root)
+    date, time = now()
+    ds.StructureSetLabel, ds.StructureSetName = "addiff", case.case_id[:64]
+    ds.StructureSetDate, ds.StructureSetTime = date, time
+    image_refs = []
+    for uid in ct_uids:
+        ref = Dataset()
+        ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID = SOP_CLASSES["CT"], uid
+        image_refs.append(ref)
+    series = Dataset()
+    series.SeriesInstanceUID, series.ContourImageSequence = ct_series_uid, Sequence(image_refs)
+    study = Dataset()
+    study.ReferencedSOPClassUID, study.ReferencedSOPInstanceUID = STUDY_SOP_CLASS, ident.study_uid
+    study.RTReferencedSeriesSequence = Sequence([series])
+    frame = Dataset()
+    frame.FrameOfReferenceUID, frame.RTReferencedStudySequence = ident.for_uid, Sequence([study])
+    ds.ReferencedFrameOfReferenceSequence = Sequence([frame])
+    rois, contours_seq, observations, numbers = [], [], [], {}
+    flip = np.linalg.det(np.array(case.ct.GetDirection()).reshape(3, 3)) < 0
+    for i, name in enumerate(sorted(case.masks), start=1):
+        numbers[name] = i
+        roi = Dataset()
+        roi.ROINumber, roi.ReferencedFrameOfReferenceUID, roi.ROIName = i, ident.for_uid, name
+        roi.ROIGenerationAlgorithm = "MANUAL"
+        rois.append(roi)
+        mask = case.array(name)
+        items = []
+        for k, pts in mask_to_contours(mask[::-1] if flip else mask, ct):
+            c = Dataset()
+            ref = Dataset()
+            ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID = SOP_CLASSES["CT"], ct_uids[k]
+            c.ContourImageSequence = Sequence([ref])
+            c.ContourGeometricType, c.NumberOfContourPoints = "CLOSED_PLANAR", len(pts)
+            c.ContourData = [ds_number(v) for v in pts.ravel()]
+            items.append(c)
+        rc = Dataset()
+        rc.ROIDisplayColor = list(_COLOURS[(i - 1) % len(_COLOURS)])
+        rc.ReferencedROINumber = i
+        if items:
+            rc.ContourSequence = Sequence(items)
+        contours_seq.append(rc)
+        obs = Dataset()
+        obs.ObservationNumber, obs.ReferencedROINumber = i, i
+        obs.RTROIInterpretedType, obs.ROIInterpreter = _interpreted_type(name, case.plan.prescriptions), ""
+        observations.append(obs)
+    ds.StructureSetROISequence = Sequence(rois)
+    ds.ROIContourSequence = Sequence(contours_seq)
+    ds.RTROIObservationsSequence = Sequence(observations)
+    save(ds, path)
+    return str(ds.SOPInstanceUID), numbers
+
+
+def _control_points(beam, isocentre) -> list[Dataset]:
+    span = ((beam.gantry_stop - beam.gantry) % 360.0 or 360.0) if beam.is_arc else 0.0
+    n = 2 if not beam.is_arc else int(np.ceil(span / 90.0)) + 1
+    cps = []
+    for j in range(n):
+        cp = Dataset()
+        cp.ControlPointIndex = j
+        cp.CumulativeMetersetWeight = ds_number(j / (n - 1))
+        if j == 0:
+            cp.NominalBeamEnergy = ds_number(beam.energy_mv)
+            cp.GantryAngle = ds_number(beam.gantry % 360.0)
+            cp.GantryRotationDirection = "CW" if beam.is_arc else "NONE"
+            cp.BeamLimitingDeviceAngle, cp.BeamLimitingDeviceRotationDirection = ds_number(0), "NONE"
+            cp.PatientSupportAngle, cp.PatientSupportRotationDirection = ds_number(beam.couch % 360.0), "NONE"
+            cp.TableTopEccentricAngle, cp.TableTopEccentricRotationDirection = ds_number(0), "NONE"
+            cp.IsocenterPosition = [ds_number(v) for v in isocentre]
+            jaws = []
+            for kind in ("ASYMX", "ASYMY"):
+                j_ds = Dataset()
+                j_ds.RTBeamLimitingDeviceType, j_ds.LeafJawPositions = kind, [ds_number(-50), ds_number(50)]
+                jaws.append(j_ds)
+            cp.BeamLimitingDevicePositionSequence = Sequence(jaws)
+        elif beam.is_arc:
+            cp.GantryAngle = ds_number((beam.gantry + span * j / (n - 1)) % 360.0)
+            if j == n - 1:
+                cp.GantryRotationDirection = "NONE"
+        cps.append(cp)
+    return cps
+
+
+def write_rtplan(case: Case, struct_uid: str, roi_numbers: dict[str, int], path: Path, ident: Identity,
+                 root: str | None) -> str:
+    """The case's plan.yaml as an RTPLAN (geometry only) -> SOPInstanceUID."""
+    plan = case.plan
+    ds = base_dataset("RTPLAN", ident, new_uid(root), 3, "Plan geometry (exported by addiff-fl)", root)
+    date, time = now()
+    ds.RTPlanLabel, ds.RTPlanName = case.case_id[:16], case.case_id[:64]
+    ds.RTPlanDate, ds.RTPlanTime = date, time
+    ds.RTPlanGeometry = "PATIENT"
+    ds.RTPlanDescription = "beam geometry and prescription only (no MLC, no monitor units): exported by addiff-fl"
+    ds.TreatmentSite = plan.tumour_site
+    ref = Dataset()
+    ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID = SOP_CLASSES["RTSTRUCT"], struct_uid
+    ds.ReferencedStructureSetSequence = Sequence([ref])
+    refs = []
+    for i, target in enumerate(plan.targets, start=1):
+        dr = Dataset()
+        dr.DoseReferenceNumber, dr.DoseReferenceUID = i, new_uid(root)
+        dr.DoseReferenceStructureType, dr.DoseReferenceDescription = "VOLUME", target[:64]
+        if target in roi_numbers:
+            dr.ReferencedROINumber = roi_numbers[target]
+        dr.DoseReferenceType, dr.TargetPrescriptionDose = "TARGET", ds_number(plan.prescriptions[target])
+        refs.append(dr)
+    ds.DoseReferenceSequence = Sequence(refs)
+    setup = Dataset()
+    setup.PatientPosition, setup.PatientSetupNumber = "HFS", 1
+    ds.PatientSetupSequence = Sequence([setup])
+    target = case.array(plan.targets[0])
+    idx = np.argwhere(target)[:, ::-1].mean(axis=0) if target.any() else (np.array(case.ct.GetSize()) - 1) / 2.0
+    isocentre = index_to_patient(case.ct, idx[None, :])[0]
+    beams, beam_refs = [], []
+    for n, b in enumerate(plan.beams, start=1):
+        bd = Dataset()
+        bd.TreatmentMachineName, bd.PrimaryDosimeterUnit, bd.SourceAxisDistance = "addiff", "MU", ds_number(1000)
+        devices = []
+        for kind in ("ASYMX", "ASYMY"):
+            dv = Dataset()
+            dv.RTBeamLimitingDeviceType, dv.NumberOfLeafJawPairs = kind, 1
+            devices.append(dv)
+        bd.BeamLimitingDeviceSequence = Sequence(devices)
+        bd.BeamNumber = n
+        bd.BeamName = (f"Arc {n}" if b.is_arc else f"Field {n}")
+        bd.BeamType, bd.RadiationType = ("DYNAMIC" if b.is_arc else "STATIC"), "PHOTON"
+        bd.TreatmentDeliveryType = "TREATMENT"
+        bd.NumberOfWedges = bd.NumberOfCompensators = bd.NumberOfBoli = bd.NumberOfBlocks = 0
+        bd.FinalCumulativeMetersetWeight = ds_number(1)
+        cps = _control_points(b, isocentre)
+        bd.NumberOfControlPoints, bd.ControlPointSequence = len(cps), Sequence(cps)
+        bd.ReferencedPatientSetupNumber = 1
+        beams.append(bd)
+        rb = Dataset()
+        rb.ReferencedBeamNumber = n
+        beam_refs.append(rb)
+    group = Dataset()
+    group.FractionGroupNumber, group.NumberOfFractionsPlanned = 1, int(plan.fractions)
+    group.NumberOfBeams, group.NumberOfBrachyApplicationSetups = len(beams), 0
+    group.ReferencedBeamSequence = Sequence(beam_refs)
+    ds.FractionGroupSequence = Sequence([group])
+    ds.BeamSequence = Sequence(beams)
+    ds.ApprovalStatus = "UNAPPROVED"
+    save(ds, path)
+    return str(ds.SOPInstanceUID)
+
+
+def write_rtdose(dose: sitk.Image, path: Path, ident: Identity, root: str | None, *, plan_uid: str | None,
+                 description: str, comment: str = "") -> Path:
+    """A dose in Gy on its own grid -> an RTDOSE (uint32, DoseGridScaling; GY, PHYSICAL, PLAN)."""
+    dose = right_handed(dose)
+    gy = np.maximum(sitk.GetArrayFromImage(dose).astype(np.float64), 0.0)
+    if not np.all(np.isfinite(gy)):
+        raise ValueError(f"{path}: the dose holds NaN/inf values; not written")
+    ds = base_dataset("RTDOSE", ident, new_uid(root), 4, description, root)
+    set_image_plane(ds, dose, 0)
+    nz = gy.shape[0]
+    ds.NumberOfFrames = nz
+    ds.FrameIncrementPointer = Tag(0x3004, 0x000C)
+    ds.GridFrameOffsetVector = [ds_number(k * dose.GetSpacing()[2]) for k in range(nz)]
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 32, 32, 31, 0
+    ds.DoseUnits, ds.DoseType, ds.DoseSummationType = "GY", "PHYSICAL", "PLAN"
+    scaling = float(ds_number(max(float(gy.max()), 1e-6) / 4294967295.0 * (1 + 1e-9)))
+    ds.DoseGridScaling = ds_number(scaling)
+    if comment:
+        ds.DoseComment = comment[:64]  # LO
+    if plan_uid:
+        ref = Dataset()
+        ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID = SOP_CLASSES["RTPLAN"], plan_uid
+        ds.ReferencedRTPlanSequence = Sequence([ref])
+    ds.PixelData = np.clip(np.rint(gy / scaling), 0, 4294967295).astype("<u4").tobytes()
+    return save(ds, path)
+
+
+def export_case(case_dir: str | Path, out_dir: str | Path, uid_root: str | None = None) -> dict[str, Path]:
+    """Write a case folder as DICOM-RT into ``out_dir`` -> {what: path}; ``ct_0001.dcm`` ... one per
+    slice, ``rtstruct.dcm``, ``rtplan.dcm`` and ``rtdose.dcm`` (when the case has a dose)."""
+    case = load_case(case_dir)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.glob("*.dcm")):
+        raise FileExistsError(f"{out_dir}: already holds .dcm files; choose an empty folder")
+    new_uid(uid_root)  # validates the root before anything is written
+    ident = Identity.for_case(case, uid_root, keep_study=False)
+    ct = right_handed(case.ct)
+    series_uid, ct_uids = write_ct_series(ct, out_dir, ident, uid_root)
+    written = {"ct": out_dir / "ct_0001.dcm"}
+    struct_uid, numbers = write_rtstruct(case, ct, series_uid, ct_uids, out_dir / "rtstruct.dcm", ident, uid_root)
+    written["rtstruct"] = out_dir / "rtstruct.dcm"
+    plan_uid = write_rtplan(case, struct_uid, numbers, out_dir / "rtplan.dcm", ident, uid_root)
+    written["rtplan"] = out_dir / "rtplan.dcm"
+    if case.dose is not None:
+        written["rtdose"] = write_rtdose(case.dose, out_dir / "rtdose.dcm", ident, uid_root, plan_uid=plan_uid,
+                                         description="Dose (exported by addiff-fl)")
+    return written
+
+
+def write_predicted_rtdose(dose: sitk.Image, case_dir: str | Path, path: str | Path, uid_root: str | None = None) -> Path:
+    """A predicted dose (Gy, on the case's CT grid) as an RTDOSE on the CT's frame of reference.
+
+    For a case imported from DICOM (``dicom.yaml``) it refers to the case's patient, study, frame
+    of reference and RTPLAN, so a planning system or viewer places it on the original CT; for
+    other cases the study and frame of reference are new (they match an ``export-dicom`` of the
+    case only by geometry)."""
+    case = load_case(case_dir)
+    ident = Identity.for_case(case, uid_root, keep_study=True)
+    return write_rtdose(dose, Path(path), ident, uid_root, plan_uid=ident.plan_uid,
+                        description="PREDICTED dose (addiff-fl) - not a plan",
+                        comment="PREDICTED by addiff-fl: research output, not a TPS dose")

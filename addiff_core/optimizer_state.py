@@ -1,0 +1,75 @@
+"""A site's optimiser state across federated rounds, kept in its own state directory.
+
+Rebuilding AdamW every round resets its moment estimates after a handful of local steps. The
+site therefore keeps the optimiser state of each stage on disk (like the privacy accountant) and
+starts round r from the state it saved after its latest earlier round of that stage. The state
+never leaves the site.
+
+Files: ``STATE_DIR/optimizer/<stage>_round<r>.pt`` written atomically with ``torch.save`` and read
+with ``torch.load(weights_only=True)``. The newest two rounds of a stage up to the one
+just saved are kept (later ones, left by an aborted attempt or an older run, are removed), so a
+server that is killed and resumed re-runs round r from the same state as an uninterrupted run would.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import re
+from pathlib import Path
+
+import torch
+
+from .checkpoint import atomic_write_bytes
+
+log = logging.getLogger(__name__)
+KEEP_ROUNDS = 2
+_NAME = re.compile(r"^(?P<stage>[a-z]+)_round(?P<round>\d+)\.pt$")
+
+
+def _base_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The plain optimizer behind an Opacus DPOptimizer (or the optimizer itself)."""
+    return getattr(optimizer, "original_optimizer", optimizer)
+
+
+class OptimizerStore:
+    def __init__(self, state_dir: Path):
+        self.folder = Path(state_dir) / "optimizer"
+
+    def _rounds(self, stage: str) -> dict[int, Path]:
+        if not self.folder.is_dir():
+            return {}
+        found = {}
+        for p in self.folder.iterdir():
+            m = _NAME.match(p.name)
+            if m and m["stage"] == stage:
+                found[int(m["round"])] = p
+        return found
+
+    def restore(self, optimizer: torch.optim.Optimizer, stage: str, server_round: int) -> int | None:
+        """Load the state saved after this site's latest round of ``stage`` before ``server_round``
+        into ``optimizer``; returns that round, or None (fresh optimiser) when there is none or it
+        does not fit (e.g. the model changed)."""
+        earlier = [r for r in self._rounds(stage) if r < server_round]
+        if not earlier:
+            return None
+        r = max(earlier)
+        path = self._rounds(stage)[r]
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            _base_optimizer(optimizer).load_state_dict(state)
+        except Exception as e:  # noqa: BLE001 - any unreadable or mismatched state: start fresh
+            log.warning("optimizer state %s not used (%s): starting this round with a fresh optimizer",
+                        path.name, type(e).__name__)
+            return None
+        return r
+
+    def save(self, optimizer: torch.optim.Optimizer, stage: str, server_round: int) -> Path:
+        buf = io.BytesIO()
+        torch.save(_base_optimizer(optimizer).state_dict(), buf)
+        path = self.folder / f"{stage}_round{int(server_round)}.pt"
+        atomic_write_bytes(path, buf.getvalue())
+        rounds = self._rounds(stage)
+        later = [r for r in rounds if r > server_round]  # left by an aborted attempt or an older run
+        for r in later + sorted(r for r in rounds if r <= server_round)[:-KEEP_ROUNDS]:
+            rounds[r].unlink(missing_ok=True)
+        return path
