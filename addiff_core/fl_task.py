@@ -21,6 +21,7 @@ from .config import ModelConfig, SiteConfig, resolve_device
 from .data import SiteData, load_site_data
 from .models import build_model, stage_prefix
 from .optimizer_state import OptimizerStore
+from .phantom_calibration import calibrate_on_phantoms
 from .privacy import SitePrivacy
 from .training import Proximal, evaluate, lr_at, make_loader, make_optimizer, set_lr, set_trainable, train_stage_epoch
 
@@ -154,9 +155,9 @@ class SiteTask:
             loader = make_loader(self.data.train, tcfg.batch_size, shuffle=True, seed=rs)
             prox = Proximal.from_module(proximal_mu, module) if proximal_mu > 0 else None
             if dp is not None:  # Opacus hooks the module's layers; losses call the model as usual
-                if stage == "diffusion" and float(self.model.diffusion.latent_scale) == 0.0:
-                    # calibrating on private data would release an un-noised statistic
-                    self.model.diffusion.latent_scale.fill_(1.0)
+                if stage == "diffusion":
+                    # calibrating on private data would release an un-noised statistic: public phantoms
+                    calibrate_on_phantoms(self.model, self.cfg.grid)
                 _, optimizer, loader = dp.make_private(module, optimizer, loader)
             gen = torch.Generator(device=self.device)
             gen.manual_seed(rs)

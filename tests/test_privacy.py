@@ -122,7 +122,8 @@ def test_empty_poisson_batches_keep_structure_and_count_as_steps(tmp_path, dp_si
     # batch size 1 of 4 cases: about a third of the Poisson batches are empty
     res = task.train(initial_arrays(TINY, seed=0), "vae", epochs=3, server_round=1, planned_epochs=3)
     assert res.metrics["dp_steps"] == 3 * task.steps_per_epoch()
-    assert np.isfinite(res.metrics["train_loss"])
+    # the loss stays at the site (a DP site releases only accounted numbers), in its history
+    assert "train_loss" not in res.metrics and all(np.isfinite(h["loss"]) for h in res.history)
 
 
 @pytest.mark.parametrize("stage", ["vae", "diffusion"])
@@ -170,3 +171,29 @@ def test_local_training_with_dp_charges_the_sites_one_ledger(tmp_path, dp_site):
     stored = SitePrivacy.stored_state(state)
     assert stored is not None and stored.steps_taken > 0  # in the site's state_dir, not in the run folder
     assert not list((tmp_path / "run").rglob(STATE_FILE))
+
+
+def test_a_dp_site_calibrates_the_latent_scale_on_phantoms_not_on_its_cases(tmp_path, dp_site):
+    """The latent scale a DP site sets in its first diffusion round depends only on the global VAE
+    and public synthetic phantoms: two DP sites with different cases set the same value, equal to
+    the phantom calibration, and a scale the global model already carries is kept."""
+    from addiff_core.phantom_calibration import calibrate_on_phantoms
+
+    other_root = tmp_path / "other"
+    other = write_synthetic_sites(other_root, n_sites=2, cases_per_site=5, size=16, seed=9)[1]
+    arrays = initial_arrays(TINY, seed=0)
+    scales = []
+    for k, f in enumerate((dp_site, other)):
+        task = SiteTask(site_with_privacy(f, tmp_path / f"state{k}", noise_multiplier=1.0, target_epsilon=None), TINY)
+        res = task.train(arrays, "diffusion", epochs=1, server_round=2, planned_epochs=1)
+        scales.append(float(res.arrays["diffusion.latent_scale"][0]))
+    reference = build_model(TINY)
+    reference.load_state_dict({k: torch.from_numpy(v) for k, v in arrays.items()})
+    expected = calibrate_on_phantoms(reference, TINY.grid)
+    assert scales[0] == scales[1] == pytest.approx(expected, rel=1e-6)
+    assert expected > 0 and expected != pytest.approx(1.0)
+    # a calibrated global scale is kept, not recomputed
+    carried = {**arrays, "diffusion.latent_scale": np.array([0.5], dtype=np.float32)}
+    task = SiteTask(site_with_privacy(dp_site, tmp_path / "state2", noise_multiplier=1.0, target_epsilon=None), TINY)
+    res = task.train(carried, "diffusion", epochs=1, server_round=2, planned_epochs=1)
+    assert float(res.arrays["diffusion.latent_scale"][0]) == pytest.approx(0.5)
