@@ -225,6 +225,9 @@ def _constant_model(level: float):
             super().__init__()
             self.unet = Head()
 
+        def forward(self, batch):  # as DoseRegressor
+            return self.unet(batch)
+
     return ConstantDose()
 
 

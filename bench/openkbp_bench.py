@@ -40,24 +40,25 @@
    (``addiff_core/report.py`` format) into the federated ADDiff run folder, whose
    ``addiff report`` then shows federated vs. U-Net vs. local vs. pooled.
 
-Budget at equal compute (``default``, 64^3 at 5 mm, ``configs/openkbp64.yaml``). Measured CPU
-seconds of one optimiser step, batch 1, 1 torch thread, on the 2-core shared machine (load average
-11-15): VAE 3.2 s, diffusion 2.1 s, U-Net 3.1 s (``step_cpu_seconds`` in the results holds each
-run's own measurement). Rules: (a) ADDiff-Dose spends ~80 % of its training CPU on the VAE (the
-study behind the redesign: the VAE bounds the model), ~20 % on the diffusion stage; (b) the U-Net's
-epochs cost about as much CPU as ADDiff-Dose's two stages together; (c) the whole run (two
-federations, three local trainings, pooled, every held-out evaluation with gamma, uncertainty) stays
-within ~55 CPU minutes on 1 thread. With 69 training patients, one epoch of a method costs 69 steps;
-ADDiff-Dose is trained three times (federated, local x 3 sites = 69 cases, pooled) and the U-Net
-once, so the training CPU is 69 x (3 x (V x 3.2 + D x 2.1) + U x 3.1) s. The diffusion stage cannot
-go below 1 epoch, and then V = 3 (82 % VAE) already needs 54 CPU minutes for training alone (61
-with evaluation and process start-up), over (c); so V = 2, D = 1 (VAE 6.4 s + diffusion 2.1 s per
-case: 75 / 25 %, the nearest to 80 / 20 that fits) and U = 3 (9.3 s per case, +9 % over ADDiff's
-8.5 s; U = 2 would be -27 %): planned 3 x 69 x 8.5 + 69 x 9.3 = 2400 CPU s (40 min) of training,
-plus ~5 min of evaluation, uncertainty, import and start-ups. Wall time on a loaded 2-core machine
-is 1.5-3x the CPU time. ``small`` (32^3 at 10 mm, 1 + 1 epochs, U-Net 2) checks the pipeline in
-minutes; its results go to ``WORK/results`` unless ``--out`` is given, so they never overwrite the
-default budget's results in ``bench/results``.
+Budget at equal compute (``default``, 64^3 at 5 mm, ``configs/openkbp64.yaml``). CPU seconds of
+one optimiser step, batch 1, 1 torch thread, on the 2-core shared machine, measured by this
+script's step timing (``step_cpu_seconds`` in the results holds each run's own measurement): VAE
+1.89 s, diffusion 1.57 s, U-Net 2.15 s at a load average of ~3.5 (under a load average of 11-15 the
+same steps cost 3.2 / 2.1 / 3.1 CPU s: contention inflates CPU time too). Rules: (a) ADDiff-Dose
+spends ~80 % of its training CPU on the VAE (the study behind the redesign: the VAE bounds the
+model), ~20 % on the diffusion stage; (b) the U-Net's epochs cost about as much CPU as ADDiff-Dose's
+two stages together; (c) the whole run (two federations, three local trainings, pooled, every
+held-out evaluation with gamma, uncertainty) stays within ~55 CPU minutes on 1 thread. With 69
+training patients an epoch of a method is 69 steps; ADDiff-Dose is trained three times (federated,
+local = 3 x 23 cases, pooled) and the U-Net once, so training costs 69 x (3 x (V x 1.89 + D x 1.57)
++ U x 2.15) CPU s. The diffusion stage cannot go below 1 epoch, so D = 1 and V = 3 (5.67 s of VAE
+per case, 78 %; V = 2: 71 %, V = 4: 83 % but 53 CPU min in all, too close to (c)); the U-Net U = 3
+(6.45 s per case, 0.89x ADDiff-Dose's 7.24 s; U = 4: 1.19x). Planned: 69 x (3 x 7.24 + 6.45) =
+1944 CPU s (32 min) of training, plus ~10-12 min of imports, start-ups (Ray), data loading,
+evaluation with gamma, uncertainty and the step timing: ~45 CPU min. Wall time on the loaded
+2-core machine is 1.3-3x the CPU time, depending on the other jobs. ``small`` (32^3 at 10 mm,
+1 + 1 epochs, U-Net 2) checks the pipeline; its results go to ``WORK/results`` unless ``--out`` is
+given, so they never overwrite the default budget's results in ``bench/results``.
 
 Training and evaluation processes run with ``--threads`` torch threads (default 1: on a busy,
 shared 2-core machine one thread trained 2-4x faster than two). ``--render-only`` rewrites the
@@ -108,11 +109,11 @@ PUBLISHED = {"challenge winner (Babier et al. 2021)": (2.43, 1.48), "later work 
 # federated runs train 1 local epoch per round, so rounds = epochs and every method sees each
 # training case the same number of times per stage. Why these numbers: the module docstring.
 BUDGETS: dict[str, dict[str, Any]] = {
-    "default": {"grid": None, "sample_steps": None, "vae_epochs": 2, "diffusion_epochs": 1, "unet_epochs": 3,
+    "default": {"grid": None, "sample_steps": None, "vae_epochs": 3, "diffusion_epochs": 1, "unet_epochs": 3,
                 "local_epochs": 1, "batch_size": 1, "lr": 1e-3, "optimizer": "adamw", "gamma": True,
                 "uncertainty_samples": UNCERTAINTY_SAMPLES,
                 # what the epochs were set from (CPU s per optimiser step, batch 1, 1 thread, 64^3)
-                "set_from_step_cpu_seconds": {"vae": 3.2, "diffusion": 2.1, "unet": 3.1},
+                "set_from_step_cpu_seconds": {"vae": 1.89, "diffusion": 1.57, "unet": 2.15},
                 "rules": "VAE ~80 % / diffusion ~20 % of ADDiff-Dose's training CPU; U-Net epochs ~ ADDiff-Dose's two "
                          "stages in CPU; whole run <= ~55 CPU minutes on 1 thread"},
     "small": {"grid": {"size": 32, "spacing": [10.0, 10.0, 10.0]}, "sample_steps": None, "vae_epochs": 1,
@@ -344,6 +345,41 @@ def _self_cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
+CPU_SPENT: list[float] = []  # CPU seconds of every finished step (run_step, run_child_task) of this process
+
+
+def _proc_cpu(pid: int) -> tuple[int, float] | None:
+    """(parent pid, own user + system CPU seconds) of a live process, from /proc (None if gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return int(fields[1]), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def sample_tree_cpu(root: int, seen: dict[int, float]) -> None:
+    """Update ``seen`` (pid -> largest own CPU seconds observed) with every live process of the tree
+    below ``root`` (included). Summing ``seen`` counts processes that are never waited for by their
+    parent chain, such as the Ray workers of a federated simulation, which getrusage misses."""
+    if not Path("/proc").is_dir():
+        return
+    procs: dict[int, tuple[int, float]] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            info = _proc_cpu(int(d))
+            if info is not None:
+                procs[int(d)] = info
+    kids: dict[int, list[int]] = {}
+    for pid, (ppid, _) in procs.items():
+        kids.setdefault(ppid, []).append(pid)
+    stack = [root] + [pid for pid in seen if pid in procs]  # known pids too, also once orphaned
+    while stack:
+        pid = stack.pop()
+        if pid in procs:
+            seen[pid] = max(seen.get(pid, 0.0), procs[pid][1])
+        stack.extend(kids.get(pid, []))
+
+
 def thread_env(threads: int) -> dict[str, str]:
     """Environment of a child: ``threads`` torch/OpenMP/MKL/ITK threads, no Flower telemetry."""
     return {**os.environ, "PYTHONUNBUFFERED": "1", "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
@@ -377,13 +413,15 @@ def _stop_group(proc: subprocess.Popen) -> None:
 
 def run_step(cmd: list[str], log: Path, threads: int = 1, timeout: float | None = None) -> tuple[int, float, float]:
     """Run one addiff command with ``threads`` torch/OpenMP threads, output to ``log``;
-    (exit status, wall seconds, CPU seconds of the finished process tree: getrusage of the
-    children, which counts every descendant that was waited for). The command runs in a session
+    (exit status, wall seconds, CPU seconds of the process tree: the larger of getrusage of the
+    children, which counts every descendant that was waited for, and the sum of every descendant's
+    own CPU time sampled every 5 s from /proc, which also counts Ray's workers). The command runs in a session
     of its own; it is stopped (status 124) after ``timeout`` seconds, or ``HANG_GRACE_SECONDS``
     after its log shows a Ray crash (``RAY_CRASH_MARKERS``) if it has not exited by then."""
     log.parent.mkdir(parents=True, exist_ok=True)
     t, c = time.perf_counter(), _children_cpu()
     crashed_at = None
+    tree: dict[int, float] = {}
     with open(log, "w") as fh:
         fh.write("$ " + " ".join(cmd) + "\n\n")
         fh.flush()
@@ -392,9 +430,11 @@ def run_step(cmd: list[str], log: Path, threads: int = 1, timeout: float | None 
         while True:
             try:
                 rc = proc.wait(timeout=5.0)
+                sample_tree_cpu(proc.pid, tree)  # descendants that outlive it
                 break
             except subprocess.TimeoutExpired:
                 pass
+            sample_tree_cpu(proc.pid, tree)
             now = time.perf_counter()
             if crashed_at is None and any(m in log.read_text(errors="replace") for m in RAY_CRASH_MARKERS):
                 crashed_at = now
@@ -405,7 +445,9 @@ def run_step(cmd: list[str], log: Path, threads: int = 1, timeout: float | None 
                 fh.write(f"\n[openkbp_bench: stopped, {why}]\n")
                 rc = 124
                 break
-    return rc, time.perf_counter() - t, _children_cpu() - c
+    cpu = max(_children_cpu() - c, sum(tree.values()))  # the tree: processes getrusage never saw
+    CPU_SPENT.append(cpu)
+    return rc, time.perf_counter() - t, cpu
 
 
 def ray_start_failed(log: Path) -> bool:
@@ -433,6 +475,7 @@ def run_child_task(payload: dict, log: Path, timeout: float = 7200.0) -> tuple[d
                               env={**thread_env(int(payload.get("threads") or 1)), "PYTHONWARNINGS": "ignore"})
         fh.write(proc.stdout)
     wall, cpu = time.perf_counter() - t, _children_cpu() - c
+    CPU_SPENT.append(cpu)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_PREFIX)]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"child task {payload.get('task')} exited with status {proc.returncode}; log {log}\n"
@@ -615,6 +658,11 @@ def _fmt(v: Any, nd: int = 2) -> str:
     return f"{v:.{nd}f}" if isinstance(v, float) else str(v)
 
 
+def _g(v: Any) -> str:
+    """Three significant digits (small numbers such as a std of 1e-4 Gy stay readable)."""
+    return f"{v:.3g}" if isinstance(v, (int, float)) and math.isfinite(float(v)) else "n/a"
+
+
 def planned_cpu(budget: dict, step_cpu: Mapping[str, Any], n_train: int) -> dict | None:
     """Training CPU seconds a budget implies from measured step times: per ADDiff-Dose method
     (VAE, diffusion, shares), per U-Net run, and for the whole training (3 ADDiff-Dose methods +
@@ -677,7 +725,7 @@ def write_markdown(path: Path, res: dict) -> None:
               f"{m.get('torch_threads_per_step', 1)} torch thread per training/evaluation process; load average at "
               f"start {m.get('loadavg_start')} / end {res.get('loadavg_end')} (the machine was shared with other jobs, so "
               f"wall times are inflated and noisy; the metrics are not affected). Wall time {res['wall_seconds'] / 60:.1f} "
-              f"min" + (f"; CPU time {cpu_total / 60:.1f} min (this process and every finished child process)"
+              f"min" + (f"; CPU time {cpu_total / 60:.1f} min (this process and every step it ran)"
                         if cpu_total else "") + ".", ""]
     d = res["data"]
     lines += ["## Data and split", "",
@@ -783,7 +831,7 @@ def write_markdown(path: Path, res: dict) -> None:
         if unc.get("cases"):
             unc_lines.append(f"{METHOD_LABELS[mkey]}: Spearman {_fmt(unc.get('spearman_min'))} .. "
                              f"{_fmt(unc.get('spearman_max'))} over patients ({unc['n_defined']} of {unc['n']} defined), "
-                             f"mean std {_fmt(unc.get('mean_std_gy'))} Gy in the mask, dose score of the "
+                             f"mean std {_g(unc.get('mean_std_gy'))} Gy in the mask, dose score of the "
                              f"{unc['samples']}-sample mean {_fmt(unc.get('mean_prediction_dose_score'))} Gy")
     if unc_lines:
         lines += ["Uncertainty details: " + "; ".join(unc_lines) + ".", ""]
@@ -829,8 +877,9 @@ def write_markdown(path: Path, res: dict) -> None:
     lines += ["- Pooled training is evaluated with `addiff evaluate` per site on the same held-out patients; "
               "the federated runs evaluate the final global model at each site (numbers only); the uncertainty "
               "predictions (`addiff predict --samples` path) are separate runs on the same patients.",
-              "- CPU minutes per method count training, evaluation and uncertainty processes (getrusage of the "
-              "finished children; the federated runs' Ray workers are included where Ray reaped them).",
+              "- CPU minutes per method count its training, evaluation and uncertainty processes (the larger of "
+              "getrusage of the finished children and the process tree's own CPU times sampled every 5 s from "
+              "/proc, which also counts the federated runs' Ray workers).",
               f"- Run folders and logs: `{res['work']}`; `addiff report "
               f"{res['methods'].get('federated_addiff', {}).get('run_dir', 'RUN')}` shows the federated / local / "
               "pooled comparison (`comparison.json`).", ""]
@@ -969,7 +1018,7 @@ def main(argv: list[str] | None = None) -> int:
     out = (args.out or (DEFAULT_OUT if args.budget == "default" else work / "results")).resolve()
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    cpu0 = _self_cpu() + _children_cpu()
+    cpu0 = _self_cpu()
 
     # 1. the patients: the sample + the extra pool (unpacked once into WORK/extra)
     patients = find_patients(sample)
@@ -1069,7 +1118,7 @@ def main(argv: list[str] | None = None) -> int:
         res["complete"] = complete
         res["loadavg_end"] = loadavg()
         res["wall_seconds"] = time.perf_counter() - t0
-        res["cpu_seconds"] = {**res.get("cpu_seconds", {}), "total": _self_cpu() + _children_cpu() - cpu0}
+        res["cpu_seconds"] = {**res.get("cpu_seconds", {}), "total": _self_cpu() - cpu0 + sum(CPU_SPENT)}
         tmp = out / ".openkbp_bench.json.tmp"
         tmp.write_text(json.dumps(sanitize(res), indent=2) + "\n")
         tmp.replace(out / "openkbp_bench.json")

@@ -568,6 +568,12 @@ class Federation:
         seen = [str(r["site"]) for r in history if r.get("site")] + [str(e["site"]) for e in errors]
         names = list(dict.fromkeys(planned + [r["site"] for r in rows]
                                    + [x for x in seen if not (planned and x.startswith("node-"))]))
+        # a node known only by its id (a deployment: it failed before any reply named it) gets a
+        # row only while the named sites fall short of the expected number: a SuperNode that was
+        # restarted under a new node id has replied by its name, and its old id is not a site
+        named = [x for x in names if not x.startswith("node-")]
+        room = max(0, self._expected_sites(rows) - len(named))
+        names = named + [x for x in names if x.startswith("node-")][:room]
         trained: dict[str, set[int]] = {}
         for r in history:
             if r.get("kind") == "train":
