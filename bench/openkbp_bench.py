@@ -55,8 +55,10 @@ local = 3 x 23 cases, pooled) and the U-Net once, so training costs 69 x (3 x (V
 per case, 78 %; V = 2: 71 %, V = 4: 83 % but 53 CPU min in all, too close to (c)); the U-Net U = 3
 (6.45 s per case, 0.89x ADDiff-Dose's 7.24 s; U = 4: 1.19x). Planned: 69 x (3 x 7.24 + 6.45) =
 1944 CPU s (32 min) of training, plus ~10-12 min of imports, start-ups (Ray), data loading,
-evaluation with gamma, uncertainty and the step timing: ~45 CPU min. Wall time on the loaded
-2-core machine is 1.3-3x the CPU time, depending on the other jobs. ``small`` (32^3 at 10 mm,
+evaluation with gamma, uncertainty and the step timing: ~45 CPU min. Measured (step times 2.26 /
+1.83 / 2.47 s that day): 55.8 CPU min, of which 3-4 min per federated run went to Ray and the three
+site processes beyond their training steps; 69.6 min of wall time. Wall time on the loaded 2-core
+machine is 1.3-3x the CPU time, depending on the other jobs. ``small`` (32^3 at 10 mm,
 1 + 1 epochs, U-Net 2) checks the pipeline; its results go to ``WORK/results`` unless ``--out`` is
 given, so they never overwrite the default budget's results in ``bench/results``.
 
