@@ -26,15 +26,11 @@ import numpy as np
 import SimpleITK as sitk
 import yaml
 
-TUMOUR_SITES = ("head_neck", "lung", "prostate")
-TECHNIQUES = ("IMRT", "VMAT")
+# The tumour sites, techniques and canonical OAR names (the order of the model's OAR channels;
+# other structures are kept on disk but not fed to the model) are the case format's vocabulary
+# and the model's: defined once in contract.py, re-exported here.
+from .contract import B_MAX, OAR_NAMES, TECHNIQUES, TUMOUR_SITES  # noqa: F401
 
-# Canonical OAR names: the order of the model's OAR channels. Other structures are kept on disk
-# but not fed to the model.
-OAR_NAMES = (
-    "Brainstem", "SpinalCord", "LeftParotid", "RightParotid", "Esophagus", "Larynx", "Mandible",
-    "LeftLung", "RightLung", "Heart", "Rectum", "Bladder", "LeftFemoralHead", "RightFemoralHead",
-)
 BODY_NAME = "Body"
 
 
@@ -115,7 +111,7 @@ class Plan:
 
 MAX_ENERGY_MV = 25.0  # clinical photon beams: 4-25 MV
 MAX_FRACTIONS = 100
-MAX_BEAMS = 72  # model's B_MAX (control points) and far above any plan's field count
+MAX_BEAMS = B_MAX  # the model's beam rows (control points), far above any plan's field count
 
 
 def _short(v: Any, n: int = 60) -> str:
@@ -222,12 +218,16 @@ def write_plan(case_dir: str | Path, plan: Plan) -> None:
 # --------------------------------------------------------------------------------------------
 # images
 # --------------------------------------------------------------------------------------------
-def read_image(case_dir: str | Path, rel: str) -> sitk.Image:
+def read_image(case_dir: str | Path, rel: str, images: Mapping[str, sitk.Image] | None = None) -> sitk.Image:
+    """``case_dir/rel``; ``images``: images already read (``checks.check_case``) are taken from it
+    (after the same path checks) instead of being read again."""
     path = Path(case_dir) / rel
     if path.exists() and Path(case_dir).resolve() not in path.resolve().parents:
         raise CaseError(case_dir, rel, "is a symbolic link to a file outside the case folder; not read")
     if not path.is_file():
         raise CaseError(case_dir, rel, "missing")
+    if images is not None and rel in images:
+        return images[rel]
     try:
         return sitk.ReadImage(str(path))
     except RuntimeError as e:
@@ -295,20 +295,22 @@ class Case:
         return sx * sy * sz / 1000.0
 
 
-def load_case(case_dir: str | Path, require_dose: bool = False) -> Case:
+def load_case(case_dir: str | Path, require_dose: bool = False,
+              images: Mapping[str, sitk.Image] | None = None) -> Case:
     """Read a case folder. Raises CaseError (case, file, problem) on the first problem found.
 
     Full validation with every problem listed lives in ``addiff_core.checks``; this only checks
     what the loader needs (readable files, same grid, masks named by the plan exist).
+    ``images``: what ``checks.check_case`` read (relative path -> image), not read again.
     """
     case_dir = Path(case_dir)
     if not case_dir.is_dir():
         raise CaseError(case_dir, ".", "case folder not found")
     plan = read_plan(case_dir)
-    ct = read_image(case_dir, "ct.nii.gz")
+    ct = read_image(case_dir, "ct.nii.gz", images)
     masks = {}
     for name, p in list_masks(case_dir).items():
-        img = read_image(case_dir, f"masks/{p.name}")
+        img = read_image(case_dir, f"masks/{p.name}", images)
         if not same_grid(img, ct):
             raise CaseError(case_dir, f"masks/{p.name}", "not on the CT grid (size/spacing/origin/direction differ)")
         masks[name] = img
@@ -317,14 +319,14 @@ def load_case(case_dir: str | Path, require_dose: bool = False) -> Case:
             raise CaseError(case_dir, "plan.yaml", f"names target {t} but masks/{t}.nii.gz is missing")
     dose = None
     if (case_dir / "dose.nii.gz").exists():
-        dose = read_image(case_dir, "dose.nii.gz")
+        dose = read_image(case_dir, "dose.nii.gz", images)
         if not same_grid(dose, ct):
             raise CaseError(case_dir, "dose.nii.gz", "not on the CT grid (size/spacing/origin/direction differ)")
     elif require_dose:
         raise CaseError(case_dir, "dose.nii.gz", "missing (a reference dose is needed for training/evaluation)")
     pdm = None
     if (case_dir / "possible_dose_mask.nii.gz").exists():
-        pdm = read_image(case_dir, "possible_dose_mask.nii.gz")
+        pdm = read_image(case_dir, "possible_dose_mask.nii.gz", images)
         if not same_grid(pdm, ct):
             raise CaseError(case_dir, "possible_dose_mask.nii.gz", "not on the CT grid")
     return Case(case_id=case_dir.name, path=case_dir, ct=ct, plan=plan, masks=masks, dose=dose, possible_dose_mask=pdm)

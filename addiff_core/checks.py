@@ -185,11 +185,12 @@ def _canonical_twin(name: str) -> str | None:
 class _Checker:
     """Collects the problems of one case folder."""
 
-    def __init__(self, case_dir: Path):
+    def __init__(self, case_dir: Path, images: dict[str, sitk.Image] | None = None):
         self.dir = case_dir
         self.case = str(case_dir)
         self.problems: list[Problem] = []
         self.nonfinite: dict[str, int] = {}  # rel -> NaN/inf voxels stored in the file
+        self.images = images  # rel -> every image read (for a loader that need not read it again)
 
     def add(self, file: str, message: str) -> None:
         self.problems.append(Problem(self.case, file, message))
@@ -235,7 +236,7 @@ class _Checker:
         if img.GetNumberOfComponentsPerPixel() != 1:
             self.add(rel, f"must be a scalar image, got {img.GetNumberOfComponentsPerPixel()} components per voxel")
             return None
-        return img
+        return img if self.images is None else self.images.setdefault(rel, img)  # kept for the loader
 
     def _report_nonfinite(self, rel: str, finite: np.ndarray) -> bool:
         """Report NaN/inf voxels (counted in the raw file: SimpleITK reads them as 0).
@@ -447,10 +448,11 @@ class _Checker:
 # --------------------------------------------------------------------------------------------
 # API
 # --------------------------------------------------------------------------------------------
-def check_case(case_dir: str | Path) -> list[Problem]:
+def check_case(case_dir: str | Path, images: dict[str, sitk.Image] | None = None) -> list[Problem]:
     """Every problem of one case folder (an empty list for a good case). Never raises for bad
-    data: an unexpected error while checking is itself reported as a Problem."""
-    checker = _Checker(Path(case_dir))
+    data: an unexpected error while checking is itself reported as a Problem. ``images`` (if given)
+    receives the images read, so that ``case_io.load_case(..., images=)`` does not read them again."""
+    checker = _Checker(Path(case_dir), images)
     try:
         return checker.run()
     except Exception as e:  # noqa: BLE001 - a checker must not crash on bad input

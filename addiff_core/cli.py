@@ -2,8 +2,10 @@
 
 Every subcommand turns bad input into one clear line on stderr and exit status 2 (no
 traceback); ``ADDIFF_DEBUG=1`` shows the traceback. Federation commands (``simulate``,
-``server``, ``client``, ``certs``) are registered by the thin Flower glue in ``server/`` and
-``client/``, imported only when the command line is built.
+``server``, ``client``, ``certs``) come from the Flower glue, registered through the
+``addiff.commands`` entry points of pyproject.toml (:data:`COMMAND_GROUP`): this module never
+imports ``server/`` or ``client/``, and a glue module that fails to import is an error, not a
+missing command.
 """
 from __future__ import annotations
 
@@ -12,17 +14,20 @@ import json
 import logging
 import os
 import sys
+from importlib.metadata import entry_points
 from pathlib import Path
 
 from .case_io import CaseError
 from .checkpoint import CheckpointError
 from .config import ConfigError
+from .errors import UserError
 
 USER_ERRORS = (ConfigError, CaseError, CheckpointError, OSError)  # OSError: also ENOSPC, EROFS
+COMMAND_GROUP = "addiff.commands"  # entry points: a callable that adds subcommands to the parser
 
 
-class UserError(Exception):
-    """Raised by a command for a problem the user must fix; printed as one line."""
+class CommandsUnavailable(RuntimeError):
+    """A registered command module (entry point of :data:`COMMAND_GROUP`) failed to load."""
 
 
 # ------------------------------------------------------------------------------------------
@@ -122,17 +127,32 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from .local import predict_case
+    from .predict import case_dirs_under, is_case_dir, predict_case, predict_folder
 
-    out = predict_case(Path(args.checkpoint), Path(args.case), Path(args.out), samples=args.samples,
-                       steps=args.steps, seed=args.seed, device=args.device, overwrite=args.overwrite,
-                       rtdose=args.rtdose)
-    for k, v in out.items():
-        print(f"{k}: {v}")
-    return 0
+    folder = Path(args.case)
+    if is_case_dir(folder) or not folder.is_dir() or not case_dirs_under(folder):  # one case (checked as such)
+        out = predict_case(Path(args.checkpoint), Path(args.case), Path(args.out), samples=args.samples,
+                           steps=args.steps, seed=args.seed, device=args.device, overwrite=args.overwrite,
+                           rtdose=args.rtdose)
+        for k, v in out.items():
+            print(f"{k}: {v}")
+        return 0
+
+    def progress(name, pred, error) -> None:  # one line per case: a folder of cases can take minutes
+        if error:
+            print(f"{name}: FAILED: {error}", flush=True)
+        else:
+            print(f"{name}: {pred.total_seconds:.2f} s -> {Path(pred.written['dose']).parent}", flush=True)
+
+    done, failed = predict_folder(Path(args.checkpoint), Path(args.case), Path(args.out), samples=args.samples,
+                                  steps=args.steps, seed=args.seed, device=args.device, overwrite=args.overwrite,
+                                  rtdose=args.rtdose, on_case=progress)
+    print(f"predicted {len(done)} case(s) into {args.out}" + (f"; {len(failed)} failed" if failed else ""))
+    return 1 if failed else 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .formats import json_safe
     from .local import evaluate_checkpoint
 
     if args.out:
@@ -142,39 +162,25 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     res = evaluate_checkpoint(Path(args.checkpoint), Path(args.site), steps=args.steps, seed=args.seed)
     if not res.get("num_cases"):
         raise UserError(f"{args.site}: no usable held-out case to evaluate on (heldout: in the site file)")
-    print(json.dumps(_json_safe(res["mean"]), indent=2))
+    print(json.dumps(json_safe(res["mean"]), indent=2))
     if args.out:
         try:
-            Path(args.out).write_text(json.dumps(_json_safe(res), indent=2, allow_nan=False))
+            Path(args.out).write_text(json.dumps(json_safe(res), indent=2, allow_nan=False))
         except OSError as e:
             raise UserError(f"{args.out}: cannot write ({e.strerror}); the results are printed above") from None
         print(f"written: {args.out}")
     return 0
 
 
-def _json_safe(obj):
-    """NaN/inf -> null (JSON has no NaN)."""
-    import math
-
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
-
-
 def cmd_report(args: argparse.Namespace) -> int:
     from .report import write_report
+    from .run_folder import MARKERS, RunFolder
 
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
         raise UserError(f"{run_dir}: no such run folder")
-    markers = ("run.json", "metrics.jsonl", "final_metrics.json", "final_metrics.csv", "final_model.pt",
-               "metrics.json", "model.pt")
-    if not any((run_dir / m).exists() for m in markers):
-        raise UserError(f"{run_dir}: not a run folder (none of {', '.join(markers)})")
+    if not RunFolder(run_dir).looks_like_run():
+        raise UserError(f"{run_dir}: not a run folder (none of {', '.join(MARKERS)})")
     for f in args.site or []:
         if not Path(f).is_file():
             raise UserError(f"{f}: site file not found")
@@ -189,7 +195,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="addiff", description="addiff-fl: federated ADDiff-Dose dose prediction")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_data_commands(sub)
+    _add_train_command(sub)
+    _add_predict_command(sub)
+    _add_evaluate_command(sub)
+    _add_report_command(sub)
+    add_registered_commands(sub)
+    return p
 
+
+def _add_data_commands(sub) -> None:
     data = sub.add_parser("data", help="make, import and check case data")
     dsub = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
     s = dsub.add_parser("synth", help="write non-IID synthetic hospitals (phantoms + beam-model dose) and site files")
@@ -223,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("dir")
     s.set_defaults(func=cmd_data_check)
 
+
+def _add_train_command(sub) -> None:
     s = sub.add_parser("train", help="train on one site's cases (no federation) and evaluate on its held-out cohort")
     s.add_argument("--site", required=True, help="site file (sites/NAME.yaml)")
     s.add_argument("--out", required=True, help="run folder for checkpoint and metrics")
@@ -235,9 +252,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true", help="replace the model.pt of an earlier run in --out")
     s.set_defaults(func=cmd_train)
 
-    s = sub.add_parser("predict", help="predict the dose of one case (Gy, on its CT grid) with DVH table")
+
+def _add_predict_command(sub) -> None:
+    s = sub.add_parser("predict", help="predict the dose of one case or a folder of cases (Gy, on the CT grid) with DVH tables")
     s.add_argument("--checkpoint", required=True)
-    s.add_argument("--case", required=True, help="case folder (a reference dose is not needed)")
+    s.add_argument("--case", required=True, help="case folder (a reference dose is not needed), or a folder of case "
+                                                 "folders: each goes to OUT/<case>/, the model loaded once")
     s.add_argument("--out", required=True)
     s.add_argument("--samples", type=int, default=1, help="several samples: mean dose + uncertainty map")
     s.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the model config's)")
@@ -248,6 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "on the case's frame of reference")
     s.set_defaults(func=cmd_predict)
 
+
+def _add_evaluate_command(sub) -> None:
     s = sub.add_parser("evaluate", help="metrics of a checkpoint on a site's held-out cohort")
     s.add_argument("--checkpoint", required=True)
     s.add_argument("--site", required=True)
@@ -257,6 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     s.set_defaults(func=cmd_evaluate)
 
+
+def _add_report_command(sub) -> None:
     s = sub.add_parser("report", help="write RUN_DIR/report/report.md (+ .html, figures) for a run folder",
                        description="Run summary, training curves, the per-site held-out table, a comparison "
                                    "(RUN_DIR/comparison.json) and, for sites whose data is reachable here, dose "
@@ -269,21 +293,33 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-figures", action="store_true", help="Markdown/HTML only, no PNG figures")
     s.set_defaults(func=cmd_report)
 
-    try:
-        from server.commands import register as register_server
-        from client.commands import register as register_client
-    except ImportError as e:  # pragma: no cover - only when the glue is broken
-        if os.environ.get("ADDIFF_DEBUG"):
-            raise
-        logging.getLogger(__name__).debug("federation commands unavailable: %s", e)
-    else:
-        register_server(sub)
-        register_client(sub)
-    return p
+
+def add_registered_commands(sub) -> None:
+    """Let every entry point of :data:`COMMAND_GROUP` add its subcommands (the federation
+    commands of ``server/`` and ``client/``, declared in pyproject.toml). One that fails to load
+    raises :class:`CommandsUnavailable` naming it: a broken glue module must not turn into
+    "invalid choice: simulate"."""
+    seen: set[tuple[str, str]] = set()
+    for ep in sorted(entry_points(group=COMMAND_GROUP), key=lambda e: e.name):
+        if (ep.name, ep.value) in seen:  # the same distribution found twice on sys.path
+            continue
+        seen.add((ep.name, ep.value))
+        try:
+            register = ep.load()
+        except Exception as e:  # noqa: BLE001 - re-raised with the entry point named
+            raise CommandsUnavailable(f"the {ep.name!r} commands ({ep.value}) cannot be loaded: "
+                                      f"{type(e).__name__}: {e}") from e
+        register(sub)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    try:
+        parser = build_parser()
+    except CommandsUnavailable as e:
+        if os.environ.get("ADDIFF_DEBUG"):
+            raise
+        print(f"addiff: error: {e} (ADDIFF_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return 1
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -292,21 +328,21 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, *USER_ERRORS) as e:
         if os.environ.get("ADDIFF_DEBUG"):
             raise
-        msg = str(e)
-        if isinstance(e, OSError) and getattr(e, "filename", None):
-            msg = f"{e.filename}: {e.strerror}"
-        elif isinstance(e, OSError):
-            msg = e.strerror or type(e).__name__
-        print(f"addiff: error: {msg}", file=sys.stderr)
+        print(f"addiff: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("addiff: interrupted", file=sys.stderr)
         return 130
 
 
-if __name__ == "__main__":
-    # run the main() of the importable module: under ``python -m`` this file is also loaded as
-    # __main__, and an error class defined here would be a second class the commands never raise
-    from addiff_core.cli import main as _main
+def _one_line(e: BaseException) -> str:
+    """The message of a user error; an OSError as ``FILE: reason``."""
+    if isinstance(e, OSError) and getattr(e, "filename", None):
+        return f"{e.filename}: {e.strerror}"
+    if isinstance(e, OSError):
+        return e.strerror or type(e).__name__
+    return str(e)
 
-    sys.exit(_main())
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -267,10 +267,11 @@ class PrivacyConfig:
     max_grad_norm: float = 1.0
     noise_multiplier: float | None = None  # used instead of target_epsilon when set
     accountant: str = "rdp"  # rdp | prv
-    # how Opacus computes per-sample gradients: functorch (torch.func.vmap, default: ~5x faster
-    # than hooks for our 3D convolutions on a CPU), hooks (Opacus' per-layer grad samplers); Opacus'
-    # "ew" (expanded weights) leaves some of our parameters without per-sample gradients
-    grad_sample_mode: str = "functorch"
+    # how per-sample gradients are computed: microbatch (default: one backward pass per sample,
+    # privacy.per_sample_backward; with models.cpu_conv 1.4-2.3x a plain step on a 2-core CPU, vs
+    # 2.0-3.0x for functorch: bench/results/dp_step_time), functorch (Opacus, torch.func.vmap),
+    # hooks (Opacus' per-layer grad samplers); Opacus' "ew" leaves some parameters without them
+    grad_sample_mode: str = "microbatch"
 
 
 @dataclass(frozen=True)
@@ -284,6 +285,8 @@ class SiteConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    # SHA-256 of the app bundles (Flower FABs) `addiff client start` lets run here; None: any
+    approved_bundles: tuple[str, ...] | None = None
 
 
 def _resolve(base: Path, value: str) -> Path:
@@ -343,14 +346,22 @@ def site_config_from_dict(data: Any, source: str | Path, base_dir: Path | None =
         max_grad_norm=p.number("max_grad_norm", dp.max_grad_norm, minimum=0, exclusive_min=True),
         noise_multiplier=p.number("noise_multiplier", None, minimum=0, exclusive_min=True),
         accountant=p.string("accountant", dp.accountant, choices=("rdp", "prv")),
-        grad_sample_mode=p.string("grad_sample_mode", dp.grad_sample_mode, choices=("functorch", "hooks")),
+        grad_sample_mode=p.string("grad_sample_mode", dp.grad_sample_mode, choices=("microbatch", "functorch", "hooks")),
     )
     p.finish()
 
     model = _model_config(f.sub("model"))
+    bundles = f.get("approved_bundles", None)
+    if bundles is not None:
+        if not isinstance(bundles, list) or not bundles or not all(
+                isinstance(b, str) and re.fullmatch(r"[0-9a-fA-F]{64}", b.strip()) for b in bundles):
+            raise f.fail("approved_bundles", "must be a non-empty list of SHA-256 hashes, 64 hex digits each, quoted "
+                                             "(addiff client bundle-hash BUNDLE); remove the key to accept any bundle")
+        bundles = tuple(dict.fromkeys(b.strip().lower() for b in bundles))
     f.finish()
     return SiteConfig(name=name, data_dir=data_dir, state_dir=state_dir, source=Path(source),
-                      heldout=heldout, device=device, training=training, privacy=privacy, model=model)
+                      heldout=heldout, device=device, training=training, privacy=privacy, model=model,
+                      approved_bundles=bundles)
 
 
 def load_yaml(path: str | Path) -> Any:

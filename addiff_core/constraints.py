@@ -6,10 +6,10 @@ A :class:`Constraint` is one line of a planning protocol. Kinds (as in docs/ARCH
 * ``Dmean``: mean dose in the structure ``<= threshold_gy``.
 * ``Vx``: fraction of the structure receiving ``>= threshold_gy`` must be ``<= limit`` (0..1).
 * ``Dmin_pct``: dose received by ``limit`` fraction of the structure (D95: ``limit`` 0.95) must be
-  ``>= threshold_gy``; evaluated with :func:`addiff_core.metrics.dose_at_volume_pct`, i.e. the
+  ``>= threshold_gy``; evaluated with :func:`addiff_core.dvh.dose_at_volume_pct`, i.e. the
   ``100 * (1 - limit)``-th percentile of the structure's voxel doses (linear interpolation).
 
-Structure names are the canonical :data:`addiff_core.case_io.OAR_NAMES`, or :data:`TARGET`
+Structure names are the canonical :data:`addiff_core.contract.OAR_NAMES`, or :data:`TARGET`
 (``"__target__"``) for the highest-prescription target of the plan.
 
 Default values follow published guidance: QUANTEC (Marks et al., IJROBP 2010) and RTOG head and
@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 
-from addiff_core.case_io import OAR_NAMES, TUMOUR_SITES
-from addiff_core.metrics import dmax, dmean, dose_at_volume_pct, v_x
+from .contract import C_MAX, CONSTRAINT_KINDS, OAR_NAMES, TUMOUR_SITES
+from .dvh import dmax, dmean, dose_at_volume_pct, v_x
 
 if TYPE_CHECKING:  # pragma: no cover
     from addiff_core.case_io import Plan
@@ -34,8 +34,6 @@ if TYPE_CHECKING:  # pragma: no cover
 TARGET = "__target__"
 """Structure name standing for the plan's highest-prescription target."""
 
-KINDS = ("Dmax", "Dmean", "Vx", "Dmin_pct")
-MAX_CONSTRAINTS = 16  # C_MAX rows of the model's constraint tensor
 TOLERANCE_GY = 1e-6   # slack on dose comparisons (floating-point round-off, e.g. 0.95 * 70)
 TOLERANCE_FRACTION = 1e-9
 
@@ -61,8 +59,8 @@ class Constraint:
     label: str = ""
 
     def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"constraint kind must be one of {', '.join(KINDS)}; got {self.kind!r}")
+        if self.kind not in CONSTRAINT_KINDS:
+            raise ValueError(f"constraint kind must be one of {', '.join(CONSTRAINT_KINDS)}; got {self.kind!r}")
         if not (isinstance(self.threshold_gy, numbers.Real) and not isinstance(self.threshold_gy, bool)
                 and math.isfinite(self.threshold_gy)
                 and self.threshold_gy >= 0):
@@ -199,6 +197,31 @@ def _parse_key(key: Any, plan: Plan) -> tuple[str, str, float | None]:
     return struct, kind, num
 
 
+def _override(key: Any, value: Any, plan: Plan) -> tuple[str, Constraint | None]:
+    """One override of plan.yaml -> (the :attr:`Constraint.key` it matches, the constraint, or
+    None for ``null``: remove the default)."""
+    struct, kind, num = _parse_key(key, plan)
+    if kind == "Vx":
+        c_key = f"{struct} V{num:g}"
+    elif kind == "Dmin_pct":
+        c_key = f"{struct} D{num:g}"
+    else:
+        c_key = f"{struct} {kind}"
+    if value is None:
+        return c_key, None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
+        raise ValueError(f"plan constraints: {key!r}: value must be a number, got {value!r}")
+    v = float(value)
+    if kind == "Vx":
+        if not 0.0 < v <= 1.0:
+            raise ValueError(f"plan constraints: {key!r}: value is the allowed volume fraction in (0, 1] "
+                             f"(0.3 for 30%), got {value!r}")
+        return c_key, Constraint(struct, "Vx", float(num), v)
+    if not 0.0 < v <= 150.0:
+        raise ValueError(f"plan constraints: {key!r}: value must be a dose in Gy in (0, 150], got {value!r}")
+    return c_key, Constraint(struct, kind, v, num / 100.0 if kind == "Dmin_pct" else 0.0)
+
+
 def constraints_for_plan(plan: Plan) -> list[Constraint]:
     """The site's :func:`default_constraints` with the plan's overrides applied.
 
@@ -217,7 +240,7 @@ def constraints_for_plan(plan: Plan) -> list[Constraint]:
     otherwise a new constraint is appended. The default keys are
     ``[c.key for c in default_constraints(site, prescriptions)]``; note that prostate V_x keys
     carry the Rx-scaled dose (``Rectum V53.8`` for a 60 Gy prescription). Raises ValueError with the offending key on a bad
-    key or value, or when the result would exceed 16 constraints.
+    key or value, or when the result would exceed C_MAX (16) constraints.
     """
     cs = default_constraints(plan.tumour_site, plan.prescriptions)
     overrides = plan.constraints or {}
@@ -226,39 +249,20 @@ def constraints_for_plan(plan: Plan) -> list[Constraint]:
     by_key = {c.key: i for i, c in enumerate(cs)}
     out: list[Constraint | None] = list(cs)
     for key, value in overrides.items():
-        struct, kind, num = _parse_key(key, plan)
-        if kind == "Vx":
-            c_key = f"{struct} V{num:g}"
-        elif kind == "Dmin_pct":
-            c_key = f"{struct} D{num:g}"
-        else:
-            c_key = f"{struct} {kind}"
-        if value is None:
+        c_key, new = _override(key, value, plan)
+        if new is None:
             if c_key not in by_key:
                 raise ValueError(f"plan constraints: {key!r}: null removes a default constraint, but there is none "
                                  f"with that key (defaults: {', '.join(c.key for c in cs)})")
             out[by_key[c_key]] = None
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
-            raise ValueError(f"plan constraints: {key!r}: value must be a number, got {value!r}")
-        v = float(value)
-        if kind == "Vx":
-            if not 0.0 < v <= 1.0:
-                raise ValueError(f"plan constraints: {key!r}: value is the allowed volume fraction in (0, 1] "
-                                 f"(0.3 for 30%), got {value!r}")
-            new = Constraint(struct, "Vx", float(num), v)
-        else:
-            if not 0.0 < v <= 150.0:
-                raise ValueError(f"plan constraints: {key!r}: value must be a dose in Gy in (0, 150], got {value!r}")
-            new = Constraint(struct, kind, v, num / 100.0 if kind == "Dmin_pct" else 0.0)
-        if c_key in by_key:
+        elif c_key in by_key:
             out[by_key[c_key]] = new
         else:
             by_key[c_key] = len(out)
             out.append(new)
     result = [c for c in out if c is not None]
-    if len(result) > MAX_CONSTRAINTS:
-        raise ValueError(f"plan constraints: {len(result)} constraints after overrides; at most {MAX_CONSTRAINTS} are supported")
+    if len(result) > C_MAX:
+        raise ValueError(f"plan constraints: {len(result)} constraints after overrides; at most {C_MAX} are supported")
     return result
 
 

@@ -73,12 +73,13 @@ def load_samples(case_dirs: list[Path], grid: GridConfig, require_dose: bool = T
                  skipped: dict[str, str] | None = None) -> SampleDataset:
     samples, specs, ids, dirs = [], [], [], []
     for d in case_dirs:
-        problems = [p for p in check_case(d) if require_dose or p.file != "dose.nii.gz"]
+        images: dict = {}  # what the check reads, the loader takes instead of reading it again
+        problems = [p for p in check_case(d, images) if require_dose or p.file != "dose.nii.gz"]
         try:
             if problems:
                 raise CaseError(d, problems[0].file, problems[0].message
                                 + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""))
-            case = load_case(d, require_dose=require_dose)
+            case = load_case(d, require_dose=require_dose, images=images)
             sample, spec = case_to_sample(case, grid)
         except CaseError as e:
             if skipped is None:

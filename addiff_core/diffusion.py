@@ -33,10 +33,6 @@ def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "_module", model)
 
 
-def batch_to(batch: dict, device: torch.device | str) -> dict:
-    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
-
-
 def _device(model: nn.Module) -> torch.device:
     return next(unwrap(model).parameters()).device
 
@@ -203,8 +199,8 @@ def diffusion_loss(model: nn.Module, batch: dict, cfg: ModelConfig,
         noise = torch.randn(z0.shape, generator=generator, device=gdev, dtype=z0.dtype).to(dev)
     else:
         noise = noise.to(device=dev, dtype=z0.dtype)
+    z_t = sched.add_noise(z0, noise, t)  # sqrt(a) z0 + sqrt(1 - a) noise
     a = sched.alphas_cumprod.to(device=dev, dtype=z0.dtype)[t].reshape(n, *([1] * (z0.ndim - 1)))
-    z_t = a.sqrt() * z0 + (1 - a).sqrt() * noise
 
     spatial, context = m.diffusion.cond(batch)
     out = m.diffusion.denoiser(z_t, t, spatial, context)
@@ -271,7 +267,7 @@ def sample(model: nn.Module, batch: dict, cfg: ModelConfig, steps: int | None = 
 
 
 # ------------------------------------------------------------------------------------------
-# U-Net baseline and a common predict
+# U-Net baseline (one prediction for either kind: training.predict_normalised)
 # ------------------------------------------------------------------------------------------
 def unet_loss(model: nn.Module, batch: dict, cfg: ModelConfig | None = None) -> tuple[torch.Tensor, dict]:
     """Masked L1 over ``body`` (per sample) + cfg.unet_constraint_weight * constraint hinge."""
@@ -285,14 +281,3 @@ def unet_loss(model: nn.Module, batch: dict, cfg: ModelConfig | None = None) -> 
     parts = {"loss": float(loss.detach()), "l1": float(_batch_mean(has * l1).detach()),
              "constraint": float(_batch_mean(has * hinge).detach())}
     return loss, parts
-
-
-@torch.no_grad()
-def predict(model: nn.Module, batch: dict, cfg: ModelConfig, steps: int | None = None, seed: int = 0,
-            num_samples: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Normalised dose (N,1,S,S,S) >= 0 for either model kind (U-Net: std is None)."""
-    m = unwrap(model)
-    if hasattr(m, "diffusion"):
-        return sample(m, batch, cfg, steps=steps, seed=seed, num_samples=num_samples)
-    region = batch["body"].float() if "body" in batch else 1.0
-    return m(batch).clamp_min(0) * region, None

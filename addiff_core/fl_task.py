@@ -168,6 +168,7 @@ class SiteTask:
                     m = train_stage_epoch(
                         stage, self.model, loader, optimizer, self.cfg, self.device, generator=gen,
                         grad_clip=tcfg.grad_clip, prox=prox, progress=self.progress,
+                        per_sample_grads=dp is not None and dp.per_sample_backward,
                         desc=f"{self.site.name} {stage} r{server_round} e{e + 1}/{epochs}")
                     history.append(m)
                     left = (epochs - e - 1) * sum(h["seconds"] for h in history) / len(history)

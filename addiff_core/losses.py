@@ -13,10 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# constraint kinds: order of the one-hot in batch["constraints"][..., :4]
-DMAX, DMEAN, VX, DMIN_PCT = 0, 1, 2, 3
-CONSTRAINT_KINDS = ("Dmax", "Dmean", "Vx", "Dmin_pct")
-TARGET_STRUCT = 14  # constraint_struct value meaning target_primary (= len(OAR_NAMES))
+from .contract import CONSTRAINT_KINDS, DMAX, DMEAN, DMIN_PCT, TARGET_STRUCT, VX
+
 _BIG = 1e4
 
 
@@ -54,7 +52,8 @@ def masked_l1(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
 
 
 def _structure_masks(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, 15, V) bool masks [oars(14), target_primary] and (N, 15) bool presence."""
+    """(N, N_CONSTRAINT_STRUCTS, V) bool masks [oars (N_OARS), target_primary] and (N, N_CONSTRAINT_STRUCTS)
+    bool presence, indexed like ``constraint_struct``."""
     oars = batch["oars"].flatten(2) > 0.5
     tp = batch["target_primary"].flatten(2) > 0.5
     masks = torch.cat([oars, tp], dim=1)
@@ -107,9 +106,10 @@ def constraint_hinge(dose_norm: torch.Tensor, batch: dict, reduction: str = "mea
         return zero if reduction == "mean" else per_sample
 
     ni, ci = active.nonzero(as_tuple=True)
-    cons = batch["constraints"].to(dose_norm.dtype)[ni, ci]  # (P, 6)
-    kind = cons[:, :4].argmax(1)
-    thr, lim = cons[:, 4], cons[:, 5]
+    cons = batch["constraints"].to(dose_norm.dtype)[ni, ci]  # (P, CONSTRAINT_FEATURES)
+    nk = len(CONSTRAINT_KINDS)
+    kind = cons[:, :nk].argmax(1)
+    thr, lim = cons[:, nk], cons[:, nk + 1]
     d_all = dose_norm.flatten(1)[ni]  # (P, V)
     m_all = masks[ni, struct[ni, ci]]  # (P, V)
     nvox = m_all.sum(1).to(dose_norm.dtype)

@@ -5,14 +5,9 @@ Conventions used throughout
 * Arrays are numpy in SimpleITK order ``(z, y, x)``; ``spacing`` is SimpleITK order ``(x, y, z)``
   in mm (so ``spacing[::-1]`` matches the array axes). Doses are in Gy, masks are boolean (any
   array is cast with ``!= 0``).
-* ``D_x`` (``dose_at_volume_pct``) is the dose received by at least ``x`` % of a structure: the
-  ``(100 - x)``-th percentile of the structure's voxel doses, ``numpy.percentile`` with its default
-  linear interpolation. D95 is the 5th percentile, D2 the 98th. This is the OpenKBP convention.
-* ``D_0.1cc``: the percentile ``100 - n / N * 100`` where ``n = max(1, round(0.1 cc / voxel
-  volume))`` and ``N`` is the number of structure voxels (OpenKBP's definition; clipped at 0 when
-  the structure is smaller than 0.1 cc).
-* ``V_x`` is a *fraction* (0..1) of the structure receiving ``>= x`` Gy.
-* DVH functions return ``nan`` for an empty structure instead of raising.
+* The dose-volume primitives (``D_x``, ``D_0.1cc``, ``Dmax``, ``Dmean``, ``V_x`` as a fraction,
+  DVH points and curves; ``nan`` for an empty structure) live in :mod:`addiff_core.dvh` with
+  their conventions (OpenKBP's), and are re-exported here.
 * The gamma pass rate is a *percentage* (0..100); every other ratio here is a fraction. Gamma
   lives in :mod:`addiff_core.gamma` (re-exported here).
 * OpenKBP scores follow the official evaluation code: :func:`openkbp_dose_score` (per patient)
@@ -26,6 +21,11 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from .constraints import TARGET, constraints_for_plan, evaluate_constraint
+from .contract import MIN_STRUCTURE_VOXELS
+from .dvh import (  # noqa: F401  (dose_at_volume_pct, v_x, dmean, dvh_*: re-exported, metrics.dvh_points etc.)
+    DVH_PERCENT_POINTS, as_mask, d_cc, dmax, dmean, dose_at_volume_pct, dvh_curve, dvh_points, structure_doses, v_x,
+)
 from .gamma import gamma_index, gamma_pass_rate  # noqa: F401  (re-exported: metrics.gamma_*)
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -34,14 +34,8 @@ if TYPE_CHECKING:  # pragma: no cover
 ISODOSE_LEVELS: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 """Default isodose levels for Dice, as fractions of the (highest) prescription."""
 
-DVH_PERCENT_POINTS: tuple[int, ...] = (99, 98, 95, 50, 2, 1)
-"""The ``D_x`` points reported by :func:`dvh_points`."""
-
 OPENKBP_TARGET_POINTS: tuple[int, ...] = (99, 95, 1)
 """OpenKBP DVH-score points for targets (``D99``, ``D95``, ``D1``); OARs use D_0.1cc and mean."""
-
-MIN_STRUCTURE_VOXELS = 5
-"""A structure is "present" (for constraints and cord Dmax) when it has more voxels than this."""
 
 BODY_NAMES = frozenset({"Body", "BODY", "body", "External", "EXTERNAL"})
 
@@ -49,21 +43,6 @@ BODY_NAMES = frozenset({"Body", "BODY", "body", "External", "EXTERNAL"})
 # --------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------
-def _as_mask(mask: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray:
-    if mask is None:
-        return np.ones(shape, dtype=bool)
-    m = np.asarray(mask)
-    if m.shape != shape:
-        raise ValueError(f"mask shape {m.shape} does not match dose shape {shape}")
-    return m if m.dtype == bool else m != 0
-
-
-def _structure_doses(dose: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """1-D float64 array of the dose in the structure's voxels."""
-    dose = np.asarray(dose)
-    return np.asarray(dose[_as_mask(mask, dose.shape)], dtype=np.float64)
-
-
 def _check_pair(pred: np.ndarray, ref: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     pred = np.asarray(pred, dtype=np.float64)
     ref = np.asarray(ref, dtype=np.float64)
@@ -78,7 +57,7 @@ def _check_pair(pred: np.ndarray, ref: np.ndarray) -> tuple[np.ndarray, np.ndarr
 def mae(pred: np.ndarray, ref: np.ndarray, mask: np.ndarray | None = None) -> float:
     """Mean absolute error in Gy over ``mask`` (all voxels if None); nan for an empty mask."""
     pred, ref = _check_pair(pred, ref)
-    m = _as_mask(mask, ref.shape)
+    m = as_mask(mask, ref.shape)
     n = int(m.sum())
     if n == 0:
         return math.nan
@@ -90,110 +69,6 @@ def mae_normalised(pred: np.ndarray, ref: np.ndarray, rx: float, mask: np.ndarra
     if not rx > 0:
         raise ValueError(f"prescription must be positive, got {rx!r}")
     return mae(pred, ref, mask) / float(rx)
-
-
-# --------------------------------------------------------------------------------------------
-# DVH points
-# --------------------------------------------------------------------------------------------
-def dose_at_volume_pct(dose: np.ndarray, mask: np.ndarray, pct: float) -> float:
-    """``D_pct``: the dose received by at least ``pct`` % of the structure, in Gy.
-
-    Equals ``numpy.percentile(dose[mask], 100 - pct)`` with linear interpolation (D95 = 5th
-    percentile, D2 = 98th percentile). ``nan`` for an empty structure.
-    """
-    if not 0.0 <= pct <= 100.0:
-        raise ValueError(f"volume percentage must be in [0, 100], got {pct!r}")
-    d = _structure_doses(dose, mask)
-    if d.size == 0:
-        return math.nan
-    return float(np.percentile(d, 100.0 - pct))
-
-
-def d_cc(dose: np.ndarray, mask: np.ndarray, cc: float, voxel_volume_cc: float) -> float:
-    """``D_cc``: the minimum dose to the hottest ``cc`` cm^3 of the structure (OpenKBP convention).
-
-    ``n = max(1, round(cc / voxel_volume_cc))`` voxels; the value is the percentile
-    ``100 - n / N * 100`` (clipped to 0) of the ``N`` structure voxel doses, linear
-    interpolation. ``nan`` for an empty structure.
-    """
-    if not voxel_volume_cc > 0 or not cc > 0:
-        raise ValueError("cc and voxel_volume_cc must be positive")
-    d = _structure_doses(dose, mask)
-    if d.size == 0:
-        return math.nan
-    n = max(1.0, float(np.round(cc / voxel_volume_cc)))
-    return float(np.percentile(d, max(0.0, 100.0 - n / d.size * 100.0)))
-
-
-def dmax(dose: np.ndarray, mask: np.ndarray) -> float:
-    """Maximum voxel dose in the structure (Gy); nan when empty."""
-    d = _structure_doses(dose, mask)
-    return float(d.max()) if d.size else math.nan
-
-
-def dmean(dose: np.ndarray, mask: np.ndarray) -> float:
-    """Mean voxel dose in the structure (Gy); nan when empty."""
-    d = _structure_doses(dose, mask)
-    return float(d.mean()) if d.size else math.nan
-
-
-def v_x(dose: np.ndarray, mask: np.ndarray, x_gy: float) -> float:
-    """``V_x``: fraction (0..1) of the structure's voxels receiving ``>= x_gy``; nan when empty."""
-    d = _structure_doses(dose, mask)
-    return float(np.count_nonzero(d >= x_gy) / d.size) if d.size else math.nan
-
-
-def _vx_key(x_gy: float) -> str:
-    return f"V{float(x_gy):g}Gy"
-
-
-def dvh_points(dose: np.ndarray, mask: np.ndarray, voxel_volume_cc: float, is_target: bool,
-               v_x_gy: Sequence[float] = ()) -> dict[str, float]:
-    """The usual DVH points of one structure, in Gy.
-
-    Keys: ``D99, D98, D95, D50, D2, D1`` (see :func:`dose_at_volume_pct`), ``Dmean``, ``D_0.1cc``
-    (:func:`d_cc`), ``Dmax``. For an OAR (``is_target=False``) also ``V{x}Gy`` (a fraction) for
-    each ``x`` in ``v_x_gy``, e.g. ``V20Gy``; targets ignore ``v_x_gy``. All nan if empty.
-    """
-    d = _structure_doses(dose, mask)
-    out: dict[str, float] = {}
-    if d.size == 0:
-        keys = [f"D{p}" for p in DVH_PERCENT_POINTS] + ["Dmean", "D_0.1cc", "Dmax"]
-        keys += [] if is_target else [_vx_key(x) for x in v_x_gy]
-        return {k: math.nan for k in keys}
-    pcts = np.percentile(d, [100.0 - p for p in DVH_PERCENT_POINTS])
-    out.update({f"D{p}": float(v) for p, v in zip(DVH_PERCENT_POINTS, pcts)})
-    out["Dmean"] = float(d.mean())
-    out["D_0.1cc"] = d_cc(d, np.ones(d.shape, bool), 0.1, voxel_volume_cc)
-    out["Dmax"] = float(d.max())
-    if not is_target:
-        for x in v_x_gy:
-            out[_vx_key(x)] = float(np.count_nonzero(d >= x) / d.size)
-    return out
-
-
-def dvh_curve(dose: np.ndarray, mask: np.ndarray, bins: int | np.ndarray = 200) -> tuple[np.ndarray, np.ndarray]:
-    """Cumulative DVH: ``(dose_axis, volume_fraction)`` with ``volume_fraction[i]`` the fraction
-    of the structure receiving ``>= dose_axis[i]``.
-
-    ``bins`` is either the number of equally spaced dose points from 0 to the structure's Dmax
-    (inclusive) or an explicit increasing dose axis in Gy (pass the same axis for prediction and
-    reference to compare curves). An empty structure gives a volume fraction of zeros.
-    """
-    d = np.sort(_structure_doses(dose, mask))
-    if np.ndim(bins) == 0:
-        nb = int(bins)
-        if nb < 2:
-            raise ValueError("bins must be >= 2 (or an explicit dose axis)")
-        axis = np.linspace(0.0, float(d[-1]) if d.size else 0.0, nb)
-    else:
-        axis = np.asarray(bins, dtype=np.float64)
-        if axis.ndim != 1 or np.any(np.diff(axis) < 0):
-            raise ValueError("an explicit dose axis must be 1-D and non-decreasing")
-    if d.size == 0:
-        return axis, np.zeros_like(axis)
-    frac = (d.size - np.searchsorted(d, axis, side="left")) / d.size
-    return axis, frac.astype(np.float64)
 
 
 # --------------------------------------------------------------------------------------------
@@ -213,7 +88,7 @@ def openkbp_dose_score(pred: np.ndarray, ref: np.ndarray, possible_dose_mask: np
     mean over patients.
     """
     pred, ref = _check_pair(pred, ref)
-    n = int(_as_mask(possible_dose_mask, ref.shape).sum())
+    n = int(as_mask(possible_dose_mask, ref.shape).sum())
     return float(np.abs(pred - ref).sum() / n) if n else math.nan
 
 
@@ -230,7 +105,7 @@ def openkbp_dvh_errors(pred: np.ndarray, ref: np.ndarray, structures: Mapping[st
     targets = set(target_names)
     out: dict[str, float] = {}
     for name, m in structures.items():
-        mm = _as_mask(m, ref.shape)
+        mm = as_mask(m, ref.shape)
         p, r = pred[mm], ref[mm]
         if r.size == 0:
             continue
@@ -340,7 +215,7 @@ def combine_site_means(rows: Sequence[Mapping[str, Any]], keys: Iterable[str],
 # --------------------------------------------------------------------------------------------
 def homogeneity_index(dose: np.ndarray, target: np.ndarray) -> float:
     """ICRU 83 homogeneity index ``(D2 - D98) / D50`` of the target (0 = perfectly uniform)."""
-    d = _structure_doses(dose, target)
+    d = structure_doses(dose, target)
     if d.size == 0:
         return math.nan
     d98, d50, d2 = np.percentile(d, [2.0, 50.0, 98.0])
@@ -350,7 +225,7 @@ def homogeneity_index(dose: np.ndarray, target: np.ndarray) -> float:
 def conformity_index_rtog(dose: np.ndarray, target: np.ndarray, rx: float) -> float:
     """RTOG conformity index: volume receiving ``>= rx`` (whole array) / target volume."""
     dose = np.asarray(dose)
-    tv = int(_as_mask(target, dose.shape).sum())
+    tv = int(as_mask(target, dose.shape).sum())
     if tv == 0:
         return math.nan
     return float(np.count_nonzero(dose >= rx) / tv)
@@ -363,7 +238,7 @@ def paddick_ci(dose: np.ndarray, target: np.ndarray, rx: float) -> float:
     part of the target inside the prescription isodose.
     """
     dose = np.asarray(dose)
-    t = _as_mask(target, dose.shape)
+    t = as_mask(target, dose.shape)
     piv_mask = dose >= rx
     tv, piv = int(t.sum()), int(piv_mask.sum())
     if tv == 0:
@@ -382,7 +257,7 @@ def isodose_dice(pred: np.ndarray, ref: np.ndarray, rx: float, levels: Sequence[
     """Dice of ``{pred >= L * rx}`` and ``{ref >= L * rx}`` (within ``mask``) for each level ``L``
     (a fraction of the prescription). Dice is 1.0 when both isodose volumes are empty."""
     pred, ref = _check_pair(pred, ref)
-    m = _as_mask(mask, ref.shape)
+    m = as_mask(mask, ref.shape)
     p, r = pred[m], ref[m]
     out: dict[float, float] = {}
     for lv in levels:
@@ -416,8 +291,6 @@ def constraint_compliance(dose: np.ndarray, masks: Mapping[str, np.ndarray], pla
     "details": [{"label", "key", "structure", "kind", "threshold_gy", "limit", "value", "met"}]}``;
     details list the applicable constraints only.
     """
-    from addiff_core.constraints import TARGET, constraints_for_plan, evaluate_constraint
-
     dose = np.asarray(dose)
     details: list[dict[str, Any]] = []
     primary = plan.targets[0] if plan.prescriptions else None
@@ -425,7 +298,7 @@ def constraint_compliance(dose: np.ndarray, masks: Mapping[str, np.ndarray], pla
         name = primary if c.structure == TARGET else c.structure
         if name is None or name not in masks:
             continue
-        m = _as_mask(masks[name], dose.shape)
+        m = as_mask(masks[name], dose.shape)
         if int(m.sum()) <= MIN_STRUCTURE_VOXELS:
             continue
         value, met = evaluate_constraint(dose, m, c)
@@ -459,9 +332,9 @@ def case_metrics(pred: np.ndarray, ref: np.ndarray, masks: Mapping[str, np.ndarr
     pred, ref = _check_pair(pred, ref)
     rx = float(plan.max_prescription)
     vv = float(np.prod([float(s) for s in spacing])) / 1000.0
-    bool_masks = {k: _as_mask(v, ref.shape) for k, v in masks.items()}
+    bool_masks = {k: as_mask(v, ref.shape) for k, v in masks.items()}
     scored = {k: v for k, v in bool_masks.items() if k not in BODY_NAMES and v.any()}
-    em = None if eval_mask is None else _as_mask(eval_mask, ref.shape)
+    em = None if eval_mask is None else as_mask(eval_mask, ref.shape)
     out: dict[str, float] = {}
     out["mae_gy"] = mae(pred, ref, em)
     out["mae_pct_rx"] = 100.0 * out["mae_gy"] / rx

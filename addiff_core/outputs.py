@@ -6,6 +6,7 @@ prediction; ``addiff train --out RUN`` silently replaced a trained ``model.pt``.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from .config import ConfigError
@@ -58,3 +59,13 @@ def check_output_file(out: Path, *, overwrite: bool, data_dirs: tuple[Path, ...]
     if out.exists() and not overwrite:
         raise ConfigError(f"{out}: exists; kept (use --overwrite to replace it)")
     return out
+
+
+def ensure_writable_dir(path: Path) -> Path:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot create the output folder ({e.strerror})") from None
+    if not os.access(path, os.W_OK):
+        raise ConfigError(f"{path}: output folder is not writable")
+    return path

@@ -44,9 +44,10 @@ def phantom_batches(grid: GridConfig, seed: int = PHANTOM_SEED) -> list[dict[str
 def calibrate_on_phantoms(model: torch.nn.Module, grid: GridConfig) -> float:
     """Set ``diffusion.latent_scale`` from the phantoms (only while it is 0: a scale the global
     model already carries is kept). Returns the scale in use."""
-    from .diffusion import batch_to, calibrate_latent_scale
+    from .diffusion import calibrate_latent_scale
+    from .training import to_device
 
     device = next(model.parameters()).device
     if float(model.diffusion.latent_scale) > 0:
         return float(model.diffusion.latent_scale)
-    return calibrate_latent_scale(model, (batch_to(b, device) for b in phantom_batches(grid)))
+    return calibrate_latent_scale(model, (to_device(b, device) for b in phantom_batches(grid)))

@@ -15,16 +15,15 @@ import torch
 from monai.transforms import ScaleIntensityRange
 
 from .beams import beam_plate
-from .case_io import OAR_NAMES, TUMOUR_SITES, Case
+from .case_io import Case
 from .config import GridConfig
 from .constraints import constraints_for_plan
+from .contract import (
+    B_MAX, BEAM_FEATURES, C_MAX, CONSTRAINT_FEATURES, CONSTRAINT_KINDS, MIN_STRUCTURE_VOXELS, N_OARS, OAR_NAMES,
+    TARGET_STRUCT, TECHNIQUES, TUMOUR_SITES,
+)
 from .regions import evaluation_region
 
-B_MAX = 72
-C_MAX = 16
-CONSTRAINT_KINDS = ("Dmax", "Dmean", "Vx", "Dmin_pct")
-TARGET_STRUCT = len(OAR_NAMES)
-MIN_STRUCTURE_VOXELS = 5
 
 
 @dataclass(frozen=True)
@@ -87,7 +86,7 @@ def _resample_mask(image: sitk.Image, ref: sitk.Image) -> np.ndarray:
 
 def beam_features(case: Case) -> tuple[np.ndarray, np.ndarray]:
     """(B_MAX, 6) beam rows [sin g, cos g, sin c, cos c, energy/10, from_arc] and a validity mask."""
-    feats = np.zeros((B_MAX, 6), dtype=np.float32)
+    feats = np.zeros((B_MAX, BEAM_FEATURES), dtype=np.float32)
     mask = np.zeros(B_MAX, dtype=bool)
     rows = []
     for b in case.plan.beams:
@@ -105,7 +104,7 @@ def beam_features(case: Case) -> tuple[np.ndarray, np.ndarray]:
 def constraint_features(case: Case, present: dict[str, bool]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(C_MAX, 6) constraint rows, (C_MAX,) structure index, (C_MAX,) mask (structures present)."""
     rx = case.plan.max_prescription
-    feats = np.zeros((C_MAX, 6), dtype=np.float32)
+    feats = np.zeros((C_MAX, CONSTRAINT_FEATURES), dtype=np.float32)
     struct = np.zeros(C_MAX, dtype=np.int64)
     mask = np.zeros(C_MAX, dtype=bool)
     i = 0
@@ -127,8 +126,11 @@ def constraint_features(case: Case, present: dict[str, bool]) -> tuple[np.ndarra
     return feats, struct, mask
 
 
-def case_to_sample(case: Case, grid: GridConfig) -> tuple[dict[str, torch.Tensor], GridSpec]:
-    """Turn a loaded case into the model's sample tensors (see docs/ARCHITECTURE.md)."""
+def case_to_sample(case: Case, grid: GridConfig, *, with_dose: bool = True) -> tuple[dict[str, torch.Tensor], GridSpec]:
+    """Turn a loaded case into the model's sample tensors (see docs/ARCHITECTURE.md).
+
+    ``with_dose=False`` (prediction) skips resampling the reference dose: ``dose`` is zeros and
+    ``has_dose`` False, as for a case without one."""
     spec = model_grid(case, grid)
     ref = spec.reference()
     rx = case.plan.max_prescription
@@ -146,7 +148,7 @@ def case_to_sample(case: Case, grid: GridConfig) -> tuple[dict[str, torch.Tensor
         targets = np.maximum(targets, m * np.float32(case.plan.prescriptions[name] / rx))
         if name == primary_name:
             primary = m
-    oars = np.zeros((len(OAR_NAMES),) + shape, dtype=np.float32)
+    oars = np.zeros((N_OARS,) + shape, dtype=np.float32)
     present = {}
     for k, name in enumerate(OAR_NAMES):
         if name in case.masks:
@@ -155,7 +157,8 @@ def case_to_sample(case: Case, grid: GridConfig) -> tuple[dict[str, torch.Tensor
             present[name] = bool(m.sum() > MIN_STRUCTURE_VOXELS)
     body = _resample_mask(evaluation_region(case), ref)  # the one rule: regions.evaluation_region
 
-    if case.dose is not None:
+    has_dose = with_dose and case.dose is not None
+    if has_dose:
         dose = _resample(sitk.Cast(case.dose, sitk.sitkFloat32), ref, sitk.sitkLinear, 0.0) / np.float32(rx)
     else:
         dose = np.zeros(shape, dtype=np.float32)
@@ -169,7 +172,7 @@ def case_to_sample(case: Case, grid: GridConfig) -> tuple[dict[str, torch.Tensor
     sample = {
         "ct": t(ct[None].copy()),
         "dose": t(np.asarray(dose, dtype=np.float32)[None].copy()),
-        "has_dose": torch.tensor(case.dose is not None),
+        "has_dose": torch.tensor(has_dose),
         "targets": t(targets[None]),
         "target_primary": t(primary[None].astype(np.float32)),
         "oars": t(oars),
@@ -178,7 +181,7 @@ def case_to_sample(case: Case, grid: GridConfig) -> tuple[dict[str, torch.Tensor
         "beam_plate": t(plate.astype(np.float32)[None]),
         "beams": t(beams),
         "beam_mask": t(beam_mask),
-        "technique": torch.tensor(0 if case.plan.technique == "IMRT" else 1),
+        "technique": torch.tensor(TECHNIQUES.index(case.plan.technique)),
         "tumour_site": torch.tensor(TUMOUR_SITES.index(case.plan.tumour_site)),
         "constraints": t(cons),
         "constraint_struct": t(cons_struct),

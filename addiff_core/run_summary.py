@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 from typing import Any, Iterable, Mapping
 
+from .site_table import is_overall
+
 ZERO_DOSE_KEY = "mae_zero_dose_gy"  # held-out MAE of predicting 0 Gy everywhere (addiff_core.fl_task)
 
 
@@ -131,7 +133,7 @@ def site_dp_text(privacy: Mapping[str, Mapping[str, Any]]) -> str:
 
 def privacy_of_rows(rows: Iterable[Mapping[str, Any]]) -> dict[str, dict]:
     return {str(r["site"]): {k: r.get(k) for k in ("dp_enabled", "epsilon", "delta")}
-            for r in rows if r.get("site") and not str(r["site"]).startswith("all sites")
+            for r in rows if r.get("site") and not is_overall(r)
             and r.get("dp_enabled") is not None}
 
 
@@ -160,7 +162,7 @@ def worse_than_zero_dose(rows: Iterable[Mapping[str, Any]], rc: Mapping[str, Any
     out = []
     for r in rows:
         site = str(r.get("site", "?"))
-        if site.startswith("all sites"):
+        if is_overall(r):
             continue
         m, z = _num(r.get("mae_gy")), _num(r.get(ZERO_DOSE_KEY))
         if m is not None and z is not None and m > z:

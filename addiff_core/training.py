@@ -29,8 +29,6 @@ from .preprocessing import dose_to_ct_grid
 
 log = logging.getLogger(__name__)
 
-STAGES = ("vae", "diffusion", "unet")
-
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
@@ -40,18 +38,6 @@ def make_loader(dataset: SampleDataset, batch_size: int, shuffle: bool, seed: in
     g = torch.Generator()
     g.manual_seed(seed)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=g, num_workers=0)
-
-
-def stage_of(model_cfg: ModelConfig, requested: str | None = None) -> str:
-    if model_cfg.kind == "unet":
-        return "unet"
-    if requested not in ("vae", "diffusion"):
-        raise ValueError(f"stage must be 'vae' or 'diffusion' for the diffusion model, got {requested!r}")
-    return requested
-
-
-def stage_module(model: nn.Module, stage: str) -> nn.Module:
-    return getattr(model, stage)
 
 
 def set_trainable(model: nn.Module, stage: str) -> None:
@@ -99,9 +85,23 @@ class Proximal:
         return 0.5 * self.mu * torch.stack(terms).sum() if terms else torch.zeros(())
 
 
+def _check_finite(loss: torch.Tensor, desc: str) -> None:
+    if not math.isfinite(float(loss.detach())):
+        raise FloatingPointError(f"{desc}: loss is not finite ({float(loss.detach())}); lower the learning rate")
+
+
+def _accumulate(totals: dict[str, float], loss: torch.Tensor, parts: dict) -> None:
+    totals["loss"] = totals.get("loss", 0.0) + float(loss.detach())
+    for k, v in parts.items():
+        if k != "loss":  # the total (with any proximal term) is counted above
+            totals[k] = totals.get(k, 0.0) + float(v)
+
+
 def _run_epoch(loss_fn: Callable[[dict], tuple[torch.Tensor, dict]], module: nn.Module, loader: DataLoader,
                optimizer: torch.optim.Optimizer, device: torch.device, grad_clip: float,
-               prox: Proximal | None, desc: str, progress: bool) -> dict[str, float]:
+               prox: Proximal | None, desc: str, progress: bool, per_sample_grads: bool = False) -> dict[str, float]:
+    """One epoch; ``per_sample_grads`` (DP, microbatch mode): per-sample gradients for the DP
+    optimizer by one backward pass per sample (``privacy.per_sample_backward``)."""
     totals: dict[str, float] = {}
     n_batches = 0
     n_empty = 0
@@ -120,6 +120,17 @@ def _run_epoch(loss_fn: Callable[[dict], tuple[torch.Tensor, dict]], module: nn.
                 n_empty += 1
             continue
         optimizer.zero_grad(set_to_none=True)
+        if per_sample_grads:  # the DP optimizer clips, sums and noises them; a proximal term is not
+            from .privacy import per_sample_backward  # part of the per-sample gradients (as in Opacus' modes)
+
+            loss, parts = per_sample_backward(loss_fn, [p for g in optimizer.param_groups for p in g["params"]], batch)
+            optimizer.step()
+            _check_finite(loss, desc)
+            n_batches += 1
+            n_samples += int(batch["dose"].shape[0])
+            _accumulate(totals, loss, parts)
+            bar.set_postfix(loss=f"{totals['loss'] / n_batches:.4f}")
+            continue
         loss, parts = loss_fn(batch)
         if prox is not None and prox.mu > 0:
             p_term = prox(module)
@@ -129,14 +140,10 @@ def _run_epoch(loss_fn: Callable[[dict], tuple[torch.Tensor, dict]], module: nn.
         if grad_clip > 0 and not hasattr(optimizer, "noise_multiplier"):  # DP optimizers clip per sample
             torch.nn.utils.clip_grad_norm_([p for p in module.parameters() if p.requires_grad], grad_clip)
         optimizer.step()
-        if not math.isfinite(float(loss.detach())):
-            raise FloatingPointError(f"{desc}: loss is not finite ({float(loss.detach())}); lower the learning rate")
+        _check_finite(loss, desc)
         n_batches += 1
         n_samples += int(batch["dose"].shape[0])
-        totals["loss"] = totals.get("loss", 0.0) + float(loss.detach())
-        for k, v in parts.items():
-            if k != "loss":  # the total (with any proximal term) is counted above
-                totals[k] = totals.get(k, 0.0) + float(v)
+        _accumulate(totals, loss, parts)
         bar.set_postfix(loss=f"{totals['loss'] / n_batches:.4f}")
     out = {k: v / max(n_batches, 1) for k, v in totals.items()}
     out["steps"] = float(n_batches + n_empty)
@@ -147,18 +154,19 @@ def _run_epoch(loss_fn: Callable[[dict], tuple[torch.Tensor, dict]], module: nn.
 
 def train_vae_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, cfg: ModelConfig,
                     device: torch.device, *, grad_clip: float = 1.0, prox: Proximal | None = None,
-                    desc: str = "vae", progress: bool = True) -> dict[str, float]:
+                    desc: str = "vae", progress: bool = True, per_sample_grads: bool = False) -> dict[str, float]:
     """One epoch of stage 1: L1 reconstruction + beta KL."""
     vae = model.vae
     set_trainable(model, "vae")
     model.train()
     return _run_epoch(lambda b: diff.vae_loss(vae, b, cfg), vae, loader, optimizer, device, grad_clip, prox,
-                      desc, progress)
+                      desc, progress, per_sample_grads)
 
 
 def train_diffusion_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, cfg: ModelConfig,
                           device: torch.device, *, generator: torch.Generator | None = None, grad_clip: float = 1.0,
-                          prox: Proximal | None = None, desc: str = "diffusion", progress: bool = True) -> dict[str, float]:
+                          prox: Proximal | None = None, desc: str = "diffusion", progress: bool = True,
+                          per_sample_grads: bool = False) -> dict[str, float]:
     """One epoch of stage 2: noise MSE + constraint hinge; the VAE stays frozen."""
     set_trainable(model, "diffusion")
     model.train()
@@ -167,16 +175,16 @@ def train_diffusion_epoch(model: nn.Module, loader: DataLoader, optimizer: torch
         with torch.no_grad():
             diff.calibrate_latent_scale(model, (to_device(b, device) for b in loader))
     return _run_epoch(lambda b: diff.diffusion_loss(model, b, cfg, generator=generator), model.diffusion, loader,
-                      optimizer, device, grad_clip, prox, desc, progress)
+                      optimizer, device, grad_clip, prox, desc, progress, per_sample_grads)
 
 
 def train_unet_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, cfg: ModelConfig,
                      device: torch.device, *, grad_clip: float = 1.0, prox: Proximal | None = None,
-                     desc: str = "unet", progress: bool = True) -> dict[str, float]:
+                     desc: str = "unet", progress: bool = True, per_sample_grads: bool = False) -> dict[str, float]:
     set_trainable(model, "unet")
     model.train()
     return _run_epoch(lambda b: diff.unet_loss(model, b, cfg), model.unet, loader, optimizer, device, grad_clip,
-                      prox, desc, progress)
+                      prox, desc, progress, per_sample_grads)
 
 
 def train_stage_epoch(stage: str, model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
@@ -190,9 +198,15 @@ def train_stage_epoch(stage: str, model: nn.Module, loader: DataLoader, optimize
 @torch.no_grad()
 def predict_normalised(model: nn.Module, batch: dict[str, torch.Tensor], cfg: ModelConfig, *, steps: int | None = None,
                        seed: int = 0, num_samples: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Normalised dose (N,1,S,S,S) (x rx = Gy) and, with several samples, its voxel-wise std."""
+    """Normalised dose (N,1,S,S,S) >= 0 (x rx = Gy) of either model kind, zero outside the
+    batch's evaluation region (``body``), and, with several samples of the diffusion model, its
+    voxel-wise std (the U-Net's std is None). The one prediction every command uses."""
     model.eval()
-    return diff.predict(model, batch, cfg, steps=steps, seed=seed, num_samples=num_samples)
+    m = diff.unwrap(model)
+    if hasattr(m, "diffusion"):
+        return diff.sample(m, batch, cfg, steps=steps, seed=seed, num_samples=num_samples)
+    region = batch["body"].float() if "body" in batch else 1.0
+    return m(batch).clamp_min(0) * region, None
 
 
 def evaluate(model: nn.Module, dataset: SampleDataset, cfg: ModelConfig, device: torch.device, *, seed: int = 0,

@@ -481,7 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-timing", action="store_true")
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument("--skip-utility", action="store_true")
-    p.add_argument("--grad-sample-mode", choices=("functorch", "hooks"), default=None,
+    p.add_argument("--grad-sample-mode", choices=("microbatch", "functorch", "hooks"), default=None,
                    help="Opacus per-sample gradient mode (default: the site-file default, functorch)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (default: torch's choice); 1 is steadier on a shared machine")

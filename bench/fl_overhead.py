@@ -35,6 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "bench" / "results"
 
+from addiff_core.run_folder import RunFolder  # noqa: E402
+
 
 def sh(cmd: list[str], env: dict, log: Path) -> float:
     t0 = time.perf_counter()
@@ -133,8 +135,7 @@ def pooled_site(site_files: list[Path], out_dir: Path) -> Path:
 
 
 def stage_bytes(run_dir: Path) -> dict:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    rounds = [r for r in rows if r["kind"] == "round"]
+    rounds = [r for r in RunFolder(run_dir).read_metrics() if r["kind"] == "round"]
     n_sites = len(rounds[0]["sites"]) if rounds else 0
     out: dict = {"sites": n_sites, "per_round": [
         {"round": r["round"], "stage": r["stage"], "bytes_down": r["bytes_down"], "bytes_up": r["bytes_up"],
@@ -197,10 +198,10 @@ def main() -> int:
            "--config", str(model_config), "--rounds", rounds, "--run-dir", str(run_dir)]
     print(f"[1/4] federated simulation ({rounds} rounds, {model_config.name}) ...", flush=True)
     wall_fl = sh(sim, env, work / "federated.log")
-    settings = from_run_config(json.loads((run_dir / "run.json").read_text())["run_config"])
-    fl_rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    fl_train = sum(r["seconds"] for r in fl_rows if r["kind"] == "round")
-    fl_final = {r["site"]: r for r in json.loads((run_dir / "final_metrics.json").read_text())}
+    folder = RunFolder(run_dir)
+    settings = from_run_config(folder.stored_run_config())
+    fl_train = sum(r["seconds"] for r in folder.read_metrics() if r["kind"] == "round")
+    fl_final = {r["site"]: r for r in json.loads(folder.final_json.read_text())}
 
     print("[2/4] the same rounds without Flower (plain loop, one process) ...", flush=True)
     t0 = time.perf_counter()
@@ -210,7 +211,9 @@ def main() -> int:
     torch.set_num_threads(1)  # as each simulated site (one Ray CPU each)
     plain1 = plain_loop(site_files, settings, evaluate=False)
     torch.set_num_threads(threads)
-    fl_w = torch.load(run_dir / "final_model.pt", weights_only=True)["state_dict"]
+    from addiff_core.checkpoint import load_checkpoint
+
+    fl_w, _, _ = load_checkpoint(folder.final_model)
     max_diff = max(float(np.abs(fl_w[k].numpy() - plain["arrays"][k]).max()) for k in plain["arrays"])
 
     print("[3/4] start-up overhead of the two simulation mechanisms ...", flush=True)
@@ -220,8 +223,7 @@ def main() -> int:
         t = sh([sys.executable, "-m", "addiff_core.cli", "simulate", "--site-files", ",".join(map(str, site_files)),
                 "--config", str(ROOT / "configs" / "tiny.yaml"), "--rounds", "1,1", "--local-epochs", "1",
                 "--eval-steps", "1", "--no-gamma", "--run-dir", str(d), "--via", via], env, work / f"mech-{via}.log")
-        rows = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
-        work_s = sum(r["seconds"] for r in rows if r["kind"] == "round")
+        work_s = sum(r["seconds"] for r in RunFolder(d).read_metrics() if r["kind"] == "round")
         mech[via] = {"wall_seconds": round(t, 1), "round_seconds": round(work_s, 1),
                      "overhead_seconds": round(t - work_s, 1)}
 

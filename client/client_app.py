@@ -9,7 +9,7 @@ Which site am I?
   (``addiff client start --site ...`` sets it);
 * simulation: node config ``partition-id`` indexes the run's ``site-files`` list (run config,
   or the train config when the run was started in-process).
-Relative paths resolve against the project root (``server.protocol.project_root``).
+Relative paths resolve against the project root (``client.protocol.project_root``).
 """
 from __future__ import annotations
 
@@ -29,10 +29,10 @@ from addiff_core.config import ConfigError, SiteConfig, load_site_config, resolv
 from addiff_core.fl_task import MissingGlobalWeights, SiteTask, state_to_arrays
 from addiff_core.privacy import PrivacyBudgetExhausted
 
-from server.protocol import (
+from .protocol import (
     ARRAYS_KEY, CONFIG_KEY, LAYOUT_KEY, METRICS_KEY, NUM_EXAMPLES, PACKED, SITE_ERROR_CLASSES, SITE_KEY,
     STATUS_FAILED, STATUS_NEED_VAE, STATUS_REFUSED, decode, encode, fingerprint, from_record, layout_from_json,
-    model_config_from_json, resolve_path, split_list, to_record,
+    model_config_from_json, parse_stage_plan, resolve_path, split_list, to_record,
 )
 
 log = logging.getLogger("flwr.addiff.client")
@@ -92,7 +92,7 @@ def task_for(site_file: Path, model_json: str, where: dict | None = None) -> Sit
 # Flower copies str(exception) of a ClientApp into the error reply the server stores, and an
 # exception message may name a data path or a case id (a case folder is often named after the
 # patient). So no exception leaves this ClientApp: a failure is answered with a fixed status,
-# an error class and a code from closed lists (``server.protocol``), and the details (message,
+# an error class and a code from closed lists (``client.protocol``), and the details (message,
 # traceback) go to the site's own log, ``STATE_DIR/site.log``, which never leaves the site.
 CASE_LOGGER = "addiff_core.data.cases"  # per-case messages (skipped cases and why) of addiff_core.data
 
@@ -125,7 +125,7 @@ def site_log(site: SiteConfig | None):
 
 
 def classify(exc: BaseException, phase: str) -> tuple[str, str]:
-    """(code, error class) of a failure, both from the closed lists of ``server.protocol``."""
+    """(code, error class) of a failure, both from the closed lists of ``client.protocol``."""
     import torch
 
     cls = next((c.__name__ for c in (ConfigError, CaseError, CheckpointError, MissingGlobalWeights, MemoryError,
@@ -209,12 +209,7 @@ def stage_epochs(task: SiteTask, stage: str, local_epochs: int = 0) -> int:
 def planned_epochs(task: SiteTask, plan: str, local_epochs: int = 0) -> int:
     """Local epochs this site trains over the whole run ("vae:3,diffusion:4" -> 3*e_vae + 4*e_diff),
     for calibrating DP noise once for the run."""
-    total = 0
-    for part in plan.split(","):
-        if ":" in part:
-            stage, n = part.split(":", 1)
-            total += int(n) * stage_epochs(task, stage.strip(), local_epochs)
-    return total
+    return sum(n * stage_epochs(task, stage, local_epochs) for stage, n in parse_stage_plan(plan).items())
 
 
 @app.train()
@@ -250,7 +245,7 @@ def train(msg: Message, context: Context, where: dict) -> Message:
     wire = res.arrays
     if stage in layout:  # reply packed exactly like the request's stage weights
         separate = {k for k in msg.content[ARRAYS_KEY].keys() if not k.startswith(PACKED) and k.startswith(stage + ".")}
-        wire, _ = encode(res.arrays, [stage], separate, order=layout)
+        wire, _ = encode(res.arrays, [stage], separate, order=layout, wire_dtype=str(cfg.get("wire-dtype", "float32")))
     return Message(RecordDict({ARRAYS_KEY: to_record(wire), METRICS_KEY: MetricRecord(metrics),
                                SITE_KEY: _site_record(task)}), reply_to=msg)
 

@@ -1,4 +1,4 @@
-"""``addiff client start`` (registered by addiff_core.cli)."""
+"""``addiff client start`` (registered with addiff_core.cli through the "addiff.commands" entry points of pyproject.toml)."""
 from __future__ import annotations
 
 

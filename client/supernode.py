@@ -34,25 +34,53 @@ def _refused(superlink: str, key: Path | None) -> str:
 
 
 def cmd_client_start(args) -> int:
+    from . import launch
+
+    site_file, site, n_cases = _checked_site(args)
+    cmd, key = _supernode_command(args, site_file, site)
+    extra = {}
+    if args.threads:
+        extra = {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    env = launch.flower_env(_resolve(args.flwr_home) if args.flwr_home else None, **extra)
+    print(f"site {site.name}: {n_cases} case folder(s) in {site.data_dir}; device {site.device}; "
+          f"SuperNode -> {args.superlink} (runtime API port {args.port})", flush=True)
+    run = _runner(args, site)
+    launch.exit_on_sigterm()
+    return _run_until_joined(run, cmd, env, args, key)
+
+
+def _resolve(path: str) -> Path:
+    from .protocol import resolve_path
+
+    return resolve_path(path, Path.cwd())
+
+
+def _checked_site(args):
+    """(site file, SiteConfig, number of case folders): a wrong path fails here, in one line."""
     from addiff_core.case_io import list_cases
-    from addiff_core.cli import UserError
     from addiff_core.config import ConfigError, load_site_config
 
-    from server import launch
-    from server.protocol import resolve_path
-
-    site_file = resolve_path(args.site, Path.cwd())
+    site_file = _resolve(args.site)
     site = load_site_config(site_file)
     if not site.data_dir.is_dir():
         raise ConfigError(f"{site_file}: data_dir {site.data_dir} does not exist")
     n_cases = len(list_cases(site.data_dir))
     if n_cases == 0:
         raise ConfigError(f"{site_file}: no case folders in {site.data_dir}")
+    return site_file, site, n_cases
+
+
+def _supernode_command(args, site_file: Path, site) -> tuple[list[str], Path | None]:
+    """The flower-supernode command line (transport, authentication) and the private key, if any."""
+    from addiff_core.errors import UserError
+
+    from . import launch
+
     if ":" not in args.superlink:
         raise UserError(f"--superlink must be HOST:PORT, got {args.superlink!r}")
     cmd = [launch.executable("flower-supernode"), "--superlink", args.superlink,
            "--node-config", f"site-config={json.dumps(str(site_file))}", "--port", str(args.port),
-           "--isolation", "subprocess"]
+           "--isolation", "process" if site.approved_bundles else "subprocess"]
     if args.insecure and args.auth_key:
         raise UserError("--auth-key (SuperNode authentication) needs TLS: drop --insecure, pass --ca")
     if args.insecure:
@@ -62,28 +90,44 @@ def cmd_client_start(args) -> int:
     else:
         if not args.ca:
             raise UserError("--ca CA_CERT is required (the federation's ca.crt), or --insecure for a local test")
-        ca = resolve_path(args.ca, Path.cwd())
+        ca = _resolve(args.ca)
         if not ca.is_file():
             raise UserError(f"{ca}: CA certificate not found")
         cmd += ["--root-certificates", str(ca)]
     key = None
     if args.auth_key:
-        key = resolve_path(args.auth_key, Path.cwd())
+        key = _resolve(args.auth_key)
         if not key.is_file():
             raise UserError(f"{key}: private key not found (addiff certs node-key DIR NAME)")
         cmd += ["--auth-supernode-private-key", str(key)]
     if args.max_retries is not None:
         cmd += ["--max-retries", str(args.max_retries)]
-    extra = {}
-    if args.threads:
-        extra = {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
-    env = launch.flower_env(resolve_path(args.flwr_home, Path.cwd()) if args.flwr_home else None, **extra)
-    print(f"site {site.name}: {n_cases} case folder(s) in {site.data_dir}; device {site.device}; "
-          f"SuperNode -> {args.superlink} (runtime API port {args.port})", flush=True)
-    launch.exit_on_sigterm()
+    return cmd, key
+
+
+def _runner(args, site):
+    """How the SuperNode runs: in the foreground, its ClientApps started by the hospital itself
+    (each after checking the bundle's hash) when the site file lists approved bundles."""
+    from . import launch
+
+    if site.approved_bundles:  # the hospital starts its ClientApps itself, each after checking the bundle's hash
+        from functools import partial
+
+        from . import clientapp_guard
+        return partial(clientapp_guard.run_guarded, launch.run_foreground, approved=site.approved_bundles,
+                       runtime_port=args.port)
+    print(f"site {site.name}: no approved_bundles in the site file: this site runs whatever app bundle (code) "
+          "the server sends (docs/FEDERATION.md#what-a-hospital-trusts-the-coordinator-with)", flush=True)
+    return launch.run_foreground
+
+
+def _run_until_joined(run, cmd: list[str], env: dict, args, key: Path | None) -> int:
+    """Run the SuperNode; while the SuperLink refuses to activate it, try again (up to
+    ``--activation-retries`` times, RETRY_SECONDS apart). Returns its exit status."""
+    rc = 1
     for attempt in range(args.activation_retries + 1):
         seen: set[str] = set()
-        rc = launch.run_foreground(cmd, env=env, watch=[ACTIVATION_FAILED, AUTH_REQUIRED], seen=seen)
+        rc = run(cmd, env=env, watch=[ACTIVATION_FAILED, AUTH_REQUIRED], seen=seen)
         if rc == 0:
             return 0
         if AUTH_REQUIRED in seen:
@@ -122,3 +166,6 @@ def add_parser(sub) -> None:
                         "default 60). A SuperLink that is not up yet is waited for without limit (--max-retries)")
     s.add_argument("--flwr-home", help="Flower's state folder for this SuperNode (default $FLWR_HOME or ~/.flwr)")
     s.set_defaults(func=cmd_client_start)
+    from .bundle_approval import add_parser as add_bundle_hash_parser
+
+    add_bundle_hash_parser(csub)

@@ -137,7 +137,7 @@ def add_parser(sub) -> None:
 
 
 def cmd_certs_create(args) -> int:
-    from addiff_core.cli import UserError
+    from addiff_core.errors import UserError
 
     try:
         paths = create_certificates(Path(args.dir), args.host, days=args.days, loopback=not args.no_loopback,
@@ -152,7 +152,7 @@ def cmd_certs_create(args) -> int:
 
 
 def cmd_certs_node_key(args) -> int:
-    from addiff_core.cli import UserError
+    from addiff_core.errors import UserError
 
     try:
         priv, pub = create_node_key(Path(args.dir), args.name, overwrite=args.overwrite)

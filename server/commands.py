@@ -1,4 +1,4 @@
-"""``addiff simulate``, ``addiff server start``, ``addiff certs ...`` (registered by addiff_core.cli)."""
+"""``addiff simulate``, ``addiff server start``, ``addiff certs ...`` (registered with addiff_core.cli through the "addiff.commands" entry points of pyproject.toml)."""
 from __future__ import annotations
 
 

@@ -15,8 +15,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from .protocol import project_root, resolve_path
-from .settings import STRATEGIES
+from addiff_core.errors import UserError
+from addiff_core.run_folder import RunFolder
+from client import launch
+from client.protocol import project_root, resolve_path
+
+from .settings import STRATEGIES, strategy_help
 
 PROFILE = "addiff"
 
@@ -60,10 +64,6 @@ def register_keys(keys: list[Path], env: dict, flwr_home: Path) -> None:
     """Register each public key with the SuperLink (``flwr supernode register``). A key the
     SuperLink's state database already holds (a restart or ``--resume`` with the same database)
     is fine: that hospital keeps its node id."""
-    from addiff_core.cli import UserError
-
-    from . import launch
-
     for key in keys:
         name = key.name[:-4] if key.name.endswith(".pub") else key.stem
         res = subprocess.run([launch.executable("flwr"), "supernode", "register", str(key), PROFILE, "--name", name,
@@ -93,8 +93,6 @@ def stop_stale_runs(env: dict, flwr_home: Path) -> list[str]:
     later); until then a SuperNode that pulls one of their messages waits on it instead of
     training the resumed run, and a ServerApp of the old run that outlived the crash could go
     on next to the resumed one. Returns the run ids stopped."""
-    from . import launch
-
     flwr = launch.executable("flwr")
     res = subprocess.run([flwr, "ls", PROFILE, "--format", "json"], env=env, capture_output=True, text=True,
                          cwd=str(flwr_home))
@@ -129,13 +127,7 @@ def build_run_config(args, run_dir: Path) -> dict[str, Any]:
     from .simulate import _kind_of, parse_rounds, parse_sets
 
     if args.resume:
-        from addiff_core.config import ConfigError
-
-        from .settings import read_run_doc
-
-        stored = read_run_doc(run_dir).get("run_config")
-        if not isinstance(stored, dict):
-            raise ConfigError(f"{run_dir / 'run.json'}: holds no run config; not a run folder to resume")
+        stored = RunFolder(run_dir).stored_run_config()
         rc = {**stored, "run-dir": str(run_dir), "resume": True, "stop-after-round": int(args.stop_after_round or 0),
               "min-sites": args.min_sites, "wait-sites": args.wait_sites or 0, **parse_sets(args.set)}
         return rc
@@ -158,60 +150,27 @@ def build_run_config(args, run_dir: Path) -> dict[str, Any]:
 
 
 def cmd_server_start(args) -> int:
-    from addiff_core.cli import UserError
-    from addiff_core.config import ConfigError
-
-    from . import launch
     from .settings import from_run_config
 
     root = project_root()
-    if args.resume:
-        run_dir = resolve_path(args.resume, Path.cwd())
-        if not (run_dir / "run.json").is_file():
-            raise ConfigError(f"{run_dir}: not a run folder (no run.json)")
-    else:
-        run_dir = (resolve_path(args.run_dir, Path.cwd()) if args.run_dir
-                   else root / "runs" / f"federation-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
+    run_dir = _run_dir(args, root)
     run_config = build_run_config(args, run_dir)
     settings = from_run_config(run_config)
-    if not args.resume and any(run_dir.glob("checkpoints/round_*.pt")):
-        raise ConfigError(f"{run_dir} already holds checkpoints: use --resume {run_dir} or another --run-dir")
-
-    tls: dict[str, Path] = {}
-    if args.insecure and args.auth:
-        raise UserError("--auth (SuperNode authentication) needs TLS: drop --insecure")
-    if args.insecure:
-        _warn_insecure("the SuperLink")
-    else:
-        certs = resolve_path(args.certs, Path.cwd())
-        tls = {"ca": certs / "ca.crt", "cert": certs / "server.pem", "key": certs / "server.key"}
-        missing = [str(p) for p in tls.values() if not p.is_file()]
-        if missing:
-            raise UserError(f"TLS certificate files missing: {', '.join(missing)} (make them with "
-                            f"`addiff certs create {args.certs} --host YOUR.SERVER.NAME`, or pass --insecure for a test)")
-    keys = [resolve_path(k, Path.cwd()) for k in (args.authorized_keys or [])]
-    if keys and not args.auth:
-        raise UserError("--authorized-keys needs --auth (SuperNode authentication)")
-    for k in keys:
-        if not k.is_file():
-            raise UserError(f"{k}: public key file not found (make one with `addiff certs node-key DIR NAME`)")
+    if not args.resume:
+        RunFolder(run_dir).refuse_if_started()
+    tls = _tls_files(args)
+    keys = _authorized_keys(args)
 
     run_dir.mkdir(parents=True, exist_ok=True)
     flwr_home = run_dir / "flwr-home"
     env = launch.flower_env(flwr_home)
-    database = resolve_path(args.database, Path.cwd()) if args.database else run_dir / "superlink-state.db"
-    cmd = [launch.executable("flower-superlink"), "--host", args.host, "--port", str(args.port),
-           "--database", str(database), "--disable-runtime-dependency-installation"]
-    cmd += ["--insecure"] if args.insecure else ["--ssl-ca-certfile", str(tls["ca"]), "--ssl-certfile",
-                                                 str(tls["cert"]), "--ssl-keyfile", str(tls["key"])]
-    if args.auth:
-        cmd.append("--enable-supernode-auth")
     log_file = run_dir / "superlink.log"
     connect = f"{_connect_host(args.host, tls.get('cert'))}:{args.port}"
     print(f"starting SuperLink on {args.host}:{args.port} ({'insecure' if args.insecure else 'TLS'}"
           f"{', SuperNode authentication' if args.auth else ''}); log: {log_file}", flush=True)
     launch.exit_on_sigterm()
-    superlink = launch.start(cmd, env=env, log_file=log_file, cwd=root, new_session=False)
+    superlink = launch.start(_superlink_command(args, run_dir, tls), env=env, log_file=log_file, cwd=root,
+                             new_session=False)
     (run_dir / "superlink.pid").write_text(f"{superlink.pid}\n")
     rc = 1
     try:
@@ -227,29 +186,7 @@ def cmd_server_start(args) -> int:
                   f"  FLWR_HOME={flwr_home} flwr run {root} {PROFILE} --stream\nCtrl-C stops it.", flush=True)
             superlink.wait()
             return 0
-        overrides = launch.write_run_config_toml(run_dir / "flwr-run-config.toml", run_config)
-        print(f"submitting the run ({settings.num_rounds} rounds, strategy {settings.strategy}); waiting for "
-              f"{settings.required_sites} SuperNode(s) to connect to {connect} ...", flush=True)
-        t0 = time.perf_counter()
-        rc = launch.run_foreground([launch.executable("flwr"), "run", str(root), PROFILE, "--stream",
-                                    "--run-config", str(overrides)], env=env, cwd=root)
-        from .settings import read_run_doc
-
-        doc = read_run_doc(run_dir)
-        status = str(doc.get("status", "failed"))
-        if status == "complete":
-            print(f"\nfederated run complete in {time.perf_counter() - t0:.0f} s\n"
-                  f"  per-site table : {run_dir / 'final_metrics.md'} (also .csv, .json)\n"
-                  f"  round metrics  : {run_dir / 'metrics.jsonl'}\n"
-                  f"  checkpoints    : {run_dir / 'checkpoints'}", flush=True)
-            rc = 0
-        elif status.startswith("stopped"):
-            print(f"\n{status}; continue with: addiff server start --resume {run_dir} ...", flush=True)
-            rc = 0
-        else:
-            why = doc.get("error") or f"the run did not complete (status: {status})"
-            print(f"addiff: error: {why}; SuperLink log: {log_file}", file=sys.stderr)
-            rc = 1
+        rc = _submit_and_stream(settings, run_config, run_dir, env, root, connect, log_file)
         if args.keep_running:
             print(f"SuperLink keeps running (PID {superlink.pid}); Ctrl-C stops it.", flush=True)
             superlink.wait()
@@ -258,6 +195,81 @@ def cmd_server_start(args) -> int:
         launch.stop(superlink)
         (run_dir / "superlink.pid").unlink(missing_ok=True)
     return rc
+
+
+def _run_dir(args, root: Path) -> Path:
+    """The run folder: ``--resume RUN_DIR`` (which must hold run.json), ``--run-dir``, or a new
+    ``runs/federation-<date>-<time>``."""
+    if args.resume:
+        run_dir = resolve_path(args.resume, Path.cwd())
+        RunFolder(run_dir).require_run_json()
+        return run_dir
+    return (resolve_path(args.run_dir, Path.cwd()) if args.run_dir
+            else root / "runs" / f"federation-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
+
+
+def _tls_files(args) -> dict[str, Path]:
+    """The SuperLink's CA, certificate and key ({} with ``--insecure``, after a warning)."""
+    if args.insecure and args.auth:
+        raise UserError("--auth (SuperNode authentication) needs TLS: drop --insecure")
+    if args.insecure:
+        _warn_insecure("the SuperLink")
+        return {}
+    certs = resolve_path(args.certs, Path.cwd())
+    tls = {"ca": certs / "ca.crt", "cert": certs / "server.pem", "key": certs / "server.key"}
+    missing = [str(p) for p in tls.values() if not p.is_file()]
+    if missing:
+        raise UserError(f"TLS certificate files missing: {', '.join(missing)} (make them with "
+                        f"`addiff certs create {args.certs} --host YOUR.SERVER.NAME`, or pass --insecure for a test)")
+    return tls
+
+
+def _authorized_keys(args) -> list[Path]:
+    """The hospitals' public keys to register (``--authorized-keys``, only with ``--auth``)."""
+    keys = [resolve_path(k, Path.cwd()) for k in (args.authorized_keys or [])]
+    if keys and not args.auth:
+        raise UserError("--authorized-keys needs --auth (SuperNode authentication)")
+    for k in keys:
+        if not k.is_file():
+            raise UserError(f"{k}: public key file not found (make one with `addiff certs node-key DIR NAME`)")
+    return keys
+
+
+def _superlink_command(args, run_dir: Path, tls: dict[str, Path]) -> list[str]:
+    database = resolve_path(args.database, Path.cwd()) if args.database else run_dir / "superlink-state.db"
+    cmd = [launch.executable("flower-superlink"), "--host", args.host, "--port", str(args.port),
+           "--database", str(database), "--disable-runtime-dependency-installation"]
+    cmd += ["--insecure"] if args.insecure else ["--ssl-ca-certfile", str(tls["ca"]), "--ssl-certfile",
+                                                 str(tls["cert"]), "--ssl-keyfile", str(tls["key"])]
+    if args.auth:
+        cmd.append("--enable-supernode-auth")
+    return cmd
+
+
+def _submit_and_stream(settings, run_config: dict[str, Any], run_dir: Path, env: dict, root: Path, connect: str,
+                       log_file: Path) -> int:
+    """``flwr run`` the federation on the SuperLink, stream it, and say how it ended (exit status)."""
+    overrides = launch.write_run_config_toml(run_dir / "flwr-run-config.toml", run_config)
+    print(f"submitting the run ({settings.num_rounds} rounds, strategy {settings.strategy}); waiting for "
+          f"{settings.required_sites} SuperNode(s) to connect to {connect} ...", flush=True)
+    t0 = time.perf_counter()
+    launch.run_foreground([launch.executable("flwr"), "run", str(root), PROFILE, "--stream",
+                           "--run-config", str(overrides)], env=env, cwd=root)
+    folder = RunFolder(run_dir)
+    doc = folder.read_run_json()
+    status = str(doc.get("status", "failed"))
+    if status == "complete":
+        print(f"\nfederated run complete in {time.perf_counter() - t0:.0f} s\n"
+              f"  per-site table : {folder.final_md} (also .csv, .json)\n"
+              f"  round metrics  : {folder.metrics}\n"
+              f"  checkpoints    : {folder.checkpoints}", flush=True)
+        return 0
+    if status.startswith("stopped"):
+        print(f"\n{status}; continue with: addiff server start --resume {run_dir} ...", flush=True)
+        return 0
+    why = doc.get("error") or f"the run did not complete (status: {status})"
+    print(f"addiff: error: {why}; SuperLink log: {log_file}", file=sys.stderr)
+    return 1
 
 
 def add_parser(sub) -> None:
@@ -282,8 +294,7 @@ def add_parser(sub) -> None:
     s.add_argument("--config", help="model config YAML (default configs/demo.yaml)")
     s.add_argument("--size", type=int, help="model grid size (default: the model config's)")
     s.add_argument("--rounds", help="VAE,DIFFUSION rounds (e.g. 3,4); N for unet")
-    s.add_argument("--strategy", choices=STRATEGIES, default="fedavg",
-                   help="aggregation: fedavg, fedprox, fedadam, or robust fedmedian / fedtrimmedavg")
+    s.add_argument("--strategy", choices=list(STRATEGIES), default="fedavg", help=strategy_help())
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any run-config key (docs/FEDERATION.md), e.g. round-retries=1 central-dp-noise=1.0")
     s.add_argument("--proximal-mu", type=float)

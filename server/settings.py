@@ -2,7 +2,10 @@
 
 Keys and defaults mirror ``[tool.flwr.app.config]`` in pyproject.toml (``flwr run`` only
 accepts overrides of keys declared there; ``tests/test_federation_strategy.py`` checks that
-both agree). Relative paths resolve against :func:`server.protocol.project_root`.
+both agree); the defaults of :class:`RunSettings` are read from :data:`DEFAULTS`. The
+aggregation strategies are :data:`STRATEGIES` (name -> class, hyper-parameters, help), read by
+the commands' help, this validation and ``server.strategies.build_strategy``. Relative paths
+resolve against :func:`client.protocol.project_root`.
 """
 from __future__ import annotations
 
@@ -15,9 +18,7 @@ from typing import Any, Mapping
 
 from addiff_core.config import ConfigError, GridConfig, ModelConfig, load_model_config
 
-from .protocol import resolve_path, split_list
-
-STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg")
+from client.protocol import WIRE_DTYPES, resolve_path, split_list
 
 DEFAULTS: dict[str, Any] = {
     "run-dir": "",
@@ -50,7 +51,49 @@ DEFAULTS: dict[str, Any] = {
     "stop-after-round": 0,
     "eval-steps": 0,
     "eval-gamma": True,
+    "wire-dtype": "float32",  # float16: stage weights travel at half the bytes (client.protocol.WIRE_DTYPES)
 }
+
+
+
+# ------------------------------------------------------------------------------------------
+# aggregation strategies: one row each (Flower-free, so that the command line's help can read it)
+# ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StrategyInfo:
+    """An aggregation strategy of the run config's ``strategy`` key."""
+
+    cls: str  # class name in server.strategies
+    params: Mapping[str, str]  # run-config key of each hyper-parameter -> the class's keyword argument
+    help: str  # what it does, in a few words
+    central_dp: bool = False  # may run under client-level central DP (central-dp-noise > 0)
+
+
+STRATEGIES: dict[str, StrategyInfo] = {
+    "fedavg": StrategyInfo("StagedFedAvg", {}, "FedAvg weighted by training cases", central_dp=True),
+    "fedprox": StrategyInfo("StagedFedProx", {"proximal-mu": "proximal_mu"},
+                            "FedAvg + a proximal term at the sites (proximal-mu)"),
+    "fedadam": StrategyInfo("StagedFedAdam", {"fedadam-eta": "eta", "fedadam-beta-1": "beta_1",
+                                              "fedadam-beta-2": "beta_2", "fedadam-tau": "tau"},
+                            "adaptive server optimiser (fedadam-eta, -beta-1, -beta-2, -tau)"),
+    "fedmedian": StrategyInfo("StagedFedMedian", {}, "robust: element-wise median of the updates"),
+    "fedtrimmedavg": StrategyInfo("StagedFedTrimmedAvg", {"trim-beta": "beta"},
+                                  "robust: element-wise mean after cutting trim-beta at each end"),
+}
+
+
+def strategy_help() -> str:
+    """The ``--strategy`` help of the commands: every strategy, in a few words."""
+    return "aggregation: " + "; ".join(f"{name} ({info.help})" for name, info in STRATEGIES.items())
+
+
+def check_central_dp(strategy: str, noise: float) -> None:
+    """Central DP (``central-dp-noise > 0``) wraps a uniformly weighted FedAvg: the one place
+    that rule is checked (run config validation and ``build_strategy``)."""
+    if noise > 0 and not STRATEGIES[strategy].central_dp:
+        ok = ", ".join(n for n, i in STRATEGIES.items() if i.central_dp)
+        raise ConfigError(f"run config: central-dp-noise: central DP needs strategy {ok}, got {strategy!r}")
+
 
 # keys a resumed run may change; everything else comes from the run folder's run.json
 RESUME_MAY_CHANGE = ("resume", "stop-after-round", "round-timeout", "min-sites", "wait-sites", "round-retries", "eval-steps",
@@ -71,26 +114,28 @@ class RunSettings:
     site_files: tuple[Path, ...]
     model: ModelConfig
     model_config_file: Path | None
-    strategy: str = "fedavg"
+    strategy: str = DEFAULTS["strategy"]
     vae_rounds: int = DEFAULTS["vae-rounds"]
     diffusion_rounds: int = DEFAULTS["diffusion-rounds"]
     unet_rounds: int = DEFAULTS["unet-rounds"]
-    local_epochs: int = 0  # 0: each site's own training.vae_epochs / diffusion_epochs
-    proximal_mu: float = 0.01
-    fedadam: dict[str, float] = field(default_factory=dict)
-    trim_beta: float = 0.2  # fedtrimmedavg: fraction cut at each end
+    local_epochs: int = DEFAULTS["local-epochs"]  # 0: each site's own training.vae_epochs / diffusion_epochs
+    proximal_mu: float = DEFAULTS["proximal-mu"]
+    fedadam: dict[str, float] = field(default_factory=dict)  # eta, beta_1, beta_2, tau (fedadam-* keys)
+    trim_beta: float = DEFAULTS["trim-beta"]  # fedtrimmedavg: fraction cut at each end
     central_dp: dict[str, float] = field(default_factory=dict)  # noise (0: off), clip, delta
-    min_sites: int = 0  # 0: as many as site_files
-    wait_sites: int = 0  # SuperNodes to wait for before the first round (0: min-sites)
-    round_retries: int = 2  # a round with too few usable replies is tried again this many times
-    max_num_examples: int = 100000  # a reply claiming more training cases is rejected
-    update_norm_multiple: float = 10.0  # reject an update whose norm exceeds this x the round's median (0: off)
-    seed: int = 0
-    round_timeout: float = 3600.0
-    resume: bool = False
-    stop_after_round: int = 0
-    eval_steps: int = 0
-    eval_gamma: bool = True
+    min_sites: int = DEFAULTS["min-sites"]  # 0: as many as site_files
+    wait_sites: int = DEFAULTS["wait-sites"]  # SuperNodes to wait for before the first round (0: min-sites)
+    round_retries: int = DEFAULTS["round-retries"]  # a round with too few usable replies is tried again this often
+    max_num_examples: int = DEFAULTS["max-num-examples"]  # a reply claiming more training cases is rejected
+    # reject an update whose norm exceeds this x the round's median (0: off)
+    update_norm_multiple: float = DEFAULTS["update-norm-multiple"]
+    seed: int = DEFAULTS["seed"]
+    round_timeout: float = DEFAULTS["round-timeout"]
+    resume: bool = DEFAULTS["resume"]
+    stop_after_round: int = DEFAULTS["stop-after-round"]
+    eval_steps: int = DEFAULTS["eval-steps"]
+    eval_gamma: bool = DEFAULTS["eval-gamma"]
+    wire_dtype: str = DEFAULTS["wire-dtype"]
     raw: dict[str, Any] = field(default_factory=dict)  # the merged run config as given
 
     # -- schedule ---------------------------------------------------------------------------
@@ -178,9 +223,10 @@ def from_run_config(run_config: Mapping[str, Any]) -> RunSettings:
         raise ConfigError("run config: unet-rounds must be >= 1 for the unet model")
     if not 0.0 <= c["trim-beta"] < 0.5:
         raise ConfigError(f"run config: trim-beta: must be in [0, 0.5), got {c['trim-beta']!r}")
+    check_central_dp(strategy, c["central-dp-noise"])
+    if c["wire-dtype"] not in WIRE_DTYPES:
+        raise ConfigError(f"run config: wire-dtype: must be one of {', '.join(WIRE_DTYPES)}, got {c['wire-dtype']!r}")
     if c["central-dp-noise"] > 0:
-        if strategy != "fedavg":
-            raise ConfigError(f"run config: central-dp-noise: central DP needs strategy fedavg, got {strategy!r}")
         if c["central-dp-clip"] <= 0:
             raise ConfigError("run config: central-dp-clip: must be > 0")
         if not 0 < c["central-dp-delta"] < 1:
@@ -199,31 +245,18 @@ def from_run_config(run_config: Mapping[str, Any]) -> RunSettings:
         trim_beta=c["trim-beta"], min_sites=c["min-sites"],
         central_dp={"noise": c["central-dp-noise"], "clip": c["central-dp-clip"], "delta": c["central-dp-delta"]}, round_retries=c["round-retries"], wait_sites=c["wait-sites"],
         max_num_examples=c["max-num-examples"], update_norm_multiple=c["update-norm-multiple"], seed=c["seed"], round_timeout=c["round-timeout"], resume=c["resume"],
-        stop_after_round=c["stop-after-round"], eval_steps=c["eval-steps"], eval_gamma=c["eval-gamma"], raw=c)
-
-
-def read_run_doc(run_dir: Path) -> dict:
-    """``run_dir/run.json`` as a dict ({} if absent); a garbled file is a ConfigError (one line)."""
-    path = Path(run_dir) / "run.json"
-    if not path.is_file():
-        return {}
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{path}: not a readable run description ({type(e).__name__}); "
-                          "restore it or start a new run folder") from None
-    if not isinstance(doc, dict):
-        raise ConfigError(f"{path}: not a run description (a JSON object expected)")
-    return doc
+        stop_after_round=c["stop-after-round"], eval_steps=c["eval-steps"], eval_gamma=c["eval-gamma"],
+        wire_dtype=c["wire-dtype"], raw=c)
 
 
 def settings_for_resume(current: RunSettings) -> RunSettings:
     """The planned run stored in ``run_dir/run.json``, with the keys a resume may change."""
-    path = current.run_dir / "run.json"
-    if not path.is_file():
-        raise ConfigError(f"{current.run_dir}: not a run folder to resume (no run.json)")
+    from addiff_core.run_folder import RunFolder
+
+    folder = RunFolder(current.run_dir)
+    path = folder.run_json
+    doc = folder.require_run_json()
     try:
-        doc = json.loads(path.read_text())
         stored, stored_model = dict(doc["run_config"]), doc["model"]
     except (ValueError, KeyError, TypeError) as e:
         raise ConfigError(f"{path}: unreadable run description ({type(e).__name__}: {e})") from None

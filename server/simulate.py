@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from addiff_core.config import ConfigError
+from addiff_core.run_folder import RunFolder
 
-from .protocol import project_root, resolve_path, split_list
-from .settings import DEFAULTS, STRATEGIES
+from client.protocol import project_root, resolve_path, split_list
+from .settings import DEFAULTS, STRATEGIES, strategy_help
 
 DEMO_STAMP = "addiff-demo.json"
 
@@ -104,7 +105,7 @@ def run_inprocess(run_config: dict[str, Any], n_sites: int, resources: dict[str,
 
     from .server_app import make_server_app
 
-    from .launch import DescendantTracker
+    from client.launch import DescendantTracker
 
     logging.getLogger("flwr").propagate = False  # Flower prints its own log lines
     results: list = []
@@ -130,7 +131,7 @@ def run_inprocess(run_config: dict[str, Any], n_sites: int, resources: dict[str,
 
 
 def run_via_flwr(run_config: dict[str, Any], n_sites: int, resources: dict[str, float], run_dir: Path) -> dict:
-    from . import launch
+    from client import launch
 
     root = project_root()
     flwr_home = Path(tempfile.mkdtemp(prefix="addiff-flwr-home-"))
@@ -155,10 +156,7 @@ def run_via_flwr(run_config: dict[str, Any], n_sites: int, resources: dict[str, 
         launch.wait_children_exit(superlink.pid)  # let flwr-simulation finish and be reaped
         launch.stop(superlink)
         shutil.rmtree(flwr_home, ignore_errors=True)
-    from .settings import read_run_doc
-
-    doc = read_run_doc(run_dir)
-    status = str(doc.get("status", "failed"))
+    status = str(RunFolder(run_dir).read_run_json().get("status", "failed"))
     return {"status": "complete" if status == "complete" else ("stopped" if status.startswith("stopped") else "failed"),
             "run_dir": str(run_dir)}
 
@@ -196,14 +194,7 @@ def cmd_simulate(args) -> int:
     t0 = time.perf_counter()
     if args.resume:
         run_dir = resolve_path(args.resume, Path.cwd())
-        doc_path = run_dir / "run.json"
-        if not doc_path.is_file():
-            raise ConfigError(f"{run_dir}: not a run folder (no run.json)")
-        from .settings import read_run_doc
-
-        stored = read_run_doc(run_dir).get("run_config")
-        if not isinstance(stored, dict) or "site-files" not in stored:
-            raise ConfigError(f"{doc_path}: holds no run config; not a run folder to resume")
+        stored = RunFolder(run_dir).stored_run_config(require=("site-files",))
         n_sites = len(split_list(stored["site-files"]))
         run_config: dict[str, Any] = {**stored, "run-dir": str(run_dir), "resume": True,
                                       "stop-after-round": int(args.stop_after_round or 0)}
@@ -240,10 +231,10 @@ def cmd_simulate(args) -> int:
     from .settings import from_run_config
 
     settings = from_run_config(run_config)  # fail early, with one clear line, on a bad setting
-    if not settings.resume and settings.run_dir.exists() and any(settings.run_dir.glob("checkpoints/round_*.pt")):
-        raise ConfigError(f"{settings.run_dir} already holds checkpoints: use --resume {settings.run_dir} "
-                          "or another --run-dir")
-    settings.run_dir.mkdir(parents=True, exist_ok=True)
+    folder = RunFolder(settings.run_dir)
+    if not settings.resume:
+        folder.refuse_if_started()
+    folder.path.mkdir(parents=True, exist_ok=True)
     resources = client_resources(n_sites, args.cpus_per_site)
     print(f"federated simulation: {n_sites} site(s), strategy {settings.strategy}, model {settings.model.kind}, "
           f"{settings.num_rounds} round(s) [{' '.join(sorted({r.stage for r in settings.schedule}, key=['vae', 'diffusion', 'unet'].index))}], "
@@ -264,24 +255,20 @@ def cmd_simulate(args) -> int:
         print(f"addiff: error: {e}", file=sys.stderr)
         out = {"status": "failed"}
     took = time.perf_counter() - t0
-    rd = settings.run_dir
     if out.get("status") == "stopped":
         print(f"\nstopped as asked after round {run_config['stop-after-round']} ({took:.0f} s); continue with:\n"
-              f"  addiff simulate --resume {rd}")
+              f"  addiff simulate --resume {folder.path}")
         return 0
-    if out.get("status") != "complete" or not (rd / "final_metrics.md").is_file():
-        from .settings import read_run_doc
-
-        why = out.get("error") or read_run_doc(rd).get("error") or "the federated run did not complete"
-        print(f"addiff: error: {why}; see {rd / 'metrics.jsonl'}", file=sys.stderr)
+    if out.get("status") != "complete" or not folder.has_final_table():
+        why = out.get("error") or folder.read_run_json().get("error") or "the federated run did not complete"
+        print(f"addiff: error: {why}; see {folder.metrics}", file=sys.stderr)
         return 1
     print(f"\nfederated run complete in {took:.0f} s\n"
-          f"  per-site table : {rd / 'final_metrics.md'} (also .csv, .json)\n"
-          f"  round metrics  : {rd / 'metrics.jsonl'}\n"
-          f"  checkpoints    : {rd / 'checkpoints'}\n"
-          f"  final model    : {rd / 'final_model.pt'}"
-          + (f"\n  report         : {rd / 'report' / 'report.md'} (+ .html, figures/)"
-             if (rd / "report" / "report.md").is_file() else ""))
+          f"  per-site table : {folder.final_md} (also .csv, .json)\n"
+          f"  round metrics  : {folder.metrics}\n"
+          f"  checkpoints    : {folder.checkpoints}\n"
+          f"  final model    : {folder.final_model}"
+          + (f"\n  report         : {folder.report_md} (+ .html, figures/)" if folder.report_md.is_file() else ""))
     return 0
 
 
@@ -335,8 +322,7 @@ def add_parser(sub) -> None:
     s.add_argument("--model", choices=("diffusion", "unet"), help="model kind (default: the model config's)")
     s.add_argument("--config", help="model config YAML (default configs/demo.yaml)")
     s.add_argument("--rounds", help="VAE,DIFFUSION rounds for the diffusion model (e.g. 3,4); N for unet")
-    s.add_argument("--strategy", choices=STRATEGIES, default="fedavg",
-                   help="aggregation: fedavg, fedprox, fedadam, or robust fedmedian / fedtrimmedavg")
+    s.add_argument("--strategy", choices=list(STRATEGIES), default="fedavg", help=strategy_help())
     s.add_argument("--min-sites", type=int, help="usable replies a round needs (default: every site)")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any run-config key (see [tool.flwr.app.config] in pyproject.toml), e.g. round-retries=1")

@@ -8,7 +8,7 @@ What the subclasses add (the maths is Flower's):
   diffusion) they start from zero. Non-trainable buffers (e.g. ``diffusion.latent_scale``)
   are averaged as in FedAvg instead of taking an adaptive step from their previous value.
 * FedMedian and FedTrimmedAvg (robust aggregation) work element-wise, so they apply unchanged
-  to the packed wire arrays (``server.protocol.encode``);
+  to the packed wire arrays (``client.protocol.encode``: the packing of the weights);
 * ``state_dict()`` / ``load_state_dict()`` export the server-side optimiser state (FedAdam
   moments) for the round checkpoint, and restore it on resume.
 """
@@ -24,7 +24,9 @@ from flwr.serverapp.strategy import (
 )
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-from .protocol import METRICS_KEY, NUM_EXAMPLES, SITE_KEY
+from client.protocol import METRICS_KEY, NUM_EXAMPLES, SITE_KEY
+
+from .settings import DEFAULTS, STRATEGIES, check_central_dp
 
 
 def site_of(msg: Message) -> str:
@@ -44,7 +46,12 @@ def ordered(replies: Iterable[Message]) -> list[Message]:
 
 
 class _Staged:
-    """Mixin: deterministic aggregation order and (empty) server-side state."""
+    """Mixin: deterministic aggregation order, (empty) server-side state, and the names of the
+    non-trainable buffers (``buffer_keys``) that travel unpacked."""
+
+    def __init__(self, *, buffer_keys: Iterable[str] = (), **kw):
+        super().__init__(**kw)
+        self.buffer_keys = frozenset(buffer_keys)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -77,9 +84,8 @@ class StagedFedTrimmedAvg(_Staged, FedTrimmedAvg):
 class StagedFedAdam(_Staged, FedAdam):
     """FedAdam (Reddi et al.) with moments per stage and plain averaging of buffers."""
 
-    def __init__(self, *, buffer_keys: Iterable[str] = (), **kw):
+    def __init__(self, **kw):
         super().__init__(**kw)
-        self.buffer_keys = frozenset(buffer_keys)
         self.stage_keys: frozenset[str] | None = None
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -160,28 +166,26 @@ class CentralDP(DifferentialPrivacyServerSideFixedClipping):
         self.releases = int(state.get("central_dp_releases", 0))
 
 
-def build_strategy(name: str, *, min_sites: int, proximal_mu: float = 0.0, fedadam: dict | None = None,
-                   buffer_keys: Iterable[str] = (), trim_beta: float = 0.2, central_dp: dict | None = None):
-    """The strategy named in the run config; every connected site trains every round (a round
-    starts once ``min_sites`` SuperNodes are connected)."""
+def build_strategy(name: str, *, min_sites: int, proximal_mu: float = DEFAULTS["proximal-mu"],
+                   fedadam: dict | None = None, buffer_keys: Iterable[str] = (), trim_beta: float = DEFAULTS["trim-beta"],
+                   central_dp: dict | None = None):
+    """The strategy named in the run config (``settings.STRATEGIES``: its class and the run-config
+    keys of its hyper-parameters); every connected site trains every round (a round starts once
+    ``min_sites`` SuperNodes are connected). ``fedadam``: any of eta, beta_1, beta_2, tau (the
+    rest from the run-config defaults)."""
+    info = STRATEGIES.get(name)
+    if info is None:
+        raise ValueError(f"unknown strategy {name!r}")
+    noise = float((central_dp or {}).get("noise", 0) or 0)
+    check_central_dp(name, noise)
     common = dict(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=min_sites,
                   min_evaluate_nodes=min_sites, min_available_nodes=min_sites, weighted_by_key=NUM_EXAMPLES)
-    if central_dp and central_dp.get("noise", 0) > 0:
-        if name != "fedavg":
-            raise ValueError("central DP (central-dp-noise > 0) works with strategy fedavg only")
-        inner = StagedFedAvg(**{**common, "weighted_by_key": UNIFORM_KEY})
+    cls = globals()[info.cls]  # a class of this module (tests/test_federation_strategy.py builds each)
+    if noise > 0:
+        assert central_dp is not None
+        inner = cls(**{**common, "weighted_by_key": UNIFORM_KEY})
         return CentralDP(inner, noise_multiplier=central_dp["noise"], clipping_norm=central_dp["clip"],
                          delta=central_dp["delta"])
-    if name == "fedavg":
-        return StagedFedAvg(**common)
-    if name == "fedprox":
-        return StagedFedProx(**common, proximal_mu=proximal_mu)
-    if name == "fedmedian":
-        return StagedFedMedian(**common)
-    if name == "fedtrimmedavg":
-        return StagedFedTrimmedAvg(**common, beta=trim_beta)
-    if name == "fedadam":
-        fa = dict(fedadam or {})
-        return StagedFedAdam(**common, buffer_keys=buffer_keys, eta=fa.get("eta", 1e-3),
-                             beta_1=fa.get("beta_1", 0.9), beta_2=fa.get("beta_2", 0.99), tau=fa.get("tau", 1e-5))
-    raise ValueError(f"unknown strategy {name!r}")
+    values = {**DEFAULTS, "proximal-mu": proximal_mu, "trim-beta": trim_beta,
+              **{"fedadam-" + k.replace("_", "-"): v for k, v in (fedadam or {}).items()}}
+    return cls(**common, buffer_keys=buffer_keys, **{kw: values[key] for key, kw in info.params.items()})

@@ -2,8 +2,10 @@
 
 * ``openkbp_dir``: the OpenKBP sample folder (``/work/shared/openkbp-sample`` or
   ``$ADDIFF_OPENKBP_SAMPLE``); the test is skipped when it is absent.
-* ``procs``: processes a test starts (``Processes`` of test_federation_helpers), all stopped by
-  PID at the end; the test fails if any was still running after its leader stopped.
+* ``procs``: processes a test starts (``helpers.federation.Processes``), all stopped by PID at
+  the end; the test fails if any was still running after its leader stopped.
+* ``tiny_model``: the tests' tiny ``ModelConfig`` (``helpers.models.TINY_MODEL``; tests that need
+  it outside a test function import it from there).
 * ``make_case``: a factory writing a small valid 16^3 head-and-neck case with
   ``case_io.save_case``::
 
@@ -16,7 +18,13 @@
   Overrides: ``ct``, ``dose``, ``possible_dose_mask`` (arrays (z, y, x), or None to omit the
   latter two), ``masks`` (merged into the defaults PTV70, SpinalCord, Body; None drops one),
   ``plan`` (a ``Plan``; or a dict / str written verbatim to plan.yaml, valid or not),
-  ``spacing``, ``origin``, ``direction``. ``make_case.arrays()`` returns the default arrays.
+  ``spacing``, ``origin``, ``direction``. ``make_case.arrays()`` returns the default arrays
+  (``helpers.cases``).
+
+Helpers that are not fixtures live in the ``tests/helpers/`` package (``from helpers.X import ...``).
+
+Under pytest-xdist (the README's ``-n 2``) each worker uses one torch thread: two workers with
+two threads each on a 2-core machine would oversubscribe it.
 """
 from __future__ import annotations
 
@@ -24,39 +32,24 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import pytest
 import yaml
 
-from addiff_core.case_io import Beam, Plan, save_case
+from addiff_core.case_io import Plan, save_case
+from addiff_core.config import ModelConfig
+from helpers.cases import DEFAULT_SPACING, N, default_arrays, default_plan
+from helpers.models import TINY_MODEL
 
-N = 16
-DEFAULT_SPACING = (2.0, 2.0, 2.5)
-RX = 70.0
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    import torch
 
-
-def default_arrays(n: int = N) -> dict[str, Any]:
-    """Default (z, y, x) arrays of the synthetic case: a water cylinder with a spine, a
-    spherical PTV70 in the middle and a dose of ~70 Gy in it falling off outside."""
-    z, y, x = np.meshgrid(*(np.arange(n, dtype=np.float32) - (n - 1) / 2,) * 3, indexing="ij")
-    body = (x ** 2 + y ** 2) <= (0.45 * n) ** 2
-    ct = np.full((n, n, n), -1000, np.int16)
-    ct[body] = 20
-    cord = ((x ** 2 + (y - 0.3 * n) ** 2) <= (0.08 * n) ** 2)
-    bone = ((x ** 2 + (y - 0.3 * n) ** 2) <= (0.16 * n) ** 2) & ~cord
-    ct[bone] = 700
-    ptv = (x ** 2 + y ** 2 + z ** 2) <= (0.2 * n) ** 2
-    r = np.sqrt(x ** 2 + y ** 2 + z ** 2)
-    dose = (RX * 1.03 * np.exp(-np.maximum(r - 0.2 * n, 0) ** 2 / (2 * (0.15 * n) ** 2))).astype(np.float32)
-    dose[~body] = 0.0
-    return {"ct": ct, "dose": dose, "masks": {"PTV70": ptv.astype(np.uint8), "SpinalCord": cord.astype(np.uint8),
-                                              "Body": body.astype(np.uint8)},
-            "possible_dose_mask": body.astype(np.uint8)}
+    torch.set_num_threads(1)
 
 
-def default_plan() -> Plan:
-    return Plan(tumour_site="head_neck", prescriptions={"PTV70": RX}, fractions=35, technique="IMRT",
-                beams=tuple(Beam(gantry=float(g)) for g in range(0, 360, 72)))
+@pytest.fixture
+def tiny_model() -> ModelConfig:
+    """The tests' tiny model configuration (16^3 grid; ``helpers.models.TINY_MODEL``)."""
+    return TINY_MODEL
 
 
 @pytest.fixture
@@ -104,7 +97,7 @@ def openkbp_dir() -> Path:
 
 @pytest.fixture
 def procs():
-    from test_federation_helpers import Processes
+    from helpers.federation import Processes
 
     p = Processes()
     yield p

@@ -7,23 +7,20 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_checks import BREAKERS  # noqa: E402  (tests/ is on sys.path under pytest)
 
 from addiff_core.cli import main
-from addiff_core.config import ConfigError, GridConfig, ModelConfig, load_site_config
+from addiff_core.config import ConfigError, load_site_config
 from addiff_core.data import load_site_data
+from helpers.checks import BREAKERS
+from helpers.models import TINY_MODEL, tiny_site_model
 
 GOOD = ("good_0", "good_1", "good_2")
-TINY = ModelConfig(grid=GridConfig(size=16), vae_channels=(8, 16), unet_channels=(16, 16),
-                   attention_levels=(False, True), cond_channels=8, context_dim=16, num_heads=2, norm_groups=4,
-                   sample_steps=2)
+TINY = TINY_MODEL  # the tests' one tiny model configuration
 
 
 def write_site(root: Path, heldout=("good_0",), **extra) -> Path:
     doc = {"name": "fuzz_site", "data_dir": "cases", "heldout": {"case_ids": list(heldout)}, "device": "cpu",
-           "model": {"grid": {"size": 16}, "vae_channels": [8, 16], "unet_channels": [16, 16],
-                     "attention_levels": [False, True], "cond_channels": 8, "context_dim": 16, "num_heads": 2,
-                     "norm_groups": 4, "sample_steps": 2}}
+           "model": tiny_site_model()}
     doc.update(extra)
     p = root / "site.yaml"
     p.write_text(yaml.safe_dump(doc))
@@ -57,7 +54,7 @@ def test_nothing_usable_is_one_clear_error(make_case, tmp_path):
 
 
 def make_case_dose_cgy():
-    from conftest import default_arrays
+    from helpers.cases import default_arrays
 
     return default_arrays()["dose"] * 100.0
 
@@ -282,9 +279,10 @@ def test_non_finite_model_output_is_an_error_not_a_zero_dose(make_case, tmp_path
     import torch
 
     import addiff_core.local as local
+    import addiff_core.predict as predict
 
     case = make_case(tmp_path / "cases", name="good_0")
-    monkeypatch.setattr(local, "predict_normalised",
+    monkeypatch.setattr(predict, "predict_normalised",
                         lambda *a, **k: (torch.full((1, 1, 16, 16, 16), float("nan")), None))
     with pytest.raises(Exception, match="not finite"):
         local.predict_case(_ckpt(tmp_path), case, tmp_path / "p", steps=2)
@@ -420,7 +418,7 @@ def test_user_error_under_python_m_is_one_line(make_case, tmp_path):
 
     make_case(tmp_path / "cases", name="good_0")
     (tmp_path / "x.yaml").write_text("name: x\ndata_dir: cases\n")
-    # a UserError raised by the client glue (which imports addiff_core.cli, not __main__)
+    # a UserError raised by the client glue (addiff_core.errors: one class, also under python -m)
     r = subprocess.run([sys.executable, "-m", "addiff_core.cli", "client", "start", "--site", str(tmp_path / "x.yaml"),
                         "--superlink", "no-port-given", "--insecure"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr

@@ -138,3 +138,26 @@ def test_ablation_smoke_and_merge(tmp_path):
         assert spent >= 1.0 * 0.99
     assert -1.0 <= [r for r in rows if r["variant"] == "new"][0]["uncertainty_spearman"] <= 1.0
     assert "new" in merged.with_suffix(".md").read_text()
+
+
+def test_predict_bench_smoke(tmp_path):
+    """bench/predict_bench.py: every setting times every phase of the predict path, scores its
+    predictions, and the cold runs go through the command line (one case and a folder)."""
+    mod = _load("predict_bench")
+    mod.main(["--smoke", "--out", str(tmp_path), "--device", "cpu"])
+    data = json.loads((tmp_path / "predict_bench.json").read_text())
+    assert (tmp_path / "predict_bench.md").read_text().startswith("# Predict bench (smoke)")
+    assert data["smoke"] is True and data["bench"] == "predict_bench"
+    _check_machine(data["machine"], "cpu")
+    kinds = [s["kind"] for s in data["settings"]]
+    assert kinds == ["diffusion", "diffusion", "unet"] and [s["steps"] for s in data["settings"]] == [1, 2, None]
+    for s in data["settings"]:
+        assert len(s["cases"]) == 2 and all(_positive(c["total"]) for c in s["cases"])
+        for c in s["cases"]:  # the phases add up to the whole path
+            assert c["total"] == pytest.approx(sum(c[p] for p in mod.PHASES))
+            assert all(_positive(c[p]) for p in ("check", "read", "preprocess", "model", "write"))
+        assert _finite(s["dose_score"]) and _finite(s["dvh_score"])
+    assert all(_positive(s["cases"][0]["decode"]) for s in data["settings"] if s["kind"] == "diffusion")
+    for cold in data["cold"].values():
+        assert all(_positive(cold[k]) for k in ("predict_case_with_load", "cli_one_case", "cli_folder"))
+    assert _positive(data["summary"]["ratio_addiff_to_unet"])

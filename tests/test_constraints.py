@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from addiff_core.case_io import OAR_NAMES, TUMOUR_SITES, Beam, Plan
-from addiff_core.constraints import (MAX_CONSTRAINTS, TARGET, Constraint, constraints_for_plan,
-                                     default_constraints, evaluate_constraint)
+from addiff_core.constraints import TARGET, Constraint, constraints_for_plan, default_constraints, evaluate_constraint
+from addiff_core.contract import C_MAX as MAX_CONSTRAINTS
 
 RX = {"head_neck": {"PTV70": 70.0, "PTV56": 56.0}, "lung": {"PTV": 60.0}, "prostate": {"PTV": 78.0}}
 

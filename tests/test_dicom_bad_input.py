@@ -10,7 +10,7 @@ import pydicom
 from addiff_core.case_io import load_case
 from addiff_core.cli import main
 from addiff_core.dicom.writer import export_case
-from test_dicom_helpers import edit
+from helpers.dicom import edit
 
 
 def _blocks(out: str) -> dict[str, list[str]]:

@@ -22,7 +22,7 @@ import pytest
 from addiff_core.case_io import load_case
 from addiff_core.dicom.writer import export_case
 from addiff_core.metrics import dvh_curve, dvh_points
-from test_dicom_helpers import synth_case_dir
+from helpers.dicom import synth_case_dir
 
 
 @pytest.fixture

@@ -9,24 +9,19 @@ import yaml
 
 from addiff_core.case_io import load_case
 from addiff_core.cli import main
-from addiff_core.config import GridConfig, ModelConfig
 from addiff_core.dicom.names import NameMapper, infer_tumour_site, site_from_text, target_dose_from_name
 from addiff_core.dicom.writer import export_case
-from test_dicom_helpers import edit
-
-TINY = ModelConfig(grid=GridConfig(size=16), vae_channels=(8, 16), unet_channels=(16, 16),
-                   attention_levels=(False, True), cond_channels=8, context_dim=16, num_heads=2, norm_groups=4,
-                   sample_steps=2)
+from helpers.dicom import edit
 
 
-def test_predict_writes_an_rtdose_on_the_imported_case_frame_of_reference(tmp_path, make_case, capsys):
+def test_predict_writes_an_rtdose_on_the_imported_case_frame_of_reference(tmp_path, make_case, capsys, tiny_model):
     from addiff_core.checkpoint import save_checkpoint
     from addiff_core.models import build_model
 
     export_case(make_case(tmp_path / "cases", name="pat1"), tmp_path / "tps" / "pat1")
     assert main(["data", "import-dicom", str(tmp_path / "tps"), str(tmp_path / "imported")]) == 0
     case_dir = tmp_path / "imported" / "pat1"
-    ckpt = save_checkpoint(tmp_path / "m.pt", build_model(TINY).state_dict(), TINY)
+    ckpt = save_checkpoint(tmp_path / "m.pt", build_model(tiny_model).state_dict(), tiny_model)
     out = tmp_path / "pred"
     assert main(["predict", "--checkpoint", str(ckpt), "--case", str(case_dir), "--out", str(out), "--steps", "2",
                  "--rtdose"]) == 0
@@ -86,7 +81,7 @@ def test_default_name_map_covers_tg263_spellings():
 
 def _tps_style_patient(tmp_path, make_case):
     """A patient whose TPS uses its own names and whose plan carries no prescription, fractions or site."""
-    from conftest import default_arrays
+    from helpers.cases import default_arrays
 
     arr = default_arrays()
     case = make_case(tmp_path / "cases", name="tps1", masks={"Larynx": arr["masks"]["SpinalCord"]})

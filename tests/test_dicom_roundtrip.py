@@ -16,7 +16,7 @@ from addiff_core.checks import check_case
 from addiff_core.cli import main
 from addiff_core.dicom.reader import import_dicom
 from addiff_core.dicom.writer import export_case
-from test_dicom_helpers import dice, same_geometry_arrays, synth_case_dir
+from helpers.dicom import dice, same_geometry_arrays, synth_case_dir
 
 
 def _compare(orig_dir: Path, back_dir: Path) -> None:
@@ -214,7 +214,7 @@ def _coarse_dose_rtdose(tmp_path, make_case) -> tuple:
 
 @pytest.mark.parametrize("variant", ["relative offsets", "absolute offsets", "cGy"])
 def test_rtdose_on_its_own_grid_is_resampled_onto_the_ct_in_gy(tmp_path, make_case, variant):
-    from test_dicom_helpers import edit
+    from helpers.dicom import edit
 
     expected, dmax = _coarse_dose_rtdose(tmp_path, make_case)
 

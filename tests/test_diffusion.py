@@ -9,15 +9,12 @@ import torch
 import torch.nn as nn
 
 from addiff_core import diffusion as D
-from addiff_core.case_io import OAR_NAMES
+from addiff_core.contract import OAR_NAMES, TARGET_STRUCT
 from addiff_core.losses import constraint_hinge, kl_divergence, masked_l1
 from addiff_core.models import build_model
 from addiff_core.models.conditioning import condition_volume
-
-try:
-    from tests.test_models import _reinit_zero_params, fake_batch, tiny_cfg
-except ImportError:  # tests/ is not a package
-    from test_models import _reinit_zero_params, fake_batch, tiny_cfg
+from addiff_core.training import predict_normalised
+from helpers.models import fake_batch, reinit_zero_params, tiny_cfg
 
 
 # --------------------------------------------------------------------------------------------
@@ -62,7 +59,7 @@ def _hinge_batch(s: int = 8):
     dose[300:401] = torch.linspace(0.8, 1.0, 101)       # D95 = 5th percentile = 0.81
     cons = torch.zeros(1, 16, 6)
     struct = torch.zeros(1, 16, dtype=torch.long)
-    rows = [(0, 0.5, 0.0, cord), (1, 0.3, 0.0, parotid), (2, 0.5, 0.2, lung), (3, 0.95, 0.95, 14),
+    rows = [(0, 0.5, 0.0, cord), (1, 0.3, 0.0, parotid), (2, 0.5, 0.2, lung), (3, 0.95, 0.95, TARGET_STRUCT),
             (0, 2.0, 0.0, cord),                        # satisfied: counts with 0
             (0, 0.0, 0.0, OAR_NAMES.index("Heart"))]    # structure absent: ignored
     for r, (k, thr, lim, st) in enumerate(rows):
@@ -196,7 +193,7 @@ def test_sampler_is_deterministic_per_seed():
     cfg = tiny_cfg()
     torch.manual_seed(0)
     model = build_model(cfg).eval()
-    _reinit_zero_params(model)
+    reinit_zero_params(model)
     batch = fake_batch()
     a, sa = D.sample(model, batch, cfg, steps=4, seed=0)
     b, _ = D.sample(model, batch, cfg, steps=4, seed=0)
@@ -206,7 +203,7 @@ def test_sampler_is_deterministic_per_seed():
     assert float(a.min()) >= 0
     m, s = D.sample(model, batch, cfg, steps=3, seed=0, num_samples=2)
     assert s is not None and s.shape == m.shape and float(s.max()) > 0
-    pm, ps = D.predict(model, batch, cfg, steps=4, seed=0)
+    pm, ps = predict_normalised(model, batch, cfg, steps=4, seed=0)
     assert torch.equal(pm, a) and ps is None
 
 
@@ -255,3 +252,15 @@ def test_diffusion_loss_is_zero_for_the_oracle(prediction_type):
     loss, parts = D.diffusion_loss(model, batch, cfg, timesteps=torch.tensor([10, 700]),
                                    noise=torch.randn(z0.shape, generator=torch.Generator().manual_seed(2)))
     assert parts["mse"] < 1e-8
+
+
+def test_noising_is_the_schedulers_own():
+    # diffusion_loss noises with DDPMScheduler.add_noise: the closed form sqrt(a) z0 + sqrt(1 - a) eps, exactly
+    cfg = tiny_cfg()
+    g = torch.Generator().manual_seed(0)
+    z0, noise = torch.randn(4, 2, 3, 3, 3, generator=g), torch.randn(4, 2, 3, 3, 3, generator=g)
+    t = torch.tensor([0, 10, 500, cfg.train_timesteps - 1])
+    sched = D.make_train_scheduler(cfg)
+    a = sched.alphas_cumprod[t].reshape(4, 1, 1, 1, 1)
+    assert torch.equal(sched.add_noise(z0, noise, t), a.sqrt() * z0 + (1 - a).sqrt() * noise)
+

@@ -8,9 +8,9 @@ import json
 
 import pytest
 
-from test_federation_helpers import ROOT, TINY, cli, exit_code, flower_test_env, synthetic_sites
+from helpers.federation import ROOT, TINY, cli, exit_code, flower_test_env, synthetic_sites
 from server.certs import create_certificates, create_node_key
-from server.launch import free_port
+from client.launch import free_port
 
 pytestmark = pytest.mark.slow
 

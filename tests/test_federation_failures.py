@@ -29,12 +29,12 @@ import time
 
 import pytest
 
-from test_federation_helpers import (
+from helpers.federation import (
     ROOT, TINY, Processes, cli, exit_code, flower_test_env, kill_tree, metrics_rows, read_text, synthetic_sites, tail_logs,
     wait_until,
 )
 from server.certs import create_certificates, create_node_key
-from server.launch import descendants, free_port
+from client.launch import descendants, free_port
 
 pytestmark = pytest.mark.slow
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from addiff_core.config import ConfigError
-from test_federation_helpers import TINY, FakeGrid, synthetic_sites
+from helpers.federation import TINY, FakeGrid, synthetic_sites
 from server.federation import Federation
-from server.protocol import layout_from_json
+from client.protocol import layout_from_json
 from server.settings import from_run_config
 
 pytestmark = pytest.mark.slow
@@ -141,3 +141,22 @@ def test_unet_baseline_is_a_single_stage(sites, tmp_path):
     sent = [m for m in grid.sent if m.metadata.message_type == "train"]
     assert all(set(layout_from_json(m.content["config"]["layout"])) == {"unet"} for m in sent)
     assert all(all("unet" in k for k in m.content["arrays"].keys()) for m in sent)
+
+
+def test_float16_wire_sends_half_the_bytes_and_aggregates_in_float32(full_run, sites, tmp_path):
+    """wire-dtype float16: every train message and reply carries its stage in float16, the
+    global model stays float32, the sites keep the VAE they got (no VAE re-requests)."""
+    import numpy as np
+
+    out, grid = run(tmp_path / "f16", sites, **{"wire-dtype": "float16"})
+    assert out["status"] == "complete" and len(out["final"]) == 3
+    sent = [m for m in grid.sent if m.metadata.message_type == "train"]
+    packed = [a for m in sent for k, a in m.content["arrays"].items() if k.startswith("packed:") and k.endswith(":float32")]
+    assert packed and all(a.numpy().dtype == np.float16 for a in packed)
+    assert all(v.dtype == torch.float32 for k, v in weights(tmp_path / "f16" / "final_model.pt").items()
+               if v.is_floating_point())
+    r16, r32 = rows(tmp_path / "f16", "train"), rows(full_run[0], "train")
+    assert len(r16) == len(r32)  # the same replies: no site asked for the VAE again
+    for key in ("bytes_up", "bytes_down"):
+        b16, b32 = sum(r[key] for r in r16), sum(r[key] for r in r32)
+        assert 0.45 * b32 < b16 < 0.55 * b32, (key, b16, b32)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from test_federation_helpers import ROOT, TINY, Processes, cli, flower_test_env, synthetic_sites
+from helpers.federation import ROOT, TINY, Processes, cli, flower_test_env, synthetic_sites
 from addiff_core.privacy import default_delta, epsilon_of
 
 pytestmark = pytest.mark.slow

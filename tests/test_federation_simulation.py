@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from test_federation_helpers import ROOT, TINY, Processes, cli, flower_test_env, synthetic_sites
+from helpers.federation import ROOT, TINY, Processes, cli, flower_test_env, synthetic_sites
 
 pytestmark = pytest.mark.slow
 

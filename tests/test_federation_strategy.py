@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 
-from test_federation_helpers import set_task_identity
-from server.protocol import fingerprint, from_record, record_nbytes, to_record
+from helpers.federation import set_task_identity
+from client.protocol import fingerprint, from_record, record_nbytes, to_record
 from server.strategies import StagedFedAdam, StagedFedAvg, build_strategy, ordered
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -133,7 +133,7 @@ def test_fedadam_new_stage_fresh_moments_buffers_averaged_and_state_roundtrip():
 
 
 def test_packing_roundtrip_and_fedavg_on_packed_equals_fedavg_per_tensor():
-    from server.protocol import decode, encode
+    from client.protocol import decode, encode
 
     rng = np.random.default_rng(3)
     def model(seed_shift):
@@ -178,6 +178,44 @@ def test_run_config_defaults_match_pyproject():
     assert cfg == DEFAULTS
     assert "federations" not in tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"], \
         "flwr run would rewrite pyproject.toml to migrate a [tool.flwr.federations] section"
+
+
+def test_run_settings_defaults_are_the_run_config_defaults():
+    import dataclasses
+
+    from addiff_core.config import ModelConfig
+    from server.settings import DEFAULTS, RunSettings
+
+    s = RunSettings(run_dir=ROOT, site_files=(), model=ModelConfig(), model_config_file=None)
+    defaulted = {f.name for f in dataclasses.fields(RunSettings) if f.default is not dataclasses.MISSING}
+    checked = [k for k in DEFAULTS if k.replace("-", "_") in defaulted]
+    assert len(checked) >= 18
+    for key in checked:
+        assert getattr(s, key.replace("-", "_")) == DEFAULTS[key], key
+
+
+def test_strategy_registry_builds_every_strategy_with_its_hyper_parameters():
+    from addiff_core.config import ConfigError
+    from server.settings import DEFAULTS, STRATEGIES, check_central_dp, strategy_help
+
+    assert list(STRATEGIES) == ["fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg"]
+    for name, info in STRATEGIES.items():
+        assert set(info.params) <= set(DEFAULTS), name  # hyper-parameters are run-config keys
+        s = build_strategy(name, min_sites=2, buffer_keys=["diffusion.latent_scale"])
+        assert type(s).__name__ == info.cls and s.buffer_keys == {"diffusion.latent_scale"}
+        for key, kw in info.params.items():
+            assert getattr(s, kw) == DEFAULTS[key], (name, key)
+        assert name in strategy_help()
+    assert build_strategy("fedprox", min_sites=2, proximal_mu=0.05).proximal_mu == 0.05
+    assert build_strategy("fedtrimmedavg", min_sites=2, trim_beta=0.1).beta == 0.1
+    # central DP: one rule, for the run config and for build_strategy
+    check_central_dp("fedavg", 1.0)
+    check_central_dp("fedmedian", 0.0)
+    for name in ("fedprox", "fedadam", "fedmedian", "fedtrimmedavg"):
+        with pytest.raises(ConfigError, match="central DP needs strategy fedavg"):
+            check_central_dp(name, 1.0)
+        with pytest.raises(ValueError, match="central DP needs strategy fedavg"):
+            build_strategy(name, min_sites=2, central_dp={"noise": 1.0, "clip": 1.0, "delta": 1e-3})
 
 
 def test_run_config_schedule_and_errors(tmp_path):

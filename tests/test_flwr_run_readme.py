@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from test_federation_helpers import ROOT, exit_code, read_text
+from helpers.federation import ROOT, exit_code, read_text
 
 pytestmark = pytest.mark.slow
 
@@ -71,7 +71,7 @@ def flwr(*args: str) -> list[str]:
 def test_flwr_run_as_in_the_readme_trains_in_the_app_folder(tmp_path, procs):
     from addiff_core.synth import write_synthetic_sites
 
-    from server.launch import free_port
+    from client.launch import free_port
 
     app = copy_app(tmp_path / "addiff-copy")
     sites = write_synthetic_sites(app / "demo_data", n_sites=3, cases_per_site=3, size=32, seed=0)

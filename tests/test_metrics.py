@@ -8,8 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from addiff_core import dvh
 from addiff_core import metrics as M
 from addiff_core.case_io import Beam, Plan
+from helpers.metrics import readme_dose_score
 
 OPENKBP_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "openkbp-sample"
 OPENKBP_SHAPE = (128, 128, 128)
@@ -50,65 +52,65 @@ def ramp():
 
 @pytest.mark.parametrize("x", [99, 98, 95, 50, 2, 1, 0, 100, 12.5])
 def test_dose_at_volume_pct_is_the_100_minus_x_percentile(ramp, x):
-    assert M.dose_at_volume_pct(*ramp, x) == pytest.approx(100.0 - x)
+    assert dvh.dose_at_volume_pct(*ramp, x) == pytest.approx(100.0 - x)
 
 
 def test_dose_at_volume_pct_interpolates_linearly():
     d = np.arange(10.0)  # D95 = 5th percentile of 0..9 = 0.05 * 9
-    assert M.dose_at_volume_pct(d, ones(10), 95) == pytest.approx(0.45)
-    assert M.dose_at_volume_pct(d, ones(10), 2) == pytest.approx(0.98 * 9)
-    assert math.isnan(M.dose_at_volume_pct(d, np.zeros(10, bool), 50))
+    assert dvh.dose_at_volume_pct(d, ones(10), 95) == pytest.approx(0.45)
+    assert dvh.dose_at_volume_pct(d, ones(10), 2) == pytest.approx(0.98 * 9)
+    assert math.isnan(dvh.dose_at_volume_pct(d, np.zeros(10, bool), 50))
     with pytest.raises(ValueError):
-        M.dose_at_volume_pct(d, ones(10), 101)
+        dvh.dose_at_volume_pct(d, ones(10), 101)
 
 
 def test_d_cc_openkbp_convention(ramp):
     dose, mask = ramp
     # 0.1 cc / 0.01 cc = 10 voxels of 101: percentile 100 - 10/101*100 -> value (1 - 10/101) * 100
-    assert M.d_cc(dose, mask, 0.1, 0.01) == pytest.approx(9100 / 101)
+    assert dvh.d_cc(dose, mask, 0.1, 0.01) == pytest.approx(9100 / 101)
     # voxel bigger than 0.1 cc: at least one voxel -> percentile 100 - 1/101*100
-    assert M.d_cc(dose, mask, 0.1, 1.0) == pytest.approx(10000 / 101)
+    assert dvh.d_cc(dose, mask, 0.1, 1.0) == pytest.approx(10000 / 101)
     # rounding: 0.1 / 0.0081 = 12.3 -> 12 voxels
-    assert M.d_cc(dose, mask, 0.1, 0.0081) == pytest.approx((1 - 12 / 101) * 100)
+    assert dvh.d_cc(dose, mask, 0.1, 0.0081) == pytest.approx((1 - 12 / 101) * 100)
     # structure smaller than 0.1 cc: percentile clipped at 0 -> its minimum
-    assert M.d_cc(np.array([3.0, 5.0]), ones(2), 0.1, 0.01) == pytest.approx(3.0)
+    assert dvh.d_cc(np.array([3.0, 5.0]), ones(2), 0.1, 0.01) == pytest.approx(3.0)
 
 
 def test_dmax_dmean_vx(ramp):
     dose, mask = ramp
-    assert M.dmax(dose, mask) == 100.0
-    assert M.dmean(dose, mask) == pytest.approx(50.0)
-    assert M.v_x(dose, mask, 20.0) == pytest.approx(81 / 101)  # 20..100 Gy inclusive
-    assert M.v_x(dose, mask, 100.5) == 0.0
+    assert dvh.dmax(dose, mask) == 100.0
+    assert dvh.dmean(dose, mask) == pytest.approx(50.0)
+    assert dvh.v_x(dose, mask, 20.0) == pytest.approx(81 / 101)  # 20..100 Gy inclusive
+    assert dvh.v_x(dose, mask, 100.5) == 0.0
     empty = np.zeros_like(mask)
-    assert all(math.isnan(f(dose, empty)) for f in (M.dmax, M.dmean))
-    assert math.isnan(M.v_x(dose, empty, 1.0))
+    assert all(math.isnan(f(dose, empty)) for f in (dvh.dmax, dvh.dmean))
+    assert math.isnan(dvh.v_x(dose, empty, 1.0))
 
 
 def test_dvh_points(ramp):
     dose, mask = ramp
-    p = M.dvh_points(dose, mask, 0.01, is_target=False, v_x_gy=(20, 45.5))
+    p = dvh.dvh_points(dose, mask, 0.01, is_target=False, v_x_gy=(20, 45.5))
     want = {"D99": 1, "D98": 2, "D95": 5, "D50": 50, "D2": 98, "D1": 99, "Dmean": 50,
             "D_0.1cc": 9100 / 101, "Dmax": 100, "V20Gy": 81 / 101, "V45.5Gy": 55 / 101}
     assert p.keys() == want.keys()
     for k, v in want.items():
         assert p[k] == pytest.approx(v), k
-    t = M.dvh_points(dose, mask, 0.01, is_target=True, v_x_gy=(20,))
+    t = dvh.dvh_points(dose, mask, 0.01, is_target=True, v_x_gy=(20,))
     assert "V20Gy" not in t and t["D95"] == pytest.approx(5)
-    e = M.dvh_points(dose, np.zeros_like(mask), 0.01, is_target=False, v_x_gy=(20,))
+    e = dvh.dvh_points(dose, np.zeros_like(mask), 0.01, is_target=False, v_x_gy=(20,))
     assert e.keys() == want.keys() - {"V45.5Gy"} and all(math.isnan(v) for v in e.values())
 
 
 def test_dvh_curve():
     dose = np.array([0.0, 1.0, 2.0, 3.0, 99.0])
     mask = np.array([True, True, True, True, False])
-    axis, vol = M.dvh_curve(dose, mask, np.array([0.0, 0.5, 1.0, 2.0, 3.0, 4.0]))
+    axis, vol = dvh.dvh_curve(dose, mask, np.array([0.0, 0.5, 1.0, 2.0, 3.0, 4.0]))
     np.testing.assert_allclose(vol, [1.0, 0.75, 0.75, 0.5, 0.25, 0.0])
-    axis, vol = M.dvh_curve(dose, mask, 4)
+    axis, vol = dvh.dvh_curve(dose, mask, 4)
     np.testing.assert_allclose(axis, [0, 1, 2, 3])
     np.testing.assert_allclose(vol, [1.0, 0.75, 0.5, 0.25])
     assert np.all(np.diff(vol) <= 0)
-    _, vol = M.dvh_curve(dose, np.zeros(5, bool), np.array([0.0, 1.0]))
+    _, vol = dvh.dvh_curve(dose, np.zeros(5, bool), np.array([0.0, 1.0]))
     np.testing.assert_array_equal(vol, [0.0, 0.0])
 
 
@@ -132,15 +134,6 @@ def test_openkbp_scores_by_hand():
     score = M.openkbp_dvh_score(pred, ref, {"Cord": oar, "PTV": ptv}, 1.0, ["PTV"])
     assert score == pytest.approx((0 + 0 + 2 + 2 + 2) / 5)
     assert math.isnan(M.openkbp_dvh_score(pred, ref, {}, 1.0, []))
-
-
-def readme_dose_score(pred: np.ndarray, ref: np.ndarray, pdm: np.ndarray) -> float:
-    """The official dose score as ../shared/openkbp-sample/README.md words it, written
-    independently of addiff_core: the prediction is multiplied by the possible-dose mask, then
-    (sum of |pred - ref| over ALL voxels) / (number of possible-dose-mask voxels)."""
-    masked = (np.asarray(pred, np.float64) * (np.asarray(pdm) != 0)).ravel().tolist()
-    return math.fsum(abs(p - r) for p, r in zip(masked, np.asarray(ref, np.float64).ravel().tolist())) \
-        / int(np.count_nonzero(pdm))
 
 
 def test_openkbp_dose_score_counts_every_voxel_by_hand():
@@ -539,7 +532,7 @@ def test_openkbp_scores_on_real_patients(openkbp_patients):
                 for x in M.OPENKBP_TARGET_POINTS:
                     expected[f"{s}/D{x}"] = float(np.percentile(inside, 100 - x))
             else:
-                expected[f"{s}/D_0.1cc"] = M.d_cc(inside, np.ones(inside.size, bool), 0.1, vv)
+                expected[f"{s}/D_0.1cc"] = dvh.d_cc(inside, np.ones(inside.size, bool), 0.1, vv)
                 expected[f"{s}/mean"] = float(inside.mean())
             partial += bool(inside.min() == 0)
         assert errs.keys() == expected.keys(), name

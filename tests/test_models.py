@@ -8,96 +8,11 @@ import pytest
 import torch
 import torch.nn as nn
 
-from addiff_core.case_io import OAR_NAMES, TUMOUR_SITES
-from addiff_core.config import GridConfig, ModelConfig
 from addiff_core.models import (ADDiffDose, ConditionEncoder, DoseRegressor, LatentDenoiser, build_model,
                                 count_parameters, stage_prefix)
 from addiff_core import diffusion as D
 from addiff_core.models.conditioning import condition_volume
-
-B_MAX, C_MAX = 72, 16
-
-
-def tiny_cfg(kind: str = "diffusion", size: int = 16) -> ModelConfig:
-    return ModelConfig(kind=kind, grid=GridConfig(size=size), vae_channels=(8, 16), unet_channels=(16, 16),
-                       attention_levels=(False, True), cond_channels=8, context_dim=16, num_heads=2,
-                       norm_groups=4, train_timesteps=1000, sample_steps=5, constraint_weight=0.5)
-
-
-def _ball(s: int, centre, radius) -> torch.Tensor:
-    z, y, x = torch.meshgrid(*(torch.arange(s, dtype=torch.float32),) * 3, indexing="ij")
-    return (((z - centre[0]) ** 2 + (y - centre[1]) ** 2 + (x - centre[2]) ** 2) <= radius ** 2).float()
-
-
-def fake_batch(n: int = 2, s: int = 16, seed: int = 0, n_beams: int = 5, constraints: bool = True) -> dict:
-    """A batch following docs/ARCHITECTURE.md "Sample tensors" (stacked along a new dim 0)."""
-    g = torch.Generator().manual_seed(seed)
-    c = (s - 1) / 2
-    z, y, x = torch.meshgrid(*(torch.arange(s, dtype=torch.float32),) * 3, indexing="ij")
-    body = ((((y - c) / (0.45 * s)) ** 2 + ((x - c) / (0.45 * s)) ** 2) <= 1).float()
-    target = _ball(s, (c, c, c), s / 6)
-    cord = _ball(s, (c, c + s / 3, c), s / 10)
-    parotid = _ball(s, (c, c, c - s / 4), s / 8)
-    r2 = (z - c) ** 2 + (y - c) ** 2 + (x - c) ** 2
-    dose = torch.exp(-r2 / (2 * (s / 5) ** 2)) * body
-
-    out = {k: [] for k in ("ct", "dose", "has_dose", "targets", "target_primary", "oars", "oar_present", "body",
-                           "beam_plate", "beams", "beam_mask", "technique", "tumour_site", "constraints",
-                           "constraint_struct", "constraint_mask", "rx")}
-    for i in range(n):
-        amp = 1.0 + 0.1 * i
-        out["ct"].append(((torch.rand(1, s, s, s, generator=g) * 0.2 - 1) * (1 - body) + body * 0.1 * i)[None][0])
-        out["dose"].append((dose * amp)[None])
-        out["has_dose"].append(torch.tensor(True))
-        out["targets"].append(target[None])
-        out["target_primary"].append(target[None])
-        oars = torch.zeros(len(OAR_NAMES), s, s, s)
-        oars[OAR_NAMES.index("SpinalCord")] = cord
-        oars[OAR_NAMES.index("LeftParotid")] = parotid
-        out["oars"].append(oars)
-        present = torch.zeros(len(OAR_NAMES), dtype=torch.bool)
-        present[[OAR_NAMES.index("SpinalCord"), OAR_NAMES.index("LeftParotid")]] = True
-        out["oar_present"].append(present)
-        out["body"].append(body[None])
-        out["beam_plate"].append((torch.rand(1, s, s, s, generator=g) * body)[None][0])
-        beams = torch.zeros(B_MAX, 6)
-        bm = torch.zeros(B_MAX, dtype=torch.bool)
-        for b in range(n_beams):
-            ang = 2 * math.pi * b / max(n_beams, 1)
-            beams[b] = torch.tensor([math.sin(ang), math.cos(ang), 0.0, 1.0, 0.6, 0.0])
-            bm[b] = True
-        out["beams"].append(beams)
-        out["beam_mask"].append(bm)
-        out["technique"].append(torch.tensor(0))
-        out["tumour_site"].append(torch.tensor(i % len(TUMOUR_SITES)))
-        cons = torch.zeros(C_MAX, 6)
-        cs = torch.zeros(C_MAX, dtype=torch.long)
-        cm = torch.zeros(C_MAX, dtype=torch.bool)
-        if constraints:
-            rows = [(0, 0.5, 0.0, OAR_NAMES.index("SpinalCord")),   # Dmax <= 0.5
-                    (1, 0.3, 0.0, OAR_NAMES.index("LeftParotid")),  # Dmean <= 0.3
-                    (2, 0.4, 0.2, OAR_NAMES.index("LeftParotid")),  # V(0.4) <= 20%
-                    (3, 0.95, 0.95, len(OAR_NAMES))]                # D95(target) >= 0.95
-            for r, (kind, thr, lim, st) in enumerate(rows):
-                cons[r, kind] = 1.0
-                cons[r, 4] = thr
-                cons[r, 5] = lim
-                cs[r] = st
-                cm[r] = True
-        out["constraints"].append(cons)
-        out["constraint_struct"].append(cs)
-        out["constraint_mask"].append(cm)
-        out["rx"].append(torch.tensor(70.0))
-    return {k: torch.stack(v) for k, v in out.items()}
-
-
-def _reinit_zero_params(module: nn.Module, seed: int = 0) -> None:
-    """MONAI zero-initialises some output convs; give them small values so every grad is non-zero."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            if p.dim() > 1 and float(p.abs().max()) == 0.0:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+from helpers.models import fake_batch, reinit_zero_params, tiny_cfg
 
 
 # --------------------------------------------------------------------------------------------
@@ -196,7 +111,7 @@ def test_gradients_reach_every_parameter_of_the_trained_stage():
     cfg = tiny_cfg()
     torch.manual_seed(0)
     model = build_model(cfg)
-    _reinit_zero_params(model.diffusion)
+    reinit_zero_params(model.diffusion)
     for p in model.vae.parameters():
         p.requires_grad_(False)
     batch = fake_batch()
@@ -233,7 +148,7 @@ def test_opacus_per_sample_gradients_diffusion_stage():
     cfg = tiny_cfg()
     torch.manual_seed(0)
     model = build_model(cfg)
-    _reinit_zero_params(model.diffusion)
+    reinit_zero_params(model.diffusion)
     for p in model.vae.parameters():
         p.requires_grad_(False)
     batch = fake_batch()
@@ -291,3 +206,40 @@ def test_denoiser_attention_is_linear_based():
         if hasattr(m, "use_flash_attention"):
             assert not m.use_flash_attention
     assert not any(getattr(m, "use_checkpoint", False) for m in den.modules())
+
+
+def test_batch1_conv_patch_gives_the_convolutions_own_result_and_gradients():
+    """models.cpu_conv: a batch-1 3D conv that PyTorch would send to its im2col kernel runs as a
+    batch of 2 on oneDNN; output and gradients equal the plain convolution's (float rounding),
+    the layer stays an nn.Conv3d with the same state dict, and the patch really takes the other path."""
+    from torch import nn
+
+    from addiff_core.models.cpu_conv import _uses_slow3d, fast_batch1_convs
+
+    torch.manual_seed(0)
+    plain = nn.Conv3d(16, 16, 3, padding=1)
+    fast = fast_batch1_convs(nn.Sequential(nn.Conv3d(16, 16, 3, padding=1)))[0]
+    fast.load_state_dict(plain.state_dict())
+    assert type(fast) is nn.Conv3d and set(fast.state_dict()) == set(plain.state_dict())
+    x = torch.randn(1, 16, 16, 16, 16)
+    assert _uses_slow3d(fast, x) and not _uses_slow3d(fast, x.expand(2, *x.shape[1:]))
+    outs = []
+    for m in (plain, fast):
+        xi = x.clone().requires_grad_(True)
+        y = m(xi)
+        (y * torch.linspace(0, 1, y.numel()).reshape(y.shape)).sum().backward()
+        outs.append((y.detach(), xi.grad, m.weight.grad, m.bias.grad))
+        assert y.shape == (1, 16, 16, 16, 16)
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)  # summation order differs
+    small = torch.randn(1, 16, 4, 4, 4)  # below the measured break-even: left to im2col
+    assert not _uses_slow3d(fast, small)
+
+
+def test_built_models_have_every_conv3d_patched():
+    from torch import nn
+
+    for kind in ("diffusion", "unet"):
+        model = build_model(dataclasses.replace(tiny_cfg(), kind=kind))
+        convs = [m for m in model.modules() if type(m) is nn.Conv3d]
+        assert convs and all("_conv_forward" in m.__dict__ for m in convs)

@@ -7,7 +7,8 @@ import SimpleITK as sitk
 
 from addiff_core.case_io import OAR_NAMES, Beam, Plan, load_case, save_case
 from addiff_core.config import GridConfig
-from addiff_core.preprocessing import B_MAX, C_MAX, case_to_sample, dose_to_ct_grid
+from addiff_core.contract import B_MAX, C_MAX
+from addiff_core.preprocessing import case_to_sample, dose_to_ct_grid
 
 
 def smooth_case(tmp_path, shape=(20, 24, 22), spacing=(2.0, 2.5, 3.0), direction=None, origin=(-20.0, 13.0, 7.0)):

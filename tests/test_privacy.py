@@ -10,15 +10,14 @@ import torch
 from opacus.accountants import RDPAccountant
 from opacus.validators import ModuleValidator
 
-from addiff_core.config import GridConfig, ModelConfig, PrivacyConfig, load_site_config
+from addiff_core.config import PrivacyConfig, load_site_config
 from addiff_core.fl_task import SiteTask, initial_arrays
 from addiff_core.models import build_model
 from addiff_core.privacy import STATE_FILE, PrivacyBudgetExhausted, SitePrivacy, epsilon_of
 from addiff_core.synth import write_synthetic_sites
+from helpers.models import TINY_MODEL
 
-TINY = ModelConfig(grid=GridConfig(size=16), vae_channels=(8, 16), unet_channels=(16, 16),
-                   attention_levels=(False, True), cond_channels=8, context_dim=16, num_heads=2, norm_groups=4,
-                   sample_steps=2)
+TINY = TINY_MODEL  # the tests' one tiny model configuration
 
 
 @pytest.fixture(scope="module")
@@ -197,3 +196,74 @@ def test_a_dp_site_calibrates_the_latent_scale_on_phantoms_not_on_its_cases(tmp_
     task = SiteTask(site_with_privacy(dp_site, tmp_path / "state2", noise_multiplier=1.0, target_epsilon=None), TINY)
     res = task.train(carried, "diffusion", epochs=1, server_round=2, planned_epochs=1)
     assert float(res.arrays["diffusion.latent_scale"][0]) == pytest.approx(0.5)
+
+
+# ------------------------------------------------------------------------------------------
+# issue #15.3: per-sample gradients by one backward pass per sample ("microbatch" mode)
+# ------------------------------------------------------------------------------------------
+def test_microbatch_per_sample_gradients_equal_opacus_functorch(dp_site):
+    """``privacy.per_sample_backward`` gives each parameter the same ``grad_sample`` as Opacus'
+    functorch mode computes (a deterministic per-sample loss through the VAE and the U-Net)."""
+    from opacus import GradSampleModule
+
+    from addiff_core import diffusion as diff
+    from addiff_core.losses import masked_l1
+    from addiff_core.privacy import per_sample_backward
+
+    task = SiteTask(load_site_config(dp_site), TINY)
+    batch = next(iter(torch.utils.data.DataLoader(task.data.train, batch_size=3)))
+    torch.manual_seed(0)
+    model = build_model(TINY)
+    unet = build_model(dataclasses.replace(TINY, kind="unet"))
+
+    def vae_losses(b):  # encoder mean -> anatomy-aware decoder: no sampling, one loss per sample
+        return masked_l1(diff.decode_latent(model, diff.encode_dose(model, b["dose"]), b), b["dose"], b["body"],
+                         reduction="none")
+
+    def unet_losses(b):
+        return masked_l1(unet(b), b["dose"], b["body"], reduction="none")
+
+    for module, losses in ((model.vae, vae_losses), (unet, unet_losses)):
+        params = [p for p in module.parameters() if p.requires_grad]
+        per_sample_backward(lambda b: (losses(b).sum(), {}), params, batch)
+        ours = [p.grad_sample.clone() for p in params]
+        gsm = GradSampleModule(module, force_functorch=True, loss_reduction="sum")
+        losses(batch).sum().backward()  # one batched pass: Opacus' per-sample gradients
+        for p, g in zip(params, ours):
+            assert g.shape == (3, *p.shape)
+            torch.testing.assert_close(p.grad_sample, g, rtol=1e-4, atol=1e-6)
+        gsm._close()
+        assert max(float(g.abs().max()) for g in ours) > 0
+
+
+def test_microbatch_mode_gives_the_same_dp_update_as_functorch(tmp_path, dp_site):
+    """The whole DP step (clip per sample, sum, noise ~0) from the same start is the same in the
+    microbatch mode as in Opacus' functorch mode (U-Net stage: a deterministic loss)."""
+    cfg = dataclasses.replace(TINY, kind="unet")
+    arrays = initial_arrays(cfg, seed=0)
+    out = {}
+    for mode in ("microbatch", "functorch"):
+        site = site_with_privacy(dp_site, tmp_path / mode, noise_multiplier=1e-9, target_epsilon=None,
+                                 max_grad_norm=0.05, grad_sample_mode=mode)
+        out[mode] = SiteTask(site, cfg).train(arrays, "unet", epochs=1, server_round=1, seed=0, planned_epochs=1).arrays
+    moved = 0.0
+    for k, v in out["functorch"].items():
+        np.testing.assert_allclose(out["microbatch"][k], v, rtol=1e-4, atol=1e-6, err_msg=k)
+        moved = max(moved, float(np.abs(v - arrays[k]).max()))
+    assert moved > 1e-6
+
+
+def test_epsilon_is_opacus_rdp_and_cached_across_rounds():
+    """``epsilon_of`` returns exactly what Opacus' RDPAccountant returns for the same history, and
+    a later round's history (the same (sigma, q) plus more steps) needs no new RDP computation."""
+    from addiff_core.privacy import _rdp_of_one_step
+
+    history = [(1.3, 0.2, 30), (0.8, 0.05, 11)]
+    acc = RDPAccountant()
+    acc.history = list(history)
+    assert epsilon_of(history, 1e-4) == acc.get_epsilon(delta=1e-4)
+    misses = _rdp_of_one_step.cache_info().misses
+    later = history + [(1.3, 0.2, 30)]
+    acc.history = list(later)
+    assert epsilon_of(later, 1e-4) == acc.get_epsilon(delta=1e-4) > epsilon_of(history, 1e-4)
+    assert _rdp_of_one_step.cache_info().misses == misses  # no new per-step RDP computed

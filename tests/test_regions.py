@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from test_metrics import readme_dose_score  # noqa: E402  (tests/ is on sys.path under pytest)
+from helpers.metrics import readme_dose_score  # noqa: E402  (tests/ is on sys.path under pytest)
 
 from addiff_core.case_io import Beam, Case, Plan, load_case
 from addiff_core.config import GridConfig, ModelConfig
@@ -128,11 +128,12 @@ def _ones_prediction(model, batch, cfg, *, steps=None, seed=0, num_samples=1):
 
 def test_predicted_nifti_is_zero_outside_the_region(make_case, tmp_path, monkeypatch):
     import addiff_core.local as local
+    import addiff_core.predict as predict
 
     pdm = _half_body_pdm(make_case)
     case_dir = make_case(tmp_path, possible_dose_mask=pdm.astype(np.uint8))
-    monkeypatch.setattr(local, "load_model", lambda ckpt, dev: (torch.nn.Identity(), ModelConfig(grid=GRID), {}))
-    monkeypatch.setattr(local, "predict_normalised", _ones_prediction)
+    monkeypatch.setattr(predict, "load_model", lambda ckpt, dev: (torch.nn.Identity(), ModelConfig(grid=GRID), {}))
+    monkeypatch.setattr(predict, "predict_normalised", _ones_prediction)
     written = local.predict_case(tmp_path / "unused.pt", case_dir, tmp_path / "pred", samples=2, device="cpu")
     dose = _arr(sitk.ReadImage(written["dose"]))
     std = _arr(sitk.ReadImage(written["uncertainty"]))
@@ -161,3 +162,29 @@ def test_evaluate_scores_the_masked_prediction(make_case, tmp_path, monkeypatch)
         assert row["openkbp_dose_score"] == pytest.approx(readme_dose_score(raw, ref, pdm), rel=1e-6)
         assert row["mae_gy"] == pytest.approx(np.abs(raw - ref)[pdm].mean(), rel=1e-6)
     assert res["mean"]["dvh_cells"] == sum(r["dvh_cells"] for r in res["cases"]) == 2 * (3 + 2)
+
+
+def test_predict_over_a_folder_of_cases_loads_the_model_once(make_case, tmp_path, monkeypatch, capsys):
+    """``addiff predict --case FOLDER`` predicts every case under it into OUT/<case>/ with one
+    model load; a broken case is reported by name and the others are still written."""
+    import addiff_core.predict as predict
+    from addiff_core.cli import main
+
+    loads = []
+
+    def fake_load(ckpt, dev):
+        loads.append(ckpt)
+        return torch.nn.Identity(), ModelConfig(grid=GRID), {}
+
+    monkeypatch.setattr(predict, "load_model", fake_load)
+    monkeypatch.setattr(predict, "predict_normalised", _ones_prediction)
+    cases = tmp_path / "cases"
+    for name in ("a", "b"):
+        make_case(cases, name=name)
+    broken = make_case(cases, name="c")
+    (broken / "plan.yaml").write_text("tumour_site: [")
+    code = main(["predict", "--checkpoint", str(tmp_path / "m.pt"), "--case", str(cases), "--out", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    assert code == 1 and len(loads) == 1
+    assert all((tmp_path / "out" / n / "dose.nii.gz").is_file() for n in ("a", "b"))
+    assert not (tmp_path / "out" / "c").exists() and "c: FAILED" in out and "predicted 2 case(s)" in out

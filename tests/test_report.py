@@ -1,7 +1,8 @@
 """addiff_core.report: `addiff report RUN_DIR` writes report.md/.html and figures, never a traceback.
 
 A fake federated run folder is built by hand (tiny 16^3 model checkpoint, metrics.jsonl,
-final_metrics.json, run.json pointing at two synthetic sites), so the test needs no training.
+final_metrics.json, run.json pointing at two synthetic sites; run.json and metrics.jsonl through
+``run_folder.RunFolder``, the server's writer), so the test needs no training.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from addiff_core.checkpoint import save_checkpoint
 from addiff_core.config import GridConfig, ModelConfig
 from addiff_core.models import build_model
 from addiff_core.report import write_report
+from addiff_core.run_folder import RunFolder
 from addiff_core.synth import write_synthetic_sites
 
 SITES = ("hospital_a", "hospital_b")
@@ -37,23 +39,24 @@ def final_row(site: str, mae: float) -> dict:
 
 def make_run(root: Path, site_files: list[Path], *, comparison: bool = True) -> Path:
     run = root / "run"
+    folder = RunFolder(run)
     cfg = tiny_config()
     torch.manual_seed(0)
     model = build_model(cfg)
     model.diffusion.latent_scale.fill_(1.0)
     state = model.state_dict()
     meta = {"round": 2, "stage": "diffusion", "strategy": "fedavg"}
-    save_checkpoint(run / "checkpoints" / "round_0001.pt", state, cfg, {**meta, "round": 1, "stage": "vae"})
-    save_checkpoint(run / "checkpoints" / "round_0002.pt", state, cfg, meta)
-    save_checkpoint(run / "final_model.pt", state, cfg, {**meta, "stage": "final"})
+    save_checkpoint(folder.checkpoint_path(1), state, cfg, {**meta, "round": 1, "stage": "vae"})
+    save_checkpoint(folder.checkpoint_path(2), state, cfg, meta)
+    save_checkpoint(folder.final_model, state, cfg, {**meta, "stage": "final"})
     run_config = {"run-dir": str(run), "site-files": ",".join(str(f) for f in site_files),
                   "model-config": "configs/tiny.yaml", "strategy": "fedavg", "vae-rounds": 1,
                   "diffusion-rounds": 1, "local-epochs": 1, "seed": 0, "eval-steps": 2, "eval-gamma": False}
-    (run / "run.json").write_text(json.dumps({
+    folder.write_run_json({
         "run_config": run_config, "model": cfg.to_dict(), "created": "2026-01-01T10:00:00+00:00",
         "finished": "2026-01-01T10:05:00+00:00", "status": "complete", "num_rounds": 2,
         "schedule": [{"round": 1, "stage": "vae"}, {"round": 2, "stage": "diffusion"}],
-        "sites_planned": [str(f) for f in site_files]}, indent=2))
+        "sites_planned": [str(f) for f in site_files]})
     rows = []
     for rnd, stage, base in ((1, "vae", 0.5), (2, "diffusion", 1.8)):
         for i, site in enumerate(SITES):
@@ -68,7 +71,9 @@ def make_run(root: Path, site_files: list[Path], *, comparison: bool = True) -> 
     rows.append({"kind": "rejected", "round": 2, "stage": "diffusion", "site": "hospital_a", "node_id": 100,
                  "reason": "update norm 50 > 10 x the round's median 2"})
     rows += [{"kind": "final", "round": 2, **final_row(s, 3.0 + i)} for i, s in enumerate(SITES)]
-    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n{half a line")
+    folder.append_metrics(rows)
+    with folder.metrics.open("a") as fh:
+        fh.write("{half a line")  # a run killed while writing
     (run / "final_metrics.json").write_text(json.dumps([final_row(s, 3.0 + i) for i, s in enumerate(SITES)]))
     if comparison:
         (run / "comparison.json").write_text(json.dumps(

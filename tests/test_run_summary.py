@@ -15,7 +15,7 @@ import pytest
 from addiff_core import run_summary as rs
 from addiff_core.report import write_report
 
-from server import protocol
+from client import protocol
 from server.federation import FederationError, write_tables
 
 CENTRAL = {"strategy": "fedavg", "central-dp-noise": 1.0, "central-dp-clip": 0.5, "central-dp-delta": 1e-3}
@@ -208,7 +208,7 @@ def test_same_app_ignores_the_federations_section_flower_strips(tmp_path):
 def test_simulation_with_too_few_supernodes_stops_at_once(tmp_path, monkeypatch):
     import server.federation as fed
     from server.settings import from_run_config
-    from test_federation_helpers import TINY, FakeGrid
+    from helpers.federation import TINY, FakeGrid
 
     sites = [tmp_path / f"s{i}.yaml" for i in range(3)]  # never read: the run stops before round 1
     settings = from_run_config({"run-dir": str(tmp_path / "run"), "site-files": ",".join(map(str, sites)),

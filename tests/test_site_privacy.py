@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from test_federation_helpers import TINY, FakeGrid, synthetic_sites
+from helpers.federation import TINY, FakeGrid, synthetic_sites
 from server.federation import Federation
 from server.settings import from_run_config
 
@@ -114,7 +114,7 @@ def _server_side_leaks(paths, needles) -> list[str]:
 @pytest.mark.slow
 def test_simulation_with_a_broken_patient_named_site_finishes_and_leaks_nothing(good_sites, tmp_path):
     """`addiff simulate` (Ray, Flower's own error path) with --min-sites 2."""
-    from test_federation_helpers import ROOT, Processes, cli, flower_test_env
+    from helpers.federation import ROOT, Processes, cli, flower_test_env
 
     template = next(p for p in sorted((good_sites[0].parent / "hospital_a" / "cases").iterdir()) if p.is_dir())
     bad = broken_site(tmp_path, template)
@@ -143,9 +143,9 @@ def test_simulation_with_a_broken_patient_named_site_finishes_and_leaks_nothing(
 def test_deployment_with_a_broken_patient_named_site_leaks_nothing(good_sites, tmp_path, procs):
     """A real TLS deployment: one good and one broken hospital; the SuperLink's log and state
     database, the server's log and the run folder hold neither the case names nor the path."""
-    from test_federation_helpers import ROOT, cli, exit_code, flower_test_env
+    from helpers.federation import ROOT, cli, exit_code, flower_test_env
     from server.certs import create_certificates
-    from server.launch import free_port
+    from client.launch import free_port
 
     template = next(p for p in sorted((good_sites[0].parent / "hospital_a" / "cases").iterdir()) if p.is_dir())
     bad = broken_site(tmp_path, template)

@@ -13,6 +13,7 @@ from .conditioning import COND_IN_CHANNELS, ConditionEncoder
 from .denoiser import LatentDenoiser
 from .unet_baseline import DoseUNet
 from .vae import LightweightVAE3D
+from .cpu_conv import fast_batch1_convs
 
 __all__ = [
     "ADDiffDose", "DiffusionStage", "DoseRegressor", "LightweightVAE3D", "ConditionEncoder",
@@ -73,9 +74,9 @@ class DoseRegressor(nn.Module):
 
 def build_model(cfg: ModelConfig) -> nn.Module:
     if cfg.kind == "diffusion":
-        return ADDiffDose(cfg)
+        return fast_batch1_convs(ADDiffDose(cfg))
     if cfg.kind == "unet":
-        return DoseRegressor(cfg)
+        return fast_batch1_convs(DoseRegressor(cfg))
     raise ValueError(f"unknown model kind {cfg.kind!r} (expected 'diffusion' or 'unet')")
 
 

@@ -18,16 +18,13 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..case_io import OAR_NAMES, TUMOUR_SITES
 from ..config import ModelConfig
+from ..contract import BEAM_FEATURES, CONSTRAINT_FEATURES, N_CONSTRAINT_STRUCTS, N_OARS, TECHNIQUES, TUMOUR_SITES
 from .vae import ResBlock3D, conv_block
 
 COND_KEYS = ("ct", "targets", "oars", "beam_plate")
-COND_IN_CHANNELS = 1 + 1 + len(OAR_NAMES) + 1  # 17
-N_TECHNIQUES = 2
-N_CONSTRAINT_STRUCTS = len(OAR_NAMES) + 1  # 14 = target_primary
-BEAM_FEATURES = 6
-CONSTRAINT_FEATURES = 6
+COND_IN_CHANNELS = 1 + 1 + N_OARS + 1  # 17
+N_TECHNIQUES = len(TECHNIQUES)
 N_REGISTERS = 2
 FUSION_LAYERS = 2
 

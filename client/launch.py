@@ -1,8 +1,13 @@
 """Starting and stopping Flower's processes (SuperLink, SuperNode, ``flwr run``) by PID.
 
+Used by both sides (``client/supernode.py``, ``server/deploy.py``, ``server/simulate.py``); it
+lives with the client because a hospital's code must not import the coordinator's.
+
 Every long-running process is started in its own session (``start_new_session``) so that it
 and the children it spawns (flwr-serverapp, flwr-clientapp, flwr-simulation, Ray) form one
-process group, which :func:`stop` ends by that group's id: never by process name.
+process group, which :func:`stop` ends by that group's id: never by process name. Processes are
+looked up with ``psutil`` and always identified by (PID, creation time), so a reused PID is
+never signalled.
 """
 from __future__ import annotations
 
@@ -15,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 from typing import IO, Sequence
+
+import psutil
 
 from .protocol import PROJECT_ENV, project_root
 
@@ -74,8 +81,7 @@ def stop(proc: subprocess.Popen | None, timeout: float = 15.0) -> None:
         own = False
 
     def alive() -> list[int]:
-        return [pid for pid, start in kids if (st := _proc_stat(pid)) is not None and st[1] == start
-                and "\nState:\tZ" not in _status(pid)]
+        return [pid for pid, start in kids if running(pid, start)]
 
     def signal_all(sig: int) -> None:
         try:
@@ -115,13 +121,13 @@ def stop(proc: subprocess.Popen | None, timeout: float = 15.0) -> None:
 
 def _group_alive(pgid: int) -> bool:
     """Any live (non-zombie) process in process group ``pgid``."""
-    if Path("/proc/self/stat").exists():
-        return any(g == pgid and st != "Z" for _, g, _, st in _all_procs().values())
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except (ProcessLookupError, PermissionError):
-        return False
+    for p in psutil.process_iter(["status"]):
+        try:
+            if p.info["status"] != psutil.STATUS_ZOMBIE and os.getpgid(p.pid) == pgid:
+                return True
+        except (ProcessLookupError, PermissionError):
+            continue
+    return False
 
 
 def wait_for_port(host: str, port: int, timeout: float = 60.0, proc: subprocess.Popen | None = None,
@@ -170,42 +176,40 @@ def write_run_config_toml(path: Path, run_config: dict) -> Path:
 
 
 # ------------------------------------------------------------------------------------------
-# descendants (Linux /proc): Ray's workers outlive ray.shutdown() by a few seconds as orphans
+# descendants: Ray's workers outlive ray.shutdown() by a few seconds as orphans
 # ------------------------------------------------------------------------------------------
-def _proc_stat(pid: int) -> tuple[int, int] | None:
-    """(parent pid, start time) of a process, from /proc; None if gone or not Linux."""
+def identity(pid: int) -> tuple[int, float] | None:
+    """(pid, creation time) of a live process: what tells it from a later one with its PID."""
     try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+        return pid, psutil.Process(pid).create_time()
+    except psutil.Error:
         return None
-    rest = raw[raw.rfind(")") + 2:].split()
-    return int(rest[1]), int(rest[19])
 
 
-def _all_procs() -> dict[int, tuple[int, int, int, str]]:
-    """pid -> (parent pid, process group, start time, state) for every process (Linux /proc)."""
-    out = {}
-    for d in Path("/proc").glob("[0-9]*"):
+def running(pid: int, start: float) -> bool:
+    """True if the process ``pid`` created at ``start`` (psutil's create_time) is still alive and
+    not a zombie; False once it is gone or its PID belongs to another process."""
+    try:
+        p = psutil.Process(pid)
+        return p.create_time() == start and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def descendants(root: int | None = None) -> set[tuple[int, float]]:
+    """(pid, creation time) of every live (non-zombie) descendant of ``root`` (default: this process)."""
+    try:
+        kids = psutil.Process(root or os.getpid()).children(recursive=True)
+    except psutil.Error:
+        return set()
+    out = set()
+    for p in kids:
         try:
-            raw = (d / "stat").read_text()
-        except OSError:
+            if p.status() != psutil.STATUS_ZOMBIE:
+                out.add((p.pid, p.create_time()))
+        except psutil.Error:
             continue
-        rest = raw[raw.rfind(")") + 2:].split()
-        out[int(d.name)] = (int(rest[1]), int(rest[2]), int(rest[19]), rest[0])
     return out
-
-
-def descendants(root: int | None = None) -> set[tuple[int, int]]:
-    """(pid, start time) of every live (non-zombie) descendant of ``root`` (default: this process)."""
-    root = root or os.getpid()
-    procs = _all_procs()
-    seen: set[int] = set()
-    frontier = {root}
-    while frontier:
-        nxt = {pid for pid, (ppid, _, _, _) in procs.items() if ppid in frontier and pid not in seen}
-        seen |= nxt
-        frontier = nxt
-    return {(pid, procs[pid][2]) for pid in seen if procs[pid][3] != "Z"}
 
 
 def wait_children_exit(pid: int, timeout: float = 15.0) -> bool:
@@ -219,13 +223,6 @@ def wait_children_exit(pid: int, timeout: float = 15.0) -> bool:
     return True
 
 
-def _status(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return ""
-
-
 class DescendantTracker:
     """Remembers every process spawned (directly or not) by ``root`` (default: this process)
     while active, also the ones that get orphaned on the way (Ray's workers, Flower's SuperExec).
@@ -236,7 +233,7 @@ class DescendantTracker:
         import threading
 
         self.root = root
-        self.seen: set[tuple[int, int]] = set()
+        self.seen: set[tuple[int, float]] = set()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, args=(interval,), daemon=True)
 
@@ -246,8 +243,7 @@ class DescendantTracker:
             self._stop.wait(interval)
 
     def __enter__(self) -> "DescendantTracker":
-        if Path("/proc/self/stat").exists():
-            self._thread.start()
+        self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
@@ -256,8 +252,7 @@ class DescendantTracker:
             self._thread.join(timeout=5)
 
     def alive(self) -> list[int]:
-        return [pid for pid, start in self.seen
-                if (st := _proc_stat(pid)) is not None and st[1] == start and "\nState:\tZ" not in _status(pid)]
+        return [pid for pid, start in self.seen if running(pid, start)]
 
     def _kill(self, sig: int) -> None:
         for pid in self.alive():

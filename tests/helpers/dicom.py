@@ -1,4 +1,4 @@
-"""Helpers for the DICOM-RT tests (no tests here): tiny synthetic cases and exported patients."""
+"""Helpers of the DICOM-RT tests: tiny synthetic cases and exported patients."""
 from __future__ import annotations
 
 import shutil

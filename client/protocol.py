@@ -1,6 +1,7 @@
 """What travels between the ServerApp and the ClientApps, and where relative paths point.
 
-Shared by ``server/`` and ``client/`` (a hospital installs the whole ``addiff-fl`` package).
+The hospital's side owns this module: ``server/`` imports it, ``client/`` never imports
+``server/`` (a hospital's code does not depend on the coordinator's).
 
 Messages (Flower 1.42 Message API, one ``RecordDict`` each):
 
@@ -22,6 +23,10 @@ Messages (Flower 1.42 Message API, one ``RecordDict`` each):
   site's log); ``name`` is "" when the site file could not be read.
 * evaluate request ``{"arrays": full model, "config"}``; reply ``{"metrics", "site"}`` with
   held-out metrics (numbers only; ``num-examples`` = held-out cases).
+
+The train config's ``stage-plan`` (every stage of the run and its rounds, for a DP site to
+calibrate its noise once for the whole run) is a string, ``"vae:20,diffusion:4"``: written by
+:func:`format_stage_plan`, read by :func:`parse_stage_plan`, nowhere else.
 """
 from __future__ import annotations
 
@@ -30,7 +35,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -223,13 +228,38 @@ def fingerprint(arrays: dict[str, np.ndarray], prefix: str = "") -> str:
 # Averaging or any element-wise update of the flat array equals doing it tensor by tensor.
 PACKED = "packed:"
 LAYOUT_KEY = "layout"
+WIRE_DTYPES = ("float32", "float16")
+"""``wire-dtype``: the packed float32 parameters travel as themselves or rounded to float16 (half
+the bytes); :func:`decode` and :func:`widen` bring them back to float32, so sites train and the
+server aggregates in float32. A group whose values exceed float16's range travels in float32."""
+FLOAT16_MAX = float(np.finfo(np.float16).max)
+
+
+def _on_wire(flat: np.ndarray, wire_dtype: str) -> np.ndarray:
+    if wire_dtype == "float16" and flat.dtype == np.float32 and (flat.size == 0 or float(np.abs(flat).max()) < FLOAT16_MAX):
+        return flat.astype(np.float16)
+    return flat
+
+
+def widen(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Packed arrays that travelled as float16 back to float32 (named ``packed:<g>:float32``)."""
+    return {k: (np.asarray(v).astype(np.float32) if k.startswith(PACKED) and k.endswith(":float32")
+                and np.asarray(v).dtype == np.float16 else v) for k, v in arrays.items()}
+
+
+def as_received(arrays: dict[str, np.ndarray], groups: list[str], separate=frozenset(),
+                wire_dtype: str = "float32") -> dict[str, np.ndarray]:
+    """The arrays of ``groups`` as a site holds them after the trip (rounded when float16)."""
+    wire, layout = encode(arrays, groups, separate, wire_dtype=wire_dtype)
+    return decode(widen(wire), layout)
 
 
 def encode(arrays: dict[str, np.ndarray], groups: list[str], separate=frozenset(),
-           order: dict[str, list] | None = None) -> tuple[dict[str, np.ndarray], dict[str, list]]:
+           order: dict[str, list] | None = None, wire_dtype: str = "float32") -> tuple[dict[str, np.ndarray], dict[str, list]]:
     """Pack the arrays of each group (state-dict prefix ``group.``) -> (wire arrays, layout).
 
-    ``order``: a layout to follow exactly (a site packs its reply like the request it got)."""
+    ``order``: a layout to follow exactly (a site packs its reply like the request it got).
+    ``wire_dtype``: see ``WIRE_DTYPES`` (buffers sent separately always travel as themselves)."""
     out: dict[str, np.ndarray] = {}
     layout: dict[str, list] = {}
     for g in groups:
@@ -251,7 +281,7 @@ def encode(arrays: dict[str, np.ndarray], groups: list[str], separate=frozenset(
             entries.append([k, str(v.dtype), list(v.shape)])
             parts.setdefault(str(v.dtype), []).append(np.ascontiguousarray(v).reshape(-1))
         for dt, ps in parts.items():
-            out[f"{PACKED}{g}:{dt}"] = np.concatenate(ps) if ps else np.zeros(0, dt)
+            out[f"{PACKED}{g}:{dt}"] = _on_wire(np.concatenate(ps) if ps else np.zeros(0, dt), wire_dtype)
         layout[g] = entries
     return out, layout
 
@@ -282,6 +312,31 @@ def layout_to_json(layout: dict[str, list]) -> str:
 
 def layout_from_json(text: str) -> dict[str, list]:
     return json.loads(text) if text else {}
+
+
+# ------------------------------------------------------------------------------------------
+# the stage plan on the wire (run config strings cannot be mappings)
+# ------------------------------------------------------------------------------------------
+def format_stage_plan(plan: Mapping[str, int]) -> str:
+    """``{"vae": 20, "diffusion": 4}`` -> ``"vae:20,diffusion:4"`` (stages in run order)."""
+    for stage, n in plan.items():
+        if not stage or any(c in stage for c in ":,") or int(n) != n or n < 0:
+            raise ValueError(f"stage plan: bad entry {stage!r}: {n!r}")
+    return ",".join(f"{stage}:{int(n)}" for stage, n in plan.items())
+
+
+def parse_stage_plan(text: str) -> dict[str, int]:
+    """Inverse of :func:`format_stage_plan`; ``""`` -> ``{}`` (a server that sent no plan).
+    ValueError on anything else than ``STAGE:ROUNDS`` entries separated by commas."""
+    plan: dict[str, int] = {}
+    for part in (p.strip() for p in str(text or "").split(",")):
+        if not part:
+            continue
+        stage, sep, n = part.partition(":")
+        if not sep or not stage.strip() or not n.strip().isdigit():
+            raise ValueError(f"stage plan {text!r}: expected STAGE:ROUNDS entries, got {part!r}")
+        plan[stage.strip()] = int(n)
+    return plan
 
 
 # ------------------------------------------------------------------------------------------

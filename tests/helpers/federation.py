@@ -1,4 +1,4 @@
-"""Shared helpers of the federation tests (no tests here): an in-process Grid, synthetic sites, process control.
+"""Shared helpers of the federation tests: an in-process Grid, synthetic sites, process control.
 
 ``FakeGrid`` implements the two Grid methods the ServerApp uses (``get_node_ids``,
 ``send_and_receive``) and calls the real ``client.client_app.app`` with a per-node Context,
@@ -40,8 +40,8 @@ class FakeGrid:
         return out
 
 
-ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
-TINY = ROOT / "configs" / "tiny.yaml"
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[2]
+TINY = ROOT / "configs" / "tiny.yaml"  # the 32^3 model of federation smoke runs (a file: it travels as a path)
 
 
 def synthetic_sites(base, n_sites: int = 3, cases_per_site: int = 3, size: int = 32):
@@ -77,7 +77,7 @@ class Processes:
     ran (some of Flower's processes start sessions of their own), then SIGKILL."""
 
     def __init__(self):
-        from server.launch import DescendantTracker
+        from client.launch import DescendantTracker
 
         self.procs = []
         self.tracker = DescendantTracker()  # everything spawned below the test process
@@ -94,7 +94,7 @@ class Processes:
         return p
 
     def stop_all(self) -> list[int]:
-        from server.launch import stop
+        from client.launch import stop
 
         for p in reversed(self.procs):
             stop(p, timeout=20)
@@ -119,13 +119,13 @@ def kill_tree(proc) -> list[int]:
     import os
     import signal
 
-    from server.launch import _proc_stat, descendants
+    from client.launch import descendants, identity, running
 
-    def group_and_tree() -> set[tuple[int, int]]:
+    def group_and_tree() -> set[tuple[int, float]]:
         out = set(descendants(proc.pid))
-        st = _proc_stat(proc.pid)
-        if st is not None:
-            out.add((proc.pid, st[1]))
+        me = identity(proc.pid)
+        if me is not None:
+            out.add(me)
         return out
 
     def send(targets, sig) -> None:
@@ -134,8 +134,7 @@ def kill_tree(proc) -> list[int]:
         except (ProcessLookupError, PermissionError):
             pass
         for pid, start in targets:
-            st = _proc_stat(pid)
-            if st is not None and st[1] == start:
+            if running(pid, start):
                 try:
                     os.kill(pid, sig)
                 except ProcessLookupError:

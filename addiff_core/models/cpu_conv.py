@@ -1,0 +1,47 @@
+"""Batch-1 3D convolutions on the CPU at oneDNN speed.
+
+PyTorch's CPU backend choice (``ConvParams::use_mkldnn`` in ATen's Convolution.cpp) sends a 3D
+convolution with batch 1 to the im2col ``Slow3d`` kernel whenever ``C * D * H <= 20480`` (and the
+kernel is at most 3 wide, groups 1): every layer below full resolution in our models. On the
+2-core CPU of this project that kernel is ~4x slower than oneDNN for forward and backward, and
+batch 1 is common here: ``addiff predict``, evaluation, OpenKBP sites (batch_size 1) and DP-SGD
+in the microbatch mode (one backward per sample). Giving such a layer a batch of 2 (the sample
+and a stride-0 copy of it) selects oneDNN; the first output is the batch-1 result and gradients
+flow only through it, so results are the convolution's own (up to float rounding). Nothing in
+torch, MONAI or Opacus exposes the backend choice, hence this small patch per layer.
+"""
+from __future__ import annotations
+
+import types
+
+import torch
+from torch import nn
+
+SLOW3D_MAX_CDH = 20480  # ATen: N * C * D * H > 20480 selects oneDNN for batch 1
+# Measured per layer (3^3 kernel, forward + backward, 1 thread): the copy pays off from 8^3 voxels
+# and 16 channels (1.3-5.5x faster); on 4^3 inputs or 8 channels at 8^3 im2col is faster.
+MIN_VOXELS, MIN_CHANNEL_VOXELS = 512, 8192
+
+
+def _uses_slow3d(conv: nn.Conv3d, x: torch.Tensor) -> bool:
+    if not (x.dim() == 5 and x.shape[0] == 1 and x.device.type == "cpu" and x.dtype == torch.float32):
+        return False
+    voxels = x.shape[2] * x.shape[3] * x.shape[4]
+    return (conv.groups == 1 and x.shape[1] * x.shape[2] * x.shape[3] <= SLOW3D_MAX_CDH
+            and not (conv.kernel_size[-1] > 3 and conv.kernel_size[-2] > 3)
+            and voxels >= MIN_VOXELS and x.shape[1] * voxels >= MIN_CHANNEL_VOXELS)
+
+
+def _conv_forward(self: nn.Conv3d, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    if _uses_slow3d(self, x):
+        return nn.Conv3d._conv_forward(self, x.expand(2, *x.shape[1:]), weight, bias)[:1]
+    return nn.Conv3d._conv_forward(self, x, weight, bias)
+
+
+def fast_batch1_convs(model: nn.Module) -> nn.Module:
+    """Patch every ``nn.Conv3d`` of ``model`` in place (its type, weights and state dict stay as
+    they are, so Opacus and checkpoints see plain Conv3d layers); returns ``model``."""
+    for m in model.modules():
+        if type(m) is nn.Conv3d:
+            m._conv_forward = types.MethodType(_conv_forward, m)
+    return model

@@ -1,0 +1,215 @@
+"""``addiff predict``: dose prediction for cases on disk, one case or a folder of cases.
+
+A ``Predictor`` loads and verifies a checkpoint once and then predicts any number of cases; each
+prediction writes ``dose.nii.gz`` (Gy, on the case's CT grid, 0 outside the case's evaluation
+region: ``regions.evaluation_region``), ``dvh.csv`` and ``dvh_curves.csv``; with ``samples > 1``
+also ``dose_std.nii.gz`` (voxel-wise standard deviation, Gy, 0 outside the region too); with
+``rtdose`` also ``rtdose.dcm``. Every prediction carries the seconds of its phases (``check``,
+``read``, ``preprocess``, ``model``, ``map_back``, ``write``, ``dvh``) so that a profile of the
+whole path needs no second implementation (bench/predict_bench.py reads them).
+"""
+from __future__ import annotations
+
+import csv
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from .case_io import CaseError, load_case
+from .checkpoint import CheckpointError, load_checkpoint, load_model_state
+from .config import ConfigError, ModelConfig, resolve_device
+from .metrics import dvh_curve, dvh_points
+from .models import build_model
+from .preprocessing import case_to_sample, dose_to_ct_grid
+from .regions import evaluation_region, zero_outside
+from .training import predict_normalised
+
+RESULTS = ("dose.nii.gz", "dose_std.nii.gz", "dvh.csv")
+DVH_BINS = 201
+
+
+def load_model(checkpoint: Path, device: torch.device) -> tuple[torch.nn.Module, ModelConfig, dict]:
+    """Checkpoint -> (model in eval mode on ``device``, its config, its meta); weights verified."""
+    state, cfg, meta = load_checkpoint(checkpoint)
+    model = build_model(cfg)
+    load_model_state(model, state, str(checkpoint))
+    return model.to(device).eval(), cfg, meta
+
+
+def is_case_dir(path: Path) -> bool:
+    return (Path(path) / "ct.nii.gz").is_file()
+
+
+def case_dirs_under(root: Path) -> list[Path]:
+    """The case folders directly under ``root`` (sorted by name)."""
+    return sorted(p for p in Path(root).iterdir() if p.is_dir() and is_case_dir(p))
+
+
+@dataclass
+class Prediction:
+    """What one prediction wrote (name -> path) and how long each phase took (seconds)."""
+
+    written: dict[str, str]
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def total_seconds(self) -> float:
+        return float(sum(self.seconds.values()))
+
+
+@contextmanager
+def _timed(seconds: dict[str, float], phase: str) -> Iterator[None]:
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[phase] = seconds.get(phase, 0.0) + time.perf_counter() - t0
+
+
+def _check_case(case_dir: Path) -> None:
+    from .checks import check_case
+
+    problems = check_case(case_dir)
+    if problems:
+        first = problems[0]
+        more = f" (and {len(problems) - 1} more problem(s); run 'addiff data check {case_dir}')" if len(problems) > 1 else ""
+        raise CaseError(first.case, first.file, first.message + more)
+
+
+def _check_inputs(case_dir: Path, sample: dict[str, torch.Tensor]) -> None:
+    bad = [k for k, v in sample.items() if torch.is_floating_point(v) and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CaseError(case_dir, "plan.yaml" if bad[0] in ("beams", "constraints") else ".",
+                        f"model inputs are not finite ({', '.join(bad)}): extreme values in the case")
+
+
+def _write_table(path: Path, table: list[dict]) -> None:
+    keys = list(dict.fromkeys(k for r in table for k in r))
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=keys)
+        w.writeheader()
+        w.writerows(table)
+
+
+def dvh_tables(case, dose: np.ndarray) -> tuple[list[dict], list[dict]]:
+    """DVH points per structure and the cumulative DVH curves (``DVH_BINS`` dose bins)."""
+    vcc = case.voxel_volume_cc
+    rx = case.plan.max_prescription
+    bins = np.linspace(0.0, max(float(dose.max()), rx) * 1.1, DVH_BINS)
+    rows, curves = [], []
+    for name in sorted(case.masks):
+        m = case.array(name)
+        if not m.any():
+            continue
+        pts = dvh_points(dose, m, vcc, is_target=name in case.plan.prescriptions)
+        rows.append({"structure": name, "volume_cc": float(m.sum() * vcc), **{k: round(float(v), 3) for k, v in pts.items()}})
+        axis, frac = dvh_curve(dose, m, bins)
+        curves.extend({"structure": name, "dose_gy": round(float(d), 3), "volume_pct": round(100 * float(f), 3)}
+                      for d, f in zip(axis, frac))
+    return rows, curves
+
+
+class Predictor:
+    """A checkpoint loaded once; ``predict`` writes one case's prediction."""
+
+    def __init__(self, checkpoint: Path, device: str = "auto") -> None:
+        self.checkpoint = Path(checkpoint)
+        self.device = resolve_device(device)
+        t0 = time.perf_counter()
+        self.model, self.cfg, self.meta = load_model(self.checkpoint, self.device)
+        self.load_seconds = time.perf_counter() - t0
+
+    def predict(self, case_dir: Path, out_dir: Path, *, samples: int = 1, steps: int | None = None, seed: int = 0,
+                overwrite: bool = False, rtdose: bool = False) -> Prediction:
+        if samples < 1:
+            raise ConfigError(f"--samples must be >= 1, got {samples}")
+        from .outputs import check_output_dir, ensure_writable_dir
+
+        case_dir, out_dir = Path(case_dir), Path(out_dir)
+        check_output_dir(out_dir, results=RESULTS, overwrite=overwrite, data_dirs=(case_dir,))
+        sec: dict[str, float] = {}
+        with _timed(sec, "check"):
+            _check_case(case_dir)
+        with _timed(sec, "read"):
+            case = load_case(case_dir)
+        with _timed(sec, "preprocess"):
+            sample, spec = case_to_sample(case, self.cfg.grid, with_dose=False)  # the output needs no reference dose
+            _check_inputs(case_dir, sample)
+            batch = {k: v[None].to(self.device) for k, v in sample.items()}
+        with _timed(sec, "model"):
+            mean, std = predict_normalised(self.model, batch, self.cfg, steps=steps, seed=seed, num_samples=samples)
+            if not bool(torch.isfinite(mean).all()) or (std is not None and not bool(torch.isfinite(std).all())):
+                raise CheckpointError(f"{self.checkpoint}: the model's prediction for {case_dir} is not finite "
+                                      "(NaN/inf); nothing written")
+        rx = case.plan.max_prescription
+        with _timed(sec, "map_back"):
+            region = evaluation_region(case)  # OpenKBP-style: the written prediction is 0 outside the region
+            dose_img = zero_outside(dose_to_ct_grid(mean[0, 0], rx, spec, case.ct), region)
+            std_img = None if std is None else zero_outside(dose_to_ct_grid(std[0, 0], rx, spec, case.ct), region)
+        out_dir = ensure_writable_dir(out_dir)
+        written: dict[str, str] = {}
+        with _timed(sec, "write"):
+            written["dose"] = self._write_image(dose_img, out_dir / "dose.nii.gz")
+            if std_img is not None:
+                written["uncertainty"] = self._write_image(std_img, out_dir / "dose_std.nii.gz")
+            if rtdose:
+                from .dicom.writer import write_predicted_rtdose
+
+                written["rtdose"] = str(write_predicted_rtdose(dose_img, case_dir, out_dir / "rtdose.dcm"))
+        with _timed(sec, "dvh"):
+            rows, curves = dvh_tables(case, sitk.GetArrayViewFromImage(dose_img))
+            for fname, table in (("dvh.csv", rows), ("dvh_curves.csv", curves)):
+                if table:
+                    _write_table(out_dir / fname, table)
+                    written[fname.split(".")[0]] = str(out_dir / fname)
+        return Prediction(written, sec)
+
+    @staticmethod
+    def _write_image(img: sitk.Image, path: Path) -> str:
+        sitk.WriteImage(img, str(path), useCompression=True)
+        return str(path)
+
+
+def predict_case(checkpoint: Path, case_dir: Path, out_dir: Path, *, samples: int = 1, steps: int | None = None,
+                 seed: int = 0, device: str = "auto", overwrite: bool = False, rtdose: bool = False) -> dict[str, str]:
+    """One case: load the checkpoint, predict, write (see the module docstring). Returns the
+    written files and ``seconds`` (model time, as before) for the command line."""
+    if samples < 1:
+        raise ConfigError(f"--samples must be >= 1, got {samples}")
+    from .outputs import check_output_dir
+
+    check_output_dir(Path(out_dir), results=RESULTS, overwrite=overwrite, data_dirs=(Path(case_dir),))
+    pred = Predictor(checkpoint, device).predict(case_dir, out_dir, samples=samples, steps=steps, seed=seed,
+                                                 overwrite=overwrite, rtdose=rtdose)
+    return {**pred.written, "seconds": f"{pred.seconds['model']:.2f}"}
+
+
+def predict_folder(checkpoint: Path, cases_root: Path, out_root: Path, *, samples: int = 1, steps: int | None = None,
+                   seed: int = 0, device: str = "auto", overwrite: bool = False, rtdose: bool = False,
+                   on_case=None) -> tuple[dict[str, Prediction], dict[str, str]]:
+    """Every case folder directly under ``cases_root`` -> ``out_root/<case>/``, the model loaded
+    once. A case that fails is reported (case -> one-line reason) and the others go on.
+    ``on_case(name, prediction_or_None, error_or_None)`` is called after each case."""
+    cases = case_dirs_under(cases_root)
+    if not cases:
+        raise ConfigError(f"{cases_root}: no case folder (a folder with ct.nii.gz) directly under it")
+    if Path(out_root).resolve() == Path(cases_root).resolve() or Path(out_root).resolve().is_relative_to(Path(cases_root).resolve()):
+        raise ConfigError(f"{out_root}: the output folder must not be inside the cases folder {cases_root}")
+    predictor = Predictor(checkpoint, device)
+    done: dict[str, Prediction] = {}
+    failed: dict[str, str] = {}
+    for case_dir in cases:
+        try:
+            done[case_dir.name] = predictor.predict(case_dir, Path(out_root) / case_dir.name, samples=samples,
+                                                    steps=steps, seed=seed, overwrite=overwrite, rtdose=rtdose)
+        except (CaseError, ConfigError, CheckpointError) as e:
+            failed[case_dir.name] = str(e)
+        if on_case:
+            on_case(case_dir.name, done.get(case_dir.name), failed.get(case_dir.name))
+    return done, failed

@@ -1,0 +1,38 @@
+"""client/launch.py: the processes a launcher starts are found (psutil) and stopped by PID, a
+reused PID never signalled."""
+from __future__ import annotations
+
+import os
+import sys
+
+from client import launch
+
+
+def test_a_started_process_is_a_descendant_until_stopped(tmp_path):
+    proc = launch.start([sys.executable, "-c", "import time; time.sleep(60)"], env=dict(os.environ),
+                        log_file=tmp_path / "p.log")
+    try:
+        me = launch.identity(proc.pid)
+        assert me is not None and me in launch.descendants()
+        assert launch.running(*me)
+        assert not launch.running(proc.pid, me[1] + 1.0)  # same PID, another process: never it
+    finally:
+        launch.stop(proc, timeout=5)
+    assert proc.poll() is not None
+    assert not launch.running(*me) and me not in launch.descendants()
+    assert launch.identity(proc.pid) is None or launch.identity(proc.pid) != me
+
+
+def test_the_tracker_remembers_orphans_and_ends_them(tmp_path):
+    # a child that starts a grandchild and exits at once: the grandchild is orphaned
+    code = ("import subprocess, sys; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], "
+            "start_new_session=True)")
+    with launch.DescendantTracker(interval=0.05) as tracker:
+        proc = launch.start([sys.executable, "-c", code + "; import time; time.sleep(1.0)"], env=dict(os.environ),
+                            log_file=tmp_path / "p.log")
+        proc.wait(timeout=30)
+    orphans = tracker.alive()
+    assert orphans, "the grandchild was not seen"
+    left = tracker.terminate(timeout=5)
+    assert not tracker.alive()
+    assert set(left) <= set(orphans)
