@@ -35,11 +35,12 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Mapping
 
 import numpy as np
 
 from addiff_core.config import ConfigError
+from addiff_core.run_folder import PROJECT_ENV, enclosing_checkout, installed_checkout, split_list  # noqa: F401
 
 STATUS_NEED_VAE = "missing-global-vae"
 STATUS_REFUSED = "refused"  # the site will not train (its privacy budget is spent); no weights
@@ -75,7 +76,6 @@ ARRAYS_KEY = "arrays"
 METRICS_KEY = "metrics"
 CONFIG_KEY = "config"
 NUM_EXAMPLES = "num-examples"
-PROJECT_ENV = "ADDIFF_PROJECT_DIR"
 
 
 # ------------------------------------------------------------------------------------------
@@ -102,26 +102,6 @@ def project_root() -> Path:
 
 class ProjectRootError(ConfigError):
     """The folder relative paths should resolve against cannot be told (see project_root)."""
-
-
-def _installed_checkout() -> Path | None:
-    import addiff_core
-
-    root = Path(addiff_core.__file__).resolve().parents[1]
-    return root if _is_checkout(root) else None
-
-
-def _is_checkout(d: Path) -> bool:
-    """An addiff-fl project folder: its pyproject.toml, the ServerApp and the addiff_core sources."""
-    try:
-        return (d / "addiff_core").is_dir() and (d / "server" / "server_app.py").is_file() and \
-            'name = "addiff-fl"' in (d / "pyproject.toml").read_text(encoding="utf-8")
-    except OSError:
-        return False
-
-
-def _enclosing_checkout(start: Path) -> Path | None:
-    return next((d for d in (start, *start.parents) if _is_checkout(d)), None)
 
 
 def bundle_dir() -> Path | None:
@@ -156,8 +136,8 @@ def same_app(bundle: Path, folder: Path) -> bool:
 
 @functools.lru_cache(maxsize=16)
 def _project_root(cwd: str) -> Path:
-    here = _enclosing_checkout(Path(cwd))
-    installed = _installed_checkout()
+    here = enclosing_checkout(Path(cwd))
+    installed = installed_checkout()
     bundle = bundle_dir()
     if bundle is None:
         return here or installed or Path(cwd)
@@ -176,13 +156,6 @@ def _project_root(cwd: str) -> Path:
 def resolve_path(value: str | os.PathLike, base: Path | None = None) -> Path:
     p = Path(value).expanduser()
     return p if p.is_absolute() else ((base or project_root()) / p).resolve()
-
-
-def split_list(value: Any) -> list[str]:
-    """'a.yaml, b.yaml' (run config strings cannot be lists) -> ['a.yaml', 'b.yaml']."""
-    if isinstance(value, (list, tuple)):
-        return [str(v).strip() for v in value if str(v).strip()]
-    return [v.strip() for v in str(value or "").replace("\n", ",").split(",") if v.strip()]
 
 
 # ------------------------------------------------------------------------------------------

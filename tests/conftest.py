@@ -23,8 +23,8 @@
 
 Helpers that are not fixtures live in the ``tests/helpers/`` package (``from helpers.X import ...``).
 
-Under pytest-xdist (the README's ``-n 2``) each worker uses one torch thread: two workers with
-two threads each on a 2-core machine would oversubscribe it.
+Under pytest-xdist (optional, ``-n 2``; not installed by default) each worker uses one torch
+thread: two workers with two threads each on a 2-core machine would oversubscribe it.
 """
 from __future__ import annotations
 
