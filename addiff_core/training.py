@@ -97,6 +97,29 @@ def _accumulate(totals: dict[str, float], loss: torch.Tensor, parts: dict) -> No
             totals[k] = totals.get(k, 0.0) + float(v)
 
 
+def _backward(loss_fn: Callable[[dict], tuple[torch.Tensor, dict]], module: nn.Module,
+              optimizer: torch.optim.Optimizer, batch: dict, grad_clip: float, prox: Proximal | None,
+              per_sample_grads: bool) -> tuple[torch.Tensor, dict]:
+    """Gradients of one batch for ``optimizer.step()``; returns (loss, loss parts).
+
+    ``per_sample_grads`` (DP, microbatch mode): ``grad_sample`` per parameter by one backward pass
+    per sample; the DP optimizer clips, sums and noises them. A proximal term is not part of the
+    per-sample gradients (as in Opacus' own modes)."""
+    if per_sample_grads:
+        from .privacy import per_sample_backward
+
+        return per_sample_backward(loss_fn, [p for g in optimizer.param_groups for p in g["params"]], batch)
+    loss, parts = loss_fn(batch)
+    if prox is not None and prox.mu > 0:
+        p_term = prox(module)
+        loss = loss + p_term
+        parts = {**parts, "prox": float(p_term.detach())}
+    loss.backward()
+    if grad_clip > 0 and not hasattr(optimizer, "noise_multiplier"):  # DP optimizers clip per sample
+        torch.nn.utils.clip_grad_norm_([p for p in module.parameters() if p.requires_grad], grad_clip)
+    return loss, parts
+
+
 def _run_epoch(loss_fn: Callable[[dict], tuple[torch.Tensor, dict]], module: nn.Module, loader: DataLoader,
                optimizer: torch.optim.Optimizer, device: torch.device, grad_clip: float,
                prox: Proximal | None, desc: str, progress: bool, per_sample_grads: bool = False) -> dict[str, float]:
@@ -120,25 +143,7 @@ def _run_epoch(loss_fn: Callable[[dict], tuple[torch.Tensor, dict]], module: nn.
                 n_empty += 1
             continue
         optimizer.zero_grad(set_to_none=True)
-        if per_sample_grads:  # the DP optimizer clips, sums and noises them; a proximal term is not
-            from .privacy import per_sample_backward  # part of the per-sample gradients (as in Opacus' modes)
-
-            loss, parts = per_sample_backward(loss_fn, [p for g in optimizer.param_groups for p in g["params"]], batch)
-            optimizer.step()
-            _check_finite(loss, desc)
-            n_batches += 1
-            n_samples += int(batch["dose"].shape[0])
-            _accumulate(totals, loss, parts)
-            bar.set_postfix(loss=f"{totals['loss'] / n_batches:.4f}")
-            continue
-        loss, parts = loss_fn(batch)
-        if prox is not None and prox.mu > 0:
-            p_term = prox(module)
-            loss = loss + p_term
-            parts = {**parts, "prox": float(p_term.detach())}
-        loss.backward()
-        if grad_clip > 0 and not hasattr(optimizer, "noise_multiplier"):  # DP optimizers clip per sample
-            torch.nn.utils.clip_grad_norm_([p for p in module.parameters() if p.requires_grad], grad_clip)
+        loss, parts = _backward(loss_fn, module, optimizer, batch, grad_clip, prox, per_sample_grads)
         optimizer.step()
         _check_finite(loss, desc)
         n_batches += 1
