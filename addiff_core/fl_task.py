@@ -48,9 +48,9 @@ def arrays_to_state(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
     return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
 
 
-def round_seed(seed: int, server_round: int, site_name: str) -> int:
+def round_seed(seed: int, round_number: int, site_name: str) -> int:
     """A seed that differs per site and per round but is reproducible (resume gives equal weights)."""
-    return (seed * 1_000_003 + server_round * 7919 + zlib.crc32(site_name.encode())) % (2**31 - 1)
+    return (seed * 1_000_003 + round_number * 7919 + zlib.crc32(site_name.encode())) % (2**31 - 1)
 
 
 @dataclass
@@ -129,10 +129,14 @@ class SiteTask:
             return {"dp_enabled": 1.0, "epsilon": 0.0}
         return {"dp_enabled": 1.0, "epsilon": state.epsilon(), "delta": state.delta}
 
-    def train(self, arrays: dict[str, np.ndarray] | None, stage: str, *, epochs: int, server_round: int,
+    def train(self, arrays: dict[str, np.ndarray] | None, stage: str, *, epochs: int, round_number: int,
               seed: int = 0, proximal_mu: float = 0.0, total_epochs: int | None = None, epoch_offset: int = 0,
               planned_epochs: int | None = None) -> TrainResult:
         """Train ``stage`` for ``epochs`` local epochs from the global ``arrays`` (None: current weights).
+
+        ``round_number`` is this site's training round: the server's round in a federation, the
+        stage's index when one site trains alone. It seeds the data order and keys the stage's
+        stored optimiser state.
 
         ``planned_epochs`` is the number of local epochs this site will train over the whole run
         (all rounds, both stages): the DP noise is calibrated once for all of them. Raises
@@ -144,14 +148,14 @@ class SiteTask:
             dp.check_budget(epochs * self.steps_per_epoch())
         if arrays is not None:
             self.load_global(arrays, stage)
-        rs = round_seed(seed, server_round, self.site.name)
+        rs = round_seed(seed, round_number, self.site.name)
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(rs)
             set_trainable(self.model, stage)
             module = getattr(self.model, stage)
             optimizer = make_optimizer(module.parameters(), tcfg)
             optim_store = OptimizerStore(self.site.state_dir)
-            optim_store.restore(optimizer, stage, server_round)
+            optim_store.restore(optimizer, stage, round_number)
             loader = make_loader(self.data.train, tcfg.batch_size, shuffle=True, seed=rs)
             prox = Proximal.from_module(proximal_mu, module) if proximal_mu > 0 else None
             if dp is not None:  # Opacus hooks the module's layers; losses call the model as usual
@@ -169,16 +173,16 @@ class SiteTask:
                         stage, self.model, loader, optimizer, self.cfg, self.device, generator=gen,
                         grad_clip=tcfg.grad_clip, prox=prox, progress=self.progress,
                         per_sample_grads=dp is not None and dp.per_sample_backward,
-                        desc=f"{self.site.name} {stage} r{server_round} e{e + 1}/{epochs}")
+                        desc=f"{self.site.name} {stage} r{round_number} e{e + 1}/{epochs}")
                     history.append(m)
                     left = (epochs - e - 1) * sum(h["seconds"] for h in history) / len(history)
                     log.info("site %s: %s round %d epoch %d/%d: loss %.4f (%.1f s%s)", self.site.name, stage,
-                             server_round, e + 1, epochs, m["loss"], m["seconds"],
+                             round_number, e + 1, epochs, m["loss"], m["seconds"],
                              f"; ~{left:.0f} s left in this round" if left > 0 else "")
             finally:
                 if dp is not None:
                     dp.commit()
-            optim_store.save(optimizer, stage, server_round)
+            optim_store.save(optimizer, stage, round_number)
         if dp is None:
             metrics = {f"train_{k}": float(v) for k, v in history[-1].items()} if history else {}
             metrics["skipped_cases"] = float(len(self.data.skipped))

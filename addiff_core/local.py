@@ -60,7 +60,7 @@ def train_site(site_file: Path, out_dir: Path, *, model_kind: str | None = None,
     for round_number, (stage, epochs) in enumerate(stages):
         if epochs == 0:
             continue
-        res = task.train(None, stage, epochs=epochs, server_round=round_number, seed=tcfg.seed,
+        res = task.train(None, stage, epochs=epochs, round_number=round_number, seed=tcfg.seed,
                          planned_epochs=planned)
         history += [{"stage": stage, "epoch": e + 1, **m} for e, m in enumerate(res.history)]
     train_seconds = time.perf_counter() - t0

@@ -45,11 +45,11 @@ class OptimizerStore:
                 found[int(m["round"])] = p
         return found
 
-    def restore(self, optimizer: torch.optim.Optimizer, stage: str, server_round: int) -> int | None:
-        """Load the state saved after this site's latest round of ``stage`` before ``server_round``
+    def restore(self, optimizer: torch.optim.Optimizer, stage: str, round_number: int) -> int | None:
+        """Load the state saved after this site's latest round of ``stage`` before ``round_number``
         into ``optimizer``; returns that round, or None (fresh optimiser) when there is none or it
         does not fit (e.g. the model changed)."""
-        earlier = [r for r in self._rounds(stage) if r < server_round]
+        earlier = [r for r in self._rounds(stage) if r < round_number]
         if not earlier:
             return None
         r = max(earlier)
@@ -63,13 +63,13 @@ class OptimizerStore:
             return None
         return r
 
-    def save(self, optimizer: torch.optim.Optimizer, stage: str, server_round: int) -> Path:
+    def save(self, optimizer: torch.optim.Optimizer, stage: str, round_number: int) -> Path:
         buf = io.BytesIO()
         torch.save(_base_optimizer(optimizer).state_dict(), buf)
-        path = self.folder / f"{stage}_round{int(server_round)}.pt"
+        path = self.folder / f"{stage}_round{int(round_number)}.pt"
         atomic_write_bytes(path, buf.getvalue())
         rounds = self._rounds(stage)
-        later = [r for r in rounds if r > server_round]  # left by an aborted attempt or an older run
-        for r in later + sorted(r for r in rounds if r <= server_round)[:-KEEP_ROUNDS]:
+        later = [r for r in rounds if r > round_number]  # left by an aborted attempt or an older run
+        for r in later + sorted(r for r in rounds if r <= round_number)[:-KEEP_ROUNDS]:
             rounds[r].unlink(missing_ok=True)
         return path

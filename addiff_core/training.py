@@ -2,7 +2,8 @@
 
 Two stages for ADDiff-Dose: ``train_vae_epoch`` (VAE alone, L1 + beta KL), then
 ``train_diffusion_epoch`` (condition encoder + latent denoiser, VAE frozen). ``train_unet_epoch``
-trains the direct-regression baseline. ``evaluate`` predicts every held-out case, maps the dose
+trains the direct-regression baseline. The caller freezes everything outside the stage once,
+with ``set_trainable``, before it builds the stage's optimiser; the epoch functions do not. ``evaluate`` predicts every held-out case, maps the dose
 back to the case's CT grid in Gy and scores it with ``addiff_core.metrics``.
 """
 from __future__ import annotations
@@ -162,7 +163,6 @@ def train_vae_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
                     desc: str = "vae", progress: bool = True, per_sample_grads: bool = False) -> dict[str, float]:
     """One epoch of stage 1: L1 reconstruction + beta KL."""
     vae = model.vae
-    set_trainable(model, "vae")
     model.train()
     return _run_epoch(lambda b: diff.vae_loss(vae, b, cfg), vae, loader, optimizer, device, grad_clip, prox,
                       desc, progress, per_sample_grads)
@@ -173,7 +173,6 @@ def train_diffusion_epoch(model: nn.Module, loader: DataLoader, optimizer: torch
                           prox: Proximal | None = None, desc: str = "diffusion", progress: bool = True,
                           per_sample_grads: bool = False) -> dict[str, float]:
     """One epoch of stage 2: noise MSE + constraint hinge; the VAE stays frozen."""
-    set_trainable(model, "diffusion")
     model.train()
     model.vae.eval()
     if float(model.diffusion.latent_scale) == 0.0:
@@ -186,7 +185,6 @@ def train_diffusion_epoch(model: nn.Module, loader: DataLoader, optimizer: torch
 def train_unet_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, cfg: ModelConfig,
                      device: torch.device, *, grad_clip: float = 1.0, prox: Proximal | None = None,
                      desc: str = "unet", progress: bool = True, per_sample_grads: bool = False) -> dict[str, float]:
-    set_trainable(model, "unet")
     model.train()
     return _run_epoch(lambda b: diff.unet_loss(model, b, cfg), model.unet, loader, optimizer, device, grad_clip,
                       prox, desc, progress, per_sample_grads)

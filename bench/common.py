@@ -22,6 +22,8 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from addiff_core.formats import json_safe, markdown_table  # the one JSON and Markdown writer
+
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 DEMO_CONFIG = REPO / "configs" / "demo.yaml"
@@ -321,7 +323,7 @@ def cuda_peak_mib(device: Any) -> float | None:
 # --------------------------------------------------------------------------------------------
 def child_result(obj: Any) -> None:
     """Print the child's result as the last stdout line (read back by ``run_child``)."""
-    print(RESULT_PREFIX + json.dumps(sanitize(obj)), flush=True)
+    print(RESULT_PREFIX + json.dumps(json_safe(obj)), flush=True)
 
 
 def run_child(script: Path, payload: dict, timeout: float = 3600.0) -> dict:
@@ -381,21 +383,6 @@ def cohort_overall(case_rows: Sequence[dict], keys: Iterable[str]) -> dict[str, 
 # --------------------------------------------------------------------------------------------
 # result files
 # --------------------------------------------------------------------------------------------
-def sanitize(obj: Any) -> Any:
-    """JSON-safe copy: NaN/inf -> None, tuples -> lists, Paths -> str, numpy scalars -> Python."""
-    if isinstance(obj, dict):
-        return {str(k): sanitize(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [sanitize(v) for v in obj]
-    if isinstance(obj, Path):
-        return str(obj)
-    if hasattr(obj, "item") and callable(obj.item) and getattr(obj, "ndim", 1) == 0:
-        obj = obj.item()
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    return obj
-
-
 def now_iso() -> str:
     return _dt.datetime.now().astimezone().isoformat(timespec="seconds")
 
@@ -404,7 +391,7 @@ def write_json(path: Path, obj: Any) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(sanitize(obj), indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    tmp.write_text(json.dumps(json_safe(obj), indent=2, allow_nan=False) + "\n", encoding="utf-8")
     os.replace(tmp, path)
     return path
 
@@ -433,10 +420,8 @@ def fmt(x: Any, nd: int = 2) -> str:
 
 
 def md_table(headers: Sequence[str], rows: Iterable[Sequence[Any]], nd: int = 2) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(" --- " for _ in headers) + "|"]
-    for r in rows:
-        lines.append("| " + " | ".join(fmt(v, nd) if not isinstance(v, str) else v for v in r) + " |")
-    return "\n".join(lines)
+    """The project's Markdown table (``addiff_core.formats``) with the bench's number format."""
+    return markdown_table(headers, rows, fmt=lambda v: fmt(v, nd))
 
 
 def machine_line(m: dict) -> str:

@@ -92,7 +92,7 @@ def bench_step_time(args, device: str, work: Path) -> dict:
         rows = {"dp": [], "no_dp": []}
 
         def epoch(label: str, rnd: int) -> dict:
-            res = tasks[label].train(None, stage, epochs=1, server_round=rnd, seed=args.seed,
+            res = tasks[label].train(None, stage, epochs=1, round_number=rnd, seed=args.seed,
                                      planned_epochs=args.reps + 1)
             return res.history[0]
 
@@ -175,7 +175,7 @@ def _child_memory(p: dict) -> dict:
     common.cuda_reset_peak(dev)
     cuda_before = torch.cuda.memory_allocated() / 2**20 if dev.type == "cuda" else None
     with common.Stopwatch(dev) as sw:
-        res = task.train(None, stage, epochs=1, server_round=0, seed=0, planned_epochs=1)
+        res = task.train(None, stage, epochs=1, round_number=0, seed=0, planned_epochs=1)
     h = res.history[0]
     return {"size": p["size"], "batch": b, "stage": stage, "dp": bool(p["dp"]), "device": str(dev),
             "train_cases": task.data.num_train, "steps": h["steps"], "samples": h["samples"],
@@ -284,7 +284,7 @@ def bench_utility(args, device: str, work: Path, checkpoint=None) -> dict:
                 for k, (stage, epochs) in enumerate(stages):
                     if epochs <= 0:
                         continue
-                    res = task.train(None, stage, epochs=epochs, server_round=k, seed=s.training.seed,
+                    res = task.train(None, stage, epochs=epochs, round_number=k, seed=s.training.seed,
                                      planned_epochs=planned)
                     metrics = res.metrics
                     t_train += sum(h["seconds"] for h in res.history)

@@ -87,7 +87,7 @@ def plain_loop(site_files: list[Path], settings, *, seed: int = 0, evaluate: boo
         for task in tasks:
             e = epochs_of(task, r.stage)
             planned = sum(n * epochs_of(task, st) for st, n in plan.items())
-            results.append(task.train(sent, r.stage, epochs=e, server_round=r.number, seed=seed,
+            results.append(task.train(sent, r.stage, epochs=e, round_number=r.number, seed=seed,
                                       total_epochs=e * r.stage_rounds, epoch_offset=e * (r.stage_round - 1),
                                       planned_epochs=planned))
         total = sum(res.num_examples for res in results)

@@ -955,9 +955,9 @@ def render_only(args: argparse.Namespace) -> int:
     refs = reference_scores(work, res["split"], cfg)
     res.update({"grid_floor": refs.get("grid_floor"), "zero_dose": refs.get("zero_dose")})
     res["rendered_again"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    from common import sanitize
+    from common import json_safe
 
-    path.write_text(json.dumps(sanitize(res), indent=2) + "\n")
+    path.write_text(json.dumps(json_safe(res), indent=2) + "\n")
     write_markdown(out / "openkbp_bench.md", res)
     print(f"rewritten: {path}, {out / 'openkbp_bench.md'}", flush=True)
     return 0
@@ -1010,7 +1010,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"openkbp_bench: --extra {extra_arg}: not found", file=sys.stderr)
         return 2
 
-    from common import loadavg, machine_info, quiet_warnings, sanitize
+    from common import loadavg, machine_info, quiet_warnings, json_safe
 
     quiet_warnings()
     from addiff_core.config import load_model_config
@@ -1122,7 +1122,7 @@ def main(argv: list[str] | None = None) -> int:
         res["wall_seconds"] = time.perf_counter() - t0
         res["cpu_seconds"] = {**res.get("cpu_seconds", {}), "total": _self_cpu() - cpu0 + sum(CPU_SPENT)}
         tmp = out / ".openkbp_bench.json.tmp"
-        tmp.write_text(json.dumps(sanitize(res), indent=2) + "\n")
+        tmp.write_text(json.dumps(json_safe(res), indent=2) + "\n")
         tmp.replace(out / "openkbp_bench.json")
         write_markdown(out / "openkbp_bench.md", res)
 

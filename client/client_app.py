@@ -229,7 +229,7 @@ def train(msg: Message, context: Context, where: dict) -> Message:
     t0 = time.perf_counter()
     where["phase"] = "train"
     try:
-        res = task.train(arrays, stage, epochs=epochs, server_round=int(cfg["server-round"]), seed=int(cfg.get("seed", 0)),
+        res = task.train(arrays, stage, epochs=epochs, round_number=int(cfg["server-round"]), seed=int(cfg.get("seed", 0)),
                          proximal_mu=float(cfg.get("proximal-mu", 0.0)), total_epochs=epochs * stage_rounds,
                          epoch_offset=epochs * (stage_round - 1),
                          planned_epochs=planned_epochs(task, str(cfg.get("stage-plan", "")),

@@ -68,7 +68,7 @@ def test_skipped_cases_are_reported_in_round_metrics(make_case, tmp_path):
     make_case(cases, name="zz_bad", dose=make_case_dose_cgy())
     site = load_site_config(write_site(tmp_path))
     task = SiteTask(site, site.model)
-    res = task.train(initial_arrays(site.model), "vae", epochs=1, server_round=1)
+    res = task.train(initial_arrays(site.model), "vae", epochs=1, round_number=1)
     assert res.metrics["skipped_cases"] == 1.0
     assert res.num_examples == 2
 

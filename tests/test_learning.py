@@ -57,14 +57,14 @@ def test_diffusion_learns_and_matches_the_unet(learning_site):
     task = SiteTask(learning_site, cfg)
     assert len(task.data.heldout) == 3
     untrained = _heldout(task, cfg)["mae_gy"]
-    task.train(None, "vae", epochs=VAE_EPOCHS, server_round=0)
-    task.train(None, "diffusion", epochs=DIFFUSION_EPOCHS, server_round=1)
+    task.train(None, "vae", epochs=VAE_EPOCHS, round_number=0)
+    task.train(None, "diffusion", epochs=DIFFUSION_EPOCHS, round_number=1)
     trained = _heldout(task, cfg)
     constant = constant_guess_mae(task)
 
     ucfg = dataclasses.replace(cfg, kind="unet")
     unet = SiteTask(dataclasses.replace(learning_site, state_dir=learning_site.state_dir / "unet"), ucfg)
-    unet.train(None, "unet", epochs=VAE_EPOCHS + DIFFUSION_EPOCHS, server_round=0)
+    unet.train(None, "unet", epochs=VAE_EPOCHS + DIFFUSION_EPOCHS, round_number=0)
     baseline = _heldout(unet, ucfg)
     print(f"held-out MAE: ADDiff {trained['mae_gy']:.2f} Gy, U-Net {baseline['mae_gy']:.2f} Gy, "
           f"untrained {untrained:.2f} Gy, constant {constant:.2f} Gy")
