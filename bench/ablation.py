@@ -20,6 +20,8 @@ Variants (``--variants``; each a set of ModelConfig / TrainingConfig overrides):
   new        all of the above, constraint hinge off, 1 DDIM step (the defaults of configs/demo.yaml)
   new+hinge  new with the constraint hinge (weight 0.5) and 2 DDIM steps
   v, eps     new with v / epsilon prediction (10 DDIM steps) instead of x0
+  w-half, w-double   new with every channel width halved / doubled (VAE, denoiser, condition
+             encoder, context); w-vae2, w-den2: only the VAE's / only the others' doubled
   unet       the U-Net baseline, hinge 0.5 (lr 1e-3; ``unet-old``: lr 2e-4; ``unet-nohinge``: no hinge)
 
     python bench/ablation.py --budgets 60 --seeds 0,1
@@ -56,6 +58,10 @@ NEW = {"prediction_type": "x0", "anatomy_decoder": True, "latent_dropout": 0.5, 
        "kl_weight": 1e-6, "sample_steps": 1, "constraint_weight": 0.0}  # configs/demo.yaml
 OLD_LR, NEW_LR = 2e-4, 1e-3
 OLD_SHARE, NEW_SHARE = 0.25, 0.8  # share of the CPU budget on stage 1 (old: 5 of 20 demo rounds)
+WIDTHS = {"half": {"vae_channels": (4, 8, 16), "unet_channels": (8, 16), "cond_channels": 4, "context_dim": 16,
+                   "norm_groups": 4},
+          "double": {"vae_channels": (16, 32, 64), "unet_channels": (32, 64), "cond_channels": 16,
+                     "context_dim": 64}}
 # name -> (ModelConfig overrides, learning rate, VAE share of the budget)
 VARIANTS: dict[str, tuple[dict, float, float]] = {
     "old": (OLD, OLD_LR, OLD_SHARE),
@@ -68,6 +74,11 @@ VARIANTS: dict[str, tuple[dict, float, float]] = {
     "new+hinge": ({**NEW, "constraint_weight": 0.5, "sample_steps": 2}, NEW_LR, NEW_SHARE),
     "v": ({**NEW, "prediction_type": "v"}, NEW_LR, NEW_SHARE),
     "eps": ({**NEW, "prediction_type": "epsilon", "sample_steps": 10}, NEW_LR, NEW_SHARE),
+    # channel widths around the demo's (VAE 8/16/32, denoiser 16/32, condition 8, context 32)
+    "w-half": ({**NEW, **WIDTHS["half"]}, NEW_LR, NEW_SHARE),
+    "w-double": ({**NEW, **WIDTHS["double"]}, NEW_LR, NEW_SHARE),
+    "w-vae2": ({**NEW, "vae_channels": WIDTHS["double"]["vae_channels"]}, NEW_LR, NEW_SHARE),
+    "w-den2": ({**NEW, **{k: v for k, v in WIDTHS["double"].items() if k != "vae_channels"}}, NEW_LR, NEW_SHARE),
     "unet": ({"kind": "unet", "unet_constraint_weight": 0.5}, NEW_LR, 0.0),
     "unet-old": ({"kind": "unet", "unet_constraint_weight": 0.5}, OLD_LR, 0.0),
     "unet-nohinge": ({"kind": "unet", "unet_constraint_weight": 0.0}, NEW_LR, 0.0),
@@ -106,7 +117,8 @@ def run_one(variant: str, budget: float, seed: int, site_file: Path, batch_size:
     row: dict = {"variant": variant, "budget_cpu_s": budget, "seed": seed, "lr": lr, "vae_share": vae_share,
                  "config": {k: getattr(cfg, k) for k in ("prediction_type", "anatomy_decoder", "latent_dropout",
                                                          "vae_loss_region", "kl_weight", "sample_steps",
-                                                         "constraint_weight")}}
+                                                         "constraint_weight", "vae_channels", "unet_channels",
+                                                         "cond_channels", "context_dim")}}
     if cfg.kind == "unet":
         row["unet"] = train_for(model, "unet", data, cfg, lr, budget, seed, batch_size)
     else:

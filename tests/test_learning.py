@@ -3,6 +3,7 @@ and below a constant-dose guess (same site, same held-out cases, same metric on 
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +53,8 @@ def test_diffusion_learns_and_matches_the_unet(learning_site):
     as both ADDiff stages together, and a U-Net step costs more CPU than a step of either stage.
     (The design before issue #11, epsilon prediction and a decoder blind to anatomy, was at
     ~3x the U-Net's MAE in the main job.)"""
-    torch.set_num_threads(2)
+    if not os.environ.get("PYTEST_XDIST_WORKER"):  # a worker of `pytest -n 2` keeps its one thread
+        torch.set_num_threads(2)
     cfg = load_model_config(DEMO_CONFIG)  # the main job's model (x0, anatomy-aware decoder)
     task = SiteTask(learning_site, cfg)
     assert len(task.data.heldout) == 3
