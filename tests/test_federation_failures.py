@@ -6,7 +6,8 @@ SuperNodes via ``addiff client start``; tiny model, 32^3 synthetic sites):
   the site, restarted, trains again in the next round;
 * the server crashes (SIGKILL of the SuperLink, the ServerApp and everything else under
   ``addiff server start``) after round 1: ``addiff server start --resume`` finishes the run with
-  the same SuperNodes, which reconnect by themselves;
+  the same SuperNodes, which reconnect by themselves (this is also the suite's plain TLS +
+  authentication deployment: HTTPS, all sites every round, checkpoints, the final table);
 * a SuperNode whose key is not registered is refused (clear message, non-zero exit) and never
   trains, while the registered ones do.
 
@@ -170,14 +171,16 @@ def test_supernode_killed_mid_round(tmp_path, procs):
 
 
 def test_superlink_killed_and_resumed(tmp_path, procs):
-    """A run of 3 rounds (vae 2, diffusion 1) with SuperNode authentication; once round 1 is
-    checkpointed the whole server side is killed (SIGKILL: `addiff server start`, SuperLink,
-    SuperExec, ServerApp). `addiff server start --resume RUN_DIR` on the same port (same state
-    database, keys already registered there) finishes the run with the same three SuperNode
-    processes, which reconnect by themselves."""
+    """A TLS deployment with SuperNode authentication and three SuperNodes, a run of 2 rounds
+    (vae 1, diffusion 1); once round 1 is checkpointed the whole server side is killed (SIGKILL:
+    `addiff server start`, SuperLink, SuperExec, ServerApp). `addiff server start --resume
+    RUN_DIR` on the same port (same state database, keys already registered there) finishes the
+    run with the same three SuperNode processes, which reconnect by themselves. (This is also
+    the suite's plain TLS deployment: HTTPS, every site trains every round, a checkpoint per
+    round, the final table with all three sites.)"""
     dep = Deployment(tmp_path, procs)
     names = sorted(dep.sites)
-    server = dep.new_run(rounds="2,1", min_sites=3, round_timeout=300, auth_sites=names)
+    server = dep.new_run(rounds="1,1", min_sites=3, round_timeout=300, auth_sites=names)
     clients = {s: dep.client(s, auth=True) for s in names}
     ckpt1 = dep.run_dir / "checkpoints" / "round_0001.pt"
     sha1 = ckpt1.with_name(ckpt1.name + ".sha256")
@@ -195,18 +198,22 @@ def test_superlink_killed_and_resumed(tmp_path, procs):
     out = dep.log("server_resume.log")
     assert f"after round {len(done_before)}" in out, out[-3000:]
 
-    assert dep.checkpoints() == ["round_0001.pt", "round_0002.pt", "round_0003.pt"]
+    assert "https://127.0.0.1" in read_text(dep.run_dir / "superlink.log"), "the SuperLink did not serve TLS"
+    assert dep.checkpoints() == ["round_0001.pt", "round_0002.pt"]
     assert all(p.with_name(p.name + ".sha256").is_file() for p in (dep.run_dir / "checkpoints").glob("*.pt"))
     assert {p.name: p.read_bytes() for p in (ckpt1, sha1)} == before, "resume changed round 1's checkpoint"
     rows = metrics_rows(dep.run_dir)
     train = [(r["round"], r["site"]) for r in rows if r["kind"] == "train"]
     assert len(train) == len(set(train)), f"duplicated train rows: {sorted(train)}"
-    assert sorted(train) == [(rnd, s) for rnd in (1, 2, 3) for s in names]
-    assert [r["round"] for r in rows if r["kind"] == "round"] == [1, 2, 3]
+    assert sorted(train) == [(rnd, s) for rnd in (1, 2) for s in names]
+    assert [r["round"] for r in rows if r["kind"] == "round"] == [1, 2]
     doc = json.loads((dep.run_dir / "run.json").read_text())
     assert doc["status"] == "complete" and len(doc.get("resumed", [])) == 1, doc
     final = json.loads((dep.run_dir / "final_metrics.json").read_text())
     assert sorted(r["site"] for r in final) == names
+    md = (dep.run_dir / "final_metrics.md").read_text()
+    assert all(f"| {n} |" in md for n in names), md
+    assert "federated run complete" in out, out[-3000:]
     # the SuperNodes were never restarted
     assert all(c.poll() is None for c in clients.values()), dep.logs()
 
