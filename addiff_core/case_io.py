@@ -30,18 +30,11 @@ import yaml
 # other structures are kept on disk but not fed to the model) are the case format's vocabulary
 # and the model's: defined once in contract.py, re-exported here.
 from .contract import B_MAX, OAR_NAMES, TECHNIQUES, TUMOUR_SITES  # noqa: F401
+from .errors import CaseError  # noqa: F401  (defined with the other user errors)
 
 BODY_NAME = "Body"
 
 
-class CaseError(ValueError):
-    """A case folder is unusable. ``file`` names the offending file, ``case`` the folder."""
-
-    def __init__(self, case: str | Path, file: str, problem: str):
-        self.case = str(case)
-        self.file = file
-        self.problem = problem
-        super().__init__(f"{self.case}: {file}: {problem}")
 
 
 @dataclass(frozen=True)

@@ -16,12 +16,11 @@ from typing import Any
 import torch
 
 from .config import ConfigError, ModelConfig, model_config_from_dict
+from .errors import CheckpointError  # noqa: F401  (defined with the other user errors)
 
 FORMAT = "addiff-fl/1"
 
 
-class CheckpointError(ValueError):
-    """A checkpoint is missing, corrupt, or does not fit the requested configuration."""
 
 
 def sha256_file(path: str | Path) -> str:

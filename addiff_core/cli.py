@@ -17,10 +17,8 @@ import sys
 from importlib.metadata import entry_points
 from pathlib import Path
 
-from .case_io import CaseError
-from .checkpoint import CheckpointError
 from .config import ConfigError
-from .errors import UserError
+from .errors import CaseError, CheckpointError, UserError
 
 USER_ERRORS = (ConfigError, CaseError, CheckpointError, OSError)  # OSError: also ENOSPC, EROFS
 COMMAND_GROUP = "addiff.commands"  # entry points: a callable that adds subcommands to the parser

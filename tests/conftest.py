@@ -23,8 +23,10 @@
 
 Helpers that are not fixtures live in the ``tests/helpers/`` package (``from helpers.X import ...``).
 
-Under pytest-xdist (optional, ``-n 2``; not installed by default) each worker uses one torch
-thread: two workers with two threads each on a 2-core machine would oversubscribe it.
+The README's command runs the suite with pytest-xdist (``-n 4 --dist loadgroup``): each worker
+uses one torch thread (several workers with several threads each would oversubscribe a 2-core
+machine), tests that share an expensive module fixture carry one ``xdist_group`` so that they
+run on one worker, and the slow tests are dealt out first.
 """
 from __future__ import annotations
 
@@ -44,6 +46,15 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     import torch
 
     torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist, the slow end-to-end tests first (stable order otherwise): with
+    ``--dist loadgroup`` the first tests are dealt to the workers in turn, so the long runs start
+    at once on different workers instead of ending the suite one after the other. A serial run
+    keeps the file order (module fixtures are set up once)."""
+    if getattr(config.option, "numprocesses", None):
+        items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from server.federation import Federation
 from client.protocol import layout_from_json
 from server.settings import from_run_config
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("federation_loop")]  # one `full_run` for its tests
 
 
 @pytest.fixture(scope="module")

@@ -167,6 +167,7 @@ def good_sites_model(sites, tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("bad_update")  # one worker computes `good_sites_model` once
 @pytest.mark.parametrize("fn,reason", [
     (_nan, "non-finite"), (_truncate, "shape"), (_extra, "unexpected array(s) unet.backdoor"),
     (_float64, "dtype float64"), (_examples, "exceeds the configured maximum"), (_boost, "x the round's median"),

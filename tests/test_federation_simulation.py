@@ -12,7 +12,7 @@ import torch
 
 from helpers.federation import ROOT, TINY, Processes, cli, flower_test_env, synthetic_sites
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("federation_simulation")]  # one `uninterrupted` run
 
 
 @pytest.fixture(scope="module")
