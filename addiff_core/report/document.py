@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
+from ..formats import markdown_table
 from ..site_table import number as num  # a finite float or None
 
 _CSS = ("body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}"
@@ -52,14 +53,8 @@ class Doc:
                 + "\n".join(body) + "\n</body></html>\n")
 
 
-def _md_cell(s: Any) -> str:
-    return str(s).replace("|", "\\|").replace("\n", " ")
-
-
 def _md_table(b: tuple) -> str:
-    lines = ["| " + " | ".join(_md_cell(c) for c in b[1]) + " |", "|" + "|".join("---" for _ in b[1]) + "|"]
-    lines += ["| " + " | ".join(_md_cell(c) for c in r) + " |" for r in b[2]]
-    return "\n".join(lines)
+    return markdown_table(b[1], b[2])
 
 
 _MD = {
