@@ -1,7 +1,7 @@
 """Shared test fixtures.
 
-* ``openkbp_dir``: the OpenKBP sample folder (``/work/shared/openkbp-sample`` or
-  ``$ADDIFF_OPENKBP_SAMPLE``); the test is skipped when it is absent.
+* ``openkbp_dir``: the OpenKBP sample folder (``helpers.shared_data``: ``$ADDIFF_OPENKBP_SAMPLE``,
+  ``../shared/openkbp-sample`` or ``/work/shared/openkbp-sample``); the test is skipped when it is absent.
 * ``procs``: processes a test starts (``helpers.federation.Processes``), all stopped by PID at
   the end; the test fails if any was still running after its leader stopped.
 * ``tiny_model``: the tests' tiny ``ModelConfig`` (``helpers.models.TINY_MODEL``; tests that need
@@ -41,6 +41,7 @@ from addiff_core.case_io import Plan, save_case
 from addiff_core.config import ModelConfig
 from helpers.cases import DEFAULT_SPACING, N, default_arrays, default_plan
 from helpers.models import TINY_MODEL
+from helpers.shared_data import OPENKBP_SAMPLE
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     import torch
@@ -100,7 +101,7 @@ def make_case() -> Callable[..., Path]:
 @pytest.fixture(scope="session")
 def openkbp_dir() -> Path:
     """The OpenKBP sample folder (24 patients); skips the test when it is not available."""
-    p = Path(os.environ.get("ADDIFF_OPENKBP_SAMPLE", "/work/shared/openkbp-sample"))
+    p = OPENKBP_SAMPLE
     if not (p / "pt_11" / "ct.csv").is_file() and not any(p.glob("pt_*/ct.csv")):
         pytest.skip(f"OpenKBP sample not found at {p}")
     return p

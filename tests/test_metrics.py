@@ -12,8 +12,9 @@ from addiff_core import dvh
 from addiff_core import metrics as M
 from addiff_core.case_io import Beam, Plan
 from helpers.metrics import readme_dose_score
+from helpers.shared_data import OPENKBP_SAMPLE
 
-OPENKBP_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "openkbp-sample"
+OPENKBP_DIR = OPENKBP_SAMPLE
 OPENKBP_SHAPE = (128, 128, 128)
 OPENKBP_TARGETS = {"PTV70": 70.0, "PTV63": 63.0, "PTV56": 56.0}
 
