@@ -296,19 +296,22 @@ BOMB = "".join(f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9) if i else '1, 2, 3,
 def test_yaml_alias_bombs_fail_fast_with_one_line(capsys, make_case, tmp_path):
     import time
 
+    import addiff_core.checks  # noqa: F401  (the commands import these lazily; the import is not
+    import addiff_core.local  # noqa: F401   what is timed here, parsing the bomb is)
+
     site = tmp_path / "site.yaml"
     site.write_text(BOMB + "name: *l11\ndata_dir: cases\n")
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     code, err = run_cli(capsys, "train", "--site", str(site), "--out", str(tmp_path / "r"))
-    assert time.perf_counter() - t0 < 1.0 and len(err) < 300
+    assert time.process_time() - t0 < 1.0 and len(err) < 300
     assert code == 2
     assert_one_line(err, "aliases")
     case = make_case(tmp_path / "cases", name="bomb")
     (case / "plan.yaml").write_text(BOMB + "tumour_site: *l11\n")
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     assert main(["data", "check", str(case)]) == 1
     out = capsys.readouterr().out
-    assert time.perf_counter() - t0 < 5.0 and "aliases" in out and len(out) < 1000
+    assert time.process_time() - t0 < 5.0 and "aliases" in out and len(out) < 1000
 
 
 def test_duplicate_yaml_keys_are_refused(tmp_path):

@@ -157,6 +157,6 @@ def test_beam_plate_is_fast_on_small_grids():
     target = _sphere((16, 16, 16), 4.0, n=32)
     beams = [Beam(float(g)) for g in range(0, 360, 40)]
     beam_plate(target, SP, beams)
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     beam_plate(target, SP, beams)
-    assert time.perf_counter() - t0 < 0.5
+    assert time.process_time() - t0 < 0.5

@@ -392,9 +392,9 @@ def test_gamma_64_cubed_is_fast_enough():
     z, y, x = np.mgrid[:64, :64, :64]
     ref = 60 * np.exp(-((x - 32) ** 2 + (y - 32) ** 2 + (z - 32) ** 2) / (2 * 12.0 ** 2))
     pred = np.roll(ref, 1, axis=1) * (1 + 0.02 * rng.standard_normal(ref.shape))
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     rate = M.gamma_pass_rate(ref, pred * 1.1, (2.0, 2.0, 2.0))   # many failures: a full search
-    assert time.perf_counter() - t0 < 5.0
+    assert time.process_time() - t0 < 5.0
     assert 0.0 < rate < 100.0
 
 
