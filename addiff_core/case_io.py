@@ -35,8 +35,6 @@ from .errors import CaseError  # noqa: F401  (defined with the other user errors
 BODY_NAME = "Body"
 
 
-
-
 @dataclass(frozen=True)
 class Beam:
     """One static field (IMRT) or one arc (VMAT: gantry_start -> gantry_stop), angles in degrees."""

@@ -21,8 +21,6 @@ from .errors import CheckpointError  # noqa: F401  (defined with the other user 
 FORMAT = "addiff-fl/1"
 
 
-
-
 def sha256_file(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:

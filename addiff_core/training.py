@@ -3,8 +3,9 @@
 Two stages for ADDiff-Dose: ``train_vae_epoch`` (VAE alone, L1 + beta KL), then
 ``train_diffusion_epoch`` (condition encoder + latent denoiser, VAE frozen). ``train_unet_epoch``
 trains the direct-regression baseline. The caller freezes everything outside the stage once,
-with ``set_trainable``, before it builds the stage's optimiser; the epoch functions do not. ``evaluate`` predicts every held-out case, maps the dose
-back to the case's CT grid in Gy and scores it with ``addiff_core.metrics``.
+with ``set_trainable``, before it builds the stage's optimiser; the epoch functions do not.
+``evaluate`` predicts every held-out case, maps the dose back to the case's CT grid in Gy and
+scores it with ``addiff_core.metrics``.
 """
 from __future__ import annotations
 

@@ -1010,7 +1010,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"openkbp_bench: --extra {extra_arg}: not found", file=sys.stderr)
         return 2
 
-    from common import loadavg, machine_info, quiet_warnings, json_safe
+    from common import json_safe, loadavg, machine_info, quiet_warnings
 
     quiet_warnings()
     from addiff_core.config import load_model_config

@@ -53,7 +53,7 @@ def test_diffusion_learns_and_matches_the_unet(learning_site):
     as both ADDiff stages together, and a U-Net step costs more CPU than a step of either stage.
     (The design before issue #11, epsilon prediction and a decoder blind to anatomy, was at
     ~3x the U-Net's MAE in the main job.)"""
-    if not os.environ.get("PYTEST_XDIST_WORKER"):  # a worker of `pytest -n 2` keeps its one thread
+    if not os.environ.get("PYTEST_XDIST_WORKER"):  # a pytest-xdist worker keeps its one thread (conftest)
         torch.set_num_threads(2)
     cfg = load_model_config(DEMO_CONFIG)  # the main job's model (x0, anatomy-aware decoder)
     task = SiteTask(learning_site, cfg)
