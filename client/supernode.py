@@ -42,11 +42,30 @@ def cmd_client_start(args) -> int:
     if args.threads:
         extra = {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     env = launch.flower_env(_resolve(args.flwr_home) if args.flwr_home else None, **extra)
+    clear_unpacked_apps(env)
     print(f"site {site.name}: {n_cases} case folder(s) in {site.data_dir}; device {site.device}; "
           f"SuperNode -> {args.superlink} (runtime API port {args.port})", flush=True)
     run = _runner(args, site)
     launch.exit_on_sigterm()
     return _run_until_joined(run, cmd, env, args, key)
+
+
+def clear_unpacked_apps(env: dict[str, str]) -> Path:
+    """Empty this SuperNode's cache of unpacked app bundles (``$FLWR_HOME/apps``); returns it.
+
+    Flower 1.42 unpacks a run's bundle into a folder there and reuses the folder whenever it
+    exists (``flwr.cli.install.validate_and_install``). A SuperNode killed while it unpacks
+    leaves a partial folder, and every later message of that run then fails at this site
+    ("load client app exception") even after a restart. Each run's bundle comes with its
+    messages, so an empty cache costs one unpacking."""
+    import shutil
+
+    from flwr.common.constant import APP_DIR, FLWR_DIR, FLWR_HOME
+
+    apps = (Path(env[FLWR_HOME]) if env.get(FLWR_HOME) else Path.home() / FLWR_DIR) / APP_DIR
+    if apps.is_dir():
+        shutil.rmtree(apps)
+    return apps
 
 
 def _resolve(path: str) -> Path:

@@ -1,5 +1,5 @@
 """client/launch.py: the processes a launcher starts are found (psutil) and stopped by PID, a
-reused PID never signalled."""
+reused PID never signalled; `addiff client start` starts from an empty unpacked-app cache."""
 from __future__ import annotations
 
 import os
@@ -36,3 +36,20 @@ def test_the_tracker_remembers_orphans_and_ends_them(tmp_path):
     left = tracker.terminate(timeout=5)
     assert not tracker.alive()
     assert set(left) <= set(orphans)
+
+
+def test_client_start_empties_the_unpacked_app_cache_a_crash_may_have_left_half_written(tmp_path):
+    """A SuperNode killed while Flower unpacked a bundle leaves a partial app folder that Flower
+    would reuse (tests/test_federation_failures.py restarts such a site): `addiff client start`
+    empties $FLWR_HOME/apps first, and only that."""
+    from client.supernode import clear_unpacked_apps
+
+    home = tmp_path / "flwr-home"
+    partial = home / "apps" / "addiff.addiff-fl.0.1.0.c79c41e9"
+    (partial / "client").mkdir(parents=True)
+    (partial / "client" / "__init__.py").write_text("")  # no pyproject.toml: the copy was cut short
+    (home / "config.toml").write_text("[superlink]\n")
+    assert clear_unpacked_apps({"FLWR_HOME": str(home)}) == home / "apps"
+    assert not (home / "apps").exists()
+    assert (home / "config.toml").read_text() == "[superlink]\n"
+    assert clear_unpacked_apps({"FLWR_HOME": str(home)}) == home / "apps"  # nothing there: no error
