@@ -17,19 +17,18 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-from opacus import PrivacyEngine
 import numpy as np
-from opacus.accountants import PRVAccountant, RDPAccountant
-from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
-from opacus.accountants.utils import get_noise_multiplier
-from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+import torch
 from torch.utils.data import DataLoader, default_collate
 
 from .checkpoint import atomic_write_bytes
 from .config import PrivacyConfig
 
 log = logging.getLogger(__name__)
+
+# Opacus is imported where it is used, not here: importing it costs ~1 CPU-s (it pulls in
+# torch.distributed.tensor and SymPy), and every ClientApp process imports this module
+# (Flower starts one per message) while most sites train without DP.
 
 STATE_FILE = "privacy_accountant.json"
 EPS_TOLERANCE = 1e-6
@@ -77,6 +76,8 @@ def poisson_loader(dataset, sample_rate: float, generator: torch.Generator | Non
             return {k: v.new_zeros((0, *v.shape)) for k, v in template.items()}
         return default_collate(items)
 
+    from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+
     sampler = UniformWithReplacementSampler(num_samples=len(dataset), sample_rate=sample_rate, generator=generator)
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=0)
 
@@ -86,6 +87,8 @@ class PrivacyBudgetExhausted(RuntimeError):
 
 
 def make_accountant(kind: str):
+    from opacus.accountants import PRVAccountant, RDPAccountant
+
     return RDPAccountant() if kind == "rdp" else PRVAccountant()
 
 
@@ -98,6 +101,9 @@ def default_delta(num_train: int) -> float:
 def _rdp_of_one_step(noise_multiplier: float, sample_rate: float) -> tuple[float, ...]:
     """RDP of one subsampled Gaussian step at Opacus' default orders (the slow part of an epsilon:
     ~0.5-2 s on a CPU; a site's history repeats the same (sigma, q) every round, so it is cached)."""
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.analysis.rdp import compute_rdp
+
     return tuple(compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1,
                              orders=RDPAccountant.DEFAULT_ALPHAS))
 
@@ -105,6 +111,9 @@ def _rdp_of_one_step(noise_multiplier: float, sample_rate: float) -> tuple[float
 @functools.lru_cache(maxsize=64)
 def _epsilon_cached(history: tuple[tuple[float, float, int], ...], delta: float, accountant: str) -> float:
     if accountant == "rdp":  # RDP composes linearly in steps: what RDPAccountant.get_epsilon sums
+        from opacus.accountants import RDPAccountant
+        from opacus.accountants.analysis.rdp import get_privacy_spent
+
         rdp = sum(np.asarray(_rdp_of_one_step(nm, q)) * steps for nm, q, steps in history)
         eps, _ = get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp, delta=delta)
         return float(eps)
@@ -173,6 +182,8 @@ class SitePrivacy:
         if cfg.noise_multiplier is not None:
             sigma = float(cfg.noise_multiplier)
         else:
+            from opacus.accountants.utils import get_noise_multiplier
+
             sigma = float(get_noise_multiplier(target_epsilon=cfg.target_epsilon, target_delta=delta,
                                                sample_rate=sample_rate, steps=planned_steps,
                                                accountant=cfg.accountant, epsilon_tolerance=0.01))
@@ -223,6 +234,8 @@ class SitePrivacy:
 
     def make_private(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader):
         """Wrap (module, optimizer, loader) for DP-SGD with Poisson sampling; history restored."""
+        from opacus import PrivacyEngine
+
         engine = PrivacyEngine(accountant=self.state.accountant)
         engine.accountant.history = list(self.state.history)
         module, optimizer, loader = engine.make_private(

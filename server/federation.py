@@ -348,7 +348,8 @@ class Federation:
         from addiff_core.report import write_report_safely
 
         log.info("writing the run report ...")
-        report = write_report_safely(s.run_dir)  # figures of the sites whose files this machine can read
+        # figures of the sites whose files this machine can read
+        report = write_report_safely(s.run_dir, figures=s.report_figures)
         if report is not None:
             print(f"run report: {report}", flush=True)
         return {"status": "complete", "run_dir": str(s.run_dir), "final": rows,

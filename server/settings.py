@@ -51,6 +51,7 @@ DEFAULTS: dict[str, Any] = {
     "stop-after-round": 0,
     "eval-steps": 0,
     "eval-gamma": True,
+    "report-figures": True,  # false: the end-of-run report without figures (addiff report RUN_DIR draws them later)
     "wire-dtype": "float32",  # float16: stage weights travel at half the bytes (client.protocol.WIRE_DTYPES)
 }
 
@@ -97,7 +98,7 @@ def check_central_dp(strategy: str, noise: float) -> None:
 
 # keys a resumed run may change; everything else comes from the run folder's run.json
 RESUME_MAY_CHANGE = ("resume", "stop-after-round", "round-timeout", "min-sites", "wait-sites", "round-retries", "eval-steps",
-                     "eval-gamma")
+                     "eval-gamma", "report-figures")
 
 
 @dataclass(frozen=True)
@@ -135,6 +136,7 @@ class RunSettings:
     stop_after_round: int = DEFAULTS["stop-after-round"]
     eval_steps: int = DEFAULTS["eval-steps"]
     eval_gamma: bool = DEFAULTS["eval-gamma"]
+    report_figures: bool = DEFAULTS["report-figures"]
     wire_dtype: str = DEFAULTS["wire-dtype"]
     raw: dict[str, Any] = field(default_factory=dict)  # the merged run config as given
 
@@ -246,7 +248,7 @@ def from_run_config(run_config: Mapping[str, Any]) -> RunSettings:
         central_dp={"noise": c["central-dp-noise"], "clip": c["central-dp-clip"], "delta": c["central-dp-delta"]}, round_retries=c["round-retries"], wait_sites=c["wait-sites"],
         max_num_examples=c["max-num-examples"], update_norm_multiple=c["update-norm-multiple"], seed=c["seed"], round_timeout=c["round-timeout"], resume=c["resume"],
         stop_after_round=c["stop-after-round"], eval_steps=c["eval-steps"], eval_gamma=c["eval-gamma"],
-        wire_dtype=c["wire-dtype"], raw=c)
+        report_figures=c["report-figures"], wire_dtype=c["wire-dtype"], raw=c)
 
 
 def settings_for_resume(current: RunSettings) -> RunSettings:

@@ -84,7 +84,8 @@ def site_sections(ctx: ReportContext) -> None:
     d, doc = ctx.data, ctx.doc
     doc.h(2, "Per-site dose figures")
     if ctx.fig_dir is None:
-        doc.p("Figures were not requested (`--no-figures`).")
+        doc.p(f"Figures were not requested (`addiff report --no-figures`, or the run config's "
+              f"`report-figures = false`); `addiff report {d.path}` draws them.")
         return
     given = ctx.site_files is not None
     cand = [Path(p) for p in ctx.site_files] if given else [resolve_path(p) for p in d.planned_site_files()]

@@ -22,11 +22,11 @@ SECTIONS: tuple[tuple[str, Callable[[ReportContext], None]], ...] = (
     ("site_sections", site_sections))
 
 
-def write_report_safely(run_dir: str | Path) -> Path | None:
+def write_report_safely(run_dir: str | Path, figures: bool = True) -> Path | None:
     """Write the run's report at the end of a run; a failing figure must never cost the run its
     results (they are saved before), so any error becomes a warning."""
     try:
-        return write_report(run_dir)
+        return write_report(run_dir, figures=figures)
     except Exception as e:  # noqa: BLE001 - the report is a convenience on top of saved results
         log.warning("could not write the report for %s: %s", run_dir, e)
         return None
