@@ -23,7 +23,7 @@
 
 Helpers that are not fixtures live in the ``tests/helpers/`` package (``from helpers.X import ...``).
 
-The README's command runs the suite with pytest-xdist (``-n 4 --dist loadgroup``): each worker
+The README's command runs the suite with pytest-xdist (``-n 3 --dist loadgroup``): each worker
 uses one torch thread (several workers with several threads each would oversubscribe a 2-core
 machine), tests that share an expensive module fixture carry one ``xdist_group`` so that they
 run on one worker, and the slow tests are dealt out first.

@@ -158,6 +158,7 @@ def test_predict_bench_smoke(tmp_path):
             assert all(_positive(c[p]) for p in ("check", "read", "preprocess", "model", "write"))
         assert _finite(s["dose_score"]) and _finite(s["dvh_score"])
     assert all(_positive(s["cases"][0]["decode"]) for s in data["settings"] if s["kind"] == "diffusion")
+    assert list(data["cold"]) == ["diffusion"]  # the smoke run times one model's cold start
     for cold in data["cold"].values():
         assert all(_positive(cold[k]) for k in ("predict_case_with_load", "cli_one_case", "cli_folder"))
     assert _positive(data["summary"]["ratio_addiff_to_unet"])

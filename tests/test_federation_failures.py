@@ -8,8 +8,13 @@ SuperNodes via ``addiff client start``; tiny model, 32^3 synthetic sites):
   ``addiff server start``) after round 1: ``addiff server start --resume`` finishes the run with
   the same SuperNodes, which reconnect by themselves (this is also the suite's plain TLS +
   authentication deployment: HTTPS, all sites every round, checkpoints, the final table);
-* a SuperNode whose key is not registered is refused (clear message, non-zero exit) and never
-  trains, while the registered ones do.
+  a SuperNode whose key is not registered, and one without a key, are refused there (clear
+  message, non-zero exit) and never train, while the registered ones do;
+* in a TLS deployment, one site approves the app bundle the server sends and trains, one site's
+  ``approved_bundles`` does not hold it (it refuses every message before anything of the bundle
+  is unpacked), and one site's cases are all broken and named like patients: the run finishes with
+  the first, records the other two as failed sites, and nothing the server side wrote names the
+  patients or the broken site's data folder.
 
 Timing facts of Flower 1.42 these tests rely on (see docs/FEDERATION.md): a SuperNode sends a
 heartbeat every 17.5-22.5 s (``HEARTBEAT_DEFAULT_INTERVAL`` 30 s minus the 5-s call timeout,
@@ -24,16 +29,20 @@ Every process is stopped by PID at the end, also when a test fails.
 """
 from __future__ import annotations
 
+import csv
 import json
 import re
 import time
 
 import pytest
+import yaml
 
+from client.bundle_approval import bundle_of_path, bundle_sha256
 from helpers.federation import (
     ROOT, TINY, Processes, cli, exit_code, flower_test_env, kill_tree, metrics_rows, read_text, synthetic_sites, tail_logs,
     wait_until,
 )
+from helpers.site_privacy import PATIENTS, broken_site, server_side_leaks, template_case
 from server.certs import create_certificates, create_node_key
 from client.launch import descendants, free_port
 
@@ -71,17 +80,21 @@ class Deployment:
                 cmd += ["--authorized-keys", self.key(s)[1]]
         return self.procs.start(cli(*cmd), env=self.env, log_file=self.tmp / log, cwd=ROOT)
 
-    def new_run(self, *, rounds: str, min_sites: int, round_timeout: float, extra=(), auth_sites=()):
+    def new_run(self, *, rounds: str, min_sites: int, round_timeout: float, extra=(), auth_sites=(),
+                figures: bool = False):
         return self.server("--min-sites", min_sites, "--config", TINY, "--rounds", rounds, "--local-epochs", 1,
-                           "--eval-steps", 2, "--no-gamma", "--run-dir", self.run_dir, "--round-timeout",
-                           round_timeout, *extra, auth_sites=auth_sites)
+                           "--eval-steps", 2, "--no-gamma", "--set", f"report-figures={str(figures).lower()}",
+                           "--run-dir", self.run_dir, "--round-timeout", round_timeout, *extra, auth_sites=auth_sites)
 
-    def client(self, site: str, *, log: str | None = None, home: str | None = None, auth: bool = False, extra=()):
-        cmd = ["client", "start", "--site", self.sites[site], "--superlink", f"127.0.0.1:{self.port}",
+    def client(self, site: str, *, log: str | None = None, home: str | None = None, auth: bool = False,
+               key: str | None = None, site_file=None, extra=()):
+        """``addiff client start`` for ``site`` (or ``site_file``); ``auth``: with the site's node key,
+        ``key``: with the node key of that name instead."""
+        cmd = ["client", "start", "--site", site_file or self.sites[site], "--superlink", f"127.0.0.1:{self.port}",
                "--ca", self.certs / "ca.crt", "--port", free_port(), "--threads", 1,
                "--flwr-home", self.tmp / f"flwr-home-{home or site}", *extra]
-        if auth:
-            cmd += ["--auth-key", self.key(site)[0]]
+        if auth or key:
+            cmd += ["--auth-key", self.key(key or site)[0]]
         return self.procs.start(cli(*cmd), env=self.env, log_file=self.tmp / (log or f"client_{site}.log"), cwd=ROOT)
 
     def log(self, name: str) -> str:
@@ -177,11 +190,30 @@ def test_superlink_killed_and_resumed(tmp_path, procs):
     RUN_DIR` on the same port (same state database, keys already registered there) finishes the
     run with the same three SuperNode processes, which reconnect by themselves. (This is also
     the suite's plain TLS deployment: HTTPS, every site trains every round, a checkpoint per
-    round, the final table with all three sites.)"""
+    round, the final table with all three sites.)
+
+    Two more SuperNodes try to join at the start: one with a key that is not registered
+    (`addiff client start` exits non-zero saying so, the SuperLink logs the refusal) and one
+    without a key (refused, with a message saying that the federation requires one); neither
+    trains."""
     dep = Deployment(tmp_path, procs)
     names = sorted(dep.sites)
     server = dep.new_run(rounds="1,1", min_sites=3, round_timeout=300, auth_sites=names)
     clients = {s: dep.client(s, auth=True) for s in names}
+    intruder = dict(site=names[-1], extra=("--activation-retries", 0))  # a registered site's data
+    refused = dep.client(**intruder, key="intruder", home="intruder", log="client_intruder.log")
+    keyless = dep.client(**intruder, home="keyless", log="client_keyless.log")
+
+    rc_refused = exit_code(refused, 120)
+    out_refused = dep.log("client_intruder.log")
+    assert rc_refused not in (None, 0), out_refused
+    assert "not registered" in out_refused and str(dep.key("intruder")[1]) in out_refused, out_refused
+    assert "No SuperNode found with the given public key" in read_text(dep.run_dir / "superlink.log")
+    rc_keyless = exit_code(keyless, 60)
+    out_keyless = dep.log("client_keyless.log")
+    assert rc_keyless not in (None, 0), out_keyless
+    assert "requires SuperNode authentication" in out_keyless and "--auth-key" in out_keyless, out_keyless
+
     ckpt1 = dep.run_dir / "checkpoints" / "round_0001.pt"
     sha1 = ckpt1.with_name(ckpt1.name + ".sha256")
     wait_until(lambda: sha1.is_file(), 240, "round 1 was not checkpointed", watch=[server], logs=dep.logs)
@@ -192,7 +224,8 @@ def test_superlink_killed_and_resumed(tmp_path, procs):
     assert json.loads((dep.run_dir / "run.json").read_text())["status"] == "running"
     done_before = dep.checkpoints()  # round 2 may not have finished; it is not checkpointed then
 
-    resumed = dep.server("--resume", dep.run_dir, "--min-sites", 3, log="server_resume.log", auth_sites=names)
+    resumed = dep.server("--resume", dep.run_dir, "--min-sites", 3, "--no-gamma", "--set", "report-figures=false",
+                         log="server_resume.log", auth_sites=names)
     rc = exit_code(resumed, 400)
     assert rc == 0, dep.logs()
     out = dep.log("server_resume.log")
@@ -214,41 +247,69 @@ def test_superlink_killed_and_resumed(tmp_path, procs):
     md = (dep.run_dir / "final_metrics.md").read_text()
     assert all(f"| {n} |" in md for n in names), md
     assert "federated run complete" in out, out[-3000:]
-    # the SuperNodes were never restarted
+    # the SuperNodes were never restarted; the refused ones never trained
     assert all(c.poll() is None for c in clients.values()), dep.logs()
+    assert TRAIN_RECEIVED not in dep.log("client_intruder.log") + dep.log("client_keyless.log")
 
 
-def test_unregistered_supernode_is_refused(tmp_path, procs):
-    """SuperNode authentication with the keys of hospital_a and hospital_b registered;
-    hospital_c's SuperNode has a key of its own that is not: `addiff client start` exits non-zero
-    saying so, the SuperLink logs the refusal, and round 1 runs with a and b only
-    (--stop-after-round 1: the run stops there, resumable). A SuperNode without any key is
-    refused too, with a message saying that the federation requires one."""
-    dep = Deployment(tmp_path, procs)
-    registered, intruder = ["hospital_a", "hospital_b"], "hospital_c"
-    server = dep.new_run(rounds="1,1", min_sites=2, round_timeout=300, extra=("--stop-after-round", 1),
-                         auth_sites=registered)
-    clients = {s: dep.client(s, auth=True) for s in registered}
-    refused = dep.client(intruder, auth=True, extra=("--activation-retries", 0))
-    keyless = dep.client(intruder, log=f"client_{intruder}_nokey.log", home=f"{intruder}_nokey",
-                         extra=("--activation-retries", 0))
-
-    rc_refused = exit_code(refused, 120)
-    out = dep.log(f"client_{intruder}.log")
-    assert rc_refused not in (None, 0), out
-    assert "not registered" in out and str(dep.key(intruder)[1]) in out, out
-    assert "No SuperNode found with the given public key" in read_text(dep.run_dir / "superlink.log")
-    rc_keyless = exit_code(keyless, 60)
-    out_keyless = dep.log(f"client_{intruder}_nokey.log")
-    assert rc_keyless not in (None, 0), out_keyless
-    assert "requires SuperNode authentication" in out_keyless and "--auth-key" in out_keyless, out_keyless
-
-    rc = exit_code(server, 240)
+def test_deployment_sites_that_refuse_or_fail_leak_nothing(tmp_path, procs):
+    """A TLS deployment of the U-Net baseline (1 round, --min-sites 1, --wait-sites 3):
+    hospital_a approves the bundle the server sends (its site file's ``approved_bundles``) and
+    trains; hospital_b's list does not hold it: it refuses every message before anything of the
+    bundle is unpacked or imported (no ClientApp code runs there), and the server records Flower's
+    INVALID_FAB error; hospital_x's cases are all broken and named like patients: its ClientApp
+    answers with a code from a closed list. The run finishes with hospital_a; the SuperLink's log
+    and state database, the server's log, its FLWR_HOME and the run folder (report and figures
+    included) name neither the patients nor hospital_x's data folder."""
+    dep = Deployment(tmp_path, procs, n_sites=2)
+    served = bundle_sha256(bundle_of_path(ROOT))  # what `flwr run ROOT` (addiff server start) sends
+    good, bad = sorted(dep.sites)
+    guarded = {good: _with_approved(dep.sites[good], [served, "ab" * 32]), bad: _with_approved(dep.sites[bad], ["0" * 64])}
+    broken = broken_site(tmp_path / "broken", template_case(dep.sites[good]))
+    server = dep.new_run(rounds="1", min_sites=1, round_timeout=240, extra=("--model", "unet", "--wait-sites", 3),
+                         figures=True)
+    for name, f in [*guarded.items(), ("hospital_x", broken)]:
+        dep.client(name, site_file=f, log=f"sites/client_{name}.log")  # the hospitals' logs: not server side
+    rc = exit_code(server, 420)
     assert rc == 0, dep.logs()
-    assert dep.train_sites(1) == registered
-    assert dep.round_row(1)["sites"] == registered
-    assert not any(r.get("site") == intruder for r in metrics_rows(dep.run_dir))
-    assert TRAIN_RECEIVED not in out and TRAIN_RECEIVED not in out_keyless
-    assert dep.checkpoints() == ["round_0001.pt"]
-    assert json.loads((dep.run_dir / "run.json").read_text())["status"] == "stopped after round 1"
-    assert all(c.poll() is None for c in clients.values())
+    good_log, bad_log = (dep.log(f"sites/client_{n}.log") for n in (good, bad))
+    rows = metrics_rows(dep.run_dir)
+    table = {r["site"]: r for r in csv.DictReader((dep.run_dir / "final_metrics.csv").open())}
+    assert "federated run complete" in dep.log("server.log")
+
+    # the approving site ran the bundle and trained, alone
+    assert f"bundle sha256 {served} (addiff/addiff-fl" in good_log and "is approved" in good_log, dep.logs()
+    assert (tmp_path / f"flwr-home-{good}" / "apps").is_dir()
+    assert (_state_dir(guarded[good]) / "site.log").is_file()  # where the approving site's ClientApp logged
+    assert sorted(r["site"] for r in rows if r["kind"] == "train") == [good]
+    # a site that ran no ClientApp sent no name: its row is its node id
+    assert {k for k in table if not k.startswith("node-")} == {good, "hospital_x", "all sites (case-weighted, 1 of 3 sites)"}
+    assert len(table) == 4, table
+
+    # the refusing site: nothing of the bundle unpacked or imported; kept for review; INVALID_FAB
+    assert "REFUSED run" in bad_log and f"app bundle sha256 {served} is not in this site's approved_bundles" in bad_log
+    assert "is approved" not in bad_log
+    assert not (tmp_path / f"flwr-home-{bad}" / "apps").exists(), dep.logs()
+    assert (tmp_path / f"flwr-home-{bad}" / "refused-bundles" / f"{served}.fab").is_file()
+    assert not (_state_dir(guarded[bad]) / "site.log").exists()
+    assert any(r["kind"] == "error" and "invalid fab" in r.get("reason", "") for r in rows), rows
+    assert "invalid fab; trained in no round" in (dep.run_dir / "final_metrics.md").read_text()
+
+    # the broken site: a code from the closed list at the server, the details in its own log only
+    assert any(r["kind"] == "error" and r["site"] == "hospital_x" and "no-usable-data" in r["reason"] for r in rows)
+    assert PATIENTS[0] in read_text(broken.parent / "state" / "hospital_x" / "site.log")
+    assert server_side_leaks([dep.run_dir, tmp_path / "server.log", tmp_path / "flwr-home"]) == []
+
+
+def _with_approved(site_file, approved: list[str]):
+    """A copy of ``site_file`` with ``approved_bundles`` set (beside it, same data and state folders)."""
+    data = yaml.safe_load(site_file.read_text())
+    data["approved_bundles"] = approved
+    out = site_file.with_name(site_file.stem + "_guarded.yaml")
+    out.write_text(yaml.safe_dump(data, sort_keys=False))
+    return out
+
+
+def _state_dir(site_file):
+    data = yaml.safe_load(site_file.read_text())
+    return site_file.parent / data.get("state_dir", f"state/{data['name']}")

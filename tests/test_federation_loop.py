@@ -24,7 +24,8 @@ def sites(tmp_path_factory):
 
 def settings(run_dir, sites, **kw):
     cfg = {"run-dir": str(run_dir), "site-files": ",".join(map(str, sites)), "model-config": str(TINY),
-           "vae-rounds": 1, "diffusion-rounds": 2, "local-epochs": 1, "eval-steps": 2, "eval-gamma": False}
+           "vae-rounds": 1, "diffusion-rounds": 2, "local-epochs": 1, "eval-steps": 2, "eval-gamma": False,
+           "report-figures": False}  # figures: test_report and the simulation test
     cfg.update(kw)
     return from_run_config(cfg)
 

@@ -87,7 +87,8 @@ def sites(tmp_path_factory):
 
 def settings(run_dir, sites, **kw):
     cfg = {"run-dir": str(run_dir), "site-files": ",".join(map(str, sites)), "model-config": str(TINY),
-           "model-kind": "unet", "unet-rounds": 1, "local-epochs": 1, "eval-steps": 2, "eval-gamma": False}
+           "model-kind": "unet", "unet-rounds": 1, "local-epochs": 1, "eval-steps": 2, "eval-gamma": False,
+           "report-figures": False}  # figures: test_report and the simulation test
     cfg.update(kw)
     return from_run_config(cfg)
 

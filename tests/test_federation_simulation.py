@@ -34,9 +34,9 @@ def simulate(tmp_path, name, *args, timeout=420):
     return out
 
 
-def base_args(sites, run_dir):
+def base_args(sites, run_dir, cpus_per_site=1):
     return ["--site-files", ",".join(map(str, sites)), "--config", TINY, "--rounds", "1,2", "--local-epochs", 1,
-            "--eval-steps", 2, "--no-gamma", "--run-dir", run_dir, "--cpus-per-site", 1]
+            "--eval-steps", 2, "--no-gamma", "--run-dir", run_dir, "--cpus-per-site", cpus_per_site]
 
 
 @pytest.fixture(scope="module")
@@ -62,13 +62,22 @@ def test_simulate_runs_the_federation_and_writes_the_table(uninterrupted, sites)
     train = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert {(r["round"], r["site"]) for r in train if r["kind"] == "train"} == {
         (n, f.stem) for n in (1, 2, 3) for f in sites}
+    # the end-of-run report, with its figures (the other federation tests leave them out)
+    figures = {p.name for p in (run_dir / "report" / "figures").glob("*.png")}
+    assert {f"site_{f.stem}_{kind}.png" for f in sites for kind in ("slices", "dvh")} <= figures, figures
+    assert "training_diffusion.png" in figures and "training_vae.png" in figures
 
 
 def test_stopped_run_resumed_ends_with_the_same_weights(uninterrupted, sites, tmp_path):
+    """... also when the stopped and the resumed run have one Ray actor for all sites (the
+    uninterrupted run has two): a site's training does not depend on which actor runs it."""
     run_dir = tmp_path / "run"
-    out = simulate(tmp_path, "stopped", *base_args(sites, run_dir), "--stop-after-round", 2)
+    no_figures = ("--set", "report-figures=false")  # the uninterrupted run's report has them
+    out = simulate(tmp_path, "stopped", *base_args(sites, run_dir, cpus_per_site=2), "--stop-after-round", 2,
+                   *no_figures)
     assert "--resume" in out and not (run_dir / "checkpoints" / "round_0003.pt").exists()
-    simulate(tmp_path, "resumed", "--resume", run_dir, "--via", "flwr")  # `flwr run` with a local SuperLink
+    simulate(tmp_path, "resumed", "--resume", run_dir, "--via", "flwr", "--cpus-per-site", 2,
+             *no_figures)  # `flwr run` with a local SuperLink
     a = torch.load(uninterrupted[0] / "checkpoints" / "round_0003.pt", weights_only=True)["state_dict"]
     b = torch.load(run_dir / "checkpoints" / "round_0003.pt", weights_only=True)["state_dict"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
