@@ -1,6 +1,6 @@
 """`addiff simulate` end to end (real Ray simulation, tiny model), and stop + resume.
 
-The resumed run (stopped after round 2 in-process, resumed through `flwr run` with a local
+The resumed run (stopped after round 1 in-process, resumed through `flwr run` with a local
 SuperLink) must end with exactly the weights of the uninterrupted run.
 """
 from __future__ import annotations
@@ -73,9 +73,10 @@ def test_stopped_run_resumed_ends_with_the_same_weights(uninterrupted, sites, tm
     uninterrupted run has two): a site's training does not depend on which actor runs it."""
     run_dir = tmp_path / "run"
     no_figures = ("--set", "report-figures=false")  # the uninterrupted run's report has them
-    out = simulate(tmp_path, "stopped", *base_args(sites, run_dir, cpus_per_site=2), "--stop-after-round", 2,
+    # stopped after the VAE round: the resumed run starts the diffusion stage
+    out = simulate(tmp_path, "stopped", *base_args(sites, run_dir, cpus_per_site=2), "--stop-after-round", 1,
                    *no_figures)
-    assert "--resume" in out and not (run_dir / "checkpoints" / "round_0003.pt").exists()
+    assert "--resume" in out and not (run_dir / "checkpoints" / "round_0002.pt").exists()
     simulate(tmp_path, "resumed", "--resume", run_dir, "--via", "flwr", "--cpus-per-site", 2,
              *no_figures)  # `flwr run` with a local SuperLink
     a = torch.load(uninterrupted[0] / "checkpoints" / "round_0003.pt", weights_only=True)["state_dict"]

@@ -84,7 +84,7 @@ def test_flwr_run_as_in_the_readme_trains_in_the_app_folder(tmp_path, procs):
                 "PYTHONUNBUFFERED": "1", "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(port),
                 "FLWR_LOCAL_CONTROL_API_PORT": str(free_port())})
     fast = (f"model-config='configs/tiny.yaml' site-files='{rel_sites}' vae-rounds=1 diffusion-rounds=1 "
-            "local-epochs=1 eval-steps=2 eval-gamma=false")
+            "local-epochs=1 eval-steps=2 eval-gamma=false report-figures=false")
     logs = tmp_path / "logs"
     logs.mkdir()
 
