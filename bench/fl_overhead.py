@@ -289,7 +289,7 @@ def report(r: dict) -> str:
     lines = [
         "# Federation overhead (bench/fl_overhead.py)", "",
         f"Machine: {r['machine']['cpus']} CPU cores, GPU: {r['machine']['gpu']}, torch {r['machine']['torch']}; "
-        f"load average at the end {r['machine']['load_average_at_end']:.1f} (other jobs shared the machine).",
+        f"load average at the end {r['machine']['load_average_at_end']:.1f}.",
         f"Settings: {r['settings']['sites']} synthetic hospitals x {r['settings']['cases_per_site']} cases (32^3), "
         f"`{r['settings']['model_config']}`, rounds (VAE,diffusion) {r['settings']['rounds']}, "
         f"{r['settings']['strategy']}, each site's local epochs.", "",
@@ -305,10 +305,9 @@ def report(r: dict) -> str:
         f"| end to end (process start, Ray, data, rounds, final evaluation) vs plain loop with default threads | "
         f"{t['federated_wall_seconds']} s | {t['plain_wall_seconds']} s | {t['ratio_wall']} |",
         "",
-        f"Flower's cost is mainly its start-up (section below); with the same CPU per site the training rounds "
-        f"took as long as the plain loop. On a machine shared with other jobs (as here) torch with "
-        f"several threads per process slows down badly, which is why the default-threads rows favour the "
-        f"simulation. Final weights of federated and plain runs differ by at most "
+        f"The 1-thread row compares the same CPU per site; in the default-threads rows the plain loop uses "
+        f"both cores for every site, while the simulation runs one 1-thread actor per CPU. A machine shared "
+        f"with other jobs slows torch with several threads per process more than 1-thread actors. Final weights of federated and plain runs differ by at most "
         f"{t['max_abs_weight_difference_federated_vs_plain']:.2e} (other thread count, other float summation order).",
         "",
         "## Start-up overhead of the two simulation mechanisms (tiny model, 1+1 rounds)", "",
