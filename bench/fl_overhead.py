@@ -307,7 +307,8 @@ def report(r: dict) -> str:
         "",
         f"The 1-thread row compares the same CPU per site; in the default-threads rows the plain loop uses "
         f"both cores for every site, while the simulation runs one 1-thread actor per CPU. A machine shared "
-        f"with other jobs slows torch with several threads per process more than 1-thread actors. Final weights of federated and plain runs differ by at most "
+        f"with other jobs slows torch with several threads per process more than 1-thread actors. Final "
+        f"weights of federated and plain runs differ by at most "
         f"{t['max_abs_weight_difference_federated_vs_plain']:.2e} (other thread count, other float summation order).",
         "",
         "## Start-up overhead of the two simulation mechanisms (tiny model, 1+1 rounds)", "",

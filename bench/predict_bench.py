@@ -239,7 +239,7 @@ def _measure(args, device: str, work: Path) -> dict:
     settings = [run_setting(f"addiff_{s}step", ckpts["diffusion"], cases, s, reps, device, work, score=True)
                 for s in steps_list]
     settings.append(run_setting("unet", ckpts["unet"], cases, None, reps, device, work, score=True))
-    # each cold run starts two processes (~9 CPU-s of imports each): the smoke run times one model's
+    # each cold run starts two processes (~9 CPU-s of imports each): the smoke run times one model's cold start
     cold_kinds = ("diffusion",) if args.smoke else ("diffusion", "unet")
     cold = {kind: cold_runs(ckpts[kind], cases, device, work / f"cold_{kind}") for kind in cold_kinds}
     grid128 = []

@@ -35,12 +35,12 @@ import re
 import time
 
 import pytest
-import yaml
 
+from addiff_core.config import load_site_config
 from client.bundle_approval import bundle_of_path, bundle_sha256
 from helpers.federation import (
-    ROOT, TINY, Processes, cli, exit_code, flower_test_env, kill_tree, metrics_rows, read_text, synthetic_sites, tail_logs,
-    wait_until,
+    ROOT, TINY, Processes, cli, exit_code, flower_test_env, kill_tree, metrics_rows, read_text, site_file_variant,
+    synthetic_sites, tail_logs, wait_until,
 )
 from helpers.site_privacy import PATIENTS, broken_site, server_side_leaks, template_case
 from server.certs import create_certificates, create_node_key
@@ -264,7 +264,9 @@ def test_deployment_sites_that_refuse_or_fail_leak_nothing(tmp_path, procs):
     dep = Deployment(tmp_path, procs, n_sites=2)
     served = bundle_sha256(bundle_of_path(ROOT))  # what `flwr run ROOT` (addiff server start) sends
     good, bad = sorted(dep.sites)
-    guarded = {good: _with_approved(dep.sites[good], [served, "ab" * 32]), bad: _with_approved(dep.sites[bad], ["0" * 64])}
+    guarded = {name: site_file_variant(dep.sites[name], dep.sites[name].with_name(f"{name}_guarded.yaml"),
+                                       approved_bundles=approved)
+               for name, approved in ((good, [served, "ab" * 32]), (bad, ["0" * 64]))}
     broken = broken_site(tmp_path / "broken", template_case(dep.sites[good]))
     server = dep.new_run(rounds="1", min_sites=1, round_timeout=240, extra=("--model", "unet", "--wait-sites", 3),
                          figures=True)
@@ -280,7 +282,7 @@ def test_deployment_sites_that_refuse_or_fail_leak_nothing(tmp_path, procs):
     # the approving site ran the bundle and trained, alone
     assert f"bundle sha256 {served} (addiff/addiff-fl" in good_log and "is approved" in good_log, dep.logs()
     assert (tmp_path / f"flwr-home-{good}" / "apps").is_dir()
-    assert (_state_dir(guarded[good]) / "site.log").is_file()  # where the approving site's ClientApp logged
+    assert (load_site_config(guarded[good]).state_dir / "site.log").is_file()  # where the approving site's ClientApp logged
     assert sorted(r["site"] for r in rows if r["kind"] == "train") == [good]
     # a site that ran no ClientApp sent no name: its row is its node id
     assert {k for k in table if not k.startswith("node-")} == {good, "hospital_x", "all sites (case-weighted, 1 of 3 sites)"}
@@ -291,25 +293,12 @@ def test_deployment_sites_that_refuse_or_fail_leak_nothing(tmp_path, procs):
     assert "is approved" not in bad_log
     assert not (tmp_path / f"flwr-home-{bad}" / "apps").exists(), dep.logs()
     assert (tmp_path / f"flwr-home-{bad}" / "refused-bundles" / f"{served}.fab").is_file()
-    assert not (_state_dir(guarded[bad]) / "site.log").exists()
+    assert not (load_site_config(guarded[bad]).state_dir / "site.log").exists()
     assert any(r["kind"] == "error" and "invalid fab" in r.get("reason", "") for r in rows), rows
     assert "invalid fab; trained in no round" in (dep.run_dir / "final_metrics.md").read_text()
 
     # the broken site: a code from the closed list at the server, the details in its own log only
     assert any(r["kind"] == "error" and r["site"] == "hospital_x" and "no-usable-data" in r["reason"] for r in rows)
-    assert PATIENTS[0] in read_text(broken.parent / "state" / "hospital_x" / "site.log")
+    assert PATIENTS[0] in read_text(load_site_config(broken).state_dir / "site.log")
     assert server_side_leaks([dep.run_dir, tmp_path / "server.log", tmp_path / "flwr-home"]) == []
 
-
-def _with_approved(site_file, approved: list[str]):
-    """A copy of ``site_file`` with ``approved_bundles`` set (beside it, same data and state folders)."""
-    data = yaml.safe_load(site_file.read_text())
-    data["approved_bundles"] = approved
-    out = site_file.with_name(site_file.stem + "_guarded.yaml")
-    out.write_text(yaml.safe_dump(data, sort_keys=False))
-    return out
-
-
-def _state_dir(site_file):
-    data = yaml.safe_load(site_file.read_text())
-    return site_file.parent / data.get("state_dir", f"state/{data['name']}")

@@ -9,9 +9,8 @@ import json
 from pathlib import Path
 
 import pytest
-import yaml
 
-from helpers.federation import ROOT, TINY, Processes, cli, flower_test_env, synthetic_sites
+from helpers.federation import ROOT, TINY, Processes, cli, flower_test_env, site_file_variant, synthetic_sites
 from addiff_core.privacy import default_delta, epsilon_of
 
 pytestmark = pytest.mark.slow
@@ -22,13 +21,8 @@ STEPS_PER_ROUND = 1  # batch 2, 2 training cases, 1 local epoch
 
 
 def _with_privacy(src: Path, dst_dir: Path, privacy: dict) -> Path:
-    doc = yaml.safe_load(src.read_text())
-    doc["data_dir"] = str((src.parent / doc["data_dir"]).resolve())
-    doc["state_dir"] = str(dst_dir / "state" / doc["name"])  # a fresh accountant for this test
-    doc["privacy"] = privacy
-    out = dst_dir / src.name
-    out.write_text(yaml.safe_dump(doc))
-    return out
+    return site_file_variant(src, dst_dir / src.name, privacy=privacy,
+                             state_dir=str(dst_dir / "state" / src.stem))  # a fresh accountant for this test
 
 
 def test_mixed_dp_and_non_dp_sites_with_a_budget_that_runs_out(tmp_path):

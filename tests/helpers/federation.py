@@ -60,6 +60,22 @@ def synthetic_sites(base, n_sites: int = 3, cases_per_site: int = 3, size: int =
     return [Path(f) for f in files]
 
 
+def site_file_variant(src, out, **changes):
+    """A copy of site file ``src`` at ``out`` with top-level keys set to ``changes`` (YAML keys;
+    ``data_dir`` made absolute, so that the copy may live in another folder). Returns ``out``."""
+    from pathlib import Path
+
+    import yaml
+
+    src, out = Path(src), Path(out)
+    doc = yaml.safe_load(src.read_text())
+    doc["data_dir"] = str((src.parent / doc["data_dir"]).resolve())
+    doc.update(changes)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return out
+
+
 def flower_test_env(tmp_path) -> dict:
     """Environment for Flower processes in tests: a private FLWR_HOME, no dependency install."""
     import os

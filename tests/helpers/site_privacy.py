@@ -39,20 +39,19 @@ def broken_site(base: Path, template: Path) -> Path:
     return site
 
 
+def _file_leaks(path: Path, needles) -> list[str]:
+    data = path.read_bytes()
+    return [f"{path}: {n}" for n in needles if n.encode() in data]
+
+
 def leaks(folder: Path, needles) -> list[str]:
     """'file: needle' for every file under ``folder`` whose bytes hold one of ``needles``."""
-    out = []
-    for p in sorted(folder.rglob("*")):
-        if p.is_file():
-            data = p.read_bytes()
-            out += [f"{p}: {n}" for n in needles if n.encode() in data]
-    return out
+    return [hit for p in sorted(folder.rglob("*")) if p.is_file() for hit in _file_leaks(p, needles)]
 
 
 def server_side_leaks(paths, needles=NEEDLES) -> list[str]:
     """``leaks`` over folders and single files (those that exist)."""
     out = []
     for p in map(Path, paths):
-        out += leaks(p, needles) if p.is_dir() else [f"{p}: {n}" for n in needles if p.is_file()
-                                                     and n.encode() in p.read_bytes()]
+        out += leaks(p, needles) if p.is_dir() else _file_leaks(p, needles) if p.is_file() else []
     return out
