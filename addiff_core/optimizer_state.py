@@ -9,6 +9,8 @@ Files: ``STATE_DIR/optimizer/<stage>_round<r>.pt`` written atomically with ``tor
 with ``torch.load(weights_only=True)``. The newest two rounds of a stage up to the one
 just saved are kept (later ones, left by an aborted attempt or an older run, are removed), so a
 server that is killed and resumed re-runs round r from the same state as an uninterrupted run would.
+A state saved before the current run's stage began, or for parameters of other shapes, was left by
+another run (or another model) in the same state folder and is not used.
 """
 from __future__ import annotations
 
@@ -31,6 +33,17 @@ def _base_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     return getattr(optimizer, "original_optimizer", optimizer)
 
 
+def _fits(optimizer: torch.optim.Optimizer, state: dict) -> bool:
+    """True if every per-parameter tensor of ``state`` (a ``state_dict()``) has its parameter's shape."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    ids = [i for g in state.get("param_groups", []) for i in g.get("params", [])]
+    if len(ids) != len(params):
+        return False
+    saved = state.get("state", {})
+    return all(v.shape == p.shape for i, p in zip(ids, params) for v in saved.get(i, {}).values()
+               if torch.is_tensor(v) and v.dim() > 0)
+
+
 class OptimizerStore:
     def __init__(self, state_dir: Path):
         self.folder = Path(state_dir) / "optimizer"
@@ -45,21 +58,29 @@ class OptimizerStore:
                 found[int(m["round"])] = p
         return found
 
-    def restore(self, optimizer: torch.optim.Optimizer, stage: str, round_number: int) -> int | None:
+    def restore(self, optimizer: torch.optim.Optimizer, stage: str, round_number: int,
+                stage_start: int = 1) -> int | None:
         """Load the state saved after this site's latest round of ``stage`` before ``round_number``
         into ``optimizer``; returns that round, or None (fresh optimiser) when there is none or it
-        does not fit (e.g. the model changed)."""
-        earlier = [r for r in self._rounds(stage) if r < round_number]
+        does not fit (e.g. the model changed).
+
+        ``stage_start`` is the round at which this run's ``stage`` began: a state saved before it
+        was left by another run (e.g. one with fewer VAE rounds in the same state folder) and is
+        not used."""
+        earlier = [r for r in self._rounds(stage) if stage_start <= r < round_number]
         if not earlier:
             return None
         r = max(earlier)
         path = self._rounds(stage)[r]
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
-            _base_optimizer(optimizer).load_state_dict(state)
+            base = _base_optimizer(optimizer)
+            if not _fits(base, state):  # load_state_dict checks counts, not shapes: it would fail at step()
+                raise ValueError("saved for parameters of other shapes")
+            base.load_state_dict(state)
         except Exception as e:  # noqa: BLE001 - any unreadable or mismatched state: start fresh
-            log.warning("optimizer state %s not used (%s): starting this round with a fresh optimizer",
-                        path.name, type(e).__name__)
+            log.warning("optimizer state %s not used (%s: %s): starting this round with a fresh optimizer",
+                        path.name, type(e).__name__, e)
             return None
         return r
 

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import torch
 
+from addiff_core.config import load_model_config, load_site_config
+from addiff_core.fl_task import SiteTask, initial_arrays
 from addiff_core.optimizer_state import OptimizerStore
+from helpers.federation import TINY, synthetic_sites
 
 
 def _adam(seed: int = 0, n: int = 3) -> tuple[torch.nn.Parameter, torch.optim.Optimizer]:
@@ -61,3 +64,48 @@ def test_a_state_that_does_not_fit_is_ignored(tmp_path):
     other = torch.optim.AdamW([q, torch.nn.Parameter(torch.zeros(2))], lr=0.1)  # another model
     assert store.restore(other, "unet", 2) is None
     assert other.state_dict()["state"] == {}
+
+
+def test_a_state_of_other_shapes_is_ignored_not_a_crash_at_step(tmp_path):
+    """torch's load_state_dict checks only how many parameters there are: a state of a model of
+    other widths (say a tiny run earlier in the same state folder) would load, then fail at step()."""
+    store = OptimizerStore(tmp_path)
+    p, opt = _adam(n=3)
+    _step(p, opt)
+    store.save(opt, "diffusion", 2)
+    q, other = _adam(n=5)  # one parameter, as saved, of another shape
+    assert store.restore(other, "diffusion", 21) is None
+    assert other.state_dict()["state"] == {}
+    _step(q, other)  # trains with a fresh optimiser
+
+
+def test_a_state_from_before_the_stage_began_belongs_to_another_run(tmp_path):
+    store = OptimizerStore(tmp_path)
+    p, opt = _adam()
+    _step(p, opt)
+    store.save(opt, "diffusion", 6)  # an earlier run whose diffusion stage began at round 6
+    _, fresh = _adam()
+    assert store.restore(fresh, "diffusion", 21, stage_start=21) is None  # this run's stage begins at 21
+    assert store.restore(fresh, "diffusion", 22, stage_start=21) is None
+    assert store.restore(fresh, "diffusion", 8, stage_start=6) == 6  # the same run's own earlier round
+
+
+def test_a_site_does_not_resume_another_runs_optimizer_at_a_stage_start(tmp_path, monkeypatch):
+    """SiteTask.train passes the stage's first round: a federated diffusion stage that begins at
+    round 21 does not take up the diffusion state an earlier run left at round 2."""
+    site = load_site_config(synthetic_sites(tmp_path / "data", n_sites=1)[0])
+    cfg = load_model_config(TINY)
+    task = SiteTask(site, cfg)
+    arrays = initial_arrays(cfg, 0)
+    task.train(arrays, "diffusion", epochs=1, round_number=2)  # the earlier run's stage 2 began at round 2
+    restored = []
+    real = OptimizerStore.restore
+
+    def spy(self, *args, **kwargs):
+        restored.append(real(self, *args, **kwargs))
+        return restored[-1]
+
+    monkeypatch.setattr(OptimizerStore, "restore", spy)
+    task.train(arrays, "diffusion", epochs=1, round_number=21, stage_round=1)
+    task.train(arrays, "diffusion", epochs=1, round_number=22, stage_round=2)
+    assert restored == [None, 21]  # not round 2's state; then this run's own round 21
