@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import sys
@@ -76,18 +77,48 @@ def ensure_demo_sites(data_dir: Path, n_sites: int, cases_per_site: int, size: i
 # ------------------------------------------------------------------------------------------
 # resources
 # ------------------------------------------------------------------------------------------
-def client_resources(n_sites: int, cpus_per_site: float | None = None) -> dict[str, float]:
-    """Ray resources per simulated site: GPUs shared evenly when there are any."""
-    try:
-        import torch
+def concurrent_sites(n_sites: int, cpus: int, share_cores: bool = True) -> int:
+    """How many simulated sites train at once (one Ray actor each) on ``cpus`` cores.
 
-        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    except Exception:  # noqa: BLE001
-        gpus = 0
-    cpus = os.cpu_count() or 1
-    num_cpus = cpus_per_site if cpus_per_site else max(1, cpus // max(n_sites, 1))
+    A round takes ``ceil(sites / actors)`` waves of actors; actors beyond the cores share them
+    (the OS time-slices), so a wave of ``a`` actors takes ``max(1, a / cpus)`` times one site's
+    work. The plan with the shortest round wins, the one with fewer actors on a tie (each actor
+    holds its own torch and data), and never more than ``2 * cpus`` actors. E.g. 3 sites on 2
+    cores: 3 actors (a round = 1.5 site-works) rather than 2 (2 site-works: the third site waits
+    for a free actor while one core idles). ``share_cores=False``: at most one actor per core."""
+    n_sites, cpus = max(1, n_sites), max(1, cpus)
+    best_cost, best = float("inf"), 1
+    for actors in range(1, min(n_sites, (2 if share_cores else 1) * cpus) + 1):
+        cost = math.ceil(n_sites / actors) * max(1.0, actors / cpus)
+        if cost < best_cost - 1e-9:
+            best_cost, best = cost, actors
+    return best
+
+
+def client_resources(n_sites: int, cpus_per_site: float | None = None, cpus: int | None = None,
+                     gpus: int | None = None, whole_cpus: bool = False) -> dict[str, float]:
+    """Ray resources per simulated site: the cores split over :func:`concurrent_sites` actors
+    (Ray gives an actor ``floor(num_cpus)`` torch threads, at least 1), GPUs shared evenly when
+    there are any. ``cpus`` and ``gpus`` default to this machine's. ``whole_cpus``: a whole number
+    of CPUs per site (``flwr run``'s federation config holds an integer)."""
+    if gpus is None:
+        try:
+            import torch
+
+            gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        except Exception:  # noqa: BLE001
+            gpus = 0
+    cpus = cpus or os.cpu_count() or 1
+    if cpus_per_site:
+        num_cpus = float(cpus_per_site)
+    elif whole_cpus:
+        num_cpus = cpus // concurrent_sites(n_sites, cpus, share_cores=False)
+    else:
+        # rounded down to Ray's resource precision so that the actors fit: Flower makes
+        # int(cpus / num_cpus) actors, and 3 x 0.6667 would not fit on 2 cores
+        num_cpus = math.floor(cpus / concurrent_sites(n_sites, cpus) * 1000) / 1000
     num_gpus = (gpus / n_sites) if gpus else 0.0
-    return {"num_cpus": float(num_cpus) if num_cpus != int(num_cpus) else int(num_cpus), "num_gpus": num_gpus}
+    return {"num_cpus": int(num_cpus) if num_cpus == int(num_cpus) else num_cpus, "num_gpus": num_gpus}
 
 
 # ------------------------------------------------------------------------------------------
@@ -192,6 +223,9 @@ def cmd_simulate(args) -> int:
 
     root = project_root()
     t0 = time.perf_counter()
+    if args.via == "flwr" and args.cpus_per_site and args.cpus_per_site != int(args.cpus_per_site):
+        raise ConfigError(f"--cpus-per-site {args.cpus_per_site}: --via flwr takes a whole number of CPUs per site "
+                          "(Flower's federation config holds an integer); use --via inprocess for a fraction")
     if args.resume:
         run_dir = resolve_path(args.resume, Path.cwd())
         stored = RunFolder(run_dir).stored_run_config(require=("site-files",))
@@ -231,11 +265,11 @@ def cmd_simulate(args) -> int:
     from .settings import from_run_config
 
     settings = from_run_config(run_config)  # fail early, with one clear line, on a bad setting
+    resources = client_resources(n_sites, args.cpus_per_site, whole_cpus=args.via == "flwr")
     folder = RunFolder(settings.run_dir)
     if not settings.resume:
         folder.refuse_if_started()
     folder.path.mkdir(parents=True, exist_ok=True)
-    resources = client_resources(n_sites, args.cpus_per_site)
     print(f"federated simulation: {n_sites} site(s), strategy {settings.strategy}, model {settings.model.kind}, "
           f"{settings.num_rounds} round(s) [{' '.join(sorted({r.stage for r in settings.schedule}, key=['vae', 'diffusion', 'unet'].index))}], "
           f"via {args.via}, per site {resources['num_cpus']} CPU / {resources['num_gpus']:.2f} GPU\n"
@@ -336,7 +370,8 @@ def add_parser(sub) -> None:
     s.add_argument("--stop-after-round", type=int, default=0, help="stop after this round (resume later)")
     s.add_argument("--via", choices=("inprocess", "flwr"), default="inprocess",
                    help="inprocess: flwr.simulation.run_simulation (default); flwr: a local SuperLink + flwr run")
-    s.add_argument("--cpus-per-site", type=float, help="Ray CPUs per simulated site (default cpus // sites)")
+    s.add_argument("--cpus-per-site", type=float,
+                   help="Ray CPUs per simulated site (default: the cores shared by the sites that train at once)")
     s.set_defaults(func=cmd_simulate)
 
 
