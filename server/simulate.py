@@ -272,7 +272,8 @@ def cmd_simulate(args) -> int:
     folder.path.mkdir(parents=True, exist_ok=True)
     print(f"federated simulation: {n_sites} site(s), strategy {settings.strategy}, model {settings.model.kind}, "
           f"{settings.num_rounds} round(s) [{' '.join(sorted({r.stage for r in settings.schedule}, key=['vae', 'diffusion', 'unet'].index))}], "
-          f"via {args.via}, per site {resources['num_cpus']} CPU / {resources['num_gpus']:.2f} GPU\n"
+          f"via {args.via}, per site {resources['num_cpus']} CPU / {resources['num_gpus']:.2f} GPU "
+          f"({min(n_sites, int((os.cpu_count() or 1) / resources['num_cpus']))} training at once)\n"
           f"run folder: {settings.run_dir}", flush=True)
     from addiff_core.run_summary import run_lines
 

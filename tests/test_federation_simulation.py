@@ -6,6 +6,7 @@ SuperLink) must end with exactly the weights of the uninterrupted run.
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -53,6 +54,8 @@ def test_simulate_runs_the_federation_and_writes_the_table(uninterrupted, sites)
     # what ran, in the console header and above the final table (issue #16)
     assert out.count("Aggregation: fedavg (weighted by training cases)") >= 2, out[-4000:]
     assert "Central DP: off" in out and "Per-site DP (DP-SGD): off at every site" in out
+    at_once = min(len(sites), os.cpu_count() or 1)  # --cpus-per-site 1: one site per core
+    assert "per site 1 CPU / " in out and f"({at_once} training at once)" in out, out[:2000]
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("round_*.pt")) == [
         "round_0001.pt", "round_0002.pt", "round_0003.pt"]
     final = json.loads((run_dir / "final_metrics.json").read_text())
