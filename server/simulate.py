@@ -121,6 +121,20 @@ def client_resources(n_sites: int, cpus_per_site: float | None = None, cpus: int
     return {"num_cpus": int(num_cpus) if num_cpus == int(num_cpus) else num_cpus, "num_gpus": num_gpus}
 
 
+def check_cpus_per_site(cpus_per_site: float | None, via: str, cpus: int | None = None) -> None:
+    """Refuse, before any work, a ``--cpus-per-site`` that Flower cannot run (it would fail deep
+    in its engine, or wait for sites that never start)."""
+    if not cpus_per_site:
+        return
+    cpus = cpus or os.cpu_count() or 1
+    if not 0 < cpus_per_site <= cpus:
+        raise ConfigError(f"--cpus-per-site {cpus_per_site}: this machine has {cpus} CPU core(s); "
+                          f"a simulated site can have more than 0 and at most {cpus}")
+    if via == "flwr" and cpus_per_site != int(cpus_per_site):
+        raise ConfigError(f"--cpus-per-site {cpus_per_site}: --via flwr takes a whole number of CPUs per site "
+                          "(Flower's federation config holds an integer); use --via inprocess for a fraction")
+
+
 # ------------------------------------------------------------------------------------------
 # the two mechanisms
 # ------------------------------------------------------------------------------------------
@@ -223,9 +237,7 @@ def cmd_simulate(args) -> int:
 
     root = project_root()
     t0 = time.perf_counter()
-    if args.via == "flwr" and args.cpus_per_site and args.cpus_per_site != int(args.cpus_per_site):
-        raise ConfigError(f"--cpus-per-site {args.cpus_per_site}: --via flwr takes a whole number of CPUs per site "
-                          "(Flower's federation config holds an integer); use --via inprocess for a fraction")
+    check_cpus_per_site(args.cpus_per_site, args.via)
     if args.resume:
         run_dir = resolve_path(args.resume, Path.cwd())
         stored = RunFolder(run_dir).stored_run_config(require=("site-files",))

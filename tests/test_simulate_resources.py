@@ -5,7 +5,8 @@ import math
 
 import pytest
 
-from server.simulate import client_resources, concurrent_sites
+from addiff_core.config import ConfigError
+from server.simulate import check_cpus_per_site, client_resources, concurrent_sites
 
 
 def round_cost(n_sites: int, cpus: int, actors: int) -> float:
@@ -63,3 +64,15 @@ def test_a_fraction_of_a_cpu_via_flwr_is_a_clear_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code != 0 and "--cpus-per-site 0.5" in err and "--via inprocess" in err, err
     assert not run_dir.exists() and not (tmp_path / "data").exists()  # refused before any work
+
+
+def test_cpus_per_site_beyond_the_cores_is_refused():
+    """Flower would fail deep in its engine ("ActorPool is empty") and the server would wait for
+    sites that never start."""
+    with pytest.raises(ConfigError, match="this machine has 2 CPU core"):
+        check_cpus_per_site(4, "inprocess", cpus=2)
+    with pytest.raises(ConfigError, match="at most 2"):
+        check_cpus_per_site(-1, "inprocess", cpus=2)
+    check_cpus_per_site(2, "flwr", cpus=2)
+    check_cpus_per_site(0.5, "inprocess", cpus=2)
+    check_cpus_per_site(None, "flwr", cpus=2)
