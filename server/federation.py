@@ -15,6 +15,7 @@ round). The run folder's layout belongs to :mod:`addiff_core.run_folder`.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -74,10 +75,12 @@ class _Outgoing:
 class Federation:
     """Runs the planned rounds of ``settings`` over ``grid`` (Flower's Grid: simulation or SuperLink)."""
 
-    def __init__(self, grid, settings: RunSettings, *, send_site_files: bool = False):
+    def __init__(self, grid, settings: RunSettings, *, send_site_files: bool = False,
+                 stop: threading.Event | None = None):
         from addiff_core.fl_task import state_to_arrays
 
         self.grid = grid
+        self.stop = stop  # in-process simulation: set when Flower's engine died (see _send_and_receive)
         self.settings = settings_for_resume(settings) if settings.resume else settings
         # a simulation (Flower's InMemoryGrid) sends the site files resolved here: its ClientApps may run
         # in other folders (Ray workers, an app bundle) where relative paths would point elsewhere
@@ -122,6 +125,26 @@ class Federation:
         config[LAYOUT_KEY] = layout_to_json({**layout_from_json(str(config[LAYOUT_KEY])), **layout})
         return Message(content=RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: config}),
                        dst_node_id=msg.metadata.dst_node_id, message_type=msg.metadata.message_type)
+
+    def _send_and_receive(self, msgs: list) -> list:
+        """``grid.send_and_receive`` with the round timeout. With ``self.stop`` (an in-process
+        simulation) the same push-and-pull loop, written out here because Flower's does not look
+        at its engine's stop event: when the engine dies (Ray, actors) no reply can come, and its
+        loop would wait out the round timeout (an hour by default) before the process could end."""
+        timeout = self.settings.round_timeout
+        if self.stop is None:
+            return list(self.grid.send_and_receive(msgs, timeout=timeout))
+        waiting = set(self.grid.push_messages(msgs))
+        end, replies = time.time() + timeout, []
+        while waiting and time.time() < end:
+            if self.stop.is_set():
+                raise self._fail("the simulation engine stopped (its error is logged above): no site can answer")
+            got = list(self.grid.pull_messages(waiting))
+            replies += got
+            waiting -= {m.metadata.reply_to_message_id for m in got}
+            if waiting:
+                time.sleep(getattr(self.grid, "pull_interval", 0.1))
+        return replies
 
     def stage_plan(self) -> dict[str, int]:
         plan: dict[str, int] = {}
@@ -171,7 +194,7 @@ class Federation:
             out.down[m.metadata.dst_node_id] += record_nbytes(m.content[ARRAYS_KEY])
         need_ids = {r.metadata.src_node_id for r in need}
         replies = [r for r in replies if r.metadata.src_node_id not in need_ids]
-        again_replies = list(self.grid.send_and_receive(again, timeout=self.settings.round_timeout))
+        again_replies = self._send_and_receive(again)
         sent.update(sent_to(again))
         missing += self.sites.unanswered(again, again_replies, sent, base, self.settings.round_timeout)
         return replies + again_replies
@@ -212,7 +235,7 @@ class Federation:
         s = self.settings
         t0 = time.perf_counter()
         out = self._train_messages(rnd)
-        replies = list(self.grid.send_and_receive(out.msgs, timeout=s.round_timeout))
+        replies = self._send_and_receive(out.msgs)
         sent = sent_to(out.msgs)
         base = {"round": rnd.number, "stage": rnd.stage, "attempt": attempt}
         missing = self.sites.unanswered(out.msgs, replies, sent, base, s.round_timeout)
@@ -266,7 +289,7 @@ class Federation:
         config = {**self._base_config(), "eval-steps": int(s.eval_steps), "eval-gamma": bool(s.eval_gamma),
                   LAYOUT_KEY: layout_to_json(layout)}
         msgs = list(self.strategy.configure_evaluate(s.num_rounds, to_record(wire), ConfigRecord(config), self.grid))
-        replies = list(self.grid.send_and_receive(msgs, timeout=s.round_timeout))
+        replies = self._send_and_receive(msgs)
         sent = sent_to(msgs)
         rows, errors = [], []
         for r in ordered(replies):

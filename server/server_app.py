@@ -4,6 +4,7 @@ Thin: parse the run config, then :class:`server.federation.Federation` does the 
 """
 from __future__ import annotations
 
+import threading
 from typing import Any, Mapping
 
 from flwr.app import Context
@@ -13,10 +14,10 @@ from .federation import Federation, FederationError
 from .settings import DEFAULTS, from_run_config
 
 
-def _main(grid: Grid, run_config: Mapping[str, Any], send_site_files: bool) -> dict:
+def _main(grid: Grid, run_config: Mapping[str, Any], send_site_files: bool, stop: threading.Event | None = None) -> dict:
     settings = from_run_config({k: v for k, v in run_config.items() if k in DEFAULTS})
     try:
-        return Federation(grid, settings, send_site_files=send_site_files).run()
+        return Federation(grid, settings, send_site_files=send_site_files, stop=stop).run()
     except FederationError as e:
         # a clean stop (e.g. "gave up after N attempts"): already logged in one line and recorded in
         # run.json (status "failed"), which the launchers read; no Flower traceback, no exit code 201
@@ -31,15 +32,17 @@ def main(grid: Grid, context: Context) -> None:
     _main(grid, dict(context.run_config), send_site_files=False)
 
 
-def make_server_app(run_config: Mapping[str, Any], results: list | None = None) -> ServerApp:
+def make_server_app(run_config: Mapping[str, Any], results: list | None = None,
+                    stop: threading.Event | None = None) -> ServerApp:
     """A ServerApp with the run config baked in, for ``flwr.simulation.run_simulation`` (which
     passes an empty run config). The site files then travel in the train/evaluate config,
-    because the simulated ClientApps cannot see a run config either."""
+    because the simulated ClientApps cannot see a run config either. ``stop``: set by the caller
+    when Flower's engine died; the ServerApp then stops waiting for replies."""
     sim_app = ServerApp()
 
     @sim_app.main()
     def _sim_main(grid: Grid, context: Context) -> None:
-        out = _main(grid, {**dict(context.run_config), **dict(run_config)}, send_site_files=True)
+        out = _main(grid, {**dict(context.run_config), **dict(run_config)}, send_site_files=True, stop=stop)
         if results is not None:
             results.append(out)
 

@@ -16,6 +16,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from datetime import datetime
 from pathlib import Path
@@ -154,14 +155,20 @@ def run_inprocess(run_config: dict[str, Any], n_sites: int, resources: dict[str,
 
     logging.getLogger("flwr").propagate = False  # Flower prints its own log lines
     results: list = []
+    stop = threading.Event()  # set when Flower's engine dies: the ServerApp thread stops waiting for replies
     backend = {"client_resources": {"num_cpus": resources["num_cpus"], "num_gpus": resources["num_gpus"]},
                "init_args": {"logging_level": "error", "log_to_driver": True}}
     with DescendantTracker() as tracker:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", DeprecationWarning)
-                run_simulation(server_app=make_server_app(run_config, results), client_app=client_app,
+                run_simulation(server_app=make_server_app(run_config, results, stop=stop), client_app=client_app,
                                num_supernodes=n_sites, backend_config=backend)
+        except RuntimeError as e:
+            stop.set()
+            if e.__cause__ is None:  # raised by the ServerApp itself: keep its traceback
+                raise
+            results[:] = [{"status": "failed"}]  # Flower's engine died ("Ending simulation"); it logged why
         finally:
             try:
                 import ray

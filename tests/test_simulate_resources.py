@@ -76,3 +76,45 @@ def test_cpus_per_site_beyond_the_cores_is_refused():
     check_cpus_per_site(2, "flwr", cpus=2)
     check_cpus_per_site(0.5, "inprocess", cpus=2)
     check_cpus_per_site(None, "flwr", cpus=2)
+
+
+# the engine dies under the ServerApp: `--cpus-per-site` beyond the cores, with the up-front check
+# taken out, makes Flower's engine fail at its start ("ActorPool is empty")
+_ENGINE_DIES = """
+import sys
+import server.simulate
+server.simulate.check_cpus_per_site = lambda *args, **kwargs: None
+from addiff_core.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_when_the_simulation_engine_dies_the_run_fails_at_once(tmp_path):
+    """Flower's own wait for replies ignores its engine's stop event: the process used to wait out
+    the round timeout (an hour by default) before it could exit."""
+    import json
+    import os
+    import sys
+    import time
+
+    from helpers.federation import ROOT, TINY, Processes, flower_test_env, synthetic_sites
+
+    sites = synthetic_sites(tmp_path / "data", n_sites=2, cases_per_site=2)
+    run_dir = tmp_path / "run"
+    procs = Processes()
+    t0 = time.monotonic()
+    try:
+        p = procs.start([sys.executable, "-c", _ENGINE_DIES, "simulate", "--site-files", ",".join(map(str, sites)),
+                         "--config", TINY, "--rounds", "1,1", "--run-dir", run_dir,
+                         "--cpus-per-site", (os.cpu_count() or 1) + 2], env=flower_test_env(tmp_path),
+                        log_file=tmp_path / "log", cwd=ROOT)
+        rc = p.wait(timeout=240)
+    finally:
+        leftover = procs.stop_all()
+    out = (tmp_path / "log").read_text(errors="replace")
+    assert rc != 0 and "ActorPool is empty" in out, out[-3000:]
+    assert time.monotonic() - t0 < 200, out[-3000:]  # not the hour of the round timeout
+    run = json.loads((run_dir / "run.json").read_text())
+    assert run["status"] == "failed" and "simulation engine stopped" in run["error"], run
+    assert not leftover, f"processes left running: {leftover}"
