@@ -67,11 +67,12 @@ class OptimizerStore:
         ``stage_start`` is the round at which this run's ``stage`` began: a state saved before it
         was left by another run (e.g. one with fewer VAE rounds in the same state folder) and is
         not used."""
-        earlier = [r for r in self._rounds(stage) if stage_start <= r < round_number]
+        rounds = self._rounds(stage)
+        earlier = [r for r in rounds if stage_start <= r < round_number]
         if not earlier:
             return None
         r = max(earlier)
-        path = self._rounds(stage)[r]
+        path = rounds[r]
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
             base = _base_optimizer(optimizer)

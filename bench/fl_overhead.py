@@ -189,7 +189,7 @@ def main() -> int:
     import torch
 
     from server.settings import DEFAULTS, from_run_config
-    from server.simulate import client_resources, concurrent_sites, ensure_demo_sites
+    from server.simulate import client_resources, ensure_demo_sites, sites_at_once
 
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="addiff-fl-bench-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -252,13 +252,14 @@ def main() -> int:
         baselines = {"alone": alone, "pooled": pooled["eval"]}
 
     sizes = model_sizes(settings.model)
+    cpus_per_site = client_resources(len(site_files), gpus=0)["num_cpus"]  # as `addiff simulate` chose them
     result = {
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
                     "torch_threads": torch.get_num_threads(), "gpu": torch.cuda.is_available(),
                     "load_average_at_end": os.getloadavg()[0]},
         "settings": {"sites": len(site_files), "cases_per_site": cases,
-                     "sites_at_once": concurrent_sites(len(site_files), os.cpu_count() or 1),
-                     "cpus_per_site": client_resources(len(site_files), gpus=0)["num_cpus"], "model_config": model_config.name,
+                     "sites_at_once": sites_at_once(len(site_files), cpus_per_site), "cpus_per_site": cpus_per_site,
+                     "model_config": model_config.name,
                      "rounds": rounds, "strategy": settings.strategy, "eval_steps": settings.eval_steps},
         "time": {"federated_wall_seconds": round(wall_fl, 1), "plain_wall_seconds": round(wall_plain, 1),
                  "ratio_wall": round(wall_fl / wall_plain, 3),

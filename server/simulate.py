@@ -122,6 +122,12 @@ def client_resources(n_sites: int, cpus_per_site: float | None = None, cpus: int
     return {"num_cpus": int(num_cpus) if num_cpus == int(num_cpus) else num_cpus, "num_gpus": num_gpus}
 
 
+def sites_at_once(n_sites: int, num_cpus: float, cpus: int | None = None) -> int:
+    """How many sites Flower's Ray backend runs at once with ``num_cpus`` per site: its actor
+    pool holds ``int(cores / num_cpus)`` actors (``pool_size_from_resources``)."""
+    return min(n_sites, int((cpus or os.cpu_count() or 1) / num_cpus))
+
+
 def check_cpus_per_site(cpus_per_site: float | None, via: str, cpus: int | None = None) -> None:
     """Refuse, before any work, a ``--cpus-per-site`` that Flower cannot run (it would fail deep
     in its engine, or wait for sites that never start)."""
@@ -292,7 +298,7 @@ def cmd_simulate(args) -> int:
     print(f"federated simulation: {n_sites} site(s), strategy {settings.strategy}, model {settings.model.kind}, "
           f"{settings.num_rounds} round(s) [{' '.join(sorted({r.stage for r in settings.schedule}, key=['vae', 'diffusion', 'unet'].index))}], "
           f"via {args.via}, per site {resources['num_cpus']} CPU / {resources['num_gpus']:.2f} GPU "
-          f"({min(n_sites, int((os.cpu_count() or 1) / resources['num_cpus']))} training at once)\n"
+          f"({sites_at_once(n_sites, resources['num_cpus'])} training at once)\n"
           f"run folder: {settings.run_dir}", flush=True)
     from addiff_core.run_summary import run_lines
 

@@ -6,7 +6,7 @@ import math
 import pytest
 
 from addiff_core.config import ConfigError
-from server.simulate import check_cpus_per_site, client_resources, concurrent_sites
+from server.simulate import check_cpus_per_site, client_resources, concurrent_sites, sites_at_once
 
 
 def round_cost(n_sites: int, cpus: int, actors: int) -> float:
@@ -40,6 +40,7 @@ def test_flower_makes_as_many_actors_as_planned(monkeypatch, n_sites, cpus):
     monkeypatch.setattr(ray_actor.ray, "nodes", lambda: [{"Resources": {"CPU": float(cpus)}}])
     res = client_resources(n_sites, cpus=cpus, gpus=0)
     assert ray_actor.pool_size_from_resources(res) == concurrent_sites(n_sites, cpus)
+    assert sites_at_once(n_sites, res["num_cpus"], cpus=cpus) == concurrent_sites(n_sites, cpus)  # the header's count
     assert res["num_gpus"] == 0.0
 
 
