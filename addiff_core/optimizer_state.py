@@ -33,6 +33,10 @@ def _base_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     return getattr(optimizer, "original_optimizer", optimizer)
 
 
+class OtherShapesError(ValueError):
+    """A saved optimiser state whose tensors do not have the parameters' shapes (another model)."""
+
+
 def _fits(optimizer: torch.optim.Optimizer, state: dict) -> bool:
     """True if every per-parameter tensor of ``state`` (a ``state_dict()``) has its parameter's shape."""
     params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -77,11 +81,12 @@ class OptimizerStore:
             state = torch.load(path, map_location="cpu", weights_only=True)
             base = _base_optimizer(optimizer)
             if not _fits(base, state):  # load_state_dict checks counts, not shapes: it would fail at step()
-                raise ValueError("saved for parameters of other shapes")
+                raise OtherShapesError(path.name)
             base.load_state_dict(state)
         except Exception as e:  # noqa: BLE001 - any unreadable or mismatched state: start fresh
-            log.warning("optimizer state %s not used (%s: %s): starting this round with a fresh optimizer",
-                        path.name, type(e).__name__, e)
+            # the error's type only: its message may name the site's state folder
+            log.warning("optimizer state %s not used (%s): starting this round with a fresh optimizer",
+                        path.name, type(e).__name__)
             return None
         return r
 

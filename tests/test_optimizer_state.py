@@ -66,7 +66,7 @@ def test_a_state_that_does_not_fit_is_ignored(tmp_path):
     assert other.state_dict()["state"] == {}
 
 
-def test_a_state_of_other_shapes_is_ignored_not_a_crash_at_step(tmp_path):
+def test_a_state_of_other_shapes_is_ignored_not_a_crash_at_step(tmp_path, caplog):
     """torch's load_state_dict checks only how many parameters there are: a state of a model of
     other widths (say a tiny run earlier in the same state folder) would load, then fail at step()."""
     store = OptimizerStore(tmp_path)
@@ -74,7 +74,10 @@ def test_a_state_of_other_shapes_is_ignored_not_a_crash_at_step(tmp_path):
     _step(p, opt)
     store.save(opt, "diffusion", 2)
     q, other = _adam(n=5)  # one parameter, as saved, of another shape
-    assert store.restore(other, "diffusion", 21) is None
+    with caplog.at_level("WARNING", logger="addiff_core.optimizer_state"):
+        assert store.restore(other, "diffusion", 21) is None
+    assert "diffusion_round2.pt not used (OtherShapesError)" in caplog.text
+    assert str(tmp_path) not in caplog.text  # the file's name, not the site's state folder
     assert other.state_dict()["state"] == {}
     _step(q, other)  # trains with a fresh optimiser
 
