@@ -3,17 +3,19 @@
 Measures, for the demo settings of ``addiff simulate`` (3 synthetic hospitals, configs/demo.yaml,
 VAE + diffusion rounds, each site's local epochs):
 
-1. wall time of ``addiff simulate`` (a fresh process: Flower, Ray, data loading, rounds, final
-   evaluation) against a plain loop doing the same rounds without Flower: the same SiteTask.train
-   calls one site after the other in one process, a weighted mean of the weights, the same final
-   evaluation. Ratio = federated / plain (aim <= 1.1, issue #15).
+1. wall time of ``addiff simulate`` (a fresh process: Flower, its backend, data loading, rounds,
+   final evaluation) with each simulation backend in ``--backends`` (serial: the sites in turn in
+   one process; ray: one Ray actor per site at once) against a plain loop doing the same rounds
+   without Flower: the same SiteTask.train calls one site after the other in one process, a
+   weighted mean of the weights, the same final evaluation. Ratio = federated / plain (aim <= 1.1,
+   issue #15). The headline is the backend ``addiff simulate`` picks on this machine.
 2. bytes on the wire per round and stage (from the run's metrics.jsonl), VAE / diffusion sizes.
-3. start-up overhead of the two simulation mechanisms (in-process run_simulation vs a local
-   SuperLink + flwr run) on a 1 + 1 round run of the tiny model config.
+3. start-up overhead of the simulation mechanisms (in-process run_simulation with each backend, a
+   local SuperLink + flwr run) on a 1 + 1 round run of the tiny model config.
 4. per-site held-out MAE of the federated model against each site trained alone (same epochs)
    and against one model trained on all sites' training cases pooled.
 
-    python bench/fl_overhead.py [--quick] [--skip-baselines]
+    python bench/fl_overhead.py [--quick] [--skip-baselines] [--backends serial,ray]
 
 Writes bench/results/fl_overhead.json and bench/results/fl_overhead.md.
 """
@@ -179,6 +181,7 @@ def main() -> int:
     ap.add_argument("--workdir", help="keep data and runs here (default: a temporary folder; runs of an earlier "
                     "call are replaced)")
     ap.add_argument("--report-only", action="store_true", help="rewrite the .md from the existing .json")
+    ap.add_argument("--backends", default="serial,ray", help="simulation backends to time (default serial,ray)")
     args = ap.parse_args()
     if args.report_only:
         result = json.loads((RESULTS / "fl_overhead.json").read_text())
@@ -189,7 +192,7 @@ def main() -> int:
     import torch
 
     from server.settings import DEFAULTS, from_run_config
-    from server.simulate import client_resources, ensure_demo_sites, sites_at_once
+    from server.simulate import choose_backend, client_resources, ensure_demo_sites, sites_at_once
 
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="addiff-fl-bench-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -198,16 +201,23 @@ def main() -> int:
     site_files = ensure_demo_sites(work / "demo_data", 3, cases, 32)
     model_config = ROOT / "configs" / ("tiny.yaml" if args.quick else "demo.yaml")
     rounds = "1,2" if args.quick else f"{DEFAULTS['vae-rounds']},{DEFAULTS['diffusion-rounds']}"
-    run_dir = work / "run-federated"
-    for old in [run_dir, *work.glob("run-mech-*")]:  # this script's runs of an earlier call in --workdir
+    for old in [*work.glob("run-federated*"), *work.glob("run-mech-*")]:  # this script's runs of an earlier call
         shutil.rmtree(old, ignore_errors=True)
-    sim = [sys.executable, "-m", "addiff_core.cli", "simulate", "--site-files", ",".join(map(str, site_files)),
-           "--config", str(model_config), "--rounds", rounds, "--run-dir", str(run_dir)]
-    print(f"[1/4] federated simulation ({rounds} rounds, {model_config.name}) ...", flush=True)
-    wall_fl = sh(sim, env, work / "federated.log")
+    default_backend = choose_backend("auto", len(site_files))  # what `addiff simulate` picks here
+    backends = list(dict.fromkeys([default_backend, *[b.strip() for b in args.backends.split(",") if b.strip()]]))
+    federated = {}
+    for backend in backends:
+        d = work / f"run-federated-{backend}"
+        sim = [sys.executable, "-m", "addiff_core.cli", "simulate", "--site-files", ",".join(map(str, site_files)),
+               "--config", str(model_config), "--rounds", rounds, "--run-dir", str(d), "--backend", backend]
+        print(f"[1/4] federated simulation, {backend} backend ({rounds} rounds, {model_config.name}) ...", flush=True)
+        wall = sh(sim, env, work / f"federated-{backend}.log")
+        rounds_s = [r["seconds"] for r in RunFolder(d).read_metrics() if r["kind"] == "round"]
+        federated[backend] = {"run_dir": d, "wall": wall, "rounds": rounds_s}
+    run_dir = federated[default_backend]["run_dir"]
+    wall_fl, fl_rounds = federated[default_backend]["wall"], federated[default_backend]["rounds"]
     folder = RunFolder(run_dir)
     settings = from_run_config(folder.stored_run_config())
-    fl_rounds = [r["seconds"] for r in folder.read_metrics() if r["kind"] == "round"]
     fl_train = sum(fl_rounds)
     fl_final = {r["site"]: r for r in json.loads(folder.final_json.read_text())}
 
@@ -221,19 +231,28 @@ def main() -> int:
     torch.set_num_threads(threads)
     from addiff_core.checkpoint import load_checkpoint
 
-    fl_w, _, _ = load_checkpoint(folder.final_model)
-    max_diff = max(float(np.abs(fl_w[k].numpy() - plain["arrays"][k]).max()) for k in plain["arrays"])
+    # the simulation ends by writing its run report (tables, figures); the plain loop writes none
+    from addiff_core.report.writer import write_report_safely
 
-    print("[3/4] start-up overhead of the two simulation mechanisms ...", flush=True)
+    t_report = time.perf_counter()
+    write_report_safely(run_dir, figures=True)  # the same report again, timed
+    report_s = time.perf_counter() - t_report
+    max_diff = {}
+    for backend, f in federated.items():
+        fl_w, _, _ = load_checkpoint(RunFolder(f["run_dir"]).final_model)
+        max_diff[backend] = max(float(np.abs(fl_w[k].numpy() - plain["arrays"][k]).max()) for k in plain["arrays"])
+
+    print("[3/4] start-up overhead of the simulation mechanisms ...", flush=True)
     mech = {}
-    for via in ("inprocess", "flwr"):
-        d = work / f"run-mech-{via}"
+    for name, extra in (("inprocess-serial", ["--backend", "serial"]), ("inprocess-ray", ["--backend", "ray"]),
+                        ("flwr", ["--via", "flwr"])):
+        d = work / f"run-mech-{name}"
         t = sh([sys.executable, "-m", "addiff_core.cli", "simulate", "--site-files", ",".join(map(str, site_files)),
                 "--config", str(ROOT / "configs" / "tiny.yaml"), "--rounds", "1,1", "--local-epochs", "1",
-                "--eval-steps", "1", "--no-gamma", "--run-dir", str(d), "--via", via], env, work / f"mech-{via}.log")
+                "--eval-steps", "1", "--no-gamma", "--run-dir", str(d), *extra], env, work / f"mech-{name}.log")
         work_s = sum(r["seconds"] for r in RunFolder(d).read_metrics() if r["kind"] == "round")
-        mech[via] = {"wall_seconds": round(t, 1), "round_seconds": round(work_s, 1),
-                     "overhead_seconds": round(t - work_s, 1)}
+        mech[name] = {"wall_seconds": round(t, 1), "round_seconds": round(work_s, 1),
+                      "overhead_seconds": round(t - work_s, 1)}
 
     baselines = {}
     if not args.skip_baselines:
@@ -257,12 +276,13 @@ def main() -> int:
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
                     "torch_threads": torch.get_num_threads(), "gpu": torch.cuda.is_available(),
                     "load_average_at_end": os.getloadavg()[0]},
-        "settings": {"sites": len(site_files), "cases_per_site": cases,
+        "settings": {"sites": len(site_files), "cases_per_site": cases, "backend": default_backend,
                      "sites_at_once": sites_at_once(len(site_files), cpus_per_site), "cpus_per_site": cpus_per_site,
                      "model_config": model_config.name,
                      "rounds": rounds, "strategy": settings.strategy, "eval_steps": settings.eval_steps},
         "time": {"federated_wall_seconds": round(wall_fl, 1), "plain_wall_seconds": round(wall_plain, 1),
-                 "ratio_wall": round(wall_fl / wall_plain, 3),
+                 "ratio_wall": round(wall_fl / wall_plain, 3), "report_seconds": round(report_s, 1),
+                 "ratio_wall_without_report": round((wall_fl - report_s) / wall_plain, 3),
                  "federated_round_seconds": round(fl_train, 1), "plain_train_seconds": round(plain["train_seconds"], 1),
                  "ratio_train": round(fl_train / plain["train_seconds"], 3),
                  "plain_1thread_train_seconds": round(plain1["train_seconds"], 1),
@@ -276,7 +296,8 @@ def main() -> int:
                  "ratio_later_rounds_vs_1thread": round(sum(fl_rounds[1:]) / sum(plain1["round_seconds"][1:]), 3),
                  "plain_load_seconds": round(plain["load_seconds"], 1),
                  "plain_eval_seconds": round(plain.get("eval_seconds", 0.0), 1),
-                 "max_abs_weight_difference_federated_vs_plain": max_diff},
+                 "max_abs_weight_difference_federated_vs_plain": max_diff[default_backend]},
+        "backends": {b: backend_times(f, plain, wall_plain, max_diff[b]) for b, f in federated.items()},
         "mechanisms": mech,
         "bytes": {"model_bytes": sizes, **stage_bytes(run_dir)},
         "mae_gy": {name: {"federated": fl_final[name]["mae_gy"],
@@ -291,11 +312,30 @@ def main() -> int:
     return 0
 
 
+def backend_times(fed: dict, plain: dict, wall_plain: float, max_diff: float) -> dict:
+    """One backend's federated times next to the plain loop's (default torch threads)."""
+    later, plain_later = sum(fed["rounds"][1:]), sum(plain["round_seconds"][1:])
+    return {"wall_seconds": round(fed["wall"], 1), "ratio_wall": round(fed["wall"] / wall_plain, 3),
+            "round_seconds": round(sum(fed["rounds"]), 1),
+            "ratio_train": round(sum(fed["rounds"]) / plain["train_seconds"], 3),
+            "first_round_seconds": round(fed["rounds"][0], 1), "later_rounds_seconds": round(later, 1),
+            "ratio_later_rounds": round(later / plain_later, 3), "max_abs_weight_difference_vs_plain": max_diff}
+
+
 def startup_seconds() -> float:
     """Python + torch import time of a fresh process (the federated figure includes its own)."""
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-c", "import addiff_core.fl_task"], check=True, cwd=ROOT)
     return time.perf_counter() - t0
+
+
+def simulation_line(r: dict) -> str:
+    st = r["settings"]
+    if st.get("backend", "ray") == "serial":
+        return (f"The simulation (serial backend, `addiff simulate`'s choice on this machine) runs the sites in turn "
+                f"in its own process with torch's default threads ({r['machine']['torch_threads']}).")
+    return (f"The simulation runs {st.get('sites_at_once', '?')} sites at once as Ray actors of "
+            f"{st.get('cpus_per_site', 1)} CPU each (1 torch thread each).")
 
 
 def mb(n: float) -> str:
@@ -313,9 +353,7 @@ def report(r: dict) -> str:
         f"{r['settings']['strategy']}, each site's local epochs.", "",
         "## Time: `addiff simulate` vs the same rounds without Flower", "",
         "The plain loop makes the same `SiteTask.train` calls (same rounds, sites, local epochs, seeds) one "
-        "site after the other in one process and averages the weights with numpy; the simulation runs "
-        f"{r['settings'].get('sites_at_once', '?')} sites at once as Ray actors of "
-        f"{r['settings'].get('cpus_per_site', 1)} CPU each (1 torch thread each).", "",
+        "site after the other in one process and averages the weights with numpy. " + simulation_line(r), "",
         "| what | federated (Flower simulation) | plain loop (no Flower) | ratio |", "|---|---|---|---|",
     ]
     if "ratio_later_rounds" in t:
@@ -332,21 +370,38 @@ def report(r: dict) -> str:
         f"{t['federated_round_seconds']} s | {t['plain_train_seconds']} s | {t['ratio_train']} |",
         f"| all training rounds, plain loop with 1 torch thread | {t['federated_round_seconds']} s | "
         f"{t['plain_1thread_train_seconds']} s | {t['ratio_train_vs_1thread']} |",
-        f"| end to end (process start, Ray, data, rounds, final evaluation) vs plain loop with default threads | "
+        f"| end to end (process start, Flower, data, rounds, final evaluation, run report) vs plain loop with default threads | "
         f"{t['federated_wall_seconds']} s | {t['plain_wall_seconds']} s | {t['ratio_wall']} |",
-        "",
-        "Round 1 of the simulation also starts every site: a Ray actor process, the import of torch and "
-        "MONAI, the site's data, torch's first-iteration set-up; the plain loop did its one import and "
-        "data loading before its clock started. Rounds 2 onwards are the cost of federating that grows "
-        "with the run. Final weights of federated and plain runs differ by at most "
-        f"{t['max_abs_weight_difference_federated_vs_plain']:.2e} (other thread count, other float summation order).",
-        "",
-        "## Start-up overhead of the two simulation mechanisms (tiny model, 1+1 rounds)", "",
-        "| mechanism | wall | in rounds | overhead |", "|---|---|---|---|",
     ]
+    if "ratio_wall_without_report" in t:
+        lines.append(f"| end to end less the run report ({t['report_seconds']} s of tables and figures, which the plain "
+                     f"loop does not write) | {t['federated_wall_seconds'] - t['report_seconds']:.1f} s | "
+                     f"{t['plain_wall_seconds']} s | {t['ratio_wall_without_report']} |")
+    lines += [
+        "",
+        "Round 1 of the simulation also loads every site's data (and, with Ray, starts a Ray actor process "
+        "per site, each importing torch and MONAI); the plain loop did its one import and data loading "
+        "before its clock started. Rounds 2 onwards are the cost of federating that grows with the run. "
+        "Final weights of federated and plain runs differ by at most "
+        f"{t['max_abs_weight_difference_federated_vs_plain']:.2e} (float summation order).", "",
+    ]
+    if "backends" in r:
+        lines += ["### Each simulation backend against the same plain loop (default torch threads)", "",
+                  "| backend | end to end | ratio | all rounds | ratio | round 1 | rounds 2-N | ratio |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for name, v in r["backends"].items():
+            mark = " (`addiff simulate`'s choice here)" if name == r["settings"].get("backend") else ""
+            lines.append(f"| {name}{mark} | {v['wall_seconds']} s | {v['ratio_wall']} | {v['round_seconds']} s | "
+                         f"{v['ratio_train']} | {v['first_round_seconds']} s | {v['later_rounds_seconds']} s | "
+                         f"{v['ratio_later_rounds']} |")
+        lines.append("")
+    lines += ["## Start-up overhead of the simulation mechanisms (tiny model, 1+1 rounds)", "",
+              "| mechanism | wall | in rounds | overhead |", "|---|---|---|---|"]
+    names = {"inprocess": "in-process `run_simulation`, Ray", "inprocess-serial": "in-process `run_simulation`, serial backend",
+             "inprocess-ray": "in-process `run_simulation`, Ray backend", "flwr": "local SuperLink + `flwr run` (Ray)"}
     for via, v in m.items():
-        name = "in-process `run_simulation` (default)" if via == "inprocess" else "local SuperLink + `flwr run`"
-        lines.append(f"| {name} | {v['wall_seconds']} s | {v['round_seconds']} s | {v['overhead_seconds']} s |")
+        lines.append(f"| {names.get(via, via)} | {v['wall_seconds']} s | {v['round_seconds']} s | "
+                     f"{v['overhead_seconds']} s |")
     lines += ["", "## Bytes on the wire per round (all sites, down + up)", "",
               "| stage | rounds | per round | per site down / up |", "|---|---|---|---|"]
     for stage in ("vae", "diffusion", "unet"):

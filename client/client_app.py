@@ -39,8 +39,10 @@ log = logging.getLogger("flwr.addiff.client")
 
 app = ClientApp()
 
-# one SiteTask per (site file, model config) in this process: data are loaded once
-_TASKS: dict[tuple[str, str], SiteTask] = {}
+# one SiteTask per (run, site file, model config) in this process: data are loaded once a run.
+# A process can serve several sites (the serial simulation backend) and several runs (a SuperNode
+# without process isolation, a test): a new run starts from the site's files as they are now.
+_TASKS: dict[tuple[int, str, str], SiteTask] = {}
 
 
 def site_file_for(context: Context, config) -> Path:
@@ -62,14 +64,14 @@ def site_file_for(context: Context, config) -> Path:
     return resolve_path(files[pid])
 
 
-def task_for(site_file: Path, model_json: str, where: dict | None = None) -> SiteTask:
-    """The site's task (cached). ``where`` records the phase reached and the site, for the
-    failure reply (:func:`_never_raises`)."""
+def task_for(site_file: Path, model_json: str, where: dict | None = None, run_id: int = 0) -> SiteTask:
+    """The site's task (cached for the run). ``where`` records the phase reached and the site,
+    for the failure reply (:func:`_never_raises`)."""
     where = where if where is not None else {}
-    key = (str(site_file), model_json)
+    key = (int(run_id), str(site_file), model_json)
     task = _TASKS.get(key)
     if task is None:
-        for k in [k for k in _TASKS if k[0] == key[0]]:  # the model changed: drop the old one
+        for k in [k for k in _TASKS if k[0] != key[0] or k[1] == key[1]]:  # another run's, or another model
             del _TASKS[k]
         where["phase"] = "site-config"
         site = load_site_config(site_file)
@@ -216,7 +218,7 @@ def planned_epochs(task: SiteTask, plan: str, local_epochs: int = 0) -> int:
 @_never_raises
 def train(msg: Message, context: Context, where: dict) -> Message:
     cfg = msg.content[CONFIG_KEY]
-    task = task_for(site_file_for(context, cfg), str(cfg["model-config"]), where)
+    task = task_for(site_file_for(context, cfg), str(cfg["model-config"]), where, context.run_id)
     where["phase"] = "weights"
     layout = layout_from_json(str(cfg.get(LAYOUT_KEY, "")))
     arrays = decode(from_record(msg.content[ARRAYS_KEY]), layout)
@@ -254,7 +256,7 @@ def train(msg: Message, context: Context, where: dict) -> Message:
 @_never_raises
 def evaluate(msg: Message, context: Context, where: dict) -> Message:
     cfg = msg.content[CONFIG_KEY]
-    task = task_for(site_file_for(context, cfg), str(cfg["model-config"]), where)
+    task = task_for(site_file_for(context, cfg), str(cfg["model-config"]), where, context.run_id)
     steps = int(cfg.get("eval-steps", 0)) or None
     where["phase"] = "weights"
     arrays = decode(from_record(msg.content[ARRAYS_KEY]), layout_from_json(str(cfg.get(LAYOUT_KEY, ""))))

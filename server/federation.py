@@ -143,7 +143,7 @@ class Federation:
             replies += got
             waiting -= {m.metadata.reply_to_message_id for m in got}
             if waiting:
-                time.sleep(getattr(self.grid, "pull_interval", 0.1))
+                time.sleep(0.01)  # an in-memory lookup; Flower's 0.1 s added ~0.05 s to every round
         return replies
 
     def stage_plan(self) -> dict[str, int]:

@@ -2,13 +2,20 @@
 
 Two mechanisms, same ServerApp/ClientApp:
 
-* ``inprocess`` (default): ``flwr.simulation.run_simulation`` in this process (Ray actors run
-  the ClientApps). Smallest start-up cost, nothing to clean up afterwards.
+* ``inprocess`` (default): ``flwr.simulation.run_simulation`` in this process. Smallest start-up
+  cost, nothing to clean up afterwards. Its backend runs the ClientApps:
+
+  - ``serial``: the sites take turns in this process, with every core (``server.serial_backend``);
+  - ``ray``: Flower's Ray backend, one actor process per site that trains at once;
+  - ``auto`` (default): ``ray`` when every site can have two cores of its own, else ``serial``
+    (:func:`choose_backend`).
 * ``flwr``: a SuperLink in simulation mode started here (own session, private FLWR_HOME, free
-  port), then ``flwr run <project> --stream``; the SuperLink is stopped by PID afterwards.
+  port), then ``flwr run <project> --stream`` (Ray backend); the SuperLink is stopped by PID
+  afterwards.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -128,6 +135,34 @@ def sites_at_once(n_sites: int, num_cpus: float, cpus: int | None = None) -> int
     return min(n_sites, int((cpus or os.cpu_count() or 1) / num_cpus))
 
 
+def choose_backend(backend: str, n_sites: int, via: str = "inprocess", cpus_per_site: float | None = None,
+                   cpus: int | None = None) -> str:
+    """The simulation backend that runs the ClientApps: ``backend`` unless it is ``auto``.
+
+    ``auto`` is ``ray`` when every site can train on two cores of its own at the same time (or
+    Ray was asked for: ``--via flwr``, ``--cpus-per-site``), else ``serial``. With fewer cores,
+    Ray's sites would only share them: 3 sites on 2 cores train as fast one after another with 2
+    torch threads each, and Ray's start-up (a process per site, each importing torch and MONAI)
+    made a 24-round demo 1.35x the same training without Flower (BENCHMARKS.md)."""
+    if backend != "auto":
+        return backend
+    if via == "flwr" or cpus_per_site:
+        return "ray"
+    return "ray" if (cpus or os.cpu_count() or 1) >= 2 * max(1, n_sites) else "serial"
+
+
+def check_backend(backend: str, via: str, cpus_per_site: float | None) -> None:
+    """Refuse, before any work, a ``--backend serial`` that cannot be honoured."""
+    if backend != "serial":
+        return
+    if via == "flwr":
+        raise ConfigError("--backend serial runs the sites in this process: use it with --via inprocess "
+                          "(a local SuperLink's simulation always uses Ray)")
+    if cpus_per_site:
+        raise ConfigError("--cpus-per-site sets Ray's CPUs per site: use it with --backend ray "
+                          "(with --backend serial each site trains on every core, in turn)")
+
+
 def check_cpus_per_site(cpus_per_site: float | None, via: str, cpus: int | None = None) -> None:
     """Refuse, before any work, a ``--cpus-per-site`` that Flower cannot run (it would fail deep
     in its engine, or wait for sites that never start)."""
@@ -145,28 +180,37 @@ def check_cpus_per_site(cpus_per_site: float | None, via: str, cpus: int | None 
 # ------------------------------------------------------------------------------------------
 # the two mechanisms
 # ------------------------------------------------------------------------------------------
-def run_inprocess(run_config: dict[str, Any], n_sites: int, resources: dict[str, float]) -> dict:
+def run_inprocess(run_config: dict[str, Any], n_sites: int, resources: dict[str, float],
+                  backend_name: str = "ray") -> dict:
+    """One federated run with ``flwr.simulation.run_simulation``; ``backend_name`` ``ray`` or
+    ``serial`` (:mod:`server.serial_backend`)."""
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # Flower's state database: its set-up lines are noise
     import warnings
 
     from flwr.simulation import run_simulation
 
     from client.client_app import app as client_app
+    from client.client_app import log as client_log
 
     from .server_app import make_server_app
 
     from client.launch import DescendantTracker
+
+    from .serial_backend import serial_backend
 
     logging.getLogger("flwr").propagate = False  # Flower prints its own log lines
     results: list = []
     stop = threading.Event()  # set when Flower's engine dies: the ServerApp thread stops waiting for replies
     backend = {"client_resources": {"num_cpus": resources["num_cpus"], "num_gpus": resources["num_gpus"]},
                "init_args": {"logging_level": "error", "log_to_driver": True}}
+    engine = (serial_backend(site_loggers=(client_log.name, "addiff_core")) if backend_name == "serial"
+              else contextlib.nullcontext())
     with DescendantTracker() as tracker:
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), engine:
                 warnings.simplefilter("ignore", DeprecationWarning)
                 run_simulation(server_app=make_server_app(run_config, results, stop=stop), client_app=client_app,
                                num_supernodes=n_sites, backend_config=backend)
@@ -251,6 +295,7 @@ def cmd_simulate(args) -> int:
     root = project_root()
     t0 = time.perf_counter()
     check_cpus_per_site(args.cpus_per_site, args.via)
+    check_backend(args.backend, args.via, args.cpus_per_site)
     if args.resume:
         run_dir = resolve_path(args.resume, Path.cwd())
         stored = RunFolder(run_dir).stored_run_config(require=("site-files",))
@@ -291,14 +336,14 @@ def cmd_simulate(args) -> int:
 
     settings = from_run_config(run_config)  # fail early, with one clear line, on a bad setting
     resources = client_resources(n_sites, args.cpus_per_site, whole_cpus=args.via == "flwr")
+    backend = choose_backend(args.backend, n_sites, args.via, args.cpus_per_site)
     folder = RunFolder(settings.run_dir)
     if not settings.resume:
         folder.refuse_if_started()
     folder.path.mkdir(parents=True, exist_ok=True)
     print(f"federated simulation: {n_sites} site(s), strategy {settings.strategy}, model {settings.model.kind}, "
           f"{settings.num_rounds} round(s) [{' '.join(sorted({r.stage for r in settings.schedule}, key=['vae', 'diffusion', 'unet'].index))}], "
-          f"via {args.via}, per site {resources['num_cpus']} CPU / {resources['num_gpus']:.2f} GPU "
-          f"({sites_at_once(n_sites, resources['num_cpus'])} training at once)\n"
+          f"via {args.via}, {backend_line(backend, n_sites, resources)}\n"
           f"run folder: {settings.run_dir}", flush=True)
     from addiff_core.run_summary import run_lines
 
@@ -310,7 +355,7 @@ def cmd_simulate(args) -> int:
         if args.via == "flwr":
             out = run_via_flwr(run_config, n_sites, resources, settings.run_dir)
         else:
-            out = run_inprocess(run_config, n_sites, resources)
+            out = run_inprocess(run_config, n_sites, resources, backend)
     except FederationError as e:
         print(f"addiff: error: {e}", file=sys.stderr)
         out = {"status": "failed"}
@@ -330,6 +375,16 @@ def cmd_simulate(args) -> int:
           f"  final model    : {folder.final_model}"
           + (f"\n  report         : {folder.report_md} (+ .html, figures/)" if folder.report_md.is_file() else ""))
     return 0
+
+
+def backend_line(backend: str, n_sites: int, resources: dict[str, float]) -> str:
+    """How the simulated sites run, for the console header."""
+    if backend == "serial":
+        import torch
+
+        return f"sites in turn in this process ({torch.get_num_threads()} torch threads; --backend serial)"
+    return (f"Ray actors of {resources['num_cpus']} CPU / {resources['num_gpus']:.2f} GPU per site "
+            f"({sites_at_once(n_sites, resources['num_cpus'])} training at once)")
 
 
 def parse_sets(items: list[str]) -> dict[str, Any]:
@@ -396,8 +451,13 @@ def add_parser(sub) -> None:
     s.add_argument("--stop-after-round", type=int, default=0, help="stop after this round (resume later)")
     s.add_argument("--via", choices=("inprocess", "flwr"), default="inprocess",
                    help="inprocess: flwr.simulation.run_simulation (default); flwr: a local SuperLink + flwr run")
+    s.add_argument("--backend", choices=("auto", "serial", "ray"), default="auto",
+                   help="what runs the simulated sites (--via inprocess): serial = in turn in this process, with "
+                        "every core; ray = Flower's Ray actors, in parallel; auto (default) = ray when every site "
+                        "can have two cores of its own, else serial")
     s.add_argument("--cpus-per-site", type=float,
-                   help="Ray CPUs per simulated site (default: the cores shared by the sites that train at once)")
+                   help="Ray CPUs per simulated site (default: the cores shared by the sites that train at once); "
+                        "with --backend auto it means ray")
     s.set_defaults(func=cmd_simulate)
 
 

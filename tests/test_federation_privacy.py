@@ -45,7 +45,7 @@ def test_mixed_dp_and_non_dp_sites_with_a_budget_that_runs_out(tmp_path):
         p = procs.start(cli("simulate", "--site-files", ",".join(map(str, sites)), "--config", TINY, "--rounds", "1,2",
                             "--local-epochs", 1, "--eval-steps", 2, "--no-gamma", "--set", "report-figures=false",
                             "--run-dir", run_dir,
-                            "--cpus-per-site", 2),  # one Ray actor for all sites: one import of the training stack (the uninterrupted simulation has two)
+                            "--backend", "serial"),  # sites in turn in this process: no Ray start-up, no import per site
                         env=flower_test_env(tmp_path), log_file=log, cwd=ROOT)
         rc = p.wait(timeout=480)
     finally:

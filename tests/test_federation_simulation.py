@@ -1,4 +1,4 @@
-"""`addiff simulate` end to end (real Ray simulation, tiny model), and stop + resume.
+"""`addiff simulate` end to end (real Ray simulation, tiny model), and stop + resume (serial backend).
 
 The resumed run (stopped after round 1 in-process, resumed through `flwr run` with a local
 SuperLink) must end with exactly the weights of the uninterrupted run.
@@ -36,8 +36,10 @@ def simulate(tmp_path, name, *args, timeout=420):
 
 
 def base_args(sites, run_dir, cpus_per_site=1):
+    """Ray actors of ``cpus_per_site`` CPUs each; ``None``: the serial backend (sites in turn, in-process)."""
+    where = ["--cpus-per-site", cpus_per_site] if cpus_per_site else ["--backend", "serial"]
     return ["--site-files", ",".join(map(str, sites)), "--config", TINY, "--rounds", "1,2", "--local-epochs", 1,
-            "--eval-steps", 2, "--no-gamma", "--run-dir", run_dir, "--cpus-per-site", cpus_per_site]
+            "--eval-steps", 2, "--no-gamma", "--run-dir", run_dir, *where]
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +57,7 @@ def test_simulate_runs_the_federation_and_writes_the_table(uninterrupted, sites)
     assert out.count("Aggregation: fedavg (weighted by training cases)") >= 2, out[-4000:]
     assert "Central DP: off" in out and "Per-site DP (DP-SGD): off at every site" in out
     at_once = min(len(sites), os.cpu_count() or 1)  # --cpus-per-site 1: one site per core
-    assert "per site 1 CPU / " in out and f"({at_once} training at once)" in out, out[:2000]
+    assert "Ray actors of 1 CPU / " in out and f"({at_once} training at once)" in out, out[:2000]
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("round_*.pt")) == [
         "round_0001.pt", "round_0002.pt", "round_0003.pt"]
     final = json.loads((run_dir / "final_metrics.json").read_text())
@@ -72,14 +74,16 @@ def test_simulate_runs_the_federation_and_writes_the_table(uninterrupted, sites)
 
 
 def test_stopped_run_resumed_ends_with_the_same_weights(uninterrupted, sites, tmp_path):
-    """... also when the stopped and the resumed run have one Ray actor for all sites (the
-    uninterrupted run has two): a site's training does not depend on which actor runs it."""
+    """... also when the stopped run's sites take turns in the coordinator's process (serial
+    backend), the resumed run has one Ray actor for all sites (`flwr run`) and the uninterrupted
+    run has two: a site's training does not depend on what runs it."""
     run_dir = tmp_path / "run"
     no_figures = ("--set", "report-figures=false")  # the uninterrupted run's report has them
     # stopped after the VAE round: the resumed run starts the diffusion stage
-    out = simulate(tmp_path, "stopped", *base_args(sites, run_dir, cpus_per_site=2), "--stop-after-round", 1,
+    out = simulate(tmp_path, "stopped", *base_args(sites, run_dir, cpus_per_site=None), "--stop-after-round", 1,
                    *no_figures)
     assert "--resume" in out and not (run_dir / "checkpoints" / "round_0002.pt").exists()
+    assert "sites in turn in this process" in out and "Ray actors" not in out, out[:2000]
     simulate(tmp_path, "resumed", "--resume", run_dir, "--via", "flwr", "--cpus-per-site", 2,
              *no_figures)  # `flwr run` with a local SuperLink
     a = torch.load(uninterrupted[0] / "checkpoints" / "round_0003.pt", weights_only=True)["state_dict"]

@@ -68,7 +68,8 @@ def test_a_failing_site_sends_no_case_ids_or_paths_and_has_a_row(good_sites, tmp
 
 @pytest.mark.slow
 def test_simulation_with_a_broken_patient_named_site_finishes_and_leaks_nothing(good_sites, tmp_path):
-    """`addiff simulate` (Ray, Flower's own error path) with --min-sites 2."""
+    """`addiff simulate` (Flower's Simulation Engine and error path) with --min-sites 2. The serial
+    backend runs the sites in the coordinator's own process: their logs must not leak either."""
     from helpers.federation import ROOT, Processes, cli, flower_test_env
 
     bad = broken_site(tmp_path, template_case(good_sites[0]))
@@ -78,7 +79,7 @@ def test_simulation_with_a_broken_patient_named_site_finishes_and_leaks_nothing(
     try:
         p = procs.start(cli("simulate", "--site-files", ",".join(map(str, [*good_sites, bad])), "--config", TINY,
                             "--model", "unet", "--rounds", "1", "--local-epochs", 1, "--eval-steps", 2, "--no-gamma",
-                            "--min-sites", 2, "--run-dir", run_dir, "--cpus-per-site", 2),  # one Ray actor for all sites: one import of the training stack (the uninterrupted simulation has two)
+                            "--min-sites", 2, "--run-dir", run_dir, "--backend", "serial"),  # sites in turn in this process: no Ray start-up, no import per site
                         env=flower_test_env(tmp_path), log_file=log, cwd=ROOT)
         rc = p.wait(timeout=300)
     finally:
