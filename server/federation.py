@@ -72,6 +72,23 @@ class _Outgoing:
     down: dict[int, int] = field(default_factory=dict)  # bytes sent per node
 
 
+ENGINE_STOPPED = "the simulation engine stopped (its error is logged above): no site can answer"
+
+
+class StopSignal(threading.Event):
+    """Set by the process running an in-process simulation when the ServerApp must stop waiting
+    for replies; ``why`` is recorded in run.json."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.why = ENGINE_STOPPED
+
+    def stop(self, why: str | None = None) -> None:
+        if not self.is_set():
+            self.why = why or self.why
+        self.set()
+
+
 class Federation:
     """Runs the planned rounds of ``settings`` over ``grid`` (Flower's Grid: simulation or SuperLink)."""
 
@@ -138,7 +155,7 @@ class Federation:
         end, replies = time.time() + timeout, []
         while waiting and time.time() < end:
             if self.stop.is_set():
-                raise self._fail("the simulation engine stopped (its error is logged above): no site can answer")
+                raise self._fail(getattr(self.stop, "why", "") or ENGINE_STOPPED)
             got = list(self.grid.pull_messages(waiting))
             replies += got
             waiting -= {m.metadata.reply_to_message_id for m in got}

@@ -16,6 +16,7 @@ moves that seam.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Callable, Iterator
@@ -28,12 +29,17 @@ from flwr.server.superlink.fleet.vce.backend import Backend, BackendConfig
 
 
 class SerialBackend(Backend):
-    """One worker: a message's ClientApp runs in the engine's worker thread, one at a time."""
+    """One worker: a message's ClientApp runs in the engine's worker thread, one at a time.
 
-    def __init__(self, backend_config: BackendConfig) -> None:
+    ``site_loggers`` log at WARNING and above while a ClientApp runs: a Ray actor's info lines
+    never reach the coordinator's console, and here the sites run in the coordinator's process
+    (a DP site's per-epoch loss, for one, is not for the coordinator to read)."""
+
+    def __init__(self, backend_config: BackendConfig, site_loggers: tuple[str, ...] = ()) -> None:
         super().__init__(backend_config)
         self._app_fn: Callable[[], ClientApp] | None = None
         self._busy = threading.Lock()
+        self._site_loggers = tuple(site_loggers)
 
     def build(self, app_fn: Callable[[], ClientApp]) -> None:
         self._app_fn = app_fn
@@ -48,7 +54,7 @@ class SerialBackend(Backend):
     def process_message(self, message: Message, context: Context) -> tuple[Message, Context]:
         if self._app_fn is None:
             raise ValueError("SerialBackend.build() was not called before the first message")
-        with self._busy:
+        with self._busy, _at_least_warning(self._site_loggers):
             app = self._app_fn()
             try:
                 return app(message=message, context=context), context
@@ -62,23 +68,27 @@ class SerialBackend(Backend):
 
 
 @contextmanager
-def serial_backend(site_loggers: tuple[str, ...] = ()) -> Iterator[None]:
-    """While inside, Flower's Simulation Engine builds a :class:`SerialBackend` instead of Ray's.
-
-    ``site_loggers`` log at WARNING and above meanwhile: a Ray actor's info lines never reach the
-    coordinator's console, and here the sites run in the coordinator's process (a DP site's
-    per-epoch loss, for one, is not for the coordinator to read)."""
-    from flwr.server.superlink.fleet.vce.backend import raybackend  # where start_vce looks the class up
-
-    loggers = [logging.getLogger(name) for name in site_loggers]
+def _at_least_warning(names: tuple[str, ...]) -> Iterator[None]:
+    loggers = [logging.getLogger(name) for name in names]
     levels = [lg.level for lg in loggers]
-    original = raybackend.RayBackend
-    raybackend.RayBackend = SerialBackend  # type: ignore[misc, assignment]
     for lg in loggers:
         lg.setLevel(max(lg.getEffectiveLevel(), logging.WARNING))
     try:
         yield
     finally:
-        raybackend.RayBackend = original  # type: ignore[misc]
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
+
+
+@contextmanager
+def serial_backend(site_loggers: tuple[str, ...] = ()) -> Iterator[None]:
+    """While inside, Flower's Simulation Engine builds a :class:`SerialBackend` (quieting
+    ``site_loggers`` while a ClientApp runs) instead of Ray's."""
+    from flwr.server.superlink.fleet.vce.backend import raybackend  # where start_vce looks the class up
+
+    original = raybackend.RayBackend
+    raybackend.RayBackend = functools.partial(SerialBackend, site_loggers=site_loggers)  # type: ignore[misc, assignment]
+    try:
+        yield
+    finally:
+        raybackend.RayBackend = original  # type: ignore[misc]

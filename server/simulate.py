@@ -195,6 +195,7 @@ def run_inprocess(run_config: dict[str, Any], n_sites: int, resources: dict[str,
     from client.client_app import app as client_app
     from client.client_app import log as client_log
 
+    from .federation import StopSignal
     from .server_app import make_server_app
 
     from client.launch import DescendantTracker
@@ -203,7 +204,7 @@ def run_inprocess(run_config: dict[str, Any], n_sites: int, resources: dict[str,
 
     logging.getLogger("flwr").propagate = False  # Flower prints its own log lines
     results: list = []
-    stop = threading.Event()  # set when Flower's engine dies: the ServerApp thread stops waiting for replies
+    stop = StopSignal()  # set when Flower's engine dies or on Ctrl-C: the ServerApp thread stops waiting for replies
     backend = {"client_resources": {"num_cpus": resources["num_cpus"], "num_gpus": resources["num_gpus"]},
                "init_args": {"logging_level": "error", "log_to_driver": True}}
     engine = (serial_backend(site_loggers=(client_log.name, "addiff_core")) if backend_name == "serial"
@@ -215,11 +216,18 @@ def run_inprocess(run_config: dict[str, Any], n_sites: int, resources: dict[str,
                 run_simulation(server_app=make_server_app(run_config, results, stop=stop), client_app=client_app,
                                num_supernodes=n_sites, backend_config=backend)
         except RuntimeError as e:
-            stop.set()
+            stop.stop()
             if e.__cause__ is None:  # raised by the ServerApp itself: keep its traceback
                 raise
             results[:] = [{"status": "failed"}]  # Flower's engine died ("Ending simulation"); it logged why
+        except KeyboardInterrupt:
+            # the signal reaches this (main) thread only: without this the ServerApp thread would wait
+            # for replies up to the round timeout, and the process with it
+            stop.stop(f"interrupted (Ctrl-C); the completed rounds are kept: addiff simulate --resume "
+                      f"{run_config['run-dir']}")
+            raise
         finally:
+            stop.stop()  # whatever ended the engine, nothing more will answer
             try:
                 import ray
 
@@ -359,6 +367,10 @@ def cmd_simulate(args) -> int:
     except FederationError as e:
         print(f"addiff: error: {e}", file=sys.stderr)
         out = {"status": "failed"}
+    except KeyboardInterrupt:
+        print(f"\naddiff: interrupted; the rounds completed are kept (checkpoints in {folder.checkpoints}). "
+              f"Continue with:\n  addiff simulate --resume {folder.path}", file=sys.stderr)
+        return 130
     took = time.perf_counter() - t0
     if out.get("status") == "stopped":
         print(f"\nstopped as asked after round {run_config['stop-after-round']} ({took:.0f} s); continue with:\n"

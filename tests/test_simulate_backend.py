@@ -61,21 +61,18 @@ def test_flower_still_builds_its_backend_by_the_name_serial_backend_replaces():
     assert "from .backend.raybackend import RayBackend" in inspect.getsource(vce_api.start_vce)
     original = raybackend.RayBackend
     with serial_backend():
-        assert raybackend.RayBackend is SerialBackend
+        assert isinstance(raybackend.RayBackend({}), SerialBackend)  # what start_vce's backend_fn builds
     assert raybackend.RayBackend is original
 
 
-def test_the_seam_and_logger_levels_are_restored_after_an_error():
+def test_the_seam_is_restored_after_an_error():
     from flwr.server.superlink.fleet.vce.backend import raybackend
 
     original = raybackend.RayBackend
-    lg = logging.getLogger("addiff-test-site-logger")
-    lg.setLevel(logging.DEBUG)
     with pytest.raises(RuntimeError, match="boom"):
-        with serial_backend(site_loggers=(lg.name,)):
-            assert lg.level == logging.WARNING  # a site's info lines stay off the coordinator's console
+        with serial_backend():
             raise RuntimeError("boom")
-    assert raybackend.RayBackend is original and lg.level == logging.DEBUG
+    assert raybackend.RayBackend is original
 
 
 # ------------------------------------------------------------------------------------------
@@ -97,14 +94,17 @@ def test_serial_backend_runs_the_clientapp_in_this_thread_with_the_nodes_context
     set_task_identity(run_id=3, node_id=7)
     app = ClientApp()
     seen = {}
+    site_log = logging.getLogger("addiff-test-site-logger")
+    site_log.setLevel(logging.DEBUG)
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:
         seen["thread"] = threading.get_ident()
+        seen["level"] = site_log.level  # a site's info lines stay off the coordinator's console
         context.state["n"] = ConfigRecord({"calls": int(context.state["n"]["calls"]) + 1 if "n" in context.state else 1})
         return Message(RecordDict({"c": ConfigRecord({"echo": str(msg.content["c"]["text"]).upper()})}), reply_to=msg)
 
-    backend = SerialBackend({})
+    backend = SerialBackend({}, site_loggers=(site_log.name,))
     backend.build(lambda: app)
     assert backend.num_workers == 1 and backend.is_worker_idle()
     ctx = _context()
@@ -113,6 +113,7 @@ def test_serial_backend_runs_the_clientapp_in_this_thread_with_the_nodes_context
         assert reply.content["c"]["echo"] == "HELLO"
         assert out_ctx is ctx and ctx.state["n"]["calls"] == i  # the node's state carries over, as with Ray
     assert seen["thread"] == threading.get_ident() and backend.is_worker_idle()
+    assert seen["level"] == logging.WARNING and site_log.level == logging.DEBUG  # restored after the message
     backend.terminate()
 
 
@@ -157,3 +158,46 @@ def test_a_site_task_is_cached_for_its_run_only(tmp_path):
         assert set(ca._TASKS) == {(2, str(a), model)}  # the earlier run's tasks are let go
     finally:
         ca._TASKS.clear()
+
+
+# ------------------------------------------------------------------------------------------
+# Ctrl-C
+# ------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_ctrl_c_ends_the_simulation_at_once_and_says_how_to_resume(tmp_path):
+    """The signal reaches the main thread only; the ServerApp thread used to go on waiting for
+    replies (up to the round timeout, an hour by default), and the process with it."""
+    import json
+    import signal
+    import sys
+    import time
+
+    from helpers.federation import (ROOT, TINY, Processes, cli, exit_code, flower_test_env, read_text,
+                                    synthetic_sites, wait_until)
+
+    sites = synthetic_sites(tmp_path / "data", n_sites=2, cases_per_site=2)
+    run_dir, log = tmp_path / "run", tmp_path / "log"
+    # Ctrl-C as in a terminal: whatever started pytest may have set SIGINT to "ignore"
+    with_sigint = [sys.executable, "-c", "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+                   "os.execv(sys.argv[1], sys.argv[1:])"]
+    procs = Processes()
+    try:
+        p = procs.start([*with_sigint, *cli("simulate", "--site-files", ",".join(map(str, sites)), "--config", TINY,
+                                             "--rounds", "1,200", "--local-epochs", 1, "--eval-steps", 1,
+                                             "--no-gamma", "--run-dir", run_dir, "--backend", "serial")],
+                        env=flower_test_env(tmp_path), log_file=log, cwd=ROOT)
+        wait_until(lambda: (run_dir / "checkpoints" / "round_0003.pt").is_file(), 180, "round 3", watch=[p],
+                   logs=lambda: read_text(log)[-3000:])
+        p.send_signal(signal.SIGINT)
+        t0 = time.monotonic()
+        rc = exit_code(p, 60)
+        took = time.monotonic() - t0
+    finally:
+        leftover = procs.stop_all()
+    out = read_text(log)
+    assert rc == 130, (rc, out[-3000:])
+    assert took < 30, took  # the site's current message at most, not the round timeout
+    assert f"addiff simulate --resume {run_dir}" in out, out[-2000:]
+    run = json.loads((run_dir / "run.json").read_text())
+    assert run["status"] == "failed" and run["error"].startswith("interrupted (Ctrl-C)"), run
+    assert not leftover, f"processes left running: {leftover}"
