@@ -131,14 +131,15 @@ class SiteTask:
 
     def train(self, arrays: dict[str, np.ndarray] | None, stage: str, *, epochs: int, round_number: int,
               seed: int = 0, proximal_mu: float = 0.0, total_epochs: int | None = None, epoch_offset: int = 0,
-              planned_epochs: int | None = None, stage_round: int | None = None) -> TrainResult:
+              planned_epochs: int | None = None, stage_round: int | None = None, run_tag: str = "") -> TrainResult:
         """Train ``stage`` for ``epochs`` local epochs from the global ``arrays`` (None: current weights).
 
         ``round_number`` is this site's training round: the server's round in a federation, the
         stage's index when one site trains alone. It seeds the data order and keys the stage's
         stored optimiser state. ``stage_round`` is the round's index within its stage (default:
         ``round_number``, as when one site trains alone): optimiser states saved before the stage
-        began belong to another run and are not restored.
+        began belong to another run and are not restored. ``run_tag`` (from the server) keeps each
+        federated run's optimiser states apart (``optimizer_state.new_run_tag``).
 
         ``planned_epochs`` is the number of local epochs this site will train over the whole run
         (all rounds, both stages): the DP noise is calibrated once for all of them. Raises
@@ -156,7 +157,7 @@ class SiteTask:
             set_trainable(self.model, stage)
             module = getattr(self.model, stage)
             optimizer = make_optimizer(module.parameters(), tcfg)
-            optim_store = OptimizerStore(self.site.state_dir)
+            optim_store = OptimizerStore(self.site.state_dir, run_tag)
             optim_store.restore(optimizer, stage, round_number,
                                 stage_start=round_number - (stage_round or round_number) + 1)
             loader = make_loader(self.data.train, tcfg.batch_size, shuffle=True, seed=rs)

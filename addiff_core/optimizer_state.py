@@ -5,18 +5,23 @@ site therefore keeps the optimiser state of each stage on disk (like the privacy
 starts round r from the state it saved after its latest earlier round of that stage. The state
 never leaves the site.
 
-Files: ``STATE_DIR/optimizer/<stage>_round<r>.pt`` written atomically with ``torch.save`` and read
-with ``torch.load(weights_only=True)``. The newest two rounds of a stage up to the one
-just saved are kept (later ones, left by an aborted attempt or an older run, are removed), so a
-server that is killed and resumed re-runs round r from the same state as an uninterrupted run would.
-A state saved before the current run's stage began, or for parameters of other shapes, was left by
-another run (or another model) in the same state folder and is not used.
+Files: ``STATE_DIR/optimizer/<run tag>/<stage>_round<r>.pt`` written atomically with
+``torch.save`` and read with ``torch.load(weights_only=True)``. The run tag (:func:`new_run_tag`,
+kept in the server's run.json) keeps each federated run's states apart: a run and its
+resumptions share one, another run in the same state folder never starts from its states. The newest two rounds of a stage up to the one just saved are kept (later ones, left by
+an aborted attempt, are removed), so a server that is killed and resumed re-runs round r from the
+same state as an uninterrupted run would; the states of the newest three runs are kept. Without
+a tag (local training, a run begun before run tags) the files sit in ``STATE_DIR/optimizer/``
+itself. A state saved before the current run's stage began, or for parameters of other shapes,
+was left by another run (or another model) and is not used.
 """
 from __future__ import annotations
 
 import io
 import logging
 import re
+import secrets
+import shutil
 from pathlib import Path
 
 import torch
@@ -25,7 +30,15 @@ from .checkpoint import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 KEEP_ROUNDS = 2
+KEEP_RUNS = 3  # runs whose states stay side by side in one state folder (e.g. a run and a rerun)
 _NAME = re.compile(r"^(?P<stage>[a-z]+)_round(?P<round>\d+)\.pt$")
+_TAG = re.compile(r"^[0-9a-f]{16}$")  # a folder name: nothing else from the server becomes a path
+
+
+def new_run_tag() -> str:
+    """A new federated run's identity: 16 random hex digits, kept in its run.json (so a resumed
+    or moved run keeps it) and sent with every training round."""
+    return secrets.token_hex(8)
 
 
 def _base_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
@@ -49,8 +62,11 @@ def _fits(optimizer: torch.optim.Optimizer, state: dict) -> bool:
 
 
 class OptimizerStore:
-    def __init__(self, state_dir: Path):
-        self.folder = Path(state_dir) / "optimizer"
+    def __init__(self, state_dir: Path, run_tag: str = ""):
+        if run_tag and not _TAG.match(run_tag):
+            raise ValueError("the round's run tag is not 16 hex digits")
+        self.base = Path(state_dir) / "optimizer"
+        self.folder = self.base / run_tag if run_tag else self.base
 
     def _rounds(self, stage: str) -> dict[int, Path]:
         if not self.folder.is_dir():
@@ -99,4 +115,13 @@ class OptimizerStore:
         later = [r for r in rounds if r > round_number]  # left by an aborted attempt or an older run
         for r in later + sorted(r for r in rounds if r <= round_number)[:-KEEP_ROUNDS]:
             rounds[r].unlink(missing_ok=True)
+        if self.folder != self.base:
+            self._prune_other_runs()
         return path
+
+    def _prune_other_runs(self) -> None:
+        """Keep the states of the newest KEEP_RUNS runs (this one was just written to)."""
+        runs = [p for p in self.base.iterdir() if p.is_dir() and _TAG.match(p.name)]
+        runs.sort(key=lambda p: (p == self.folder, p.stat().st_mtime), reverse=True)
+        for old in runs[KEEP_RUNS:]:
+            shutil.rmtree(old, ignore_errors=True)

@@ -234,6 +234,7 @@ def train(msg: Message, context: Context, where: dict) -> Message:
         res = task.train(arrays, stage, epochs=epochs, round_number=int(cfg["server-round"]), seed=int(cfg.get("seed", 0)),
                          proximal_mu=float(cfg.get("proximal-mu", 0.0)), total_epochs=epochs * stage_rounds,
                          epoch_offset=epochs * (stage_round - 1), stage_round=stage_round,
+                         run_tag=str(cfg.get("run-tag", "")),
                          planned_epochs=planned_epochs(task, str(cfg.get("stage-plan", "")),
                                                        int(cfg.get("local-epochs", 0))) or None)
     except PrivacyBudgetExhausted as e:  # a clear refusal, no weights

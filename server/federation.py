@@ -120,6 +120,7 @@ class Federation:
         self.vae_sent = False  # the full VAE went to every site at least once by this server process
         self.sites = Sites()  # node id -> site name, learnt from the sites' replies
         self.round_seconds: dict[str, list[float]] = {}  # for the time estimate in the round log
+        self.run_tag = ""  # set once run.json exists (run): the sites keep each run's optimiser states apart
 
     @property
     def site_names(self) -> dict[int, str]:
@@ -127,7 +128,8 @@ class Federation:
 
     # -- messages -------------------------------------------------------------------------------
     def _base_config(self) -> dict[str, Any]:
-        c = {"model-config": self.model_json, "seed": int(self.settings.seed), "wire-dtype": self.settings.wire_dtype}
+        c = {"model-config": self.model_json, "seed": int(self.settings.seed), "wire-dtype": self.settings.wire_dtype,
+             "run-tag": self.run_tag}
         if self.send_site_files:
             c["site-files"] = ",".join(str(p) for p in self.settings.site_files)
         return c
@@ -398,6 +400,7 @@ class Federation:
     def run(self) -> dict:
         s = self.settings
         start = self._start()
+        self.run_tag = str(self.folder.read_run_json().get("run_tag", ""))  # "" for runs begun before run tags
         too_small = simulation_too_small(self.grid, s) if is_simulation(self.grid) else None
         if too_small:
             raise self._fail(too_small)

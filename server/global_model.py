@@ -11,6 +11,7 @@ import torch
 
 from addiff_core.checkpoint import CheckpointError, save_checkpoint
 from addiff_core.config import ConfigError
+from addiff_core.optimizer_state import new_run_tag
 from addiff_core.run_folder import RunFolder, timestamp
 
 from .settings import Round, RunSettings
@@ -49,6 +50,7 @@ def start(folder: RunFolder, settings: RunSettings) -> None:
     s = settings
     folder.write_run_json({
         "run_config": s.to_json(), "model": s.model.to_dict(), "created": timestamp(), "status": "running",
+        "run_tag": new_run_tag(),  # the sites keep this run's optimiser states apart by it
         "flwr": getattr(flwr, "__version__", "?"), "num_rounds": s.num_rounds,
         "schedule": [{"round": r.number, "stage": r.stage} for r in s.schedule],
         "sites_planned": [str(p) for p in s.site_files]})

@@ -90,7 +90,7 @@ def test_rounds_stages_checkpoints_metrics_and_table(full_run, sites):
 def test_stop_resume_and_vae_on_request_give_the_same_weights(full_run, sites, tmp_path):
     full_dir = full_run[0]
     run_dir = tmp_path / "resumed"
-    out, _ = run(run_dir, sites, **{"stop-after-round": 2})
+    out, stopped = run(run_dir, sites, **{"stop-after-round": 2})
     assert out["status"] == "stopped" and not (run_dir / "checkpoints" / "round_0003.pt").exists()
     # hospital_b lost its cached VAE, and the server thinks everybody has it: the site asks for it.
     # (Only the VAE cache: the rest of its state folder, e.g. its optimiser state, is the site's
@@ -106,6 +106,12 @@ def test_stop_resume_and_vae_on_request_give_the_same_weights(full_run, sites, t
     assert by_site["hospital_b"] > by_site["hospital_a"] == by_site["hospital_c"]
     assert [r["round"] for r in rows(run_dir, "round")] == [1, 2, 3]  # no duplicated rows after resume
     assert same(weights(run_dir / "checkpoints" / "round_0003.pt"), weights(full_dir / "checkpoints" / "round_0003.pt"))
+    # one run tag for a run and its resumption, another for another run: the sites keep their
+    # optimiser states apart by it (test_optimizer_state.py)
+    tags = [{str(m.content["config"]["run-tag"]) for m in g.sent if m.metadata.message_type == "train"}
+            for g in (stopped, grid, full_run[2])]
+    assert tags[0] == tags[1] and len(tags[0]) == 1 and tags[2].isdisjoint(tags[0]), tags
+    assert tags[0] == {json.loads((run_dir / "run.json").read_text())["run_tag"]}
 
 
 def test_resume_skips_a_corrupt_latest_checkpoint(full_run, sites, tmp_path):

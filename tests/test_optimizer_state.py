@@ -1,13 +1,14 @@
 """A site's optimiser state across rounds (addiff_core.optimizer_state): restored from its latest
 earlier round of the same stage, pruned to two rounds, stale later rounds removed, a mismatched
-state ignored."""
+state ignored, each federated run's states apart (run tag)."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from addiff_core.config import load_model_config, load_site_config
 from addiff_core.fl_task import SiteTask, initial_arrays
-from addiff_core.optimizer_state import OptimizerStore
+from addiff_core.optimizer_state import KEEP_RUNS, OptimizerStore, new_run_tag
 from helpers.federation import TINY, synthetic_sites
 
 
@@ -112,3 +113,39 @@ def test_a_site_does_not_resume_another_runs_optimizer_at_a_stage_start(tmp_path
     task.train(arrays, "diffusion", epochs=1, round_number=21, stage_round=1)
     task.train(arrays, "diffusion", epochs=1, round_number=22, stage_round=2)
     assert restored == [None, 21]  # not round 2's state; then this run's own round 21
+
+
+def test_each_run_keeps_its_own_states_and_a_resumed_run_finds_them(tmp_path):
+    """The gap the stage-start rule leaves: another run with the same schedule whose states sit at
+    earlier rounds of the same stage (e.g. a site that missed this run's first diffusion round)."""
+    run_a, run_b = new_run_tag(), new_run_tag()
+    assert run_a != run_b
+    p, opt = _adam()
+    _step(p, opt)
+    OptimizerStore(tmp_path, run_a).save(opt, "diffusion", 21)
+    _, fresh = _adam()
+    assert OptimizerStore(tmp_path, run_b).restore(fresh, "diffusion", 22, stage_start=21) is None
+    assert OptimizerStore(tmp_path, run_a).restore(fresh, "diffusion", 22, stage_start=21) == 21  # its resumption
+    assert OptimizerStore(tmp_path).restore(fresh, "diffusion", 22, stage_start=21) is None  # untagged: local
+
+
+@pytest.mark.parametrize("tag", ["../../etc", "0123456789ABCDEF", "0123", "/tmp/x", "0123456789abcdef/.."])
+def test_a_run_tag_that_is_not_16_hex_digits_is_refused(tmp_path, tag):
+    with pytest.raises(ValueError, match="16 hex digits"):
+        OptimizerStore(tmp_path, tag)
+    assert not (tmp_path / "optimizer").exists()
+
+
+def test_the_newest_runs_states_are_kept(tmp_path):
+    import os
+
+    p, opt = _adam()
+    _step(p, opt)
+    tags = [new_run_tag() for _ in range(KEEP_RUNS + 2)]
+    for i, tag in enumerate(tags[:-1]):
+        OptimizerStore(tmp_path, tag).save(opt, "vae", 1)
+        os.utime(tmp_path / "optimizer" / tag, (1000.0 + i, 1000.0 + i))  # distinct ages, oldest first
+    (tmp_path / "optimizer" / "notes").mkdir()  # not a run's folder: left alone
+    OptimizerStore(tmp_path, tags[-1]).save(opt, "vae", 1)
+    kept = sorted(d.name for d in (tmp_path / "optimizer").iterdir())
+    assert kept == sorted(["notes", *tags[-KEEP_RUNS:]])
