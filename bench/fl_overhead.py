@@ -63,8 +63,6 @@ def flower_env(tmp: Path) -> dict:
 def plain_loop(site_files: list[Path], settings, *, seed: int = 0, evaluate: bool = True,
                eval_on: dict | None = None) -> dict:
     """The federated schedule without Flower: same SiteTask.train calls, FedAvg by hand."""
-    import torch
-
     from addiff_core.config import load_site_config
     from addiff_core.fl_task import SiteTask, initial_arrays
 
@@ -412,7 +410,7 @@ def report(r: dict) -> str:
             if "first_round_bytes" in s:
                 lines.append(f"| {stage}, first round (+ frozen VAE) | 1 | {mb(s['first_round_bytes'])} | "
                              f"{mb(s['first_round_down_per_site'])} / {mb(s['up_per_site'])} |")
-    lines += ["", f"Model (float32): " + ", ".join(f"{k} {mb(v)}" for k, v in b["model_bytes"].items())
+    lines += ["", "Model (float32): " + ", ".join(f"{k} {mb(v)}" for k, v in b["model_bytes"].items())
               + f". Whole run: {mb(b['total_bytes'])}.", "",
               "## Held-out MAE (Gy) per site", "", "| site | federated | site alone | pooled |", "|---|---|---|---|"]
     for name, v in r["mae_gy"].items():

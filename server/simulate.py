@@ -23,7 +23,6 @@ import os
 import shutil
 import sys
 import tempfile
-import threading
 import time
 from datetime import datetime
 from pathlib import Path
@@ -194,13 +193,11 @@ def run_inprocess(run_config: dict[str, Any], n_sites: int, resources: dict[str,
 
     from client.client_app import app as client_app
     from client.client_app import log as client_log
-
-    from .federation import StopSignal
-    from .server_app import make_server_app
-
     from client.launch import DescendantTracker
 
+    from .federation import StopSignal
     from .serial_backend import serial_backend
+    from .server_app import make_server_app
 
     logging.getLogger("flwr").propagate = False  # Flower prints its own log lines
     results: list = []
