@@ -8,9 +8,10 @@ never leaves the site.
 Files: ``STATE_DIR/optimizer/<run tag>/<stage>_round<r>.pt`` written atomically with
 ``torch.save`` and read with ``torch.load(weights_only=True)``. The run tag (:func:`new_run_tag`,
 kept in the server's run.json) keeps each federated run's states apart: a run and its
-resumptions share one, another run in the same state folder never starts from its states. The newest two rounds of a stage up to the one just saved are kept (later ones, left by
-an aborted attempt, are removed), so a server that is killed and resumed re-runs round r from the
-same state as an uninterrupted run would; the states of the newest three runs are kept. Without
+resumptions share one, another run in the same state folder never starts from its states. The
+newest two rounds of a stage up to the one just saved are kept (later ones, left by an aborted
+attempt, are removed), so a server that is killed and resumed re-runs round r from the same state
+as an uninterrupted run would; the states of the newest three runs are kept. Without
 a tag (local training, a run begun before run tags) the files sit in ``STATE_DIR/optimizer/``
 itself. A state saved before the current run's stage began, or for parameters of other shapes,
 was left by another run (or another model) and is not used.

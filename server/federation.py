@@ -72,16 +72,13 @@ class _Outgoing:
     down: dict[int, int] = field(default_factory=dict)  # bytes sent per node
 
 
-ENGINE_STOPPED = "the simulation engine stopped (its error is logged above): no site can answer"
-
-
 class StopSignal(threading.Event):
     """Set by the process running an in-process simulation when the ServerApp must stop waiting
     for replies; ``why`` is recorded in run.json."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.why = ENGINE_STOPPED
+        self.why = "the simulation engine stopped (its error is logged above): no site can answer"
 
     def stop(self, why: str | None = None) -> None:
         if not self.is_set():
@@ -93,11 +90,11 @@ class Federation:
     """Runs the planned rounds of ``settings`` over ``grid`` (Flower's Grid: simulation or SuperLink)."""
 
     def __init__(self, grid, settings: RunSettings, *, send_site_files: bool = False,
-                 stop: threading.Event | None = None):
+                 stop: StopSignal | None = None):
         from addiff_core.fl_task import state_to_arrays
 
         self.grid = grid
-        self.stop = stop  # in-process simulation: set when Flower's engine died (see _send_and_receive)
+        self.stop = stop  # in-process simulation: set when Flower's engine ended or on Ctrl-C (see _send_and_receive)
         self.settings = settings_for_resume(settings) if settings.resume else settings
         # a simulation (Flower's InMemoryGrid) sends the site files resolved here: its ClientApps may run
         # in other folders (Ray workers, an app bundle) where relative paths would point elsewhere
@@ -148,8 +145,9 @@ class Federation:
     def _send_and_receive(self, msgs: list) -> list:
         """``grid.send_and_receive`` with the round timeout. With ``self.stop`` (an in-process
         simulation) the same push-and-pull loop, written out here because Flower's does not look
-        at its engine's stop event: when the engine dies (Ray, actors) no reply can come, and its
-        loop would wait out the round timeout (an hour by default) before the process could end."""
+        at its engine's stop event: when the engine dies (Ray, actors) or Ctrl-C stops it, no reply
+        can come, and its loop would wait out the round timeout (an hour by default) before the
+        process could end."""
         timeout = self.settings.round_timeout
         if self.stop is None:
             return list(self.grid.send_and_receive(msgs, timeout=timeout))
@@ -157,7 +155,7 @@ class Federation:
         end, replies = time.time() + timeout, []
         while waiting and time.time() < end:
             if self.stop.is_set():
-                raise self._fail(getattr(self.stop, "why", "") or ENGINE_STOPPED)
+                raise self._fail(self.stop.why)
             got = list(self.grid.pull_messages(waiting))
             replies += got
             waiting -= {m.metadata.reply_to_message_id for m in got}

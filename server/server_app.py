@@ -4,17 +4,16 @@ Thin: parse the run config, then :class:`server.federation.Federation` does the 
 """
 from __future__ import annotations
 
-import threading
 from typing import Any, Mapping
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from .federation import Federation, FederationError
+from .federation import Federation, FederationError, StopSignal
 from .settings import DEFAULTS, from_run_config
 
 
-def _main(grid: Grid, run_config: Mapping[str, Any], send_site_files: bool, stop: threading.Event | None = None) -> dict:
+def _main(grid: Grid, run_config: Mapping[str, Any], send_site_files: bool, stop: StopSignal | None = None) -> dict:
     settings = from_run_config({k: v for k, v in run_config.items() if k in DEFAULTS})
     try:
         return Federation(grid, settings, send_site_files=send_site_files, stop=stop).run()
@@ -33,11 +32,11 @@ def main(grid: Grid, context: Context) -> None:
 
 
 def make_server_app(run_config: Mapping[str, Any], results: list | None = None,
-                    stop: threading.Event | None = None) -> ServerApp:
+                    stop: StopSignal | None = None) -> ServerApp:
     """A ServerApp with the run config baked in, for ``flwr.simulation.run_simulation`` (which
     passes an empty run config). The site files then travel in the train/evaluate config,
     because the simulated ClientApps cannot see a run config either. ``stop``: set by the caller
-    when Flower's engine died; the ServerApp then stops waiting for replies."""
+    when Flower's engine ended (it died, or Ctrl-C); the ServerApp then stops waiting for replies."""
     sim_app = ServerApp()
 
     @sim_app.main()

@@ -213,7 +213,6 @@ def run_inprocess(run_config: dict[str, Any], n_sites: int, resources: dict[str,
                 run_simulation(server_app=make_server_app(run_config, results, stop=stop), client_app=client_app,
                                num_supernodes=n_sites, backend_config=backend)
         except RuntimeError as e:
-            stop.stop()
             if e.__cause__ is None:  # raised by the ServerApp itself: keep its traceback
                 raise
             results[:] = [{"status": "failed"}]  # Flower's engine died ("Ending simulation"); it logged why
