@@ -22,6 +22,14 @@ class ConfigError(ValueError):
 PREDICTION_TYPES = ("x0", "v", "epsilon")
 MAX_EPOCHS = 10000  # an extra zero must not start a run that never ends
 DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
+# A site's name: a folder name (state/NAME), a table cell and a word in the server's log. The
+# server holds the name in a reply to the same rule (server/replies.py).
+SITE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def is_site_name(name: object) -> bool:
+    """True for a valid site name (:data:`SITE_NAME_RE`)."""
+    return isinstance(name, str) and SITE_NAME_RE.fullmatch(name) is not None
 
 
 # --------------------------------------------------------------------------------------------
@@ -299,8 +307,9 @@ def site_config_from_dict(data: Any, source: str | Path, base_dir: Path | None =
     base_dir = Path(base_dir) if base_dir is not None else Path(source).resolve().parent
     f = _Fields(data, "", source)
     name = f.string("name")
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
-        raise f.fail("name", f"must be letters, digits, '_', '-' or '.', got {name!r}")
+    if not is_site_name(name):
+        raise f.fail("name", f"must be letters, digits, '_', '-' or '.' (1-64, the first a letter or digit), "
+                             f"got {name[:80]!r}")
     data_dir = _resolve(base_dir, f.string("data_dir"))
     state_dir = _resolve(base_dir, f.string("state_dir", f"state/{name}"))
 
