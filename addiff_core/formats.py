@@ -1,13 +1,22 @@
-"""Plain output formats every writer shares: JSON-safe values and Markdown tables.
+"""Plain output formats every writer shares: JSON-safe values, Markdown tables and CSV cells.
 
 One implementation each, so that a metrics file, a run description and a report agree on what a
-missing value looks like (JSON ``null``) and on how a table is laid out.
+missing value looks like (JSON ``null``) and on how a table is laid out, and so that no CSV the
+project writes holds a cell a spreadsheet would run as a formula (:func:`csv_cell`; every CSV
+writer goes through :func:`csv_text`, tests/test_hostile_federation.py checks the sources).
 """
 from __future__ import annotations
 
+import csv
+import io
 import math
+import re
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+# what a spreadsheet reads as the start of a formula (OWASP "CSV injection"); tab and CR too
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+_PLAIN_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 
 
 def json_safe(obj: Any) -> Any:
@@ -36,3 +45,24 @@ def markdown_table(headers: Sequence[Any], rows: Iterable[Sequence[Any]],
     lines = ["| " + " | ".join(cell(h) for h in headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     lines += ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def csv_cell(value: Any) -> Any:
+    """``value`` as a CSV cell no spreadsheet runs: a string starting with ``= + - @``, a tab or a
+    CR gets a leading ``'`` (shown as text), unless it is a plain number ("-1.5"). Other values
+    are returned as they are (numbers are never formulas)."""
+    if isinstance(value, str) and value.startswith(FORMULA_START) and not _PLAIN_NUMBER.fullmatch(value):
+        return "'" + value
+    return value
+
+
+def csv_text(columns: Sequence[str], rows: Iterable[Mapping[str, Any]], cell: Callable[[Any], Any] = lambda v: v,
+             lineterminator: str = "\n") -> str:
+    """A CSV table: a header of ``columns``, one line per row (``cell(value)``, a missing key is
+    an empty cell), every cell and header through :func:`csv_cell`."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator=lineterminator)
+    w.writerow([csv_cell(str(c)) for c in columns])
+    for r in rows:
+        w.writerow([csv_cell(cell(r.get(c, ""))) for c in columns])
+    return buf.getvalue()

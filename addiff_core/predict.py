@@ -10,7 +10,6 @@ whole path needs no second implementation (bench/predict_bench.py reads them).
 """
 from __future__ import annotations
 
-import csv
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ import torch
 from .case_io import CaseError, load_case
 from .checkpoint import CheckpointError, load_checkpoint, load_model_state
 from .config import ConfigError, ModelConfig, resolve_device
+from .formats import csv_text
 from .metrics import dvh_curve, dvh_points
 from .models import build_model
 from .preprocessing import case_to_sample, dose_to_ct_grid
@@ -90,11 +90,10 @@ def _check_inputs(case_dir: Path, sample: dict[str, torch.Tensor]) -> None:
 
 
 def _write_table(path: Path, table: list[dict]) -> None:
+    """A DVH table as CSV (structure names come from the case: no cell may be a formula)."""
     keys = list(dict.fromkeys(k for r in table for k in r))
     with open(path, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=keys)
-        w.writeheader()
-        w.writerows(table)
+        fh.write(csv_text(keys, table, lineterminator="\r\n"))
 
 
 def dvh_tables(case, dose: np.ndarray) -> tuple[list[dict], list[dict]]:

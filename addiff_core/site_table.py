@@ -6,8 +6,6 @@ prints it; the report reads it back and shows it with the same all-sites row
 """
 from __future__ import annotations
 
-import csv
-import io
 import math
 from typing import Any, Iterable
 
@@ -90,16 +88,13 @@ def markdown_table(rows: list[dict], planned: int | None = None) -> str:
 
 
 def csv_text(rows: list[dict], planned: int | None = None) -> str:
-    """The table (with its all-sites row) as CSV; a missing value is an empty cell."""
+    """The table (with its all-sites row) as CSV; a missing value is an empty cell, and no cell
+    (a site's metric names are its own) is a spreadsheet formula (``formats.csv_cell``)."""
+    from .formats import csv_text as table_csv
+
     full = with_overall(rows, planned)
     cols = columns(full) if full else ["site", "cases"]
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
-    w.writeheader()
-    for r in full:
-        w.writerow({c: ("" if isinstance(r.get(c), float) and not math.isfinite(r[c]) else r.get(c, ""))
-                    for c in cols})
-    return buf.getvalue()
+    return table_csv(cols, full, cell=lambda v: "" if isinstance(v, float) and not math.isfinite(v) else v)
 
 
 def markdown_document(rows: list[dict], planned: int | None = None, notes: Iterable[str] = ()) -> str:

@@ -26,7 +26,7 @@ from addiff_core.config import ConfigError
 from addiff_core.run_folder import RunFolder, timestamp
 
 from client.protocol import (
-    ARRAYS_KEY, CONFIG_KEY, LAYOUT_KEY, METRICS_KEY, NUM_EXAMPLES, SITE_KEY, STATUS_NEED_VAE,
+    ARRAYS_KEY, CONFIG_KEY, LAYOUT_KEY, SITE_KEY, STATUS_NEED_VAE,
     as_received, decode, encode, fingerprint, format_stage_plan, from_record, layout_from_json, layout_to_json,
     model_config_to_json, record_nbytes, to_record,
 )
@@ -34,9 +34,9 @@ from client.protocol import (
 from . import global_model
 from .connect import is_simulation, simulation_too_small, wait_for_sites
 from .final_table import expected_sites, final_notes, markdown_table, with_overall, with_status, write_tables  # noqa: F401
-from .replies import Sites, common_metrics, failure_reason, node_of, sent_to
+from .replies import Sites, common_metrics, sent_to
 from .settings import Round, RunSettings, settings_for_resume
-from .strategies import build_strategy, ordered, site_of
+from .strategies import build_strategy, site_of
 
 log = logging.getLogger("flwr.addiff")  # a child of Flower's logger: shows up in `flwr run --stream`
 
@@ -268,12 +268,13 @@ class Federation:
             self._give_up_attempt(rnd, rows, good, answered, len(out.msgs))
         agg_metrics = self._aggregate(rnd, good, out)
         seconds = time.perf_counter() - t0
-        summary = {"kind": "round", "round": rnd.number, "stage": rnd.stage, "strategy": s.strategy,
-                   "sites": [site_of(r) for r in good],
+        # the strategy's aggregate of the sites' metrics first: the server's own fields win
+        summary = {**agg_metrics, "kind": "round", "round": rnd.number, "stage": rnd.stage, "strategy": s.strategy,
+                   "sites": [x["site"] for x in rows if x["kind"] == "train"],
                    "num_examples": int(sum(x["num_examples"] for x in rows if x["kind"] == "train")),
                    "left_out": {x["site"]: x["kind"] for x in rows if x["kind"] != "train"},
                    "epsilon": {x["site"]: x["epsilon"] for x in rows if x.get("epsilon") is not None},
-                   **agg_metrics, "bytes_down": int(sum(out.down.values())),
+                   "bytes_down": int(sum(out.down.values())),
                    "bytes_up": int(sum(x.get("bytes_up", 0) for x in rows)), "attempt": attempt,
                    "vae_sent": out.vae is not None, "seconds": seconds}
         self.folder.append_metrics(rows + [summary])
@@ -308,18 +309,8 @@ class Federation:
         msgs = list(self.strategy.configure_evaluate(s.num_rounds, to_record(wire), ConfigRecord(config), self.grid))
         replies = self._send_and_receive(msgs)
         sent = sent_to(msgs)
-        rows, errors = [], []
-        for r in ordered(replies):
-            node = node_of(r, sent)
-            site = self.sites.site_of(r, node)
-            if r.has_error() or METRICS_KEY not in r.content.metric_records:
-                reason = failure_reason(r, "reply without metrics")
-                errors.append({"kind": "error", "round": s.num_rounds, "stage": "final", "site": site,
-                               "node_id": node, "reason": reason})
-                log.warning("final evaluation: %s failed: %s", site, reason)
-                continue
-            m = dict(r.content[METRICS_KEY])
-            rows.append({"site": site, "cases": int(m.pop(NUM_EXAMPLES, 0)), **m})
+        rows, errors = self.sites.evaluation(replies, sent, {m.metadata.dst_node_id for m in msgs},
+                                             {"round": s.num_rounds, "stage": "final"}, s.max_num_examples)
         errors += self.sites.unanswered(msgs, replies, sent, {"round": s.num_rounds, "stage": "final"}, s.round_timeout)
         history = [r for r in self.folder.read_metrics() if r.get("kind") != "final"]
         rows = with_status(rows, errors, history, s)
@@ -366,6 +357,7 @@ class Federation:
             global_model.start(self.folder, self.settings)
             return 1
         start, self.arrays = global_model.resume(self.folder, self.settings, self.arrays, self.strategy)
+        self.sites.remember(self.folder.read_metrics())  # each site's first declared example count
         return start
 
     def _finish(self, t0: float) -> dict:

@@ -61,13 +61,15 @@ def _site_names(rows: list[dict], errors: list[dict], history: list[dict], setti
 
 def with_status(rows: list[dict], errors: list[dict], history: list[dict], settings: RunSettings) -> list[dict]:
     """One row per site that is planned or ever took part, each with its ``status``: "ok",
-    "no reply", "final evaluation failed: ..." and the rounds it was left out of. ``history``:
+    "no reply", "final evaluation failed: ..." (or "rejected: ...": a reply under a name its node
+    may not use, an implausible case count) and the rounds it was left out of. ``history``:
     the run's metrics rows before the final evaluation."""
     trained: dict[str, set[int]] = {}
     for r in history:
         if r.get("kind") == "train":
             trained.setdefault(str(r["site"]), set()).add(int(r["round"]))
-    failed = {str(e["site"]): str(e.get("reason", "")) for e in errors}
+    failed = {str(e["site"]): ("rejected: " if e.get("kind") == "rejected" else "") + str(e.get("reason", ""))
+              for e in errors}
     by_site = {r["site"]: r for r in rows}
     out = []
     for name in _site_names(rows, errors, history, settings):

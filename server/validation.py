@@ -2,7 +2,8 @@
 
 A reply is accepted only if its weights are exactly what the server sent out (the same array
 names, shapes and dtypes on the wire), every value is finite, and it claims a plausible number
-of training cases. Among the accepted replies of a round, an update (site weights minus the
+of training cases (``check_count``; the count is then bounded by the site's first declaration,
+``bounded_count``). Among the accepted replies of a round, an update (site weights minus the
 global weights sent) whose L2 norm exceeds ``multiple`` times the round's median norm is
 rejected too: a broken or hostile site cannot drag the global model far in one round.
 The median test needs at least three updates to mean anything (with two, the median is their
@@ -47,14 +48,27 @@ def check_reply(arrays: dict[str, np.ndarray], num_examples, spec: dict[str, Arr
         if v.dtype.kind in "fc" and not np.isfinite(v).all():
             bad = int(v.size - np.isfinite(v).sum())
             return f"{k}: {bad} non-finite value(s) (NaN/inf)"
+    return check_count(num_examples, max_num_examples)
+
+
+def check_count(num_examples, max_num_examples: int, minimum: int = 1, key: str = "num-examples") -> str | None:
+    """None if ``num_examples`` is a whole number in [``minimum``, ``max_num_examples``], else why not."""
     if isinstance(num_examples, bool) or not isinstance(num_examples, (int, float, np.integer, np.floating)):
-        return f"num-examples is not a number ({num_examples!r})"
+        return f"{key} is not a number ({str(num_examples)[:40]!r})"
     n = float(num_examples)
-    if not math.isfinite(n) or n <= 0 or n != int(n):
-        return f"num-examples must be a positive whole number, got {num_examples!r}"
+    if not math.isfinite(n) or n < minimum or n != int(n):
+        what = "a positive whole number" if minimum == 1 else f"a whole number >= {minimum}"
+        return f"{key} must be {what}, got {num_examples!r}"
     if n > max_num_examples:
-        return f"num-examples {int(n)} exceeds the configured maximum {max_num_examples} (max-num-examples)"
+        return f"{key} {int(n)} exceeds the configured maximum {max_num_examples} (max-num-examples)"
     return None
+
+
+def bounded_count(claimed: int, declared: int | None) -> int:
+    """The example count a site is weighted by: what it claims now, at most what it declared at
+    its first accepted round (``declared``; None: this is that round). A site whose data grew
+    mid-run is under-weighted; one that lies after round 1 cannot take the aggregate over."""
+    return claimed if declared is None else min(claimed, declared)
 
 
 def update_norm(new: dict[str, np.ndarray], old: dict[str, np.ndarray]) -> float:
