@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -31,8 +32,11 @@ import yaml
 # and the model's: defined once in contract.py, re-exported here.
 from .contract import B_MAX, OAR_NAMES, TECHNIQUES, TUMOUR_SITES  # noqa: F401
 from .errors import CaseError  # noqa: F401  (defined with the other user errors)
+from .limits import file_problem, image_size_problem
 
 BODY_NAME = "Body"
+DICOM_INFO_FILE = "dicom.yaml"  # written by data import-dicom (dicom/reader.py)
+_DICOM_INFO_PARTS = ("patient", "study", "rtplan")
 
 
 @dataclass(frozen=True)
@@ -185,20 +189,50 @@ def plan_from_dict(d: Any, case: str | Path = "<plan>") -> Plan:
     return plan
 
 
-def read_plan(case_dir: str | Path) -> Plan:
-    case_dir = Path(case_dir)
-    p = case_dir / "plan.yaml"
-    if not p.is_file():
-        raise CaseError(case_dir, "plan.yaml", "missing")
+def read_case_yaml(case_dir: str | Path, rel: str) -> Any:
+    """A YAML file of a case folder (``plan.yaml``, ``dicom.yaml``) as plain data, through the one
+    safe loader (``yamlsafe``); only a regular file inside the case folder is read.
+
+    Raises:
+        CaseError: missing, not a regular file inside the case, unreadable or refused YAML.
+    """
     from . import yamlsafe
 
+    case_dir = Path(case_dir)
+    p = case_dir / rel
+    if not os.path.lexists(p):
+        raise CaseError(case_dir, rel, "missing")
+    refused = file_problem(p, case_dir)
+    if refused:
+        raise CaseError(case_dir, rel, refused)
     try:
-        d = yamlsafe.load_file(p)
+        return yamlsafe.load_file(p)
     except yamlsafe.YamlRefused as e:
-        raise CaseError(case_dir, "plan.yaml", str(e)) from None
+        raise CaseError(case_dir, rel, str(e)) from None
     except OSError as e:
-        raise CaseError(case_dir, "plan.yaml", f"cannot read ({e.strerror})") from None
-    return plan_from_dict(d, case_dir)
+        raise CaseError(case_dir, rel, f"cannot read ({e.strerror})") from None
+
+
+def read_plan(case_dir: str | Path) -> Plan:
+    return plan_from_dict(read_case_yaml(case_dir, "plan.yaml"), case_dir)
+
+
+def read_dicom_info(case_dir: str | Path) -> dict[str, Any]:
+    """``CASE/dicom.yaml`` (the DICOM identifiers ``data import-dicom`` keeps) as a mapping whose
+    ``patient``, ``study`` and ``rtplan`` entries are mappings; {} for a case without one.
+
+    Raises:
+        CaseError: the file is refused (see :func:`read_case_yaml`) or not shaped as written.
+    """
+    if not os.path.lexists(Path(case_dir) / DICOM_INFO_FILE):
+        return {}
+    info = read_case_yaml(case_dir, DICOM_INFO_FILE)
+    if info is None:
+        return {}
+    if not isinstance(info, Mapping) or any(not isinstance(info.get(k) or {}, Mapping) for k in _DICOM_INFO_PARTS):
+        raise CaseError(case_dir, DICOM_INFO_FILE, f"must be a mapping whose {', '.join(_DICOM_INFO_PARTS)} are "
+                                                   f"mappings (as data import-dicom writes it)")
+    return dict(info)
 
 
 def write_plan(case_dir: str | Path, plan: Plan) -> None:
@@ -213,12 +247,16 @@ def read_image(case_dir: str | Path, rel: str, images: Mapping[str, sitk.Image] 
     """``case_dir/rel``; ``images``: images already read (``checks.check_case``) are taken from it
     (after the same path checks) instead of being read again."""
     path = Path(case_dir) / rel
-    if path.exists() and Path(case_dir).resolve() not in path.resolve().parents:
-        raise CaseError(case_dir, rel, "is a symbolic link to a file outside the case folder; not read")
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise CaseError(case_dir, rel, "missing")
+    refused = file_problem(path, case_dir)
+    if refused:
+        raise CaseError(case_dir, rel, refused)
     if images is not None and rel in images:
         return images[rel]
+    refused = image_size_problem(path)  # from the header, before SimpleITK allocates the voxels
+    if refused:
+        raise CaseError(case_dir, rel, refused)
     try:
         return sitk.ReadImage(str(path))
     except RuntimeError as e:
@@ -341,11 +379,20 @@ def save_case(case_dir: str | Path, ct: np.ndarray, plan: Plan, masks: Mapping[s
     return case_dir
 
 
+def _holds_case(p: Path) -> bool:
+    return p.is_dir() and ((p / "plan.yaml").exists() or (p / "ct.nii.gz").exists())
+
+
 def list_cases(data_dir: str | Path) -> list[Path]:
-    """Case folders (those holding a plan.yaml or ct.nii.gz) under data_dir, sorted by name."""
-    data_dir = Path(data_dir)
-    return sorted(p for p in data_dir.iterdir()
-                  if p.is_dir() and ((p / "plan.yaml").exists() or (p / "ct.nii.gz").exists()))
+    """Case folders (those holding a plan.yaml or ct.nii.gz) under data_dir, sorted by name.
+    Hidden folders (names starting with '.', e.g. an import in progress) are not cases: see
+    :func:`hidden_case_dirs`, which names them so that none is skipped silently."""
+    return sorted(p for p in Path(data_dir).iterdir() if not p.name.startswith(".") and _holds_case(p))
+
+
+def hidden_case_dirs(data_dir: str | Path) -> list[Path]:
+    """Folders under data_dir that hold case files but whose name starts with '.': skipped."""
+    return sorted(p for p in Path(data_dir).iterdir() if p.name.startswith(".") and _holds_case(p))
 
 
 @contextlib.contextmanager

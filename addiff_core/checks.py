@@ -6,18 +6,17 @@ and what is wrong, with a hint where one helps. ``check_dataset`` does that for 
 folder found under a data folder (recursively, so a folder of site sub-folders works too).
 
 Note: SimpleITK (2.5, ITK 5.4) silently reads a truncated ``.nii.gz`` (the missing voxels come
-back as zeros) and turns stored NaN/inf voxels into 0. So every NIfTI image is first read here
-with Python alone: the gzip stream must be complete and hold every voxel its header announces
-(:func:`nifti_gz_problem`), and NaN/inf are counted in the raw float voxels
-(:func:`nifti_nonfinite_count`).
+back as zeros) and turns stored NaN/inf voxels into 0. So every NIfTI image is first read with
+Python alone (:mod:`.nifti_raw`): the gzip stream must be complete and hold every voxel its header
+announces (:func:`nifti_gz_problem`), and NaN/inf are counted in the raw float voxels
+(:func:`nifti_nonfinite_count`). Only regular files inside the case folder are read, and an
+image declaring more voxels than ``limits.max_voxels()`` is refused from its header
+(:mod:`.limits`). Hidden folders (names starting with '.') are skipped, each named as a problem.
 """
 from __future__ import annotations
 
-import gzip
 import os
 import re
-import struct
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -25,8 +24,10 @@ from typing import Any, Mapping
 import numpy as np
 import SimpleITK as sitk
 
-from . import yamlsafe
-from .case_io import BODY_NAME, OAR_NAMES, CaseError, Plan, plan_from_dict
+from .case_io import (BODY_NAME, OAR_NAMES, CaseError, Plan, hidden_case_dirs, plan_from_dict, read_case_yaml,
+                      read_dicom_info)
+from .limits import file_problem, image_size_problem
+from .nifti_raw import nifti_gz_problem, nifti_nonfinite_count, read_nifti_raw  # noqa: F401 (re-exported)
 
 # A structure (mask file) name: a letter, then letters, digits, '_' or '-' (no spaces, no dots).
 STRUCTURE_NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")
@@ -38,6 +39,8 @@ CGY_FACTOR = 3.0        # max dose > 3 x highest prescription: probably cGy
 LOW_DOSE_FACTOR = 0.3   # max dose < 0.3 x highest prescription: units / normalisation?
 TARGET_MEDIAN_FACTOR = 0.5  # median dose in the primary target < 0.5 x its prescription: misaligned?
 NEGATIVE_DOSE_TOL = -1e-3   # Gy; resampling may leave tiny negative round-off
+HIDDEN_CASE = ("hidden folder (its name starts with '.'): skipped, neither checked nor used for training; "
+               "rename it without the leading '.' to use it as a case")
 
 
 @dataclass
@@ -63,80 +66,6 @@ def _fmt(v: Any) -> str:
         v = float(v)
         return str(int(round(v))) if abs(v) >= 1000 and np.isfinite(v) else f"{v:.4g}"
     return str(v)
-
-
-@dataclass
-class _NiftiRaw:
-    """What a raw read of a NIfTI file found: a problem, or the voxel bytes and their type."""
-
-    problem: str | None
-    data: bytes = b""
-    offset: int = 0
-    count: int = 0
-    dtype: str = ""  # numpy dtype string for float types ('<f4', '>f8'), '' otherwise
-
-
-_FLOAT_CODES = {16: "f4", 64: "f8"}
-
-
-def _read_nifti_raw(path: Path) -> _NiftiRaw:
-    """Read a .nii/.nii.gz file with Python alone: gzip integrity (CRC, length), NIfTI-1/2
-    header, and that the data holds every voxel the header announces."""
-    try:
-        if path.name.endswith(".gz"):
-            with gzip.open(path, "rb") as fh:
-                data = fh.read()
-        else:
-            data = path.read_bytes()
-    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
-        return _NiftiRaw(f"truncated or corrupt gzip stream ({e})")
-    except OSError as e:
-        return _NiftiRaw(f"cannot read ({e})")
-    if len(data) < 348:
-        return _NiftiRaw(f"truncated: {len(data)} bytes after decompression, shorter than a NIfTI header")
-    for endian in "<>":
-        sizeof_hdr = struct.unpack(endian + "i", data[:4])[0]
-        if sizeof_hdr == 348:  # NIfTI-1
-            dims = struct.unpack(endian + "8h", data[40:56])
-            datatype, bitpix = struct.unpack(endian + "2h", data[70:74])
-            vox_offset = int(struct.unpack(endian + "f", data[108:112])[0])
-            break
-        if sizeof_hdr == 540 and len(data) >= 540:  # NIfTI-2
-            datatype, bitpix = struct.unpack(endian + "2h", data[12:16])
-            dims = struct.unpack(endian + "8q", data[16:80])
-            vox_offset = int(struct.unpack(endian + "q", data[168:176])[0])
-            break
-    else:
-        return _NiftiRaw("not a NIfTI file (bad header size field)")
-    ndim = dims[0]
-    if not 1 <= ndim <= 7 or any(d < 1 for d in dims[1:ndim + 1]):
-        return _NiftiRaw(f"bad NIfTI header dimensions {dims}")
-    count = int(np.prod([int(d) for d in dims[1:ndim + 1]], dtype=np.int64))
-    need = vox_offset + count * bitpix // 8
-    if len(data) < need:
-        return _NiftiRaw(f"truncated: {len(data)} bytes after decompression, the header needs {need}")
-    code = _FLOAT_CODES.get(datatype)
-    return _NiftiRaw(None, data, vox_offset, count, endian + code if code else "")
-
-
-def nifti_gz_problem(path: str | Path) -> str | None:
-    """Integrity of a (gzipped) NIfTI file: None if complete, else what is wrong.
-
-    SimpleITK reads a truncated .nii.gz without complaint (missing voxels become zeros), hence
-    this check: the gzip stream must end properly (CRC and length) and hold every voxel its
-    NIfTI-1/2 header announces.
-    """
-    return _read_nifti_raw(Path(path)).problem
-
-
-def nifti_nonfinite_count(path: str | Path) -> int:
-    """Number of NaN/inf voxels stored in a float NIfTI file (0 for integer types or unreadable
-    files). Needed because SimpleITK's NIfTI reader silently turns NaN/inf into 0."""
-    raw = _read_nifti_raw(Path(path))
-    if raw.problem or not raw.dtype:
-        return 0
-    a = np.frombuffer(raw.data, dtype=raw.dtype, count=raw.count, offset=raw.offset)
-    return int(a.size - np.count_nonzero(np.isfinite(a)))
 
 
 def _inside(path: Path, folder: Path) -> bool:
@@ -199,20 +128,18 @@ class _Checker:
     def read(self, rel: str, required: bool) -> sitk.Image | None:
         """Read an image, recording missing/unreadable/truncated; None if unusable."""
         path = self.dir / rel
-        if os.path.lexists(path) and not _inside(path, self.dir):
-            self.add(rel, "is a symbolic link to a file outside the case folder; not read")
-            return None
-        if not path.exists():
+        if not os.path.lexists(path):
             if required:
                 near = _near_names(self.dir, rel)
                 hint = f" (found {', '.join(near)}: save it as {Path(rel).name})" if near else ""
                 self.add(rel, f"missing{hint}")
             return None
-        if not path.is_file():
-            self.add(rel, "is not a regular file")
+        refused = file_problem(path, self.dir) or image_size_problem(path)  # before any voxel is read
+        if refused:
+            self.add(rel, refused)
             return None
         if rel.endswith((".nii.gz", ".nii")):
-            raw = _read_nifti_raw(path)
+            raw = read_nifti_raw(path)
             if raw.problem:
                 self.add(rel, f"unreadable image: {raw.problem}")
                 return None
@@ -271,19 +198,15 @@ class _Checker:
     def plan(self) -> tuple[Plan | None, dict[str, float]]:
         """Read plan.yaml -> (validated Plan or None, usable prescriptions even if the plan
         is otherwise invalid)."""
-        path = self.dir / "plan.yaml"
-        if not path.exists():
+        if not os.path.lexists(self.dir / "plan.yaml"):
             near = _near_names(self.dir, "plan.yaml")
             hint = f" (found {', '.join(near)}: save it as plan.yaml)" if near else ""
             self.add("plan.yaml", f"missing{hint}")
             return None, {}
         try:
-            raw = yamlsafe.load_file(path)
-        except yamlsafe.YamlRefused as e:
-            self.add("plan.yaml", str(e))
-            return None, {}
-        except OSError as e:
-            self.add("plan.yaml", f"cannot read ({e.strerror})")
+            raw = read_case_yaml(self.dir, "plan.yaml")  # a regular file inside the case, safe YAML
+        except CaseError as e:
+            self.add("plan.yaml", e.problem)
             return None, {}
         rx: dict[str, float] = {}
         if isinstance(raw, Mapping) and isinstance(raw.get("prescriptions"), Mapping):
@@ -422,6 +345,13 @@ class _Checker:
         if m is not None and not m.any():
             self.add(rel, "empty mask (no voxel may receive dose)")
 
+    def dicom_info(self) -> None:
+        """dicom.yaml (import-dicom's identifiers, read by export-dicom and predict --rtdose)."""
+        try:
+            read_dicom_info(self.dir)
+        except CaseError as e:
+            self.add(e.file, e.problem)
+
     def run(self) -> list[Problem]:
         if not self.dir.exists():
             self.add(".", "case folder not found")
@@ -442,6 +372,7 @@ class _Checker:
                 self.add("plan.yaml", f"prescribes {_fmt(rx[target])} Gy to {target} but masks/{target}.nii.gz is missing")
         self.dose(ct, plan, rx, masks)
         self.possible_dose_mask(ct)
+        self.dicom_info()
         return self.problems
 
 
@@ -465,19 +396,26 @@ def is_case_dir(p: Path) -> bool:
     return any((p / m).exists() for m in CASE_MARKERS)
 
 
-def find_cases(data_dir: str | Path) -> list[Path]:
-    """Case folders under ``data_dir`` (itself included), recursively, sorted; hidden folders
-    (names starting with '.') are skipped and a case folder is not searched further."""
-    root = Path(data_dir)
+def _walk_cases(root: Path) -> tuple[list[Path], list[Path]]:
+    """(case folders, hidden case folders skipped) under ``root``, recursively, sorted."""
     out: list[Path] = []
+    hidden: list[Path] = []
     for dirpath, dirnames, _ in os.walk(root, followlinks=False):
         d = Path(dirpath)
         if is_case_dir(d):
             out.append(d)
             dirnames[:] = []
             continue
+        hidden += hidden_case_dirs(d)
         dirnames[:] = sorted(n for n in dirnames if not n.startswith("."))
-    return sorted(out)
+    return sorted(out), sorted(hidden)
+
+
+def find_cases(data_dir: str | Path) -> list[Path]:
+    """Case folders under ``data_dir`` (itself included), recursively, sorted; hidden folders
+    (names starting with '.') are skipped (``check_dataset`` names those holding a case) and a
+    case folder is not searched further."""
+    return _walk_cases(Path(data_dir))[0]
 
 
 def check_dataset(data_dir: str | Path) -> tuple[int, list[Problem]]:
@@ -489,12 +427,12 @@ def check_dataset(data_dir: str | Path) -> tuple[int, list[Problem]]:
     if not root.is_dir():
         return 0, [Problem(str(root), ".", "data folder not found" if not root.exists() else "not a folder")]
     try:
-        cases = find_cases(root)
+        cases, hidden = _walk_cases(root)
     except Exception as e:  # noqa: BLE001
         return 0, [Problem(str(root), ".", f"cannot list the data folder ({type(e).__name__}: {e})")]
+    problems = [Problem(str(h), ".", HIDDEN_CASE) for h in hidden]
     if not cases:
-        return 0, [Problem(str(root), ".", "no case folders found (folders holding plan.yaml or ct.nii.gz)")]
-    problems: list[Problem] = []
+        return 0, problems + [Problem(str(root), ".", "no case folders found (folders holding plan.yaml or ct.nii.gz)")]
     for c in cases:
         problems.extend(check_case(c))
     return len(cases), problems

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .case_io import CaseError, list_cases, load_case
-from .checks import check_case
+from .case_io import CaseError, hidden_case_dirs, list_cases, load_case
+from .checks import HIDDEN_CASE, check_case
 from .config import ConfigError, GridConfig, HeldOutConfig, SiteConfig
 from .preprocessing import GridSpec, case_to_sample
 
@@ -104,8 +104,12 @@ def load_site_data(site: SiteConfig, grid: GridConfig | None = None) -> SiteData
     if not site.data_dir.is_dir():
         raise ConfigError(f"{site.source or site.name}: data_dir {site.data_dir} does not exist")
     dirs = list_cases(site.data_dir)
+    skipped: dict[str, str] = {h.name: HIDDEN_CASE for h in hidden_case_dirs(site.data_dir)}
+    for name in skipped:  # said, never silently left out
+        case_log.warning("skipping case %s: %s", name, HIDDEN_CASE)
     if not dirs:
-        raise ConfigError(f"{site.source or site.name}: no case folders found in {site.data_dir}")
+        raise ConfigError(f"{site.source or site.name}: no case folders found in {site.data_dir}"
+                          + (f" ({len(skipped)} hidden folder(s) skipped: names starting with '.')" if skipped else ""))
     by_id = {d.name: d for d in dirs}
     if site.heldout.case_ids is not None:
         missing = [i for i in site.heldout.case_ids if i not in by_id]
@@ -113,7 +117,6 @@ def load_site_data(site: SiteConfig, grid: GridConfig | None = None) -> SiteData
             raise ConfigError(f"{site.source or site.name}: heldout.case_ids names cases not in {site.data_dir}: "
                               f"{', '.join(missing)}")
     train_ids, held_ids = split_case_ids(list(by_id), site.heldout)
-    skipped: dict[str, str] = {}
     train = load_samples([by_id[i] for i in train_ids], grid, True, skipped)
     held = load_samples([by_id[i] for i in held_ids], grid, True, skipped)
     if len(train) == 0:

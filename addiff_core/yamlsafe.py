@@ -6,12 +6,17 @@ the value (an error message did: > 120 s and 5 GB for one site file). Our files 
 aliases, so :func:`load` refuses them while composing (before anything is expanded), refuses
 duplicate mapping keys (YAML says they are an error; PyYAML silently keeps the last one), and
 refuses files larger than :data:`MAX_BYTES`.
+
+Every YAML file the project reads goes through here (``config.load_yaml`` for configuration
+files; ``tests/test_hostile_input.py`` greps the source for any other ``yaml.*load`` call).
 """
 from __future__ import annotations
 
 from typing import Any
 
 import yaml
+
+from .limits import open_regular
 
 MAX_BYTES = 1_000_000  # site files, plan.yaml and model configs are a few kB
 
@@ -67,7 +72,8 @@ def load(text: str | bytes) -> Any:
 
 
 def load_file(path) -> Any:
-    """:func:`load` of a file, reading at most MAX_BYTES + 1 bytes."""
-    with open(path, "rb") as fh:
+    """:func:`load` of a file, reading at most MAX_BYTES + 1 bytes. Only a regular file is read (a
+    FIFO would block for ever): anything else is an ``OSError`` whose ``strerror`` says what it is."""
+    with open_regular(path) as fh:
         data = fh.read(MAX_BYTES + 1)
     return load(data)

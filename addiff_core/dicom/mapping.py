@@ -22,10 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-import yaml
-
 from ..case_io import TUMOUR_SITES
-from ..config import ConfigError
+from ..config import ConfigError, load_yaml
 
 __all__ = ["PatientDefaults", "ImportMapping", "load_mapping"]
 
@@ -89,10 +87,7 @@ def load_mapping(path: str | Path | None) -> ImportMapping:
 
     if not path.is_file():
         raise ConfigError(f"{path}: mapping file not found")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+    raw = load_yaml(path) or {}  # the one safe loader: no aliases (bombs), no duplicate keys, <= 1 MB
     if not isinstance(raw, Mapping):
         raise bad(".", "must be a mapping (structure_names, tumour_site, prescriptions, fractions, patients)")
     unknown = set(raw) - {"structure_names", "patients", *_FIELDS}

@@ -18,12 +18,11 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import SimpleITK as sitk
-import yaml
 from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
 from pydicom.valuerep import format_number_as_ds
 
-from ..case_io import Case
+from ..case_io import Case, read_dicom_info
 from .scan import SOP_CLASSES
 
 __all__ = ["UID_ROOT", "STUDY_SOP_CLASS", "new_uid", "Identity", "base_dataset", "save", "right_handed",
@@ -72,10 +71,7 @@ class Identity:
     def for_case(cls, case: Case, root: str | None, keep_study: bool) -> "Identity":
         """The patient from the case's dicom.yaml (else the case id); the study and frame of
         reference too when ``keep_study`` (results written back), else fresh ones."""
-        info = {}
-        p = Path(case.path) / "dicom.yaml"
-        if p.is_file():
-            info = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        info = read_dicom_info(case.path)  # safe YAML, a regular file inside the case; CaseError if not
         pat, st = info.get("patient") or {}, info.get("study") or {}
         date, time = now()
         keep = keep_study and bool(st.get("StudyInstanceUID")) and bool(info.get("frame_of_reference_uid"))

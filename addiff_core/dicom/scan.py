@@ -1,7 +1,9 @@
 """Find DICOM files by content (never by name) and group them by patient.
 
-Every file under the source folder is opened with pydicom (headers only). Files that are not
-DICOM are listed and left alone; DICOM objects the importer does not use (MR, RT images,
+Every regular file inside the source folder is opened with pydicom (headers only, at a bounded
+cost: :mod:`.files`). Hidden entries (names starting with '.'), FIFOs, devices and symbolic links
+out of the folder are not read, and listed (``Scan.skipped``). Files that are not DICOM are
+listed and left alone; DICOM objects the importer does not use (MR, RT images,
 DICOMDIR, ...) are listed with their modality. The rest is grouped by PatientID, and each
 patient gets a case name: the top-level sub-folder of the source that holds all of its files and
 no other patient's, else the source folder itself when it holds one patient only, else the
@@ -14,9 +16,10 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pydicom
 from pydicom.dataset import Dataset
 
+from ..limits import file_problem
+from .files import read_header
 from .names import safe_structure_name
 
 __all__ = ["SOP_CLASSES", "KIND_OF", "DicomFile", "PatientFiles", "Scan", "read_header", "scan_folder"]
@@ -52,22 +55,39 @@ class Scan:
     patients: list[PatientFiles]
     non_dicom: list[Path]
     unused: list[tuple[Path, str]]  # DICOM objects not used, with their modality / SOP class
+    skipped: list[tuple[Path, str]] = field(default_factory=list)  # not read at all, with why
+
+    def skipped_line(self, src: Path, shown: int = 5) -> str:
+        """One line naming the entries not read (the first ``shown``) and why."""
+        def rel(p: Path) -> str:
+            return str(p.relative_to(src)) if src in p.parents else p.name
+
+        items = [f"{rel(p)} ({why.removeprefix('is ').removesuffix('; not read')})" for p, why in self.skipped[:shown]]
+        more = f", and {len(self.skipped) - shown} more" if len(self.skipped) > shown else ""
+        return f"not read: {len(self.skipped)} file(s)/folder(s): {', '.join(items)}{more}"
 
 
-def read_header(path: Path) -> Dataset | None:
-    """The DICOM header of ``path`` (no pixel data), or None if it is not a DICOM file."""
-    try:
-        return pydicom.dcmread(str(path), stop_before_pixels=True)
-    except pydicom.errors.InvalidDicomError:
-        pass  # no preamble: old files may still be DICOM
-    except Exception:  # noqa: BLE001 - a broken file is reported, never fatal
-        return None
-    try:
-        ds = pydicom.dcmread(str(path), stop_before_pixels=True, force=True)
-        uid = str(ds.get("SOPClassUID", ""))
-        return ds if uid.startswith("1.2.840.10008.") else None
-    except Exception:  # noqa: BLE001
-        return None
+def _listing(src: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """(regular files inside ``src`` to read, entries skipped with why), sorted. Hidden folders and
+    linked folders are not walked into."""
+    paths: list[Path] = []
+    skipped: list[tuple[Path, str]] = []
+    for d, dirs, files in os.walk(src):  # followlinks=False
+        here = Path(d)
+        for n in sorted(dirs):
+            if n.startswith("."):
+                skipped.append((here / n, "hidden folder: its name starts with '.'"))
+            elif (here / n).is_symlink():
+                skipped.append((here / n, "symbolic link to a folder: not followed"))
+        dirs[:] = sorted(n for n in dirs if not n.startswith(".") and not (here / n).is_symlink())
+        for n in sorted(files):
+            p = here / n
+            why = "hidden file: its name starts with '.'" if n.startswith(".") else file_problem(p, src, "DICOM")
+            if why:
+                skipped.append((p, why))
+            else:
+                paths.append(p)
+    return sorted(paths), skipped
 
 
 def _case_name(pid: str, files: list[DicomFile], src: Path, owners: dict[str, set[str]]) -> str:
@@ -85,9 +105,7 @@ def _case_name(pid: str, files: list[DicomFile], src: Path, owners: dict[str, se
 def scan_folder(src: str | Path) -> Scan:
     """Read the headers of every file under ``src`` and group the usable ones by patient."""
     src = Path(src)
-    paths = [src] if src.is_file() else sorted(
-        Path(d) / f for d, dirs, fs in os.walk(src) for f in fs
-        if not any(part.startswith(".") for part in (Path(d) / f).relative_to(src).parts))
+    paths, skipped = ([src], []) if src.is_file() else _listing(src)
     if src.is_file():
         src = src.parent
     groups: dict[str, list[DicomFile]] = defaultdict(list)
@@ -114,4 +132,4 @@ def scan_folder(src: str | Path) -> Scan:
         seen[pf.name] = n + 1
         if n:
             pf.name = f"{pf.name}_{n + 1}"
-    return Scan(sorted(patients, key=lambda q: q.name), non_dicom, unused)
+    return Scan(sorted(patients, key=lambda q: q.name), non_dicom, unused, skipped)

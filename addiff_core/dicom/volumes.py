@@ -5,16 +5,19 @@ directions, their cross product the slice normal (z); slices are sorted by their
 the normal and the first one's ``ImagePositionPatient`` is the origin. Spacing is
 (PixelSpacing[1], PixelSpacing[0], slice step). A series is refused when its slices are not all
 alike (size, spacing, orientation), when positions do not advance along the normal (gantry tilt),
-or when the slice step is not uniform (a missing slice).
+or when the slice step is not uniform (a missing slice). Pixels are decoded only after the size
+the headers declare (one object, a whole CT series) passed ``limits.max_voxels()``.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
-import pydicom
 import SimpleITK as sitk
 from pydicom.dataset import Dataset
+
+from ..limits import size_problem
+from .files import declared_size_problem, read_dataset_file
 
 __all__ = ["DicomDataError", "series_geometry", "read_ct_series", "read_rtdose", "dose_on_grid"]
 
@@ -95,9 +98,20 @@ def series_geometry(headers: list[tuple[Path, Dataset]]) -> tuple[list[tuple[Pat
     return headers, direction, (float(spacing_rc[1]), float(spacing_rc[0]), dz), pos[0]
 
 
+def _first_line(e: Exception) -> str:
+    return (str(e).splitlines() or [""])[0][:160]
+
+
 def _pixels(path: Path) -> tuple[Dataset, np.ndarray]:
+    """The data set and pixels of ``path``; the size its header declares is checked first."""
     try:
-        ds = pydicom.dcmread(str(path), force=True)
+        too_large = declared_size_problem(read_dataset_file(path, force=True))
+    except Exception as e:  # noqa: BLE001 - unreadable header, or it inflates beyond its bound
+        raise DicomDataError(path, f"cannot read the header: {type(e).__name__}: {_first_line(e)}") from None
+    if too_large:
+        raise DicomDataError(path, too_large)
+    try:
+        ds = read_dataset_file(path, pixels=True, force=True)
         return ds, ds.pixel_array
     except Exception as e:  # noqa: BLE001 - decoder missing, truncated file, ...
         ts = ""
@@ -105,12 +119,16 @@ def _pixels(path: Path) -> tuple[Dataset, np.ndarray]:
             ts = f" (transfer syntax {ds.file_meta.TransferSyntaxUID.name})"  # type: ignore[possibly-undefined]
         except Exception:  # noqa: BLE001
             pass
-        raise DicomDataError(path, f"cannot decode the pixel data{ts}: {type(e).__name__}: {str(e).splitlines()[0][:160]}") from None
+        raise DicomDataError(path, f"cannot decode the pixel data{ts}: {type(e).__name__}: {_first_line(e)}") from None
 
 
 def read_ct_series(headers: list[tuple[Path, Dataset]]) -> tuple[sitk.Image, list[Dataset]]:
     """A CT series -> (image in HU: int16 when integral, else float32; sorted slice headers)."""
     headers, direction, spacing, origin = series_geometry(headers)
+    first = headers[0][1]
+    too_large = size_problem([int(first.get("Columns", 0)), int(first.get("Rows", 0)), len(headers)], 2)
+    if too_large:  # the whole series, before any slice is decoded
+        raise DicomDataError(headers[0][0], f"CT series of {len(headers)} slices {too_large}")
     slices = []
     for p, _ in headers:
         ds, px = _pixels(p)
