@@ -397,7 +397,7 @@ def backend_line(backend: str, n_sites: int, resources: dict[str, float]) -> str
 
 def parse_sets(items: list[str]) -> dict[str, Any]:
     """``["min-sites=2", "eval-gamma=false"]`` -> typed run-config overrides (checked later)."""
-    import yaml
+    from addiff_core import yamlsafe  # the one safe loader, for a value too
 
     out: dict[str, Any] = {}
     for item in items or []:
@@ -405,7 +405,10 @@ def parse_sets(items: list[str]) -> dict[str, Any]:
         key = key.strip()
         if not sep or key not in DEFAULTS:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE with KEY one of {', '.join(DEFAULTS)}")
-        v = yaml.safe_load(value) if value.strip() else ""
+        try:
+            v = yamlsafe.load(value) if value.strip() else ""
+        except yamlsafe.YamlRefused as e:
+            raise ConfigError(f"--set {item[:80]!r}: {e}") from None
         out[key] = value if isinstance(DEFAULTS[key], str) else v
     return out
 

@@ -349,9 +349,11 @@ def import_dicom(src: str | Path, out: str | Path, mapping: ImportMapping | None
     src, out = Path(src), Path(out)
     mapping = mapping or ImportMapping()
     scan = scan_folder(src)
+    say = echo or (lambda s: None)
+    if scan.skipped:  # hidden folders, FIFOs, devices, links out of src: named, never read
+        say(scan.skipped_line(src))
     if not scan.patients:  # nothing to import: the caller says so in one line
         return ImportSummary([], scan.non_dicom, scan.unused)
-    say = echo or (lambda s: None)
     results = []
     for i, pf in enumerate(scan.patients, 1):
         head = f"[{i}/{len(scan.patients)}] {pf.name} (PatientID {pf.patient_id or '?'})"
