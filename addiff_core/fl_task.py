@@ -22,7 +22,7 @@ from .data import SiteData, load_site_data
 from .models import build_model, stage_prefix
 from .optimizer_state import OptimizerStore
 from .phantom_calibration import calibrate_on_phantoms
-from .privacy import SitePrivacy
+from .privacy import SitePrivacy, ledger_key
 from .training import Proximal, evaluate, lr_at, make_loader, make_optimizer, set_lr, set_trainable, train_stage_epoch
 
 log = logging.getLogger(__name__)
@@ -117,7 +117,8 @@ class SiteTask:
             return None
         return SitePrivacy(self.site.privacy, self.site.state_dir, num_train=self.data.num_train,
                            batch_size=self.site.training.batch_size,
-                           planned_steps=planned_epochs * self.steps_per_epoch())
+                           planned_steps=planned_epochs * self.steps_per_epoch(),
+                           key=ledger_key(self.site.name, self.site.data_dir, self.data.train.case_ids))
 
     def privacy_spent(self) -> dict[str, float]:
         """What this site has spent so far, from its stored accountant (nothing is planned or
@@ -148,7 +149,7 @@ class SiteTask:
         tcfg = self.site.training
         dp = self.privacy(planned_epochs or epochs)
         if dp is not None:
-            dp.check_budget(epochs * self.steps_per_epoch())
+            dp.check_budget(dp.steps_for(epochs))  # the steps and sampling rate of the cases loaded now
         if arrays is not None:
             self.load_global(arrays, stage)
         rs = round_seed(seed, round_number, self.site.name)

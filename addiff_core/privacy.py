@@ -6,16 +6,30 @@ site's own state directory together with the accountant's history. Every round r
 history, so the epsilon a site reports covers everything it has released so far, also after a
 restart. A round that would push epsilon past the target is refused before any training.
 
+The ledger holds whatever the site does between runs (issue #29.3-5):
+
+* the site file's ``target_epsilon`` is the ceiling, not the one stored when the ledger began: a
+  site already above a lowered target does not train again;
+* the steps and the sampling rate a round is charged for are those of the cases loaded now
+  (``steps_per_epoch`` = ceil(cases / batch), q = 1 / steps_per_epoch, what the Poisson loader
+  runs); the noise multiplier calibrated at the start stays;
+* the ledger is keyed to the data as well as the name (:func:`ledger_key`): a site whose state
+  folder has no ledger continues one kept for the same data folder or training cases in a
+  sibling state folder (a renamed site: the default ``state/NAME`` follows the name).
+
 Nothing in this module talks to the server: the state file stays at the site.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
+import hashlib
 import json
 import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 import torch
@@ -23,6 +37,7 @@ from torch.utils.data import DataLoader, default_collate
 
 from .checkpoint import atomic_write_bytes
 from .config import PrivacyConfig
+from .errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +77,11 @@ def per_sample_backward(loss_fn, params: list[torch.nn.Parameter], batch: dict) 
     return torch.tensor(loss_sum / max(n, 1)), {k: v / max(n, 1) for k, v in parts_sum.items()}
 
 
-def poisson_loader(dataset, sample_rate: float, generator: torch.Generator | None = None) -> DataLoader:
-    """Poisson-sampled batches (each sample in with probability ``sample_rate``, 1/q steps an
-    epoch) whose empty batches keep the sample dict's structure with a batch dimension of 0.
+def poisson_loader(dataset, sample_rate: float, generator: torch.Generator | None = None,
+                   steps: int | None = None) -> DataLoader:
+    """Poisson-sampled batches (each sample in with probability ``sample_rate``; ``steps`` an
+    epoch, default int(1/q)) whose empty batches keep the sample dict's structure with a batch
+    dimension of 0.
 
     Opacus' own DPDataLoader builds an empty *first* batch from tuple-shaped samples only; our
     samples are dicts of tensors, hence this loader (the same sampler underneath).
@@ -78,12 +95,35 @@ def poisson_loader(dataset, sample_rate: float, generator: torch.Generator | Non
 
     from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
-    sampler = UniformWithReplacementSampler(num_samples=len(dataset), sample_rate=sample_rate, generator=generator)
+    sampler = UniformWithReplacementSampler(num_samples=len(dataset), sample_rate=sample_rate, generator=generator,
+                                            steps=steps)
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=0)
 
 
-class PrivacyBudgetExhausted(RuntimeError):
-    """The next round would exceed the site's epsilon budget: the site must not train."""
+class PrivacyBudgetExhausted(UserError, RuntimeError):
+    """The next round would exceed the site's epsilon budget: the site must not train. One line,
+    no path (a ClientApp sends it to the server as its reason; the command line prints it)."""
+
+
+@dataclass(frozen=True)
+class LedgerKey:
+    """Whose patients a ledger accounts for: the site's name and SHA-256 digests of its data
+    folder, of its training case ids, and of both (the data, as the site loads it now)."""
+
+    site: str = ""
+    folder: str = ""
+    cases: str = ""
+    data: str = ""
+
+
+def _digest(*parts: str) -> str:
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def ledger_key(site: str, data_dir: Path, case_ids: Iterable[str]) -> LedgerKey:
+    """The key of a site's ledger: its name, its data folder (resolved) and its training cases."""
+    folder, ids = str(Path(data_dir).resolve()), sorted(map(str, case_ids))
+    return LedgerKey(site, _digest(folder), _digest(*ids), _digest(folder, *ids))
 
 
 def make_accountant(kind: str):
@@ -142,6 +182,24 @@ class PrivacyState:
     target_epsilon: float | None
     planned_steps: int
     history: list[tuple[float, float, int]] = field(default_factory=list)
+    # the data it accounts for (LedgerKey; "" in ledgers begun before #29)
+    site: str = ""
+    folder_key: str = ""
+    cases_key: str = ""
+    data_key: str = ""
+    continued: list[str] = field(default_factory=list)  # the site names whose ledgers this one took over
+
+    def same_data(self, key: LedgerKey) -> bool:
+        """True if this ledger accounts for the data of ``key``: the same data folder or the
+        same training cases."""
+        return bool((key.folder and self.folder_key == key.folder) or (key.cases and self.cases_key == key.cases))
+
+    def set_key(self, key: LedgerKey) -> None:
+        if key.data and self.data_key and key.data != self.data_key:
+            log.warning("privacy: the training cases or the data folder changed since this ledger's last round; the "
+                        "ledger goes on (the spending of the patients it covered stays in it)")
+        if key.data:
+            self.site, self.folder_key, self.cases_key, self.data_key = key.site, key.folder, key.cases, key.data
 
     @property
     def steps_taken(self) -> int:
@@ -156,6 +214,7 @@ class PrivacyState:
     def to_json(self) -> dict:
         d = dict(self.__dict__)
         d["history"] = [list(h) for h in self.history]
+        d["continued"] = list(self.continued)
         d["epsilon"] = self.epsilon()
         return d
 
@@ -163,22 +222,22 @@ class PrivacyState:
 class SitePrivacy:
     """Opacus DP-SGD for one site with a persistent, cumulative accountant."""
 
-    def __init__(self, cfg: PrivacyConfig, state_dir: Path, *, num_train: int, batch_size: int, planned_steps: int):
+    def __init__(self, cfg: PrivacyConfig, state_dir: Path, *, num_train: int, batch_size: int, planned_steps: int,
+                 key: LedgerKey | None = None):
         self.cfg = cfg
         self.path = Path(state_dir) / STATE_FILE
-        steps_per_epoch = max(1, math.ceil(num_train / batch_size))
-        sample_rate = 1.0 / steps_per_epoch  # what Opacus' DPDataLoader uses
+        self.key = key or LedgerKey()
+        # what a round will run, from the cases loaded now (Opacus: q = 1 / steps, steps batches an epoch)
+        self.steps_per_epoch = max(1, math.ceil(num_train / batch_size))
+        sample_rate = 1.0 / self.steps_per_epoch
+        stored = self._open_ledger(Path(state_dir))
+        if stored is not None:
+            self.state = stored
+            self._follow_the_site(sample_rate, planned_steps, num_train)
+            return
         delta = cfg.delta if cfg.delta is not None else default_delta(num_train)
         if delta >= 1.0 / max(num_train, 1):
             log.warning("privacy.delta %.3g is not below 1/n = %.3g for %d training cases", delta, 1 / num_train, num_train)
-        stored = self.stored_state(state_dir)
-        if stored is not None:
-            self.state = stored
-            if stored.planned_steps != planned_steps or abs(stored.sample_rate - sample_rate) > 1e-12:
-                log.warning("privacy plan changed since this site's accounting started (planned steps %d -> %d); "
-                            "keeping the stored noise multiplier %.4f so that the budget stays consistent",
-                            stored.planned_steps, planned_steps, stored.noise_multiplier)
-            return
         if cfg.noise_multiplier is not None:
             sigma = float(cfg.noise_multiplier)
         else:
@@ -190,7 +249,71 @@ class SitePrivacy:
         self.state = PrivacyState(accountant=cfg.accountant, noise_multiplier=sigma, sample_rate=sample_rate,
                                   delta=delta, max_grad_norm=cfg.max_grad_norm, target_epsilon=cfg.target_epsilon,
                                   planned_steps=planned_steps)
+        self.state.set_key(self.key)
         self.save()
+
+    def steps_for(self, epochs: int) -> int:
+        """The DP steps ``epochs`` local epochs take (what the budget check counts and the loader runs)."""
+        return int(epochs) * self.steps_per_epoch
+
+    # -- the ledger ---------------------------------------------------------------------------
+    def _open_ledger(self, state_dir: Path) -> PrivacyState | None:
+        """This site's ledger; without one, the ledgers kept for the same data under other names
+        (sibling state folders) combined; None if there is none (a new ledger)."""
+        own = self.stored_state(state_dir)
+        others = [(name, st) for name, st in self._same_data_elsewhere(state_dir)
+                  if own is None or name not in own.continued]
+        for name, st in others:
+            log.warning("privacy: a ledger for the same data exists under the site name %r (epsilon %.3f spent)%s",
+                        name, st.epsilon(), "; the patients' spending is this ledger's and that one's together"
+                        if own is not None else "; this site continues it")
+        if own is not None or not others:
+            return own
+        base = max((st for _, st in others), key=lambda st: st.epsilon())
+        history = [h for _, st in others for h in st.history]  # RDP composes: every release counts
+        continued = sorted({name for name, st in others} | {n for _, st in others for n in st.continued})
+        state = dataclasses.replace(base, history=history, continued=continued)
+        state.set_key(self.key)
+        self.state = state
+        self.save()
+        return state
+
+    def _same_data_elsewhere(self, state_dir: Path) -> list[tuple[str, PrivacyState]]:
+        """(site name, ledger) of the sibling state folders' ledgers of the same data."""
+        if not (self.key.folder or self.key.cases):
+            return []
+        here = state_dir.resolve()
+        out = []
+        for path in sorted(here.parent.glob(f"*/{STATE_FILE}")):
+            if path.parent.resolve() == here:
+                continue
+            try:
+                st = self.stored_state(path.parent)
+            except (OSError, ValueError, TypeError, KeyError):  # not a ledger this code wrote: not ours
+                continue
+            if st is not None and st.same_data(self.key):
+                out.append((st.site or path.parent.name, st))
+        return out
+
+    def _follow_the_site(self, sample_rate: float, planned_steps: int, num_train: int) -> None:
+        """A stored ledger meets today's site: its file's target, its cases' sampling rate."""
+        st, cfg = self.state, self.cfg
+        if st.target_epsilon != cfg.target_epsilon:
+            log.warning("privacy: target_epsilon is %s in the site file, %s when this ledger began: the site file's "
+                        "is the ceiling", cfg.target_epsilon, st.target_epsilon)
+            st.target_epsilon = cfg.target_epsilon
+        if abs(st.sample_rate - sample_rate) > 1e-12:
+            log.warning("privacy: %d training cases now, %d step(s) an epoch: sampling rate %.4g (was %.4g); rounds "
+                        "are charged at the new rate", num_train, self.steps_per_epoch, sample_rate, st.sample_rate)
+            st.sample_rate = sample_rate
+        if st.planned_steps != planned_steps:
+            log.warning("privacy plan changed since this site's accounting started (planned steps %d -> %d); "
+                        "keeping the stored noise multiplier %.4f so that the budget stays consistent",
+                        st.planned_steps, planned_steps, st.noise_multiplier)
+        if st.delta >= 1.0 / max(num_train, 1):
+            log.warning("privacy: the ledger's delta %.3g is not below 1/n = %.3g for %d training cases now",
+                        st.delta, 1 / max(num_train, 1), num_train)
+        st.set_key(self.key)
 
     # -- persistence ------------------------------------------------------------------------
     @staticmethod
@@ -200,7 +323,7 @@ class SitePrivacy:
         if not path.exists():
             return None
         d = json.loads(path.read_text())
-        d.pop("epsilon", None)
+        d = {k: v for k, v in d.items() if k in {f.name for f in dataclasses.fields(PrivacyState)}}
         d["history"] = [(float(a), float(b), int(c)) for a, b, c in d["history"]]
         return PrivacyState(**d)
 
@@ -209,14 +332,22 @@ class SitePrivacy:
 
     # -- budget -----------------------------------------------------------------------------
     def check_budget(self, steps: int) -> None:
-        """Raise PrivacyBudgetExhausted if taking ``steps`` more steps would exceed the target."""
-        if self.state.target_epsilon is None:
+        """Raise PrivacyBudgetExhausted if the epsilon spent is already above the site file's
+        target, or if taking ``steps`` more steps (``steps_for``) would exceed it."""
+        target = self.state.target_epsilon
+        if target is None:
             return
-        eps_next = self.state.epsilon_after(steps)
-        if eps_next > self.state.target_epsilon * (1 + EPS_TOLERANCE) + 1e-9:
+        limit = target * (1 + EPS_TOLERANCE) + 1e-9
+        spent = self.state.epsilon()
+        if spent > limit:
             raise PrivacyBudgetExhausted(
-                f"privacy budget: epsilon would reach {eps_next:.3f} > target {self.state.target_epsilon:g} "
-                f"(spent {self.state.epsilon():.3f} after {self.state.steps_taken} steps)")
+                f"privacy budget: epsilon {spent:.3f} already spent, above the site file's target_epsilon {target:g}: "
+                f"this site does not train again (after {self.state.steps_taken} steps)")
+        eps_next = self.state.epsilon_after(steps)
+        if eps_next > limit:
+            raise PrivacyBudgetExhausted(
+                f"privacy budget: epsilon would reach {eps_next:.3f} > target {target:g} "
+                f"(spent {spent:.3f} after {self.state.steps_taken} steps)")
 
     def metrics(self) -> dict[str, float]:
         return {"dp_enabled": 1.0, "epsilon": self.state.epsilon(), "delta": self.state.delta,
@@ -239,8 +370,8 @@ class SitePrivacy:
         engine = PrivacyEngine(accountant=self.state.accountant)
         engine.accountant.history = list(self.state.history)
         module, optimizer, loader = engine.make_private(
-            module=module, optimizer=optimizer, data_loader=poisson_loader(loader.dataset, self.state.sample_rate,
-                                                                           loader.generator),
+            module=module, optimizer=optimizer,
+            data_loader=poisson_loader(loader.dataset, self.state.sample_rate, loader.generator, self.steps_per_epoch),
             noise_multiplier=self.state.noise_multiplier, max_grad_norm=self.state.max_grad_norm,
             poisson_sampling=False, grad_sample_mode=self.opacus_grad_sample_mode)
         self._engine = engine
