@@ -99,7 +99,9 @@ def claimed_name(reply) -> str | None:
         name = reply.content.config_records[SITE_KEY].get("name", "")
     except (KeyError, AttributeError):
         return None
-    return name if isinstance(name, str) and name else (None if name in ("", None) else str(name))
+    if name is None or (isinstance(name, str) and not name):
+        return None
+    return name if isinstance(name, str) else str(name)  # not a string: refused as no site name
 
 
 @dataclass
