@@ -36,11 +36,9 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
 
     from .synth import write_synthetic_sites
 
-    for flag, v, lo, hi in (("--sites", args.sites, 1, 100), ("--cases-per-site", args.cases_per_site, 2, 10000),
-                            ("--size", args.size, 16, 512)):
-        if not lo <= v <= hi:
-            raise UserError(f"{flag}: must be between {lo} and {hi}, got {v}"
-                            + (" (a site needs training and held-out cases)" if flag == "--cases-per-site" else ""))
+    from .options import check_synth
+
+    check_synth(args.sites, args.cases_per_site, args.size, args.seed)
     t0 = time.perf_counter()
     files = write_synthetic_sites(Path(args.out), n_sites=args.sites, cases_per_site=args.cases_per_site,
                                   size=args.size, seed=args.seed)
@@ -112,9 +110,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .config import MAX_EPOCHS
     from .local import train_site
 
+    from .options import check_steps
+
     for flag, v in (("--vae-epochs", args.vae_epochs), ("--diffusion-epochs", args.diffusion_epochs)):
         if v is not None and not 0 <= v <= MAX_EPOCHS:
             raise UserError(f"{flag}: must be between 0 and {MAX_EPOCHS}, got {v}")
+    check_steps("--steps", args.steps)
     summary = train_site(Path(args.site), Path(args.out), model_kind=args.model,
                          model_config=Path(args.config) if args.config else None,
                          vae_epochs=args.vae_epochs, diffusion_epochs=args.diffusion_epochs,
@@ -131,7 +132,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if is_case_dir(folder) or not folder.is_dir() or not case_dirs_under(folder):  # one case (checked as such)
         out = predict_case(Path(args.checkpoint), Path(args.case), Path(args.out), samples=args.samples,
                            steps=args.steps, seed=args.seed, device=args.device, overwrite=args.overwrite,
-                           rtdose=args.rtdose)
+                           rtdose=args.rtdose, force=args.force)
         for k, v in out.items():
             print(f"{k}: {v}")
         return 0
@@ -144,26 +145,31 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     done, failed = predict_folder(Path(args.checkpoint), Path(args.case), Path(args.out), samples=args.samples,
                                   steps=args.steps, seed=args.seed, device=args.device, overwrite=args.overwrite,
-                                  rtdose=args.rtdose, on_case=progress)
+                                  rtdose=args.rtdose, force=args.force, on_case=progress)
     print(f"predicted {len(done)} case(s) into {args.out}" + (f"; {len(failed)} failed" if failed else ""))
     return 1 if failed else 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .config import load_site_config
     from .formats import json_safe
     from .local import evaluate_checkpoint
+    from .options import check_seed, check_steps
+    from .outputs import check_output_file, write_output_bytes
 
+    check_steps("--steps", args.steps)
+    check_seed("--seed", args.seed)
     if args.out:
-        from .outputs import check_output_file
-
-        check_output_file(Path(args.out), overwrite=args.overwrite)
+        check_output_file(Path(args.out), overwrite=args.overwrite,
+                          data_dirs=(load_site_config(Path(args.site)).data_dir,))
     res = evaluate_checkpoint(Path(args.checkpoint), Path(args.site), steps=args.steps, seed=args.seed)
     if not res.get("num_cases"):
         raise UserError(f"{args.site}: no usable held-out case to evaluate on (heldout: in the site file)")
     print(json.dumps(json_safe(res["mean"]), indent=2))
     if args.out:
         try:
-            Path(args.out).write_text(json.dumps(json_safe(res), indent=2, allow_nan=False))
+            write_output_bytes(Path(args.out), json.dumps(json_safe(res), indent=2, allow_nan=False).encode(),
+                               overwrite=args.overwrite)
         except OSError as e:
             raise UserError(f"{args.out}: cannot write ({e.strerror}); the results are printed above") from None
         print(f"written: {args.out}")
@@ -257,13 +263,16 @@ def _add_predict_command(sub) -> None:
     s.add_argument("--case", required=True, help="case folder (a reference dose is not needed), or a folder of case "
                                                  "folders: each goes to OUT/<case>/, the model loaded once")
     s.add_argument("--out", required=True)
-    s.add_argument("--samples", type=int, default=1, help="several samples: mean dose + uncertainty map")
+    s.add_argument("--samples", type=int, default=1, help="several samples (at most 100): mean dose + uncertainty map")
     s.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the model config's)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", default="auto")
     s.add_argument("--overwrite", action="store_true", help="replace an earlier prediction in --out")
     s.add_argument("--rtdose", action="store_true", help="also write OUT/rtdose.dcm: the prediction as a DICOM RTDOSE "
                                                          "on the case's frame of reference")
+    s.add_argument("--force", action="store_true", help="write an implausible prediction too (a maximum above 2 x the "
+                                                        "highest prescription + 10 Gy, or no dose in the targets): "
+                                                        "research use only")
     s.set_defaults(func=cmd_predict)
 
 

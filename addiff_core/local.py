@@ -38,12 +38,31 @@ def train_site(site_file: Path, out_dir: Path, *, model_kind: str | None = None,
     cfg: ModelConfig = load_model_config(model_config) if model_config else site.model
     if model_kind:
         cfg = dataclasses.replace(cfg, kind=model_kind)
+    from .options import check_steps
+    from .outputs import output_lock
+
+    check_steps("--steps", steps, cfg)
+    _check_out(out_dir, site, overwrite)
+    with output_lock(ensure_writable_dir(Path(out_dir))):  # two `train --out X` at once: the second stops here
+        _check_out(out_dir, site, overwrite)  # what the lock holder before this one wrote
+        return _train(site, cfg, Path(out_dir), vae_epochs=vae_epochs, diffusion_epochs=diffusion_epochs, steps=steps,
+                      progress=progress)
+
+
+def _check_out(out_dir: Path, site: SiteConfig, overwrite: bool) -> None:
     from .outputs import check_output_dir
-    from .run_folder import LOCAL_METRICS, LOCAL_MODEL, RunFolder
+    from .run_folder import LOCAL_METRICS, LOCAL_MODEL
 
     check_output_dir(Path(out_dir), results=(LOCAL_MODEL, LOCAL_METRICS), overwrite=overwrite,
                      data_dirs=(site.data_dir,))
-    folder = RunFolder(ensure_writable_dir(Path(out_dir)))
+
+
+def _train(site: SiteConfig, cfg: ModelConfig, out_dir: Path, *, vae_epochs: int | None, diffusion_epochs: int | None,
+           steps: int | None, progress: bool) -> dict:
+    """The training of :func:`train_site` into a checked, locked ``out_dir``."""
+    from .run_folder import RunFolder
+
+    folder = RunFolder(out_dir)
     tcfg = site.training
     task = SiteTask(site, cfg, progress=progress)
     data = task.data
@@ -84,5 +103,8 @@ def evaluate_checkpoint(checkpoint: Path, site_file: Path, *, steps: int | None 
     site = load_site_config(site_file)
     dev = resolve_device(site.device)
     model, cfg, _ = load_model(Path(checkpoint), dev)
+    from .options import check_steps
+
+    check_steps("--steps", steps, cfg)
     data = load_site_data(site, cfg.grid)
     return evaluate(model, data.heldout, cfg, dev, seed=seed, steps=steps)

@@ -4,9 +4,13 @@ A ``Predictor`` loads and verifies a checkpoint once and then predicts any numbe
 prediction writes ``dose.nii.gz`` (Gy, on the case's CT grid, 0 outside the case's evaluation
 region: ``regions.evaluation_region``), ``dvh.csv`` and ``dvh_curves.csv``; with ``samples > 1``
 also ``dose_std.nii.gz`` (voxel-wise standard deviation, Gy, 0 outside the region too); with
-``rtdose`` also ``rtdose.dcm``. Every prediction carries the seconds of its phases (``check``,
-``read``, ``preprocess``, ``model``, ``map_back``, ``write``, ``dvh``) so that a profile of the
-whole path needs no second implementation (bench/predict_bench.py reads them).
+``rtdose`` also ``rtdose.dcm``. Every file goes through one overwrite check (:func:`results_of`)
+and is written beside its name and renamed into place (``outputs.write_output``). A prediction
+that no treatment plan could give (a maximum above :func:`dose_bound`, or no dose in the
+targets: an all-zero or absurd checkpoint) is refused before anything is written, unless
+``force`` (``--force``, research use). Every prediction carries the seconds of its phases
+(``check``, ``read``, ``preprocess``, ``model``, ``map_back``, ``write``, ``dvh``) so that a
+profile of the whole path needs no second implementation (bench/predict_bench.py reads them).
 """
 from __future__ import annotations
 
@@ -26,12 +30,28 @@ from .config import ConfigError, ModelConfig, resolve_device
 from .formats import csv_text
 from .metrics import dvh_curve, dvh_points
 from .models import build_model
+from .options import MAX_SAMPLES, check_device, check_range, check_seed, check_steps
+from .outputs import write_output
 from .preprocessing import case_to_sample, dose_to_ct_grid
 from .regions import evaluation_region, zero_outside
 from .training import predict_normalised
 
-RESULTS = ("dose.nii.gz", "dose_std.nii.gz", "dvh.csv")
+RESULTS = ("dose.nii.gz", "dose_std.nii.gz", "dvh.csv", "dvh_curves.csv")  # + rtdose.dcm with --rtdose
+RTDOSE = "rtdose.dcm"
 DVH_BINS = 201
+# a plausible prediction: max <= 2 x the highest prescription + 10 Gy (hot spots of real plans stay
+# far below: SBRT ~1.6 x), and dose in the targets (a mean over them of at least 1 % of it)
+MAX_DOSE_FACTOR, MAX_DOSE_MARGIN_GY, MIN_TARGET_FRACTION = 2.0, 10.0, 0.01
+
+
+def results_of(rtdose: bool) -> tuple[str, ...]:
+    """Every file a prediction may write into its output folder: the one overwrite check."""
+    return RESULTS + ((RTDOSE,) if rtdose else ())
+
+
+def dose_bound(rx: float) -> float:
+    """The highest dose (Gy) a prediction for a plan of highest prescription ``rx`` may hold."""
+    return MAX_DOSE_FACTOR * rx + MAX_DOSE_MARGIN_GY
 
 
 def load_model(checkpoint: Path, device: torch.device) -> tuple[torch.nn.Module, ModelConfig, dict]:
@@ -96,6 +116,28 @@ def _write_table(path: Path, table: list[dict]) -> None:
         fh.write(csv_text(keys, table, lineterminator="\r\n"))
 
 
+def check_plausible(dose: np.ndarray, case, checkpoint: Path, case_dir: Path) -> None:
+    """Refuse (CheckpointError, one line) a dose (Gy, CT grid) no plan of this case could give:
+    a maximum above :func:`dose_bound`, or targets that get (almost) nothing."""
+    rx = float(case.plan.max_prescription)
+    dmax, bound = float(dose.max()), dose_bound(rx)
+    tail = "; nothing written (--force writes it anyway, for research use)"
+    if dmax > bound:
+        raise CheckpointError(f"{checkpoint}: an implausible model: it predicts up to {dmax:.4g} Gy for {case_dir}, "
+                              f"above {bound:.4g} Gy ({MAX_DOSE_FACTOR:g} x the highest prescription {rx:g} Gy + "
+                              f"{MAX_DOSE_MARGIN_GY:g} Gy){tail}")
+    names = [n for n in case.plan.prescriptions if n in case.masks]
+    if not names:
+        return
+    targets = np.zeros(dose.shape, bool)
+    for n in names:
+        targets |= case.array(n).astype(bool)
+    if targets.any() and float(dose[targets].mean()) < MIN_TARGET_FRACTION * rx:
+        raise CheckpointError(f"{checkpoint}: an implausible model: the targets of {case_dir} ({', '.join(names)}) get "
+                              f"a mean of {float(dose[targets].mean()):.3g} Gy, under {100 * MIN_TARGET_FRACTION:g} % "
+                              f"of the prescription {rx:g} Gy{tail}")
+
+
 def dvh_tables(case, dose: np.ndarray) -> tuple[list[dict], list[dict]]:
     """DVH points per structure and the cumulative DVH curves (``DVH_BINS`` dose bins)."""
     vcc = case.voxel_volume_cc
@@ -118,6 +160,7 @@ class Predictor:
     """A checkpoint loaded once; ``predict`` writes one case's prediction."""
 
     def __init__(self, checkpoint: Path, device: str = "auto") -> None:
+        check_device("--device", device)
         self.checkpoint = Path(checkpoint)
         self.device = resolve_device(device)
         t0 = time.perf_counter()
@@ -125,13 +168,15 @@ class Predictor:
         self.load_seconds = time.perf_counter() - t0
 
     def predict(self, case_dir: Path, out_dir: Path, *, samples: int = 1, steps: int | None = None, seed: int = 0,
-                overwrite: bool = False, rtdose: bool = False) -> Prediction:
-        if samples < 1:
-            raise ConfigError(f"--samples must be >= 1, got {samples}")
-        from .outputs import check_output_dir, ensure_writable_dir
+                overwrite: bool = False, rtdose: bool = False, force: bool = False) -> Prediction:
+        """Predict one case into ``out_dir`` (see the module docstring); ``force``: write an
+        implausible prediction too."""
+        from .outputs import check_output_dir, data_folder_of, ensure_writable_dir
 
+        check_options(samples, steps, seed, self.cfg)
         case_dir, out_dir = Path(case_dir), Path(out_dir)
-        check_output_dir(out_dir, results=RESULTS, overwrite=overwrite, data_dirs=(case_dir,))
+        results = results_of(rtdose)
+        check_output_dir(out_dir, results=results, overwrite=overwrite, data_dirs=(case_dir, data_folder_of(case_dir)))
         sec: dict[str, float] = {}
         with _timed(sec, "check"):
             _check_case(case_dir)
@@ -151,22 +196,28 @@ class Predictor:
             region = evaluation_region(case)  # OpenKBP-style: the written prediction is 0 outside the region
             dose_img = zero_outside(dose_to_ct_grid(mean[0, 0], rx, spec, case.ct), region)
             std_img = None if std is None else zero_outside(dose_to_ct_grid(std[0, 0], rx, spec, case.ct), region)
+            dose_arr = sitk.GetArrayViewFromImage(dose_img)
+            if not force:
+                check_plausible(dose_arr, case, self.checkpoint, case_dir)
         out_dir = ensure_writable_dir(out_dir)
         written: dict[str, str] = {}
+
+        def put(key: str, name: str, write) -> None:  # every file: one overwrite rule, never through a link
+            written[key] = str(write_output(out_dir / name, write, overwrite=overwrite))
+
         with _timed(sec, "write"):
-            written["dose"] = self._write_image(dose_img, out_dir / "dose.nii.gz")
+            put("dose", "dose.nii.gz", lambda tmp: self._write_image(dose_img, tmp))
             if std_img is not None:
-                written["uncertainty"] = self._write_image(std_img, out_dir / "dose_std.nii.gz")
+                put("uncertainty", "dose_std.nii.gz", lambda tmp: self._write_image(std_img, tmp))
             if rtdose:
                 from .dicom.writer import write_predicted_rtdose
 
-                written["rtdose"] = str(write_predicted_rtdose(dose_img, case_dir, out_dir / "rtdose.dcm"))
+                put("rtdose", RTDOSE, lambda tmp: write_predicted_rtdose(dose_img, case_dir, tmp))
         with _timed(sec, "dvh"):
-            rows, curves = dvh_tables(case, sitk.GetArrayViewFromImage(dose_img))
+            rows, curves = dvh_tables(case, dose_arr)
             for fname, table in (("dvh.csv", rows), ("dvh_curves.csv", curves)):
                 if table:
-                    _write_table(out_dir / fname, table)
-                    written[fname.split(".")[0]] = str(out_dir / fname)
+                    put(fname.split(".")[0], fname, lambda tmp, table=table: _write_table(tmp, table))
         return Prediction(written, sec)
 
     @staticmethod
@@ -175,38 +226,51 @@ class Predictor:
         return str(path)
 
 
+def check_options(samples: int, steps: int | None, seed: int, cfg: ModelConfig | None = None) -> None:
+    """``--samples``, ``--steps`` (against the model when known) and ``--seed``: one line each."""
+    check_range("--samples", samples, 1, MAX_SAMPLES, "each sample is a whole DDIM pass")
+    check_steps("--steps", steps, cfg)
+    check_seed("--seed", seed)
+
+
 def predict_case(checkpoint: Path, case_dir: Path, out_dir: Path, *, samples: int = 1, steps: int | None = None,
-                 seed: int = 0, device: str = "auto", overwrite: bool = False, rtdose: bool = False) -> dict[str, str]:
+                 seed: int = 0, device: str = "auto", overwrite: bool = False, rtdose: bool = False,
+                 force: bool = False) -> dict[str, str]:
     """One case: load the checkpoint, predict, write (see the module docstring). Returns the
     written files and ``seconds`` (model time, as before) for the command line."""
-    if samples < 1:
-        raise ConfigError(f"--samples must be >= 1, got {samples}")
-    from .outputs import check_output_dir
+    from .outputs import check_output_dir, data_folder_of
 
-    check_output_dir(Path(out_dir), results=RESULTS, overwrite=overwrite, data_dirs=(Path(case_dir),))
+    check_options(samples, steps, seed)
+    check_device("--device", device)
+    check_output_dir(Path(out_dir), results=results_of(rtdose), overwrite=overwrite,
+                     data_dirs=(Path(case_dir), data_folder_of(Path(case_dir))))
     pred = Predictor(checkpoint, device).predict(case_dir, out_dir, samples=samples, steps=steps, seed=seed,
-                                                 overwrite=overwrite, rtdose=rtdose)
+                                                 overwrite=overwrite, rtdose=rtdose, force=force)
     return {**pred.written, "seconds": f"{pred.seconds['model']:.2f}"}
 
 
 def predict_folder(checkpoint: Path, cases_root: Path, out_root: Path, *, samples: int = 1, steps: int | None = None,
                    seed: int = 0, device: str = "auto", overwrite: bool = False, rtdose: bool = False,
-                   on_case=None) -> tuple[dict[str, Prediction], dict[str, str]]:
+                   force: bool = False, on_case=None) -> tuple[dict[str, Prediction], dict[str, str]]:
     """Every case folder directly under ``cases_root`` -> ``out_root/<case>/``, the model loaded
     once. A case that fails is reported (case -> one-line reason) and the others go on.
     ``on_case(name, prediction_or_None, error_or_None)`` is called after each case."""
+    check_options(samples, steps, seed)
+    check_device("--device", device)
     cases = case_dirs_under(cases_root)
     if not cases:
         raise ConfigError(f"{cases_root}: no case folder (a folder with ct.nii.gz) directly under it")
     if Path(out_root).resolve() == Path(cases_root).resolve() or Path(out_root).resolve().is_relative_to(Path(cases_root).resolve()):
         raise ConfigError(f"{out_root}: the output folder must not be inside the cases folder {cases_root}")
     predictor = Predictor(checkpoint, device)
+    check_options(samples, steps, seed, predictor.cfg)
     done: dict[str, Prediction] = {}
     failed: dict[str, str] = {}
     for case_dir in cases:
         try:
             done[case_dir.name] = predictor.predict(case_dir, Path(out_root) / case_dir.name, samples=samples,
-                                                    steps=steps, seed=seed, overwrite=overwrite, rtdose=rtdose)
+                                                    steps=steps, seed=seed, overwrite=overwrite, rtdose=rtdose,
+                                                    force=force)
         except (CaseError, ConfigError, CheckpointError) as e:
             failed[case_dir.name] = str(e)
         if on_case:

@@ -49,6 +49,9 @@ LOCAL_MODEL, LOCAL_METRICS = "model.pt", "metrics.json"  # an `addiff train` fol
 FEDERATED_MARKERS = (RUN_JSON, METRICS, FINAL_JSON, FINAL_CSV, FINAL_MODEL)
 LOCAL_MARKERS = (LOCAL_METRICS, LOCAL_MODEL)
 MARKERS = FEDERATED_MARKERS + LOCAL_MARKERS
+# everything a run writes into its folder (RunFolder.guard refuses links among them)
+OWN_ENTRIES = (RUN_JSON, METRICS, CHECKPOINTS, FINAL_MODEL, FINAL_MODEL + ".sha256", FINAL_CSV, FINAL_MD, FINAL_JSON,
+               REPORT_DIR, LOCAL_MODEL, LOCAL_MODEL + ".sha256", LOCAL_METRICS)
 
 
 def checkpoint_name(rnd: int) -> str:
@@ -127,6 +130,19 @@ class RunFolder:
         """Holds one of the run files (:data:`MARKERS`)."""
         return any((self.path / m).exists() for m in MARKERS)
 
+    def guard(self) -> None:
+        """Refuse (ConfigError, one line) to write into a run folder that is, or lies in, a case or
+        data folder, or whose own files and folders (``report/``, ``checkpoints/``, ...) are links:
+        a planted ``report`` link to a case folder once got the report written into the case.
+        Every write of this class calls it; files are replaced by a rename, never written through."""
+        from .outputs import check_output_dir
+
+        for p in (*(self.path / n for n in OWN_ENTRIES), self.figures_dir):
+            if p.is_symlink():
+                raise ConfigError(f"{p}: is a link (to {os.path.realpath(p)}); a run folder's files are written only "
+                                  "into the run folder itself: remove the link")
+        check_output_dir(self.path, results=(), overwrite=True)
+
     # -- run.json ---------------------------------------------------------------------------
     def read_run_json(self) -> dict:
         """``run.json`` as a dict ({} if absent); a garbled file is a ConfigError (one line)."""
@@ -157,6 +173,7 @@ class RunFolder:
         return stored
 
     def write_run_json(self, doc: dict) -> None:
+        self.guard()
         _write_json(self.run_json, doc)
 
     def update_run_json(self, **fields: Any) -> dict:
@@ -169,6 +186,7 @@ class RunFolder:
     # -- metrics.jsonl ----------------------------------------------------------------------
     def append_metrics(self, rows: Iterable[dict]) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
+        self.guard()  # appending opens the file: never through a planted link
         with self.metrics.open("a", encoding="utf-8") as fh:
             for r in rows:
                 fh.write(json.dumps(_json_safe(r)) + "\n")
@@ -207,6 +225,7 @@ class RunFolder:
         checkpointed is rerun)."""
         if not self.metrics.is_file():
             return
+        self.guard()
         keep = [line for line, row in self._metric_lines()
                 if row is not None and row.get("kind") != "final" and int(row.get("round", 0)) <= last_round]
         from .checkpoint import atomic_write_bytes
@@ -271,6 +290,7 @@ class RunFolder:
         """``final_metrics.csv`` / ``.md`` as given and ``final_metrics.json`` (the per-site rows)."""
         from .checkpoint import atomic_write_bytes
 
+        self.guard()
         atomic_write_bytes(self.final_csv, csv_text.encode())
         atomic_write_bytes(self.final_md, md_text.encode())
         _write_json(self.final_json, rows)

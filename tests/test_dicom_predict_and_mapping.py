@@ -24,7 +24,7 @@ def test_predict_writes_an_rtdose_on_the_imported_case_frame_of_reference(tmp_pa
     ckpt = save_checkpoint(tmp_path / "m.pt", build_model(tiny_model).state_dict(), tiny_model)
     out = tmp_path / "pred"
     assert main(["predict", "--checkpoint", str(ckpt), "--case", str(case_dir), "--out", str(out), "--steps", "2",
-                 "--rtdose"]) == 0
+                 "--rtdose", "--force"]) == 0  # --force: an untrained model need not be plausible
     assert f"rtdose: {out / 'rtdose.dcm'}" in capsys.readouterr().out
     ds = pydicom.dcmread(str(out / "rtdose.dcm"))
     info = yaml.safe_load((case_dir / "dicom.yaml").read_text())

@@ -251,9 +251,12 @@ def write_rtdose(dose: sitk.Image, path: Path, ident: Identity, root: str | None
 def export_case(case_dir: str | Path, out_dir: str | Path, uid_root: str | None = None) -> dict[str, Path]:
     """Write a case folder as DICOM-RT into ``out_dir`` -> {what: path}; ``ct_0001.dcm`` ... one per
     slice, ``rtstruct.dcm``, ``rtplan.dcm`` and ``rtdose.dcm`` (when the case has a dose)."""
+    from ..outputs import check_output_dir
+
     case = load_case(case_dir)
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.glob("*.dcm")):
+    check_output_dir(out_dir, results=(), overwrite=True, data_dirs=(Path(case_dir),))  # never into a case or data folder
+    if out_dir.exists() and any(out_dir.glob("*.dcm")):  # a link named *.dcm counts: nothing is written through it
         raise FileExistsError(f"{out_dir}: already holds .dcm files; choose an empty folder")
     new_uid(uid_root)  # validates the root before anything is written
     ident = Identity.for_case(case, uid_root, keep_study=False)

@@ -69,6 +69,7 @@ def write_report(run_dir: str | Path, site_files: Iterable[str | Path] | None = 
     folder = RunFolder(run_dir)
     if not folder.path.is_dir():
         raise ConfigError(f"{folder.path}: no such run folder")
+    folder.guard()  # a planted report/ link (e.g. to a case folder) is refused, not written through
     fig_dir = _fresh_figure_folder(folder)
     notes: list[str] = []
     try:

@@ -1,0 +1,53 @@
+"""Bounds of the command line's numeric options, one place: every number a user types is checked
+before any work, with one line naming the option (#29: ``--steps -5`` and ``--device 'cpu;id'``
+were tracebacks, ``--samples 1000000000`` ran for ever).
+
+The bounds that need the model (DDIM steps <= its ``train_timesteps``) are checked where the
+model is known (:func:`check_steps`)."""
+from __future__ import annotations
+
+import math
+
+from .config import DEVICE_RE, ConfigError, ModelConfig
+
+MAX_SEED = 2**32 - 1  # numpy's and torch's generators take a seed in [0, 2^32)
+MAX_SAMPLES = 100  # each sample is a whole DDIM pass over the case
+MAX_STEPS = 10000  # before the model is known; then its train_timesteps
+SYNTH_BOUNDS = {"--sites": (1, 100), "--cases-per-site": (2, 10000), "--size": (16, 512)}
+
+
+def check_range(flag: str, value: int | float | None, lo: float, hi: float, why: str = "") -> None:
+    """ConfigError unless ``lo <= value <= hi`` (None: the option was not given)."""
+    if value is None:
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{flag}: must be a finite number, got {value}")
+    if not lo <= value <= hi:
+        raise ConfigError(f"{flag}: must be between {lo:g} and {hi:g}, got {value:g}" + (f" ({why})" if why else ""))
+
+
+def check_seed(flag: str, value: int | None) -> None:
+    check_range(flag, value, 0, MAX_SEED)
+
+
+def check_device(flag: str, value: str | None) -> None:
+    if value is not None and not DEVICE_RE.match(value):
+        raise ConfigError(f"{flag}: must be auto, cpu, cuda, cuda:N or mps, got {value!r}")
+
+
+def check_steps(flag: str, steps: int | None, cfg: ModelConfig | None = None) -> None:
+    """DDIM steps: at least 1, at most the model's ``train_timesteps`` (``MAX_STEPS`` while the
+    model is not known yet). None: the model config's ``sample_steps``."""
+    if steps is None:
+        return
+    hi = cfg.train_timesteps if cfg is not None and cfg.kind == "diffusion" else MAX_STEPS
+    check_range(flag, steps, 1, hi, "the model's train_timesteps" if cfg is not None and cfg.kind == "diffusion"
+                else "")
+
+
+def check_synth(n_sites: int, cases_per_site: int, size: int, seed: int, seed_flag: str = "--seed") -> None:
+    """The options of synthetic hospitals (``data synth``, ``simulate``'s demo data)."""
+    for flag, v in (("--sites", n_sites), ("--cases-per-site", cases_per_site), ("--size", size)):
+        lo, hi = SYNTH_BOUNDS[flag]
+        check_range(flag, v, lo, hi, "a site needs training and held-out cases" if flag == "--cases-per-site" else "")
+    check_seed(seed_flag, seed)
