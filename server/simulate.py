@@ -16,7 +16,6 @@ Two mechanisms, same ServerApp/ClientApp:
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
@@ -32,53 +31,8 @@ from addiff_core.config import ConfigError
 from addiff_core.run_folder import RunFolder
 
 from client.protocol import project_root, resolve_path, split_list
+from .demo_data import DEMO_STAMP, ensure_demo_sites  # noqa: F401  (bench/fl_overhead.py imports them from here)
 from .settings import DEFAULTS, STRATEGIES, strategy_help
-
-DEMO_STAMP = "addiff-demo.json"
-
-
-# ------------------------------------------------------------------------------------------
-# demo data
-# ------------------------------------------------------------------------------------------
-def ensure_demo_sites(data_dir: Path, n_sites: int, cases_per_site: int, size: int, seed: int = 0) -> list[Path]:
-    """Site files of ``n_sites`` synthetic hospitals under ``data_dir``; written if missing or
-    made with other settings (only folders this function wrote are ever replaced)."""
-    from addiff_core.config import ConfigError
-
-    # "version": bumped when the written site files change (2: lr 1e-3), so older demo data is rewritten
-    want = {"sites": n_sites, "cases_per_site": cases_per_site, "size": size, "seed": seed, "version": 2}
-    stamp = data_dir / DEMO_STAMP
-    if stamp.is_file():
-        try:
-            have = json.loads(stamp.read_text())
-        except ValueError:
-            have = {}
-        files = [data_dir / f for f in have.get("site_files", [])]
-        if {k: have.get(k) for k in want} == want and files and all(f.is_file() for f in files):
-            return files
-        for name in have.get("site_names", []):  # stale demo hospitals of other settings
-            if (data_dir / name).is_dir():
-                shutil.rmtree(data_dir / name)
-            if (data_dir / f"{name}.yaml").is_file():
-                (data_dir / f"{name}.yaml").unlink()
-    elif data_dir.exists() and any(p.name != "state" for p in data_dir.iterdir()):
-        from addiff_core.synth import site_name
-
-        files = [data_dir / f"{site_name(i)}.yaml" for i in range(n_sites)]
-        if all(f.is_file() for f in files):  # e.g. written by `addiff data synth --out DIR`
-            print(f"using the existing site files in {data_dir} (no {DEMO_STAMP}: settings unchecked)", flush=True)
-            return files
-        raise ConfigError(f"{data_dir} exists and is not addiff demo data (no {DEMO_STAMP}); "
-                          "choose another --data-dir or pass --site-files")
-    from addiff_core.synth import write_synthetic_sites
-
-    t0 = time.perf_counter()
-    print(f"writing {n_sites} synthetic hospitals x {cases_per_site} cases ({size}^3) to {data_dir} ...", flush=True)
-    files = write_synthetic_sites(data_dir, n_sites=n_sites, cases_per_site=cases_per_site, size=size, seed=seed)
-    doc = {**want, "site_files": [f.name for f in files], "site_names": [f.stem for f in files]}
-    stamp.write_text(json.dumps(doc, indent=2) + "\n")
-    print(f"  done in {time.perf_counter() - t0:.1f} s", flush=True)
-    return list(files)
 
 
 # ------------------------------------------------------------------------------------------
@@ -298,6 +252,7 @@ def cmd_simulate(args) -> int:
 
     root = project_root()
     t0 = time.perf_counter()
+    check_options(args)
     check_cpus_per_site(args.cpus_per_site, args.via)
     check_backend(args.backend, args.via, args.cpus_per_site)
     if args.resume:
@@ -339,12 +294,14 @@ def cmd_simulate(args) -> int:
     from .settings import from_run_config
 
     settings = from_run_config(run_config)  # fail early, with one clear line, on a bad setting
+    check_settings(settings)
     resources = client_resources(n_sites, args.cpus_per_site, whole_cpus=args.via == "flwr")
     backend = choose_backend(args.backend, n_sites, args.via, args.cpus_per_site)
     folder = RunFolder(settings.run_dir)
     if not settings.resume:
         folder.refuse_if_started()
     folder.path.mkdir(parents=True, exist_ok=True)
+    folder.guard()  # e.g. a planted report/ link to a case folder: refused before any work, in one line
     print(f"federated simulation: {n_sites} site(s), strategy {settings.strategy}, model {settings.model.kind}, "
           f"{settings.num_rounds} round(s) [{' '.join(sorted({r.stage for r in settings.schedule}, key=['vae', 'diffusion', 'unet'].index))}], "
           f"via {args.via}, {backend_line(backend, n_sites, resources)}\n"
@@ -383,6 +340,31 @@ def cmd_simulate(args) -> int:
           f"  final model    : {folder.final_model}"
           + (f"\n  report         : {folder.report_md} (+ .html, figures/)" if folder.report_md.is_file() else ""))
     return 0
+
+
+def check_options(args) -> None:
+    """Every number of the command line, before any work: one line naming the option (a
+    negative --steps or a seed past 2^32 were tracebacks deep in a run)."""
+    from addiff_core.config import MAX_EPOCHS
+    from addiff_core.options import MAX_STEPS, check_range, check_seed, check_synth
+
+    if not args.site_files and not args.resume:
+        check_synth(args.sites, args.cases_per_site, args.size or 32, args.data_seed, seed_flag="--data-seed")
+    check_seed("--seed", args.seed)
+    check_range("--eval-steps", args.eval_steps, 0, MAX_STEPS, "0: the model config's")
+    check_range("--local-epochs", args.local_epochs, 0, MAX_EPOCHS, "0: each site file's")
+    check_range("--min-sites", args.min_sites, 0, 1000)
+    check_range("--proximal-mu", args.proximal_mu, 0, 1000.0)
+    check_range("--stop-after-round", args.stop_after_round, 0, 100000)
+
+
+def check_settings(settings) -> None:
+    """What only the validated run config knows (also set with --set): the seed, and DDIM steps
+    within the model's ``train_timesteps``."""
+    from addiff_core.options import check_seed, check_steps
+
+    check_seed("seed", settings.seed)
+    check_steps("eval-steps", settings.eval_steps or None, settings.model)
 
 
 def backend_line(backend: str, n_sites: int, resources: dict[str, float]) -> str:

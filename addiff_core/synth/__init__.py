@@ -28,11 +28,11 @@ model), ``cases`` (a case, and hospitals written to disk).
 """
 from __future__ import annotations
 
-from .cases import synth_case, write_synthetic_sites
+from .cases import SITE_FILE_HEADER, SYNTH_MARKER, synth_case, write_synthetic_sites
 from .dose import phantom_dose
 from .hospitals import HOSPITAL_PROFILES, HospitalProfile, default_spacing, hospital_profile, make_plan, site_name
 
 __all__ = [
     "HospitalProfile", "HOSPITAL_PROFILES", "hospital_profile", "default_spacing", "synth_case",
-    "phantom_dose", "make_plan", "write_synthetic_sites", "site_name",
+    "phantom_dose", "make_plan", "write_synthetic_sites", "site_name", "SYNTH_MARKER", "SITE_FILE_HEADER",
 ]

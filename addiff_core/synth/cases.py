@@ -2,6 +2,8 @@
 of phantom hospitals written to disk (:func:`write_synthetic_sites`)."""
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Sequence
@@ -21,6 +23,8 @@ from .lung import lung
 from .prostate import prostate
 
 ANATOMY = {"head_neck": head_neck, "lung": lung, "prostate": prostate}
+SYNTH_MARKER = "addiff-synth.json"  # in every site folder the generator wrote (and only there)
+SITE_FILE_HEADER = "# Synthetic phantom hospital"  # the first line of every site file it wrote
 
 
 def _scanner_ct(cv: Canvas, rng: np.random.Generator, anat: Anatomy, prof: HospitalProfile) -> np.ndarray:
@@ -110,11 +114,23 @@ def _write_site_files(out_dir: Path, name: str, prof: HospitalProfile, sites: li
                      "diffusion_epochs": 2, "seed": int(seed) + si},
         "privacy": {"enabled": False},
     }
-    header = (f"# Synthetic phantom hospital ({name}): {prof.description}.\n"
+    header = (f"{SITE_FILE_HEADER} ({name}): {prof.description}.\n"
               f"# Written by addiff_core.synth.write_synthetic_sites(seed={seed}, size={size}).\n")
     p = out_dir / f"{name}.yaml"
     p.write_text(header + yaml.safe_dump(site, sort_keys=False), encoding="utf-8")
     return p
+
+
+def _refuse_existing(out_dir: Path, names: list[str]) -> None:
+    """Nothing is written over: a site folder or site file already there (an earlier synth, edited
+    site files) is kept, and the run stops before writing anything (one line)."""
+    from ..config import ConfigError
+
+    for name in names:
+        for p in (out_dir / name, out_dir / f"{name}.yaml"):
+            if os.path.lexists(p):
+                raise ConfigError(f"{out_dir}: already holds {p.name}; kept (synthetic hospitals are never written "
+                                  "over existing ones): choose another --out or remove it")
 
 
 def write_synthetic_sites(out_dir: str | Path, n_sites: int = 3, cases_per_site: int = 4, size: int = 32,
@@ -122,16 +138,24 @@ def write_synthetic_sites(out_dir: str | Path, n_sites: int = 3, cases_per_site:
     """Write ``n_sites`` phantom hospitals under ``out_dir`` and return their site files.
 
     Layout: ``out_dir/<site>.yaml`` (loads with ``config.load_site_config``),
-    ``out_dir/<site>/cases/<site>_NNN/`` case folders (``case_io.save_case``) and
-    ``out_dir/<site>/profile.yaml`` describing the hospital. Deterministic for ``seed``.
+    ``out_dir/<site>/cases/<site>_NNN/`` case folders (``case_io.save_case``),
+    ``out_dir/<site>/profile.yaml`` describing the hospital and ``out_dir/<site>/addiff-synth.json``
+    (:data:`SYNTH_MARKER`: this folder was written by the generator). Deterministic for ``seed``.
+    An existing site folder or site file is never written over (ConfigError before anything is
+    written).
     """
     out_dir = Path(out_dir)
+    names = [site_name(si) for si in range(int(n_sites))]
+    _refuse_existing(out_dir, names)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
-    for si in range(int(n_sites)):
-        name = site_name(si)
+    for si, name in enumerate(names):
         prof = replace(hospital_profile(si, seed), name=name)
         sites = _allocate(prof.site_mix, int(cases_per_site), np.random.default_rng([int(seed), si, 104729]))
+        (out_dir / name).mkdir()
+        (out_dir / name / SYNTH_MARKER).write_text(json.dumps(
+            {"generator": "addiff_core.synth.write_synthetic_sites", "site": name, "seed": int(seed), "size": int(size),
+             "cases": int(cases_per_site)}) + "\n", encoding="utf-8")
         case_root = out_dir / name / "cases"
         for ci, tsite in enumerate(sites):
             rng = np.random.default_rng([int(seed), si, ci])
