@@ -21,6 +21,7 @@ end, so nothing is left half-written.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
@@ -244,6 +245,40 @@ def _prescriptions(info, roi_names: dict[int, str], masks: Mapping[str, np.ndarr
     return rx
 
 
+def _same_patient(case_dir: Path, patient_id: str, plan_uid: str) -> bool:
+    """Whether ``case_dir`` is an earlier import of this patient's plan (its ``dicom.yaml`` names
+    the same PatientID and RTPLAN): only then may a new import replace it."""
+    from ..config import ConfigError, load_yaml  # the one safe loader
+
+    if not patient_id or not plan_uid or case_dir.is_symlink() or not case_dir.is_dir() \
+            or any(p.name not in _CASE_ENTRIES for p in case_dir.iterdir()):
+        return False
+    try:
+        info = load_yaml(case_dir / DICOM_INFO_FILE)
+    except ConfigError:
+        return False
+    if not isinstance(info, dict):
+        return False
+    patient, plan = info.get("patient"), info.get("rtplan")
+    return (isinstance(patient, dict) and isinstance(plan, dict) and str(patient.get("PatientID", "")) == patient_id
+            and str(plan.get("SOPInstanceUID", "")) == plan_uid)
+
+
+def _case_folder(out_root: Path, name: str, patient_id: str, plan_uid: str, notes: list[str]) -> Path:
+    """The case folder of this patient's plan: ``OUT/<name>``, unless that holds something else
+    (another patient with the same folder name in another export, a case not from DICOM): then
+    the first free ``<name>_N``. A patient is never replaced by another one (#29); re-importing
+    the same plan of the same patient replaces its earlier import."""
+    for n in range(1, 10000):
+        cand = out_root / (name if n == 1 else f"{name}_{n}")
+        if not os.path.lexists(cand) or _same_patient(cand, patient_id, plan_uid):
+            if n > 1:
+                notes.append(f"{out_root / name} holds another patient or case: this one (PatientID "
+                             f"{patient_id or '?'}) is written to {cand.name}")
+            return cand
+    raise CaseError(out_root / name, ".", "taken, and so are its numbered alternatives; not overwriting")
+
+
 def import_patient(pf: PatientFiles, out_root: Path, mapping: ImportMapping) -> PatientResult:
     """Import one patient; raises DicomDataError / CaseError for a patient that cannot be used."""
     res = PatientResult(pf.name, pf.patient_id)
@@ -308,9 +343,7 @@ def import_patient(pf: PatientFiles, out_root: Path, mapping: ImportMapping) -> 
         except DicomDataError as e:
             notes.append(f"{e}: dose not imported (the case can still be predicted)")
             dose_f = None
-    out_dir = out_root / pf.name
-    if out_dir.exists() and (not out_dir.is_dir() or any(p.name not in _CASE_ENTRIES for p in out_dir.iterdir())):
-        raise CaseError(out_dir, ".", "exists and is not a case folder; not overwriting")
+    out_dir = _case_folder(out_root, pf.name, pf.patient_id, _uid(plan_f.ds, "SOPInstanceUID"), notes)
     with staged_case_dir(out_dir) as tmp:
         save_case(tmp, sitk.GetArrayFromImage(ct), plan, masks,
                   dose=dose_arr, spacing=ct.GetSpacing(), origin=ct.GetOrigin(), direction=ct.GetDirection())
