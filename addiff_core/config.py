@@ -293,7 +293,8 @@ class SiteConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    # SHA-256 of the app bundles (Flower FABs) `addiff client start` lets run here; None: any
+    # SHA-256 of the app bundles (Flower FABs) `addiff client start` lets run here; None (the key
+    # absent): any; () (present but empty): none
     approved_bundles: tuple[str, ...] | None = None
 
 
@@ -360,17 +361,26 @@ def site_config_from_dict(data: Any, source: str | Path, base_dir: Path | None =
     p.finish()
 
     model = _model_config(f.sub("model"))
-    bundles = f.get("approved_bundles", None)
-    if bundles is not None:
-        if not isinstance(bundles, list) or not bundles or not all(
-                isinstance(b, str) and re.fullmatch(r"[0-9a-fA-F]{64}", b.strip()) for b in bundles):
-            raise f.fail("approved_bundles", "must be a non-empty list of SHA-256 hashes, 64 hex digits each, quoted "
-                                             "(addiff client bundle-hash BUNDLE); remove the key to accept any bundle")
-        bundles = tuple(dict.fromkeys(b.strip().lower() for b in bundles))
+    bundles = _approved_bundles(f)
     f.finish()
     return SiteConfig(name=name, data_dir=data_dir, state_dir=state_dir, source=Path(source),
                       heldout=heldout, device=device, training=training, privacy=privacy, model=model,
                       approved_bundles=bundles)
+
+
+def _approved_bundles(f: _Fields) -> tuple[str, ...] | None:
+    """``approved_bundles``: absent -> None (any bundle runs); present -> the approved hashes, and
+    present but empty (``approved_bundles:`` or ``[]``) -> () (none approved: nothing runs)."""
+    if "approved_bundles" not in f.data:
+        return None
+    f.used.add("approved_bundles")
+    bundles = f.data["approved_bundles"]
+    bundles = [] if bundles is None else bundles
+    if not isinstance(bundles, list) or not all(
+            isinstance(b, str) and re.fullmatch(r"[0-9a-fA-F]{64}", b.strip()) for b in bundles):
+        raise f.fail("approved_bundles", "must be a list of SHA-256 hashes, 64 hex digits each, quoted (addiff client "
+                                         "bundle-hash BUNDLE); empty approves none; remove the key to accept any bundle")
+    return tuple(dict.fromkeys(b.strip().lower() for b in bundles))
 
 
 def load_yaml(path: str | Path) -> Any:

@@ -9,7 +9,9 @@ the hospital has reviewed::
       - "960813f6b537e04560b17a0ef58c49d01da3a3c689c11cc6953ba686c4f514a7"
 
 and ``addiff client start`` then refuses, before any of its code is unpacked or imported, every
-run whose bundle hashes to something else (``client/clientapp_guard.py``). The hash is Flower's
+run whose bundle hashes to something else (``client/clientapp_guard.py``). Without the key any
+bundle runs; with the key but no hash (``approved_bundles:`` or ``[]``) none does, and the site
+refuses to start (:func:`site_approval`). The hash is Flower's
 own FAB hash, ``hashlib.sha256(fab_bytes).hexdigest()`` (``flwr build`` / ``flwr run``), of the
 whole bundle: one changed byte in any file is another bundle.
 
@@ -52,6 +54,21 @@ def normalize_hashes(values) -> frozenset[str]:
             raise ValueError(f"not a SHA-256 hash (64 hex digits): {str(v)[:80]!r}")
         out.add(h)
     return frozenset(out)
+
+
+def site_approval(site) -> frozenset[str] | None:
+    """What a site file approves: None when it has no ``approved_bundles`` key (any bundle runs,
+    with a notice), else the approved hashes. Present but empty (``approved_bundles:`` or ``[]``)
+    approves none: a site that would run nothing is refused before it starts (UserError, one line)."""
+    from addiff_core.errors import UserError
+
+    if site.approved_bundles is None:
+        return None
+    if not site.approved_bundles:
+        raise UserError(f"{site.source or site.name}: approved_bundles is empty: no app bundle is approved, so this "
+                        "site would run nothing; add the SHA-256 of a bundle you reviewed (addiff client bundle-hash "
+                        "FAB), or remove the key to run any bundle")
+    return normalize_hashes(site.approved_bundles)
 
 
 @dataclass(frozen=True)

@@ -94,12 +94,13 @@ def _supernode_command(args, site_file: Path, site) -> tuple[list[str], Path | N
     from addiff_core.errors import UserError
 
     from . import launch
+    from .bundle_approval import site_approval
 
     if ":" not in args.superlink:
         raise UserError(f"--superlink must be HOST:PORT, got {args.superlink!r}")
     cmd = [launch.executable("flower-supernode"), "--superlink", args.superlink,
            "--node-config", f"site-config={json.dumps(str(site_file))}", "--port", str(args.port),
-           "--isolation", "process" if site.approved_bundles else "subprocess"]
+           "--isolation", "process" if site_approval(site) is not None else "subprocess"]
     if args.insecure and args.auth_key:
         raise UserError("--auth-key (SuperNode authentication) needs TLS: drop --insecure, pass --ca")
     if args.insecure:
