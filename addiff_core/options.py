@@ -7,13 +7,43 @@ model is known (:func:`check_steps`)."""
 from __future__ import annotations
 
 import math
+from typing import Any
 
-from .config import DEVICE_RE, ConfigError, ModelConfig
+from .config import DEVICE_RE, MAX_EPOCHS, ConfigError, ModelConfig
 
 MAX_SEED = 2**32 - 1  # numpy's and torch's generators take a seed in [0, 2^32)
 MAX_SAMPLES = 100  # each sample is a whole DDIM pass over the case
 MAX_STEPS = 10000  # before the model is known; then its train_timesteps
+MAX_SITES = 1000
 SYNTH_BOUNDS = {"--sites": (1, 100), "--cases-per-site": (2, 10000), "--size": (16, 512)}
+# the other numeric options, by flag: (lowest, highest, why). A command checks its own with
+# check_options(args, flag, ...) before any work; None (not given) passes.
+BOUNDS: dict[str, tuple[float, float, str]] = {
+    "--seed": (0, MAX_SEED, ""),
+    "--vae-epochs": (0, MAX_EPOCHS, ""),
+    "--diffusion-epochs": (0, MAX_EPOCHS, ""),
+    "--local-epochs": (0, MAX_EPOCHS, "0: each site file's"),
+    "--eval-steps": (0, MAX_STEPS, "0: the model config's"),
+    "--min-sites": (0, MAX_SITES, "0: every site"),
+    "--wait-sites": (0, MAX_SITES, "0: --min-sites"),
+    "--proximal-mu": (0, 1000.0, ""),
+    "--stop-after-round": (0, 100000, "0: run to the end"),
+    "--round-timeout": (1, 7 * 86400, "seconds: at most a week"),
+    "--size": SYNTH_BOUNDS["--size"] + ("grid voxels per axis",),
+    "--port": (1, 65535, "a TCP port"),
+    "--threads": (1, 1024, ""),
+    "--max-retries": (0, 1_000_000, ""),
+    "--activation-retries": (0, 100_000, ""),
+    "--days": (1, 3650, "certificates valid at most 10 years"),
+}
+
+
+def _shown(value: int | float) -> str:
+    """A number for an error line (an int of 400 digits has no float ``:g`` form)."""
+    if isinstance(value, float):
+        return f"{value:g}"
+    text = str(value)
+    return text if len(text) <= 20 else f"{text[:8]}...({len(text)} digits)"
 
 
 def check_range(flag: str, value: int | float | None, lo: float, hi: float, why: str = "") -> None:
@@ -23,11 +53,29 @@ def check_range(flag: str, value: int | float | None, lo: float, hi: float, why:
     if isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(f"{flag}: must be a finite number, got {value}")
     if not lo <= value <= hi:
-        raise ConfigError(f"{flag}: must be between {lo:g} and {hi:g}, got {value:g}" + (f" ({why})" if why else ""))
+        raise ConfigError(f"{flag}: must be between {lo:g} and {hi:g}, got {_shown(value)}"
+                          + (f" ({why})" if why else ""))
+
+
+def check_options(args: Any, *flags: str) -> None:
+    """Check the options ``flags`` of a parsed command line (``--min-sites`` is ``args.min_sites``)
+    against :data:`BOUNDS`, in order: one line naming the first out of bounds."""
+    for flag in flags:
+        lo, hi, why = BOUNDS[flag]
+        check_range(flag, getattr(args, flag.lstrip("-").replace("-", "_")), lo, hi, why)
 
 
 def check_seed(flag: str, value: int | None) -> None:
     check_range(flag, value, 0, MAX_SEED)
+
+
+def check_address(flag: str, value: str) -> None:
+    """HOST:PORT with a port in 1..65535 (one line, not a connection that never succeeds)."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not (port.isascii() and port.isdigit()):
+        raise ConfigError(f"{flag} must be HOST:PORT, got {value[:80]!r}")
+    lo, hi, why = BOUNDS["--port"]
+    check_range(f"{flag} port", int(port), lo, hi, why)
 
 
 def check_device(flag: str, value: str | None) -> None:

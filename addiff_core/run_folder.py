@@ -130,14 +130,15 @@ class RunFolder:
         """Holds one of the run files (:data:`MARKERS`)."""
         return any((self.path / m).exists() for m in MARKERS)
 
-    def guard(self) -> None:
+    def guard(self, also: Iterable[str] = ()) -> None:
         """Refuse (ConfigError, one line) to write into a run folder that is, or lies in, a case or
         data folder, or whose own files and folders (``report/``, ``checkpoints/``, ...) are links:
         a planted ``report`` link to a case folder once got the report written into the case.
-        Every write of this class calls it; files are replaced by a rename, never written through."""
+        Every write of this class calls it; files are replaced by a rename, never written through.
+        ``also``: more entries the caller writes there (e.g. the SuperLink's log and database)."""
         from .outputs import check_output_dir
 
-        for p in (*(self.path / n for n in OWN_ENTRIES), self.figures_dir):
+        for p in (*(self.path / n for n in (*OWN_ENTRIES, *also)), self.figures_dir):
             if p.is_symlink():
                 raise ConfigError(f"{p}: is a link (to {os.path.realpath(p)}); a run folder's files are written only "
                                   "into the run folder itself: remove the link")

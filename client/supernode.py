@@ -34,8 +34,12 @@ def _refused(superlink: str, key: Path | None) -> str:
 
 
 def cmd_client_start(args) -> int:
+    from addiff_core.options import check_address, check_options
+
     from . import launch
 
+    check_options(args, "--port", "--threads", "--max-retries", "--activation-retries")  # before any work
+    check_address("--superlink", args.superlink)
     site_file, site, n_cases = _checked_site(args)
     cmd, key = _supernode_command(args, site_file, site)
     extra = {}
@@ -96,8 +100,6 @@ def _supernode_command(args, site_file: Path, site) -> tuple[list[str], Path | N
     from . import launch
     from .bundle_approval import site_approval
 
-    if ":" not in args.superlink:
-        raise UserError(f"--superlink must be HOST:PORT, got {args.superlink!r}")
     cmd = [launch.executable("flower-supernode"), "--superlink", args.superlink,
            "--node-config", f"site-config={json.dumps(str(site_file))}", "--port", str(args.port),
            "--isolation", "process" if site_approval(site) is not None else "subprocess"]

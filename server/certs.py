@@ -138,7 +138,9 @@ def add_parser(sub) -> None:
 
 def cmd_certs_create(args) -> int:
     from addiff_core.errors import UserError
+    from addiff_core.options import check_options
 
+    check_options(args, "--days")  # a negative or huge validity: one line, not an expired CA or a traceback
     try:
         paths = create_certificates(Path(args.dir), args.host, days=args.days, loopback=not args.no_loopback,
                                     overwrite=args.overwrite)

@@ -23,6 +23,8 @@ from client.protocol import project_root, resolve_path
 from .settings import STRATEGIES, strategy_help
 
 PROFILE = "addiff"
+# what this command writes into the run folder besides the run's own files (RunFolder.guard)
+DEPLOY_ENTRIES = ("flwr-home", "superlink.log", "superlink.pid", "superlink-state.db", "flwr-run-config.toml")
 
 
 def _warn_insecure(what: str) -> None:
@@ -151,17 +153,22 @@ def build_run_config(args, run_dir: Path) -> dict[str, Any]:
 
 def cmd_server_start(args) -> int:
     from .settings import from_run_config
+    from .simulate import check_settings
 
+    check_options(args)
     root = project_root()
     run_dir = _run_dir(args, root)
     run_config = build_run_config(args, run_dir)
     settings = from_run_config(run_config)
+    check_settings(settings)
     if not args.resume:
         RunFolder(run_dir).refuse_if_started()
     tls = _tls_files(args)
     keys = _authorized_keys(args)
 
     run_dir.mkdir(parents=True, exist_ok=True)
+    # e.g. a planted report/ or superlink.log link to a case: one line here, not an error inside the ServerApp
+    RunFolder(run_dir).guard(also=DEPLOY_ENTRIES)
     flwr_home = run_dir / "flwr-home"
     env = launch.flower_env(flwr_home)
     log_file = run_dir / "superlink.log"
@@ -195,6 +202,15 @@ def cmd_server_start(args) -> int:
         launch.stop(superlink)
         (run_dir / "superlink.pid").unlink(missing_ok=True)
     return rc
+
+
+def check_options(args) -> None:
+    """Every number of the command line, before any work: one line naming the option (a port of
+    70000 or a NaN round timeout failed deep inside Flower)."""
+    from addiff_core.options import check_options as check_bounds
+
+    check_bounds(args, "--port", "--min-sites", "--wait-sites", "--size", "--local-epochs", "--proximal-mu",
+                 "--eval-steps", "--seed", "--round-timeout", "--stop-after-round")
 
 
 def _run_dir(args, root: Path) -> Path:

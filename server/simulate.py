@@ -301,7 +301,8 @@ def cmd_simulate(args) -> int:
     if not settings.resume:
         folder.refuse_if_started()
     folder.path.mkdir(parents=True, exist_ok=True)
-    folder.guard()  # e.g. a planted report/ link to a case folder: refused before any work, in one line
+    # e.g. a planted report/ link to a case folder: refused before any work, in one line
+    folder.guard(also=("superlink-simulation.log", "flwr-run-config.toml") if args.via == "flwr" else ())
     print(f"federated simulation: {n_sites} site(s), strategy {settings.strategy}, model {settings.model.kind}, "
           f"{settings.num_rounds} round(s) [{' '.join(sorted({r.stage for r in settings.schedule}, key=['vae', 'diffusion', 'unet'].index))}], "
           f"via {args.via}, {backend_line(backend, n_sites, resources)}\n"
@@ -345,17 +346,12 @@ def cmd_simulate(args) -> int:
 def check_options(args) -> None:
     """Every number of the command line, before any work: one line naming the option (a
     negative --steps or a seed past 2^32 were tracebacks deep in a run)."""
-    from addiff_core.config import MAX_EPOCHS
-    from addiff_core.options import MAX_STEPS, check_range, check_seed, check_synth
+    from addiff_core.options import check_options, check_synth
 
     if not args.site_files and not args.resume:
         check_synth(args.sites, args.cases_per_site, args.size or 32, args.data_seed, seed_flag="--data-seed")
-    check_seed("--seed", args.seed)
-    check_range("--eval-steps", args.eval_steps, 0, MAX_STEPS, "0: the model config's")
-    check_range("--local-epochs", args.local_epochs, 0, MAX_EPOCHS, "0: each site file's")
-    check_range("--min-sites", args.min_sites, 0, 1000)
-    check_range("--proximal-mu", args.proximal_mu, 0, 1000.0)
-    check_range("--stop-after-round", args.stop_after_round, 0, 100000)
+    check_options(args, "--size", "--seed", "--eval-steps", "--local-epochs", "--min-sites", "--proximal-mu",
+                  "--stop-after-round")
 
 
 def check_settings(settings) -> None:
