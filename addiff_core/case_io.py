@@ -35,6 +35,7 @@ from .errors import CaseError  # noqa: F401  (defined with the other user errors
 from .limits import file_problem, image_size_problem
 
 BODY_NAME = "Body"
+CASE_MARKERS = ("plan.yaml", "ct.nii.gz")  # a folder holding either is a case folder (is_case_dir)
 DICOM_INFO_FILE = "dicom.yaml"  # written by data import-dicom (dicom/reader.py)
 _DICOM_INFO_PARTS = ("patient", "study", "rtplan")
 
@@ -379,20 +380,23 @@ def save_case(case_dir: str | Path, ct: np.ndarray, plan: Plan, masks: Mapping[s
     return case_dir
 
 
-def _holds_case(p: Path) -> bool:
-    return p.is_dir() and ((p / "plan.yaml").exists() or (p / "ct.nii.gz").exists())
+def is_case_dir(p: str | Path) -> bool:
+    """Is ``p`` a case folder (a folder holding plan.yaml or ct.nii.gz)? The one rule: data check,
+    training, predict and the output checks all ask this."""
+    p = Path(p)
+    return p.is_dir() and any((p / m).exists() for m in CASE_MARKERS)
 
 
 def list_cases(data_dir: str | Path) -> list[Path]:
-    """Case folders (those holding a plan.yaml or ct.nii.gz) under data_dir, sorted by name.
-    Hidden folders (names starting with '.', e.g. an import in progress) are not cases: see
+    """Case folders (:func:`is_case_dir`) directly under data_dir, sorted by name. Hidden folders
+    (names starting with '.', e.g. an import in progress) are not cases: see
     :func:`hidden_case_dirs`, which names them so that none is skipped silently."""
-    return sorted(p for p in Path(data_dir).iterdir() if not p.name.startswith(".") and _holds_case(p))
+    return sorted(p for p in Path(data_dir).iterdir() if not p.name.startswith(".") and is_case_dir(p))
 
 
 def hidden_case_dirs(data_dir: str | Path) -> list[Path]:
     """Folders under data_dir that hold case files but whose name starts with '.': skipped."""
-    return sorted(p for p in Path(data_dir).iterdir() if p.name.startswith(".") and _holds_case(p))
+    return sorted(p for p in Path(data_dir).iterdir() if p.name.startswith(".") and is_case_dir(p))
 
 
 @contextlib.contextmanager

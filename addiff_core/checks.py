@@ -24,14 +24,13 @@ from typing import Any, Mapping
 import numpy as np
 import SimpleITK as sitk
 
-from .case_io import (BODY_NAME, OAR_NAMES, CaseError, Plan, hidden_case_dirs, plan_from_dict, read_case_yaml,
-                      read_dicom_info)
+from .case_io import (BODY_NAME, OAR_NAMES, CaseError, Plan, hidden_case_dirs, is_case_dir, plan_from_dict,
+                      read_case_yaml, read_dicom_info)
 from .limits import file_problem, image_size_problem
 from .nifti_raw import nifti_gz_problem, nifti_nonfinite_count, read_nifti_raw  # noqa: F401 (re-exported)
 
 # A structure (mask file) name: a letter, then letters, digits, '_' or '-' (no spaces, no dots).
 STRUCTURE_NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")
-CASE_MARKERS = ("plan.yaml", "ct.nii.gz")
 CT_MAX_HU = 5000.0       # HU; metal on extended-scale scanners exceeds it in a few voxels (OpenKBP pt_171: 34)
 CT_HIGH_FRACTION = 1e-3  # ... so a CT is flagged only when more than 0.1% of its voxels do
 DOSE_MAX_GY = 150.0
@@ -389,11 +388,6 @@ def check_case(case_dir: str | Path, images: dict[str, sitk.Image] | None = None
     except Exception as e:  # noqa: BLE001 - a checker must not crash on bad input
         checker.add(".", f"internal error while checking this case ({type(e).__name__}: {e})")
         return checker.problems
-
-
-def is_case_dir(p: Path) -> bool:
-    """A case folder holds plan.yaml or ct.nii.gz (see case_io.list_cases)."""
-    return any((p / m).exists() for m in CASE_MARKERS)
 
 
 def _walk_cases(root: Path) -> tuple[list[Path], list[Path]]:

@@ -34,9 +34,8 @@ class CommandsUnavailable(RuntimeError):
 def cmd_data_synth(args: argparse.Namespace) -> int:
     import time
 
-    from .synth import write_synthetic_sites
-
     from .options import check_synth
+    from .synth import write_synthetic_sites
 
     check_synth(args.sites, args.cases_per_site, args.size, args.seed)
     t0 = time.perf_counter()
@@ -87,16 +86,18 @@ def cmd_data_export_dicom(args: argparse.Namespace) -> int:
 
 
 def cmd_data_check(args: argparse.Namespace) -> int:
-    from .checks import check_dataset
+    from .checks import HIDDEN_CASE, check_dataset
 
     root = Path(args.dir)
     if not root.is_dir():
         raise UserError(f"{root}: no such folder")
     n_cases, problems = check_dataset(root)
-    bad_cases = sorted({p.case for p in problems})
     for p in problems:
         print(str(p))
-    print(f"{n_cases} case(s) checked, {len(bad_cases)} with problems ({len(problems)} problem(s))")
+    hidden = [p for p in problems if p.message == HIDDEN_CASE]  # named above, but never checked: not a case
+    found = [p for p in problems if p.message != HIDDEN_CASE]
+    print(f"{n_cases} case(s) checked, {len({p.case for p in found})} with problems ({len(found)} problem(s))"
+          + (f"; {len(hidden)} hidden folder(s) not read" if hidden else ""))
     if n_cases == 0:
         print(f"{root}: no case folders found (a case folder holds plan.yaml and/or ct.nii.gz)", file=sys.stderr)
         return 1
@@ -107,14 +108,10 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 # local training / prediction
 # ------------------------------------------------------------------------------------------
 def cmd_train(args: argparse.Namespace) -> int:
-    from .config import MAX_EPOCHS
     from .local import train_site
+    from .options import check_options, check_steps
 
-    from .options import check_steps
-
-    for flag, v in (("--vae-epochs", args.vae_epochs), ("--diffusion-epochs", args.diffusion_epochs)):
-        if v is not None and not 0 <= v <= MAX_EPOCHS:
-            raise UserError(f"{flag}: must be between 0 and {MAX_EPOCHS}, got {v}")
+    check_options(args, "--vae-epochs", "--diffusion-epochs")
     check_steps("--steps", args.steps)
     summary = train_site(Path(args.site), Path(args.out), model_kind=args.model,
                          model_config=Path(args.config) if args.config else None,
@@ -126,10 +123,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from .predict import case_dirs_under, is_case_dir, predict_case, predict_folder
+    from .case_io import hidden_case_dirs, is_case_dir, list_cases
+    from .predict import predict_case, predict_folder
 
     folder = Path(args.case)
-    if is_case_dir(folder) or not folder.is_dir() or not case_dirs_under(folder):  # one case (checked as such)
+    if is_case_dir(folder) or not folder.is_dir() or not (list_cases(folder) or hidden_case_dirs(folder)):
+        # one case (checked as such)
         out = predict_case(Path(args.checkpoint), Path(args.case), Path(args.out), samples=args.samples,
                            steps=args.steps, seed=args.seed, device=args.device, overwrite=args.overwrite,
                            rtdose=args.rtdose, force=args.force)
@@ -143,10 +142,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
         else:
             print(f"{name}: {pred.total_seconds:.2f} s -> {Path(pred.written['dose']).parent}", flush=True)
 
-    done, failed = predict_folder(Path(args.checkpoint), Path(args.case), Path(args.out), samples=args.samples,
-                                  steps=args.steps, seed=args.seed, device=args.device, overwrite=args.overwrite,
-                                  rtdose=args.rtdose, force=args.force, on_case=progress)
-    print(f"predicted {len(done)} case(s) into {args.out}" + (f"; {len(failed)} failed" if failed else ""))
+    done, failed, hidden = predict_folder(Path(args.checkpoint), Path(args.case), Path(args.out),
+                                          samples=args.samples, steps=args.steps, seed=args.seed, device=args.device,
+                                          overwrite=args.overwrite, rtdose=args.rtdose, force=args.force,
+                                          on_case=progress)
+    for name in hidden:  # never silently left out
+        print(f"{name}: skipped: hidden folder (its name starts with '.'); rename it without the '.' to predict it")
+    print(f"predicted {len(done)} case(s) into {args.out}" + (f"; {len(failed)} failed" if failed else "")
+          + (f"; {len(hidden)} hidden folder(s) skipped" if hidden else ""))
     return 1 if failed else 0
 
 
@@ -154,11 +157,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .config import load_site_config
     from .formats import json_safe
     from .local import evaluate_checkpoint
-    from .options import check_seed, check_steps
+    from .options import check_options, check_steps
     from .outputs import check_output_file, write_output_bytes
 
     check_steps("--steps", args.steps)
-    check_seed("--seed", args.seed)
+    check_options(args, "--seed")
     if args.out:
         check_output_file(Path(args.out), overwrite=args.overwrite,
                           data_dirs=(load_site_config(Path(args.site)).data_dir,))

@@ -22,19 +22,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from .case_io import is_case_dir
 from .config import ConfigError
 
-CASE_MARKERS = ("plan.yaml", "ct.nii.gz")
 LOCK_NAME = ".addiff.lock"
-
-
-def _is_case_dir(p: Path) -> bool:
-    return p.is_dir() and any((p / m).exists() for m in CASE_MARKERS)
 
 
 def _holds_cases(p: Path) -> bool:
     try:
-        return p.is_dir() and any(_is_case_dir(c) for c in p.iterdir())
+        return p.is_dir() and any(is_case_dir(c) for c in p.iterdir())
     except OSError:
         return False
 
@@ -48,7 +44,7 @@ def _refuse_case_or_data(shown: Path, real: Path, data_dirs: tuple[Path, ...], h
     """ConfigError (one line) if ``real`` is, or is inside, a case folder, holds case folders or
     lies inside one of ``data_dirs``. ``how``: how the output gets there (e.g. through a link)."""
     for p in (real, *real.parents):
-        if _is_case_dir(p):
+        if is_case_dir(p):
             raise ConfigError(f"{shown}: {how}is {'a case folder' if p == real else 'inside the case folder ' + str(p)}; "
                               "outputs never go into case folders: choose another --out")
     if _holds_cases(real):

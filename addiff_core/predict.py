@@ -24,7 +24,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from .case_io import CaseError, load_case
+from .case_io import CaseError, hidden_case_dirs, list_cases, load_case
 from .checkpoint import CheckpointError, load_checkpoint, load_model_state
 from .config import ConfigError, ModelConfig, resolve_device
 from .formats import csv_text
@@ -60,15 +60,6 @@ def load_model(checkpoint: Path, device: torch.device) -> tuple[torch.nn.Module,
     model = build_model(cfg)
     load_model_state(model, state, str(checkpoint))
     return model.to(device).eval(), cfg, meta
-
-
-def is_case_dir(path: Path) -> bool:
-    return (Path(path) / "ct.nii.gz").is_file()
-
-
-def case_dirs_under(root: Path) -> list[Path]:
-    """The case folders directly under ``root`` (sorted by name)."""
-    return sorted(p for p in Path(root).iterdir() if p.is_dir() and is_case_dir(p))
 
 
 @dataclass
@@ -251,15 +242,19 @@ def predict_case(checkpoint: Path, case_dir: Path, out_dir: Path, *, samples: in
 
 def predict_folder(checkpoint: Path, cases_root: Path, out_root: Path, *, samples: int = 1, steps: int | None = None,
                    seed: int = 0, device: str = "auto", overwrite: bool = False, rtdose: bool = False,
-                   force: bool = False, on_case=None) -> tuple[dict[str, Prediction], dict[str, str]]:
-    """Every case folder directly under ``cases_root`` -> ``out_root/<case>/``, the model loaded
-    once. A case that fails is reported (case -> one-line reason) and the others go on.
+                   force: bool = False, on_case=None
+                   ) -> tuple[dict[str, Prediction], dict[str, str], list[str]]:
+    """Every case folder directly under ``cases_root`` (``case_io.list_cases``, the rule of
+    training and ``data check``) -> ``out_root/<case>/``, the model loaded once. A case that
+    fails is reported (case -> one-line reason) and the others go on. Returns (predictions,
+    failures, hidden folders skipped: names starting with '.', never predicted).
     ``on_case(name, prediction_or_None, error_or_None)`` is called after each case."""
     check_options(samples, steps, seed)
     check_device("--device", device)
-    cases = case_dirs_under(cases_root)
+    cases, hidden = list_cases(cases_root), [h.name for h in hidden_case_dirs(cases_root)]
     if not cases:
-        raise ConfigError(f"{cases_root}: no case folder (a folder with ct.nii.gz) directly under it")
+        raise ConfigError(f"{cases_root}: no case folder (a folder with plan.yaml or ct.nii.gz) directly under it"
+                          + (f"; {len(hidden)} hidden folder(s) skipped: {', '.join(hidden)}" if hidden else ""))
     if Path(out_root).resolve() == Path(cases_root).resolve() or Path(out_root).resolve().is_relative_to(Path(cases_root).resolve()):
         raise ConfigError(f"{out_root}: the output folder must not be inside the cases folder {cases_root}")
     predictor = Predictor(checkpoint, device)
@@ -275,4 +270,4 @@ def predict_folder(checkpoint: Path, cases_root: Path, out_root: Path, *, sample
             failed[case_dir.name] = str(e)
         if on_case:
             on_case(case_dir.name, done.get(case_dir.name), failed.get(case_dir.name))
-    return done, failed
+    return done, failed, hidden
