@@ -12,6 +12,7 @@ from addiff_core.cli import main
 from addiff_core.config import ConfigError, load_site_config
 from addiff_core.data import load_site_data
 from helpers.checks import BREAKERS
+from helpers.cli import assert_one_line, run_cli
 from helpers.models import TINY_MODEL, tiny_site_model
 
 GOOD = ("good_0", "good_1", "good_2")
@@ -71,19 +72,6 @@ def test_skipped_cases_are_reported_in_round_metrics(make_case, tmp_path):
     res = task.train(initial_arrays(site.model), "vae", epochs=1, round_number=1)
     assert res.metrics["skipped_cases"] == 1.0
     assert res.num_examples == 2
-
-
-def run_cli(capsys, *argv) -> tuple[int, str]:
-    code = main(list(argv))
-    err = capsys.readouterr().err.strip()
-    return code, err
-
-
-def assert_one_line(err: str, *needles: str) -> None:
-    lines = [ln for ln in err.splitlines() if ln.startswith("addiff: error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    for n in needles:
-        assert n in lines[0], lines[0]
 
 
 def test_cli_bad_site_files_and_folders(capsys, make_case, tmp_path):

@@ -16,34 +16,17 @@ import pytest
 import torch
 import yaml
 
-from addiff_core.cli import main
-from addiff_core.config import ConfigError, GridConfig, ModelConfig
+from addiff_core.config import ConfigError
+from helpers.cli import assert_one_line, run_cli
 from helpers.models import TINY_MODEL
-
-
-def run_cli(capsys, *argv) -> tuple[int, str]:
-    code = main([str(a) for a in argv])
-    return code, capsys.readouterr().err.strip()
-
-
-def assert_one_line(err: str, *needles: str) -> None:
-    lines = [ln for ln in err.splitlines() if ln.startswith("addiff: error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    for n in needles:
-        assert n in lines[0], lines[0]
 
 
 @pytest.fixture
 def rx_model(monkeypatch):
     """``predict`` with a stand-in model: the prescription everywhere in the region (plausible)."""
-    import addiff_core.predict as predict
+    from helpers.predict_stub import use_rx_model
 
-    def ones(model, batch, cfg, *, steps=None, seed=0, num_samples=1):
-        return torch.ones(batch["ct"].shape), (0.1 * torch.ones(batch["ct"].shape) if num_samples > 1 else None)
-
-    monkeypatch.setattr(predict, "load_model", lambda ckpt, dev: (torch.nn.Identity(), ModelConfig(grid=GridConfig(size=16)), {}))
-    monkeypatch.setattr(predict, "predict_normalised", ones)
-    return Path("stand-in.pt")
+    return use_rx_model(monkeypatch)
 
 
 # ------------------------------------------------------------------------------------------
