@@ -70,8 +70,9 @@ def _child_predict(p: dict) -> dict:
     out = Path(p["out_dir"])
     can_reset = common.reset_peak_rss()
 
-    # warm-up (not timed): first-call allocations, oneDNN/cuDNN kernel selection
-    predict_case(ckpt, cases[0], out / "warmup", device=p["device"])
+    # warm-up (not timed): first-call allocations, oneDNN/cuDNN kernel selection. force: untrained
+    # weights, whose doses predict's plausibility check would refuse (speed only)
+    predict_case(ckpt, cases[0], out / "warmup", device=p["device"], force=True)
     parts = ("load_model", "case_check", "preprocess", "sample", "map_back")
     times: dict[str, list[float]] = {k: [] for k in ("predict", *parts, "condition", "decode", "remainder")}
     cpu: dict[str, list[float]] = {"predict": [], "sample": []}
@@ -84,7 +85,7 @@ def _child_predict(p: dict) -> dict:
         common.reset_peak_rss()
         common.cuda_reset_peak(dev)
         with common.Stopwatch(dev) as sw:
-            predict_case(ckpt, case_dir, out / f"rep{r}", device=p["device"])
+            predict_case(ckpt, case_dir, out / f"rep{r}", device=p["device"], force=True)
         times["predict"].append(sw.wall)
         cpu["predict"].append(sw.cpu)
         peak_predict.append(common.peak_rss_mib())
@@ -151,7 +152,8 @@ def _cli_seconds(ckpt: Path, case_dir: Path, out: Path, device: str, reps: int, 
     vals = []
     for r in range(reps):
         cmd = [sys.executable, "-c", "import sys; from addiff_core.cli import main; sys.exit(main())", "predict",
-               "--checkpoint", str(ckpt), "--case", str(case_dir), "--out", str(out / f"cli{r}"), "--device", device]
+               "--checkpoint", str(ckpt), "--case", str(case_dir), "--out", str(out / f"cli{r}"), "--device", device,
+               "--force"]  # untrained weights (see _child_predict)
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=str(common.REPO), env=env)
         dt = time.perf_counter() - t0

@@ -92,8 +92,9 @@ def heldout_cases(bench_dir: Path) -> list[tuple[str, Path]]:
 
 
 def run_setting(name: str, checkpoint: Path, cases: list[tuple[str, Path]], steps: int | None, reps: int,
-                device: str, work: Path, score: bool) -> dict:
-    """One speed setting: load once, warm up, ``reps`` passes over ``cases``; scores of pass 1."""
+                device: str, work: Path, score: bool, force: bool = False) -> dict:
+    """One speed setting: load once, warm up, ``reps`` passes over ``cases``; scores of pass 1.
+    ``force``: an untrained stand-in model, whose implausible doses predict would refuse."""
     import SimpleITK as sitk
 
     from addiff_core.case_io import load_case
@@ -102,13 +103,13 @@ def run_setting(name: str, checkpoint: Path, cases: list[tuple[str, Path]], step
 
     pred = Predictor(checkpoint, device)
     timer = ModelPartTimer(pred.model, pred.device)
-    pred.predict(cases[0][1], work / name / "warmup", steps=steps, overwrite=True)
+    pred.predict(cases[0][1], work / name / "warmup", steps=steps, overwrite=True, force=force)
     timer.take()
     per_case, dose_scores, dvh_errors = [], [], []
     try:
         for rep in range(reps):
             for site, case_dir in cases:
-                p = pred.predict(case_dir, work / name / case_dir.name, steps=steps, overwrite=True)
+                p = pred.predict(case_dir, work / name / case_dir.name, steps=steps, overwrite=True, force=force)
                 parts = timer.take()
                 row = {"site": site, "case": case_dir.name, "rep": rep, "total": p.total_seconds, **p.seconds, **parts,
                        "denoise": p.seconds["model"] - sum(parts.values())}
@@ -133,20 +134,20 @@ def run_setting(name: str, checkpoint: Path, cases: list[tuple[str, Path]], step
     return out
 
 
-def cold_runs(checkpoint: Path, cases: list[tuple[str, Path]], device: str, work: Path) -> dict:
+def cold_runs(checkpoint: Path, cases: list[tuple[str, Path]], device: str, work: Path, force: bool = False) -> dict:
     """predict_case with the checkpoint load, and the command line (new process) for one case
-    and for a folder of cases."""
+    and for a folder of cases (``force``: a stand-in model, as in :func:`run_setting`)."""
     from addiff_core.predict import predict_case
 
     with common.Stopwatch() as sw:
-        predict_case(checkpoint, cases[0][1], work / "cold" / "one", device=device, overwrite=True)
+        predict_case(checkpoint, cases[0][1], work / "cold" / "one", device=device, overwrite=True, force=force)
     folder = work / "cold_cases"
     folder.mkdir(parents=True, exist_ok=True)
     for _, c in cases:  # copies: a case folder that is a symlink out of its folder is refused (checks.py)
         if not (folder / c.name).exists():
             shutil.copytree(c, folder / c.name)
     cli = [sys.executable, "-m", "addiff_core.cli", "predict", "--checkpoint", str(checkpoint), "--device", device,
-           "--overwrite"]
+           "--overwrite"] + (["--force"] if force else [])
     t0 = time.perf_counter()
     subprocess.run(cli + ["--case", str(cases[0][1]), "--out", str(work / "cold" / "cli_one")], check=True,
                    capture_output=True, cwd=common.REPO)
@@ -236,12 +237,13 @@ def _measure(args, device: str, work: Path) -> dict:
         cases = heldout_cases(args.bench_dir)
         reps, steps_list, cases128 = args.reps, common.parse_list(args.steps), cases[:args.cases_128]
     progress(f"{len(cases)} held-out case(s), {reps} pass(es), device {device}")
-    settings = [run_setting(f"addiff_{s}step", ckpts["diffusion"], cases, s, reps, device, work, score=True)
-                for s in steps_list]
-    settings.append(run_setting("unet", ckpts["unet"], cases, None, reps, device, work, score=True))
+    stand_in = args.smoke  # untrained smoke models: predict's plausibility check would refuse their doses
+    settings = [run_setting(f"addiff_{s}step", ckpts["diffusion"], cases, s, reps, device, work, score=True,
+                            force=stand_in) for s in steps_list]
+    settings.append(run_setting("unet", ckpts["unet"], cases, None, reps, device, work, score=True, force=stand_in))
     # each cold run starts two processes (~9 CPU-s of imports each): the smoke run times one model's cold start
     cold_kinds = ("diffusion",) if args.smoke else ("diffusion", "unet")
-    cold = {kind: cold_runs(ckpts[kind], cases, device, work / f"cold_{kind}") for kind in cold_kinds}
+    cold = {kind: cold_runs(ckpts[kind], cases, device, work / f"cold_{kind}", force=stand_in) for kind in cold_kinds}
     grid128 = []
     if cases128:
         import torch
@@ -249,7 +251,7 @@ def _measure(args, device: str, work: Path) -> dict:
         _, cfg64, _ = load_model(ckpts["diffusion"], torch.device("cpu"))
         for kind, ck in grid128_checkpoints(cfg64, work).items():
             grid128.append(run_setting(f"{'addiff' if kind == 'diffusion' else 'unet'}_128", ck, cases128, None, reps,
-                                       device, work, score=False))
+                                       device, work, score=False, force=True))  # untrained: speed only
     default = next(s for s in settings if s["kind"] == "diffusion" and s["steps"] == _default_steps(ckpts["diffusion"]))
     unet = settings[-1]
     return {"settings": settings, "cold": cold, "grid128": grid128,
