@@ -190,6 +190,22 @@ def plan_from_dict(d: Any, case: str | Path = "<plan>") -> Plan:
     return plan
 
 
+def case_file(case_dir: str | Path, rel: str) -> Path:
+    """``case_dir/rel`` if it may be read: present, a regular file inside the case folder
+    (:func:`limits.file_problem`: no FIFO, device or link out of the case).
+
+    Raises:
+        CaseError: missing or refused, naming the file.
+    """
+    path = Path(case_dir) / rel
+    if not os.path.lexists(path):
+        raise CaseError(case_dir, rel, "missing")
+    refused = file_problem(path, case_dir)
+    if refused:
+        raise CaseError(case_dir, rel, refused)
+    return path
+
+
 def read_case_yaml(case_dir: str | Path, rel: str) -> Any:
     """A YAML file of a case folder (``plan.yaml``, ``dicom.yaml``) as plain data, through the one
     safe loader (``yamlsafe``); only a regular file inside the case folder is read.
@@ -200,12 +216,7 @@ def read_case_yaml(case_dir: str | Path, rel: str) -> Any:
     from . import yamlsafe
 
     case_dir = Path(case_dir)
-    p = case_dir / rel
-    if not os.path.lexists(p):
-        raise CaseError(case_dir, rel, "missing")
-    refused = file_problem(p, case_dir)
-    if refused:
-        raise CaseError(case_dir, rel, refused)
+    p = case_file(case_dir, rel)
     try:
         return yamlsafe.load_file(p)
     except yamlsafe.YamlRefused as e:
@@ -247,12 +258,7 @@ def write_plan(case_dir: str | Path, plan: Plan) -> None:
 def read_image(case_dir: str | Path, rel: str, images: Mapping[str, sitk.Image] | None = None) -> sitk.Image:
     """``case_dir/rel``; ``images``: images already read (``checks.check_case``) are taken from it
     (after the same path checks) instead of being read again."""
-    path = Path(case_dir) / rel
-    if not os.path.lexists(path):
-        raise CaseError(case_dir, rel, "missing")
-    refused = file_problem(path, case_dir)
-    if refused:
-        raise CaseError(case_dir, rel, refused)
+    path = case_file(case_dir, rel)
     if images is not None and rel in images:
         return images[rel]
     refused = image_size_problem(path)  # from the header, before SimpleITK allocates the voxels
