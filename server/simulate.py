@@ -346,12 +346,12 @@ def cmd_simulate(args) -> int:
 def check_options(args) -> None:
     """Every number of the command line, before any work: one line naming the option (a
     negative --steps or a seed past 2^32 were tracebacks deep in a run)."""
-    from addiff_core.options import check_options, check_synth
+    from addiff_core.options import check_options as check_bounds, check_synth
 
     if not args.site_files and not args.resume:
         check_synth(args.sites, args.cases_per_site, args.size or 32, args.data_seed, seed_flag="--data-seed")
-    check_options(args, "--size", "--seed", "--eval-steps", "--local-epochs", "--min-sites", "--proximal-mu",
-                  "--stop-after-round")
+    check_bounds(args, "--size", "--seed", "--eval-steps", "--local-epochs", "--min-sites", "--proximal-mu",
+                 "--stop-after-round")
 
 
 def check_settings(settings) -> None:
