@@ -71,6 +71,31 @@ def mae_normalised(pred: np.ndarray, ref: np.ndarray, rx: float, mask: np.ndarra
     return mae(pred, ref, mask) / float(rx)
 
 
+def sample_uncertainty(mean: np.ndarray, std: np.ndarray, ref: np.ndarray, mask: np.ndarray | None = None,
+                       k: float = 2.0) -> dict[str, float]:
+    """How well a sampled prediction's voxel-wise std (Gy) tells where its mean is wrong, over
+    ``mask`` (all voxels if None). Keys: ``spearman`` (Spearman's rho between std and
+    ``|mean - ref|``; nan with fewer than 2 voxels or a constant std or error), ``mean_std_gy``
+    and ``coverage`` (the fraction of voxels whose reference lies within ``mean +- k std``,
+    ends included); nan everywhere for an empty mask.
+
+    Raises:
+        ValueError: arrays of different shapes.
+    """
+    from scipy.stats import spearmanr
+
+    mean, ref = _check_pair(mean, ref)
+    std, _ = _check_pair(std, ref)
+    m = as_mask(mask, ref.shape)
+    s, err = std[m], np.abs(mean[m] - ref[m])
+    if s.size == 0:
+        return {"spearman": math.nan, "mean_std_gy": math.nan, "coverage": math.nan}
+    ranked = s.size >= 2 and np.ptp(s) > 0 and np.ptp(err) > 0  # spearmanr warns and gives nan otherwise
+    return {"spearman": float(spearmanr(s, err).statistic) if ranked else math.nan,
+            "mean_std_gy": float(s.mean()),
+            "coverage": float(np.mean(err <= k * s))}
+
+
 # --------------------------------------------------------------------------------------------
 # OpenKBP scores (patient level; cohorts and sites combine them below)
 # --------------------------------------------------------------------------------------------

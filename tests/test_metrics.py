@@ -39,6 +39,32 @@ def test_mae_and_normalised():
         M.mae_normalised(pred, ref, 0.0)
 
 
+def test_sample_uncertainty_by_hand():
+    # in the mask: |error| 0, 0.5, 1, 3 and std 0.1, 0.2, 0.6, 1.0 rank alike (rho 1); within mean +- 2 std:
+    # 0 <= 0.2 yes, 0.5 <= 0.4 no, 1 <= 1.2 yes, 3 <= 2 no -> 1/2; the fifth voxel (outside) would spoil all three
+    mean = np.array([1.0, 1.0, 1.0, 1.0, 50.0])
+    ref = np.array([1.0, 1.5, 2.0, 4.0, 0.0])
+    std = np.array([0.1, 0.2, 0.6, 1.0, 0.0])
+    mask = np.array([True, True, True, True, False])
+    u = M.sample_uncertainty(mean, std, ref, mask)
+    assert u["spearman"] == pytest.approx(1.0)
+    assert u["mean_std_gy"] == pytest.approx(1.9 / 4)
+    assert u["coverage"] == pytest.approx(0.5)
+    # the std ranks the errors backwards: rho -1; k widens the band: within +- 30 std all four
+    # (the last at the end of its band: 3 <= 30 x 0.1)
+    back = M.sample_uncertainty(mean, np.array([1.0, 0.6, 0.2, 0.1, 0.0]), ref, mask, k=30.0)
+    assert back["spearman"] == pytest.approx(-1.0) and back["coverage"] == pytest.approx(1.0)
+    # ties: std ranks (1.5, 1.5, 3.5, 3.5), error ranks (1, 2, 3, 4): rho = 4 / sqrt(4 * 5) = 2 / sqrt(5)
+    tied = M.sample_uncertainty(mean[:4], np.array([0.0, 0.0, 1.0, 1.0]), ref[:4])
+    assert tied["spearman"] == pytest.approx(2 / math.sqrt(5))
+    # identical samples (std 0 everywhere): no ranking, and only the exact voxels are covered
+    flat = M.sample_uncertainty(mean[:4], np.zeros(4), ref[:4])
+    assert math.isnan(flat["spearman"]) and flat["mean_std_gy"] == 0.0 and flat["coverage"] == pytest.approx(0.25)
+    assert all(math.isnan(v) for v in M.sample_uncertainty(mean, std, ref, np.zeros(5, bool)).values())
+    with pytest.raises(ValueError):
+        M.sample_uncertainty(mean, std[:3], ref)
+
+
 # --------------------------------------------------------------------------------------------
 # DVH points: 101 voxels with doses 0..100 Gy, so D_x = 100 - x exactly
 # --------------------------------------------------------------------------------------------
