@@ -1,4 +1,5 @@
-"""Figures a physicist reads at a glance: dose slices, DVH curves, per-site bars, training curves.
+"""Figures a physicist reads at a glance: dose slices, sample uncertainty beside the error, DVH curves,
+per-site bars, training curves.
 
 Pure functions: arrays and numbers in, a PNG file out (matplotlib's Agg backend, no display).
 Arrays are (z, y, x) as everywhere in addiff-fl; spacing is (x, y, z) in mm. The slice views
@@ -28,6 +29,7 @@ ISODOSE_COLOURS = {0.3: "#1f4fff", 0.5: "#00c000", 0.8: "#ffd000", 0.95: "#ff202
 CT_WINDOW = (-800.0, 1000.0)  # HU shown from black to white under the dose colourwash
 WASH_FROM = 0.1  # dose colourwash from this fraction of Rx up (the CT stays readable in the low-dose bath)
 DIFF_FROM = 0.03  # difference colourwash where |pred - ref| >= this fraction of Rx (the 3 % of gamma 3%/2mm)
+UNCERTAINTY_FROM = 0.05  # std / |error| colourwash from this fraction of their shared scale's top (CT readable)
 TARGET_COLOUR = "#ff00ff"
 DPI = 100
 
@@ -44,6 +46,25 @@ def _views(vol: np.ndarray, centre: Sequence[int]) -> list[np.ndarray]:
 def _aspects(spacing: Sequence[float]) -> list[float]:
     sx, sy, sz = spacing
     return [sy / sx, sz / sx, sz / sy]
+
+
+def _slice_centre(target: np.ndarray | None, peak: np.ndarray) -> list[int]:
+    """The (z, y, x) voxel the slices go through: the target's centre, else ``peak``'s maximum."""
+    if target is not None and np.asarray(target).any():
+        return [int(round(float(np.mean(ix)))) for ix in np.nonzero(target)]
+    return [int(v) for v in np.unravel_index(int(np.argmax(peak)), peak.shape)]
+
+
+def _slice_grid(shape: Sequence[int], spacing: Sequence[float], n_rows: int):
+    """(figure, axes[n_rows][3]) for axial/coronal/sagittal panels of a (z, y, x) volume."""
+    sx, sy, sz = (float(s) for s in spacing)
+    nz, ny, nx = shape
+    widths = [nx * sx, nx * sx, ny * sy]  # physical widths: panels of equal mm scale per row
+    heights = max(ny * sy, nz * sz)
+    row_h = 3.2
+    fig_w = row_h * sum(widths) / heights + 1.6
+    fig = plt.figure(figsize=(min(max(fig_w, 9.0), 16.0), row_h * n_rows + 1.2), layout="constrained")
+    return fig, fig.subplots(n_rows, 3, squeeze=False, gridspec_kw={"width_ratios": widths})
 
 
 def _save(fig, path: Path) -> Path:
@@ -79,11 +100,7 @@ def dose_slices_figure(path: Path, ct_hu: np.ndarray, ref: np.ndarray | None, pr
     Arrays (z, y, x) in LPS order, doses in Gy, spacing (x, y, z) mm."""
     pred = np.asarray(pred, dtype=np.float32)
     ref = None if ref is None else np.asarray(ref, dtype=np.float32)
-    if target is not None and np.asarray(target).any():
-        centre = [int(round(float(np.mean(ix)))) for ix in np.nonzero(target)]
-    else:
-        peak = ref if ref is not None and ref.max() > 0 else pred
-        centre = [int(v) for v in np.unravel_index(int(np.argmax(peak)), peak.shape)]
+    centre = _slice_centre(target, ref if ref is not None and ref.max() > 0 else pred)
     rows = [("reference", ref), ("predicted", pred)] if ref is not None else [("predicted", pred)]
     diff = pred - ref if ref is not None else None
     if diff is not None:
@@ -91,15 +108,7 @@ def dose_slices_figure(path: Path, ct_hu: np.ndarray, ref: np.ndarray | None, pr
             diff = np.where(np.asarray(eval_mask, dtype=bool), diff, 0.0)
         rows.append(("predicted - reference", diff))
 
-    sx, sy, sz = (float(s) for s in spacing)
-    nz, ny, nx = pred.shape
-    widths = [nx * sx, nx * sx, ny * sy]  # physical widths: panels of equal mm scale per row
-    heights = max(ny * sy, nz * sz)
-    row_h = 3.2
-    fig_w = row_h * sum(widths) / heights + 1.6
-    fig = plt.figure(figsize=(min(max(fig_w, 9.0), 16.0), row_h * len(rows) + 1.2), layout="constrained")
-    axes = fig.subplots(len(rows), 3, squeeze=False, gridspec_kw={"width_ratios": widths})
-
+    fig, axes = _slice_grid(pred.shape, spacing, len(rows))
     vmax = float(max(pred.max(), ref.max() if ref is not None else 0.0, rx) * 1.05)
     if diff is not None:
         sel = (np.maximum(pred, ref) > 0.05 * rx)
@@ -150,6 +159,59 @@ def dose_slices_figure(path: Path, ct_hu: np.ndarray, ref: np.ndarray | None, pr
         handles.append(Line2D([], [], color=TARGET_COLOUR, lw=1.2, ls="--", label=target_name or "target"))
     fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=8, frameon=False,
                title=f"isodose lines (Rx = {rx:g} Gy)", title_fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    return _save(fig, path)
+
+
+def uncertainty_slices_figure(path: Path, ct_hu: np.ndarray, std: np.ndarray, abs_error: np.ndarray,
+                              spacing: Sequence[float], title: str = "", samples: int | None = None,
+                              target: np.ndarray | None = None, target_name: str | None = None,
+                              dose: np.ndarray | None = None, eval_mask: np.ndarray | None = None) -> Path:
+    """Where a sampled prediction is unsure next to where it is wrong: the voxel-wise std of the
+    samples (row 1) and ``|mean - reference|`` (row 2), in Gy on ONE colour scale (the 99.5th
+    percentile of both inside ``eval_mask``) over the CT, in the axial/coronal/sagittal slices of
+    :func:`dose_slices_figure` (through the target centre, else the maximum of ``dose``), shown
+    inside ``eval_mask`` when given, from ``UNCERTAINTY_FROM`` of the scale's top. Arrays (z, y, x) in LPS order, spacing (x, y, z) mm.
+
+    Args:
+        samples: the number of samples behind the std, named in its row's titles.
+    """
+    std = np.asarray(std, dtype=np.float32)
+    err = np.asarray(abs_error, dtype=np.float32)
+    em = np.ones(std.shape, bool) if eval_mask is None else np.asarray(eval_mask, dtype=bool)
+    centre = _slice_centre(target, np.asarray(dose if dose is not None else err, dtype=np.float32))
+    both = np.concatenate([std[em], err[em]])
+    vmax = max(float(np.percentile(both, 99.5)) if both.size else 0.0, 1e-3)  # one scale: the rows compare
+    fig, axes = _slice_grid(std.shape, spacing, 2)
+    ct_views = _views(np.clip(ct_hu, *CT_WINDOW), centre)
+    tgt_views = _views(np.asarray(target, dtype=np.float32), centre) if target is not None else [None] * 3
+    em_views = _views(em, centre)
+    rows = [(f"sample std ({samples} samples)" if samples else "sample std", std), ("|mean - reference|", err)]
+    im = None
+    for r, (label, vol) in enumerate(rows):
+        for c, (view, aspect, v) in enumerate(zip(("axial", "coronal", "sagittal"), _aspects(spacing),
+                                                   _views(vol, centre))):
+            ax = axes[r][c]
+            ax.imshow(ct_views[c], cmap="gray", aspect=aspect, vmin=CT_WINDOW[0], vmax=CT_WINDOW[1],
+                      interpolation="nearest")
+            shown = np.ma.masked_where(~em_views[c] | (v < UNCERTAINTY_FROM * vmax), v)
+            im = ax.imshow(shown, cmap="inferno", vmin=0.0, vmax=vmax, alpha=0.75, aspect=aspect,
+                           interpolation="nearest")
+            if tgt_views[c] is not None and tgt_views[c].any():
+                ax.contour(tgt_views[c], levels=[0.5], colors=TARGET_COLOUR, linewidths=1.0, linestyles="--")
+            _orientation_labels(ax, view)
+            # the row's maximum: a std far below the error is invisible on the shared scale, and that is the finding
+            top = f" (max {float(vol[em].max()) if em.any() else 0.0:.2g} Gy)" if c == 0 else ""
+            ax.set_title(f"{label}{top}: {view}", fontsize=9)
+            ax.set_xticks([])
+            ax.set_yticks([])
+    cb = fig.colorbar(im, ax=[a for row in axes for a in row], shrink=0.9, pad=0.01, aspect=30, extend="max")
+    cb.set_label(f"Gy, one scale for both rows (shown from {100 * UNCERTAINTY_FROM:g} % of its top)", fontsize=8)
+    cb.ax.tick_params(labelsize=7)
+    if target is not None and np.asarray(target).any():
+        fig.legend(handles=[Line2D([], [], color=TARGET_COLOUR, lw=1.2, ls="--", label=target_name or "target")],
+                   loc="outside lower center", fontsize=8, frameon=False)
     if title:
         fig.suptitle(title, fontsize=11)
     return _save(fig, path)

@@ -6,6 +6,7 @@ final_metrics.json, run.json pointing at two synthetic sites; run.json and metri
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -15,7 +16,7 @@ import torch
 
 from addiff_core import cli
 from addiff_core.checkpoint import save_checkpoint
-from addiff_core.config import GridConfig, ModelConfig
+from addiff_core.config import GridConfig, ModelConfig, load_site_config
 from addiff_core.models import build_model
 from addiff_core.report import write_report
 from addiff_core.run_folder import RunFolder
@@ -37,15 +38,20 @@ def final_row(site: str, mae: float) -> dict:
             "constraint_compliance_ref": 1.0}
 
 
-def make_run(root: Path, site_files: list[Path], *, comparison: bool = True) -> Path:
+def make_run(root: Path, site_files: list[Path], *, comparison: bool = True, kind: str = "diffusion") -> Path:
     run = root / "run"
     folder = RunFolder(run)
-    cfg = tiny_config()
+    cfg = dataclasses.replace(tiny_config(), kind=kind)
     torch.manual_seed(0)
     model = build_model(cfg)
-    model.diffusion.latent_scale.fill_(1.0)
+    if kind == "diffusion":
+        model.diffusion.latent_scale.fill_(1.0)
+        with torch.no_grad():  # MONAI zero-initialises the denoiser's last convs: samples would not differ
+            for p in model.diffusion.denoiser.parameters():
+                if p.ndim > 1 and not p.any():
+                    p.normal_(0.0, 0.05)
     state = model.state_dict()
-    meta = {"round": 2, "stage": "diffusion", "strategy": "fedavg"}
+    meta = {"round": 2, "stage": kind, "strategy": "fedavg"}
     save_checkpoint(folder.checkpoint_path(1), state, cfg, {**meta, "round": 1, "stage": "vae"})
     save_checkpoint(folder.checkpoint_path(2), state, cfg, meta)
     save_checkpoint(folder.final_model, state, cfg, {**meta, "stage": "final"})
@@ -102,7 +108,7 @@ def _png_ok(path: Path, min_kb: float = 5.0) -> None:
     assert float(img[..., :3].std()) > 0.02, f"{path.name} looks blank"
 
 
-def test_report_sections_tables_and_figures(full_report: Path):
+def test_report_sections_tables_and_figures(full_report: Path, sites):
     md = full_report.read_text()
     run = full_report.parent.parent
     for heading in ("# Run report", "## Run summary", "## Training", "### Stage vae", "### Stage diffusion",
@@ -127,13 +133,23 @@ def test_report_sections_tables_and_figures(full_report: Path):
     refs = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
     names = {Path(r).name for r in refs}
     for want in ("training_vae.png", "training_diffusion.png", "mae_per_site.png",
-                 "site_hospital_a_slices.png", "site_hospital_a_dvh.png",
-                 "site_hospital_b_slices.png", "site_hospital_b_dvh.png"):
+                 "site_hospital_a_slices.png", "site_hospital_a_dvh.png", "site_hospital_a_uncertainty.png",
+                 "site_hospital_b_slices.png", "site_hospital_b_dvh.png", "site_hospital_b_uncertainty.png"):
         assert want in names, want
     for r in refs:
         _png_ok(full_report.parent / r)
     # DVH points of the shown case
     assert "| structure | type | Dmean ref (Gy) |" in md
+    # the std of 8 samples beside the error of their mean: one sentence of numbers per site
+    found = re.findall(r"from 8 samples \(prediction seed 0\), inside the evaluation region: Spearman's rho between "
+                       r"the sample std and \|mean - reference\| (-?\d\.\d\d), mean std (\d+\.\d{3}) Gy, and the reference "
+                       r"lies within mean \+- 2 std in (\d+\.\d) % of the voxels \(calibration\)", md)
+    assert len(found) == 2, md
+    for rho, std, within in found:
+        assert -1 <= float(rho) <= 1 and float(std) > 0 and 0 <= float(within) <= 100
+    # a server's report names no case: the shown case is "1", never its folder name
+    case_ids = [c.name for s in sites for c in load_site_config(s).data_dir.iterdir()]
+    assert "held-out case 1" in md and case_ids and not any(c in md for c in case_ids)
     # html: same content
     html = (run / "report" / "report.html").read_text()
     assert html.startswith("<!DOCTYPE html>") and "<table>" in html
@@ -153,6 +169,14 @@ def test_site_option_limits_figures_and_explains_the_rest(tmp_path, sites):
     assert "site_hospital_a_slices.png" in figs and not any("hospital_b" in f for f in figs)
     # without comparison.json: the MAE chart of the federated model alone, and a hint
     assert "## MAE (Gy) per site" in md and "comparison.json" in md and "mae_per_site.png" in figs
+
+
+def test_unet_report_has_no_uncertainty_map(tmp_path, sites):
+    run = make_run(tmp_path, sites, comparison=False, kind="unet")
+    md = write_report(run, site_files=[sites[0]]).read_text()
+    assert "No uncertainty map: the U-Net baseline is deterministic" in md and "Spearman" not in md
+    figs = {p.name for p in (run / "report" / "figures").glob("*.png")}
+    assert "site_hospital_a_slices.png" in figs and not any("uncertainty" in f for f in figs)
 
 
 def test_missing_data_never_raises(tmp_path):

@@ -28,7 +28,10 @@ extra dependency) and ``RUN_DIR/report/figures/*.png``:
    the final model (``final_model.pt``, else the newest valid round checkpoint) predicts the
    site's first held-out case (the same split and seed as the final evaluation); the report
    shows axial/coronal/sagittal slices of reference, predicted and difference dose on the CT,
-   the DVH of targets and the most irradiated OARs, and a few DVH points. In a real deployment
+   the DVH of targets and the most irradiated OARs, and a few DVH points; for a diffusion model
+   also the voxel-wise std of ``site_figures.UNCERTAINTY_SAMPLES`` samples beside the error of
+   their mean, with Spearman's rho, the mean std and the mean +- 2 std coverage (the U-Net: a
+   sentence that it is deterministic). In a real deployment
    the server holds no patient data: sites without figures get a note on how to add them at
    the hospital (``addiff report RUN_DIR --site sites/x.yaml``); those figures stay there.
 

@@ -1,10 +1,13 @@
 """The report's per-site figures: the run's model predicts one held-out case of every site whose
 data is reachable here, with the product's prediction path (``training.predict_normalised``, then
 ``preprocessing.dose_to_ct_grid`` and ``regions.zero_outside``, as ``addiff predict``), and the
-report shows dose slices, the DVH and a few DVH points."""
+report shows dose slices, the DVH and a few DVH points; for a diffusion model also the std of
+``UNCERTAINTY_SAMPLES`` samples beside the error of their mean (``metrics.sample_uncertainty``)."""
 from __future__ import annotations
 
 import logging
+import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +18,8 @@ from .run_data import RunData
 
 log = logging.getLogger("addiff_core.report")
 MAX_OARS_IN_DVH = 6
+# samples behind the std map: each one more DDIM pass (the 32^3 demo: about 1 CPU-second more per site, figure included)
+UNCERTAINTY_SAMPLES = 8
 
 
 # ------------------------------------------------------------------------------------------
@@ -170,6 +175,14 @@ def _first_heldout_case(ctx: ReportContext, site, show_ids: bool):
 def predict_on_ct_grid(model, cfg, case, device: str, *, steps: int | None, seed: int):
     """(predicted dose in Gy on the case's CT grid, zero outside its evaluation region; the
     region): the path ``addiff predict`` takes, on ``device`` (the CPU if it is not available)."""
+    mean, _, region = sample_on_ct_grid(model, cfg, case, device, steps=steps, seed=seed)
+    return mean, region
+
+
+def sample_on_ct_grid(model, cfg, case, device: str, *, steps: int | None, seed: int, num_samples: int = 1):
+    """(mean dose of ``num_samples`` samples, their voxel-wise std or None, the evaluation
+    region): images in Gy on the case's CT grid, zero outside the region, as ``addiff predict
+    --samples`` writes ``dose.nii.gz`` and ``dose_std.nii.gz``."""
     import torch
 
     from ..config import ConfigError, resolve_device
@@ -185,34 +198,50 @@ def predict_on_ct_grid(model, cfg, case, device: str, *, steps: int | None, seed
     sample, spec = case_to_sample(case, cfg.grid)
     batch = {k: v[None].to(dev) for k, v in sample.items()}
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
-        pred_n, _ = predict_normalised(model, batch, cfg, steps=steps, seed=seed)
+        mean_n, std_n = predict_normalised(model, batch, cfg, steps=steps, seed=seed, num_samples=num_samples)
     region = evaluation_region(case)  # the prediction is shown and scored as it is written: 0 outside
     rx = float(case.plan.max_prescription)
-    return zero_outside(dose_to_ct_grid(pred_n.cpu()[0, 0], rx, spec, case.ct), region), region
+
+    def on_ct(x):
+        return None if x is None else zero_outside(dose_to_ct_grid(x.cpu()[0, 0], rx, spec, case.ct), region)
+
+    return on_ct(mean_n), on_ct(std_n), region
 
 
-def _lps_arrays(case, pred_img, region) -> dict[str, Any]:
-    """CT, reference, prediction, masks and region as arrays, anterior up / patient left on the
-    right whatever the files say, cropped to the evaluation region (plus a margin)."""
+def _lps(img):
+    """``img`` anterior up / patient left on the right whatever the file says."""
+    import SimpleITK as sitk
+
+    try:
+        return sitk.DICOMOrient(img, "LPS")
+    except Exception:  # noqa: BLE001 - oblique directions: leave as is
+        return img
+
+
+def _lps_array(img):
     import numpy as np
     import SimpleITK as sitk
 
-    def lps(img: sitk.Image) -> sitk.Image:
-        try:
-            return sitk.DICOMOrient(img, "LPS")
-        except Exception:  # noqa: BLE001 - oblique directions: leave as is
-            return img
+    return sitk.GetArrayFromImage(_lps(img)).astype(np.float32)
 
-    ct_img = lps(case.ct)
+
+def _lps_arrays(case, pred_img, region) -> dict[str, Any]:
+    """CT, reference, prediction, masks and region as arrays in LPS order (``_lps``), cropped
+    to the evaluation region (plus a margin; the crop is ``"crop"``)."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    ct_img = _lps(case.ct)
     a = {"ct": sitk.GetArrayFromImage(ct_img).astype(np.float32),
-         "ref": sitk.GetArrayFromImage(lps(case.dose)).astype(np.float32),
-         "pred": sitk.GetArrayFromImage(lps(pred_img)).astype(np.float32),
-         "em": sitk.GetArrayFromImage(lps(region)) > 0}
-    masks = {n: sitk.GetArrayFromImage(lps(m)) > 0 for n, m in case.masks.items()}
+         "ref": sitk.GetArrayFromImage(_lps(case.dose)).astype(np.float32),
+         "pred": sitk.GetArrayFromImage(_lps(pred_img)).astype(np.float32),
+         "em": sitk.GetArrayFromImage(_lps(region)) > 0}
+    masks = {n: sitk.GetArrayFromImage(_lps(m)) > 0 for n, m in case.masks.items()}
     sl = _bbox(a["em"] | (a["ref"] > 0.05 * float(case.plan.max_prescription)), margin=4)  # a 512^2 CT is mostly air
     out = {k: v[sl] for k, v in a.items()}
     out["masks"] = {n: m[sl] for n, m in masks.items()}
     out["spacing"] = ct_img.GetSpacing()
+    out["crop"] = sl
     return out
 
 
@@ -251,7 +280,45 @@ def one_site(ctx: ReportContext, site, bundle, show_ids: bool = True) -> bool:
     figure(ctx, f"{site.name}: DVH of held-out case {label}", f"site_{site.name}_dvh.png",
            "dvh_figure", a["ref"], a["pred"], structs, title=f"{site.name} / {label}: DVH", rx=rx, targets=targets)
     _dvh_points_table(ctx, a, structs, targets, float(np.prod(a["spacing"])) / 1000.0)
+    target = (masks[targets[0]], targets[0]) if targets else (None, None)
+    _uncertainty_safely(ctx, site, bundle, case, a, label, seed=seed, steps=steps, target=target)
     return True
+
+
+def _uncertainty_safely(ctx: ReportContext, site, bundle, case, a: dict, label: str, **kw) -> None:
+    try:
+        _uncertainty(ctx, site, bundle, case, a, label, **kw)
+    except Exception as e:  # noqa: BLE001 - the dose figures above stand without it
+        log.debug("report: uncertainty of site %s failed: %s", site.name, e, exc_info=True)
+        ctx.doc.p(f"No uncertainty map for {site.name}: {type(e).__name__}")  # no message: it may name a path
+        ctx.notes.append(f"site {site.name}: uncertainty map failed ({type(e).__name__})")
+
+
+def _uncertainty(ctx: ReportContext, site, bundle, case, a: dict, label: str, *, seed: int, steps: int | None,
+                 target: tuple) -> None:
+    """The std of ``UNCERTAINTY_SAMPLES`` samples beside the error of their mean, and one
+    sentence of numbers (inside the evaluation region); the U-Net gets a sentence instead."""
+    from ..metrics import sample_uncertainty
+
+    model, cfg = bundle[0], bundle[1]
+    n = UNCERTAINTY_SAMPLES
+    if cfg.kind != "diffusion":
+        ctx.doc.p("No uncertainty map: the U-Net baseline is deterministic (one prediction, nothing to sample).")
+        return
+    t0 = time.perf_counter()
+    mean_img, std_img, _ = sample_on_ct_grid(model, cfg, case, site.device, steps=steps, seed=seed, num_samples=n)
+    mean, std = _lps_array(mean_img)[a["crop"]], _lps_array(std_img)[a["crop"]]
+    u = sample_uncertainty(mean, std, a["ref"], a["em"])
+    figure(ctx, f"{site.name}: sample std and error of held-out case {label}", f"site_{site.name}_uncertainty.png",
+           "uncertainty_slices_figure", a["ct"], std, abs(mean - a["ref"]), a["spacing"],
+           title=f"{site.name} / {label}: where the model is unsure vs where it is wrong", samples=n,
+           target=target[0], target_name=target[1], dose=a["ref"] if a["ref"].max() > 0 else a["pred"],
+           eval_mask=a["em"])
+    rho = "n/a (the std or the error is the same everywhere)" if math.isnan(u["spearman"]) else f"{u['spearman']:.2f}"
+    ctx.doc.p(f"Uncertainty of case {label} from {n} samples (prediction seed {seed}), inside the evaluation region: "
+              f"Spearman's rho between the sample std and |mean - reference| {rho}, mean std {u['mean_std_gy']:.3f} Gy, "
+              f"and the reference lies within mean +- 2 std in {100 * u['coverage']:.1f} % of the voxels (calibration).")
+    log.debug("report: %d samples of site %s in %.2f s", n, site.name, time.perf_counter() - t0)
 
 
 def _dvh_points_table(ctx: ReportContext, a: dict, structs: dict, targets: list[str], vcc: float) -> None:
