@@ -20,6 +20,7 @@ class ConfigError(ValueError):
 
 
 PREDICTION_TYPES = ("x0", "v", "epsilon")
+DECODER_ANATOMY = ("planning", "ct", "none")
 MAX_EPOCHS = 10000  # an extra zero must not start a run that never ends
 DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
 # A site's name: a folder name (state/NAME), a table cell and a word in the server's log. The
@@ -144,6 +145,9 @@ class ModelConfig:
     beta_start: float = 1e-4
     beta_end: float = 0.02
     sample_steps: int = 1  # DDIM steps; x0 prediction: 1 step scored as well as 10 (BENCHMARKS.md)
+    # Training timesteps t / (T - 1) ~ Beta(timestep_bias, 1): 1 uniform, 3 density rising as t^2
+    # towards the high noise levels where a few-step sampler decides the prediction.
+    timestep_bias: float = 3.0
     # Weight of the clinical-constraint squared hinge in the loss: of ADDiff's diffusion stage
     # (on the decoded x0 estimate) and of the U-Net baseline. Measured at equal CPU-seconds
     # (BENCHMARKS.md): off was better for ADDiff on every metric, constraint compliance included,
@@ -151,15 +155,23 @@ class ModelConfig:
     constraint_weight: float = 0.0
     unet_constraint_weight: float = 0.5
     kl_weight: float = 1e-6
+    # Diffusion stage: weight of the L1 between the decoded x0 estimate and the dose (inside the
+    # evaluation region), beside the latent MSE: the error that the metrics measure.
+    dose_l1_weight: float = 1.0
     # What the denoiser predicts: x0 (the clean latent), v, or epsilon (the noise). Measured on
     # synthetic 32^3 (BENCHMARKS.md, ablation): x0 is the only one that samples well at these budgets.
     prediction_type: str = "x0"
-    # The VAE decoder also reads the planning volume (CT, targets, OARs, beam plate) at every
-    # level: body outline and beam edges need not pass through the small latent.
-    anatomy_decoder: bool = True
-    # Probability that the VAE decodes z = 0 during training (per case): z = 0 then decodes to a
-    # plausible dose from the anatomy alone, and the latent carries only what anatomy cannot tell.
-    latent_dropout: float = 0.5
+    # What the VAE decoder reads besides its latent: "none" (the latent alone, so the diffusion
+    # decides the dose), "ct" (the CT too) or "planning" (CT, targets, OARs, beam plate: it can
+    # then predict the dose without its latent; issue #24).
+    decoder_anatomy: str = "none"
+    # Residual autoencoding (DC-AE, Chen et al. 2025): each latent channel holds the mean dose of
+    # its share of the latent cell plus what the encoder learns, and the decoder adds the share's
+    # value back, so an untrained VAE is a block-average codec and training learns the residual.
+    residual_latent: bool = True
+    # Probability that the VAE decodes z = 0 in training (per case): with an anatomy-aware decoder
+    # it made z = 0 decode to a plausible dose, and the latent useless (issue #24).
+    latent_dropout: float = 0.0
     # Region of the VAE's reconstruction L1: "body" (the evaluation region, as the metrics and the
     # U-Net's loss) or "grid" (every voxel, the old design).
     vae_loss_region: str = "body"
@@ -176,8 +188,15 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
 
+# the defaults of model configs written before issue #24 (they name ``anatomy_decoder``): their
+# checkpoints keep the design they were trained with
+_BEFORE_24 = {"residual_latent": False, "timestep_bias": 1.0, "dose_l1_weight": 0.0, "latent_dropout": 0.5}
+
+
 def _model_config(f: _Fields) -> ModelConfig:
     d = ModelConfig()
+    if "anatomy_decoder" in f.data:
+        d = dataclasses.replace(d, **_BEFORE_24)
     g = f.sub("grid")
     spacing = g.get("spacing", None)
     if spacing is not None:
@@ -217,11 +236,14 @@ def _model_config(f: _Fields) -> ModelConfig:
         beta_start=f.number("beta_start", d.beta_start, minimum=0, exclusive_min=True),
         beta_end=f.number("beta_end", d.beta_end, maximum=1, exclusive_max=True),
         sample_steps=f.integer("sample_steps", d.sample_steps, minimum=1),
+        timestep_bias=f.number("timestep_bias", d.timestep_bias, minimum=0.1, maximum=100),
         constraint_weight=f.number("constraint_weight", d.constraint_weight, minimum=0),
         unet_constraint_weight=f.number("unet_constraint_weight", d.unet_constraint_weight, minimum=0),
         kl_weight=f.number("kl_weight", d.kl_weight, minimum=0),
+        dose_l1_weight=f.number("dose_l1_weight", d.dose_l1_weight, minimum=0),
         prediction_type=f.string("prediction_type", d.prediction_type, choices=PREDICTION_TYPES),
-        anatomy_decoder=f.boolean("anatomy_decoder", d.anatomy_decoder),
+        decoder_anatomy=_decoder_anatomy(f, d.decoder_anatomy),
+        residual_latent=f.boolean("residual_latent", d.residual_latent),
         latent_dropout=f.number("latent_dropout", d.latent_dropout, minimum=0, maximum=1, exclusive_max=True),
         vae_loss_region=f.string("vae_loss_region", d.vae_loss_region, choices=("body", "grid")),
     )
@@ -236,6 +258,16 @@ def _model_config(f: _Fields) -> ModelConfig:
     if cfg.sample_steps > cfg.train_timesteps:
         raise f.fail("sample_steps", f"must be <= train_timesteps ({cfg.train_timesteps})")
     return cfg
+
+
+def _decoder_anatomy(f: _Fields, default: str) -> str:
+    """``decoder_anatomy``; the older boolean ``anatomy_decoder`` (true: planning, false: none)
+    is still read, so that checkpoints written before it load."""
+    if "anatomy_decoder" in f.data:
+        if "decoder_anatomy" in f.data:
+            raise f.fail("anatomy_decoder", "give decoder_anatomy only (anatomy_decoder is its older spelling)")
+        return "planning" if f.boolean("anatomy_decoder") else "none"
+    return f.string("decoder_anatomy", default, choices=DECODER_ANATOMY)
 
 
 def model_config_from_dict(data: Mapping | None, source: str = "<model config>") -> ModelConfig:

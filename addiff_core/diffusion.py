@@ -22,7 +22,7 @@ from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 
 from .config import ModelConfig
 from .losses import constraint_hinge, kl_divergence, masked_l1
-from .models.conditioning import condition_volume
+from .models.conditioning import decoder_anatomy_volume
 
 
 # ------------------------------------------------------------------------------------------
@@ -74,8 +74,8 @@ def make_sampler(cfg: ModelConfig, steps: int | None = None) -> DDIMScheduler:
 # VAE stage
 # ------------------------------------------------------------------------------------------
 def _anatomy(vae: nn.Module, batch: dict) -> torch.Tensor | None:
-    """The planning volume the VAE decoder reads (None for a decoder without anatomy)."""
-    return condition_volume(batch) if getattr(unwrap(vae), "uses_anatomy", False) else None
+    """What the VAE decoder reads besides its latent (None for a decoder without anatomy)."""
+    return decoder_anatomy_volume(batch, unwrap(vae).anatomy_mode)
 
 
 def vae_loss(vae: nn.Module, batch: dict, cfg: ModelConfig) -> tuple[torch.Tensor, dict]:
@@ -171,18 +171,31 @@ def calibrate_latent_scale(model: nn.Module, batches: Iterable[dict], force: boo
 # ------------------------------------------------------------------------------------------
 # diffusion stage
 # ------------------------------------------------------------------------------------------
+def draw_timesteps(cfg: ModelConfig, n: int, generator: torch.Generator | None = None,
+                   device: torch.device | str = "cpu") -> torch.Tensor:
+    """Training timesteps: t / (T - 1) ~ Beta(cfg.timestep_bias, 1), i.e. t = (T - 1) u^(1 / bias)
+    with u uniform. 1: every step alike; > 1: more draws at high noise, where the few-step
+    sampler decides the prediction (every level is still trained)."""
+    if cfg.timestep_bias == 1.0:
+        return torch.randint(0, cfg.train_timesteps, (n,), generator=generator, device=device)
+    u = torch.rand(n, generator=generator, device=device)
+    return ((cfg.train_timesteps - 1) * u.pow(1.0 / cfg.timestep_bias)).round().long()
+
+
 def diffusion_loss(model: nn.Module, batch: dict, cfg: ModelConfig,
                    generator: torch.Generator | None = None, timesteps: torch.Tensor | None = None,
                    noise: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
-    """MSE to the cfg.prediction_type target + cfg.constraint_weight * w_t * constraint_hinge(decoded x0 estimate).
+    """MSE to the cfg.prediction_type target + w_t * (cfg.dose_l1_weight * L1(decoded x0 estimate,
+    dose) inside the evaluation region + cfg.constraint_weight * constraint_hinge(decoded x0 estimate)).
 
     The dose latent comes from the (frozen) VAE under no_grad. The x0 estimate is decoded by the
-    VAE decoder *with* autograd, so the constraint gradient reaches the denoiser and condition
-    encoder; the caller freezes the VAE (requires_grad False). With epsilon prediction the hinge
-    is weighted by w_t = alpha_bar_t, cancelling the 1/alpha_bar_t blow-up of the x0 estimate at
-    high noise levels; x0 and v estimates stay bounded (w_t = 1). Per-sample terms, sum / max(N, 1).
-    ``timesteps`` (N,) long and ``noise`` (latent shape) may be given (tests, fixed evaluation);
-    otherwise they are drawn from ``generator`` (or the global RNG).
+    VAE decoder *with* autograd, so the L1 and constraint gradients reach the denoiser and
+    condition encoder; the caller freezes the VAE (requires_grad False). With epsilon prediction
+    the decoded terms are weighted by w_t = alpha_bar_t, cancelling the 1/alpha_bar_t blow-up of
+    the x0 estimate at high noise levels; x0 and v estimates stay bounded (w_t = 1). Per-sample
+    terms, sum / max(N, 1). ``timesteps`` (N,) long and ``noise`` (latent shape) may be given
+    (tests, fixed evaluation); otherwise they are drawn (``draw_timesteps``) from ``generator``
+    (or the global RNG).
     """
     m = unwrap(model)
     dose = batch["dose"]
@@ -192,7 +205,7 @@ def diffusion_loss(model: nn.Module, batch: dict, cfg: ModelConfig,
     sched = make_train_scheduler(cfg)
     gdev = generator.device if generator is not None else dev
     if timesteps is None:
-        t = torch.randint(0, cfg.train_timesteps, (n,), generator=generator, device=gdev).to(dev)
+        t = draw_timesteps(cfg, n, generator, gdev).to(dev)
     else:
         t = timesteps.to(dev).long().reshape(n)
     if noise is None:
@@ -209,16 +222,19 @@ def diffusion_loss(model: nn.Module, batch: dict, cfg: ModelConfig,
     has = _has_dose(batch, n, mse)
 
     per = mse
-    hinge = torch.zeros_like(mse)
-    if cfg.constraint_weight > 0:
+    hinge, l1 = torch.zeros_like(mse), torch.zeros_like(mse)
+    if cfg.constraint_weight > 0 or cfg.dose_l1_weight > 0:
         x0, _ = split_prediction(out, z_t, a, cfg.prediction_type)
         dose_hat = decode_latent(m, x0, batch)
-        hinge = constraint_hinge(dose_hat, batch, reduction="none")
-        w = a.reshape(n) if cfg.prediction_type == "epsilon" else torch.ones_like(hinge)
-        per = mse + cfg.constraint_weight * w * hinge
+        w = a.reshape(n) if cfg.prediction_type == "epsilon" else torch.ones_like(mse)
+        if cfg.constraint_weight > 0:
+            hinge = constraint_hinge(dose_hat, batch, reduction="none")
+        if cfg.dose_l1_weight > 0:
+            l1 = masked_l1(dose_hat, dose, batch.get("body", torch.ones_like(dose)), reduction="none")
+        per = mse + w * (cfg.constraint_weight * hinge + cfg.dose_l1_weight * l1)
     loss = _batch_mean(has * per)
     parts = {"loss": float(loss.detach()), "mse": float(_batch_mean(has * mse).detach()),
-             "constraint": float(_batch_mean(has * hinge).detach())}
+             "constraint": float(_batch_mean(has * hinge).detach()), "dose_l1": float(_batch_mean(has * l1).detach())}
     return loss, parts
 
 

@@ -173,7 +173,7 @@ def train_diffusion_epoch(model: nn.Module, loader: DataLoader, optimizer: torch
                           device: torch.device, *, generator: torch.Generator | None = None, grad_clip: float = 1.0,
                           prox: Proximal | None = None, desc: str = "diffusion", progress: bool = True,
                           per_sample_grads: bool = False) -> dict[str, float]:
-    """One epoch of stage 2: noise MSE + constraint hinge; the VAE stays frozen."""
+    """One epoch of stage 2 (``diffusion.diffusion_loss``); the VAE stays frozen."""
     model.train()
     model.vae.eval()
     if float(model.diffusion.latent_scale) == 0.0:

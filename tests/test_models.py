@@ -23,19 +23,21 @@ def test_shapes_and_state_dict_prefixes():
     assert isinstance(model, ADDiffDose)
     assert [n for n, _ in model.named_children()] == ["vae", "diffusion"]
     batch = fake_batch()
-    anatomy = condition_volume(batch)
-    assert model.vae.uses_anatomy  # the decoder reads the planning volume (its path is part of vae.)
-    assert any(k.startswith("vae.anatomy.") for k in model.state_dict())
-    recon, mu, logvar = model.vae(batch["dose"], anatomy)
+    assert not model.vae.uses_anatomy  # the default decoder reads its latent only (issue #24)
+    assert not any(k.startswith("vae.anatomy.") for k in model.state_dict())
+    recon, mu, logvar = model.vae(batch["dose"])
     L = cfg.latent_size
     assert recon.shape == (2, 1, 16, 16, 16)
     assert mu.shape == logvar.shape == (2, cfg.latent_channels, L, L, L)
-    assert model.vae.decode(mu, anatomy).shape == (2, 1, 16, 16, 16)
-    with pytest.raises(ValueError, match="anatomy"):
-        model.vae.decode(mu)
-    # the original design (no anatomy) still builds and decodes from the latent alone
-    plain = build_model(dataclasses.replace(cfg, anatomy_decoder=False)).vae
-    assert not plain.uses_anatomy and plain.decode(mu).shape == (2, 1, 16, 16, 16)
+    assert model.vae.decode(mu).shape == (2, 1, 16, 16, 16)
+    # an anatomy-aware decoder (planning volume or CT) is still there for the ablation
+    for mode, channels in (("planning", condition_volume(batch).shape[1]), ("ct", 1)):
+        aware = build_model(dataclasses.replace(cfg, decoder_anatomy=mode)).vae
+        assert aware.uses_anatomy and any(k.startswith("anatomy.") for k in aware.state_dict())
+        anatomy = D._anatomy(aware, batch)
+        assert anatomy.shape[1] == channels and aware.decode(mu, anatomy).shape == (2, 1, 16, 16, 16)
+        with pytest.raises(ValueError, match="anatomy"):
+            aware.decode(mu)
     spatial, context = model.diffusion.cond(batch)
     assert spatial.shape == (2, cfg.cond_channels, L, L, L)
     assert context.shape == (2, model.diffusion.cond.num_context_tokens, cfg.context_dim)
@@ -124,8 +126,9 @@ def test_gradients_reach_every_parameter_of_the_trained_stage():
         assert p.grad is not None and float(p.grad.abs().sum()) > 0, name
     assert all(p.grad is None for p in model.vae.parameters())
 
-    # VAE stage: every VAE parameter (anatomy path included) gets a gradient
-    vae = build_model(dataclasses.replace(cfg, latent_dropout=0.0)).vae
+    # VAE stage: every VAE parameter gets a gradient (the residual VAE starts its output conv at 0)
+    vae = build_model(cfg).vae
+    reinit_zero_params(vae)
     loss, _ = D.vae_loss(vae, batch, cfg)
     loss.backward()
     for name, p in vae.named_parameters():
@@ -177,8 +180,7 @@ def test_opacus_per_sample_gradients_diffusion_stage():
 def test_opacus_per_sample_gradients_vae(monkeypatch):
     from opacus import GradSampleModule
 
-    # latent dropout draws one number per case: off, so batched and single losses compare
-    cfg = dataclasses.replace(tiny_cfg(), latent_dropout=0.0)
+    cfg = tiny_cfg()  # no latent dropout (it draws one number per case): batched and single losses compare
     torch.manual_seed(0)
     # Opacus only records activations in train mode; make the reparameterisation noise zero so
     # the batched and single-sample losses are comparable.

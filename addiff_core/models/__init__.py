@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from ..config import ModelConfig
-from .conditioning import COND_IN_CHANNELS, ConditionEncoder
+from .conditioning import ConditionEncoder, decoder_anatomy_channels
 from .denoiser import LatentDenoiser
 from .unet_baseline import DoseUNet
 from .vae import LightweightVAE3D
@@ -50,11 +50,12 @@ class ADDiffDose(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.vae = LightweightVAE3D(cfg, in_channels=1, condition_channels=COND_IN_CHANNELS)
+        self.vae = LightweightVAE3D(cfg, in_channels=1, condition_channels=decoder_anatomy_channels(cfg.decoder_anatomy))
         self.diffusion = DiffusionStage(cfg)
 
     def forward(self, z_t: torch.Tensor, timesteps: torch.Tensor, batch: dict) -> torch.Tensor:
-        """Predicted noise for latent z_t (what an Opacus GradSampleModule wrapper calls)."""
+        """The denoiser's output for latent z_t: x0, v or epsilon as ``cfg.prediction_type`` says
+        (what an Opacus GradSampleModule wrapper calls)."""
         return self.diffusion(z_t, timesteps, batch)
 
 

@@ -34,6 +34,20 @@ def condition_volume(batch: dict) -> torch.Tensor:
     return torch.cat([batch[k].float() for k in COND_KEYS], dim=1)
 
 
+def decoder_anatomy_volume(batch: dict, mode: str) -> torch.Tensor | None:
+    """What a VAE decoder with ``decoder_anatomy`` ``mode`` reads: the planning volume, the CT
+    alone, or nothing (None)."""
+    if mode == "planning":
+        return condition_volume(batch)
+    if mode == "ct":
+        return batch["ct"].float()
+    return None
+
+
+def decoder_anatomy_channels(mode: str) -> int:
+    return {"planning": COND_IN_CHANNELS, "ct": 1}.get(mode, 0)
+
+
 def token_grid(latent_size: int) -> int:
     """Side G of the pooled grid giving G^3 structure tokens."""
     return max(1, min(4 if latent_size >= 8 else 2, latent_size))

@@ -14,7 +14,8 @@ from ..config import ModelConfig
 
 
 class LatentDenoiser(nn.Module):
-    """forward(z_t, timesteps, spatial, context) -> predicted noise (N, latent_channels, L, L, L)."""
+    """forward(z_t, timesteps, spatial, context) -> (N, latent_channels, L, L, L): what
+    ``cfg.prediction_type`` names (the clean latent x0 by default, or v, or the noise epsilon)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()

@@ -15,6 +15,7 @@ import torch.nn as nn
 from ..config import ModelConfig
 
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
+LOGVAR_INIT = -10.0  # residual VAE: the posterior's initial log-variance (std 0.007 on a dose of ~1)
 
 
 def _groups(channels: int, groups: int) -> int:
@@ -49,21 +50,38 @@ class ResBlock3D(nn.Module):
         return x + self.body(x)
 
 
+def space_to_channel(x: torch.Tensor, r: int) -> torch.Tensor:
+    """(N, C, D, H, W) -> (N, C * r^3, D/r, H/r, W/r): each r^3 block's voxels become channels
+    (a 3D pixel-unshuffle; torch ships only the 2D one)."""
+    n, c, d, h, w = x.shape
+    x = x.reshape(n, c, d // r, r, h // r, r, w // r, r)
+    return x.permute(0, 1, 3, 5, 7, 2, 4, 6).reshape(n, c * r ** 3, d // r, h // r, w // r)
+
+
+def channel_to_space(x: torch.Tensor, r: int) -> torch.Tensor:
+    """Inverse of :func:`space_to_channel`."""
+    n, c, d, h, w = x.shape
+    x = x.reshape(n, c // r ** 3, r, r, r, d, h, w)
+    return x.permute(0, 1, 5, 2, 6, 3, 7, 4).reshape(n, c // r ** 3, d * r, h * r, w * r)
+
+
 class LightweightVAE3D(nn.Module):
     """Dose (N, in_channels, S, S, S) <-> latent (N, cfg.latent_channels, S/d, S/d, S/d), d = cfg.downsample.
 
     Encoder (dose only): stem conv at full resolution, then one stride-2 conv (+ one residual
-    block) per extra entry of ``cfg.vae_channels``; 1x1 conv to (mu, logvar).
+    block) per extra entry of ``cfg.vae_channels``; 1x1 conv to (mu, logvar). Decoder: the
+    mirror image, nearest up-sampling + conv at every level.
 
-    Decoder: with ``cfg.anatomy_decoder`` it is a U-Net over the planning volume (``anatomy``,
-    ``condition_channels`` channels at full resolution: CT, targets, OARs, beam plate) whose
-    bottleneck also receives the latent: an anatomy encoder mirrors the dose encoder's levels and
-    its features join the decoder at every level (concatenated skips), so body outline and beam
-    edges need not pass through the latent. Without it, the decoder mirrors the encoder on the
-    latent alone (the original design). Up-sampling is nearest + conv at every level.
+    ``cfg.residual_latent`` (DC-AE's residual autoencoding): mu adds, per latent channel, the
+    mean dose of that channel's share of the cell's voxels, and the decoder adds that value back
+    to each voxel of the share; the learned paths start at zero, so training learns only what a
+    block average misses. The latent then carries the dose by construction.
 
-    ``cfg.latent_dropout``: in training, each case decodes z = 0 with this probability, so that
-    z = 0 decodes to a plausible dose from the anatomy alone (a regression the diffusion refines).
+    ``cfg.decoder_anatomy``: "none" (the default: the decoder reads its latent only, so that what
+    the diffusion samples decides the dose); "ct" or "planning" add an anatomy encoder whose
+    features join the decoder at every level (concatenated skips): with the whole planning volume
+    such a decoder predicts the dose without its latent (issue #24). ``cfg.latent_dropout``:
+    each training case decodes z = 0 with this probability.
     """
 
     def __init__(self, cfg: ModelConfig, in_channels: int = 1, condition_channels: int = 0):
@@ -75,7 +93,8 @@ class LightweightVAE3D(nn.Module):
         self.latent_channels = lc
         self.downsample = cfg.downsample
         self.latent_dropout = float(cfg.latent_dropout)
-        self.uses_anatomy = bool(cfg.anatomy_decoder and condition_channels > 0)
+        self.uses_anatomy = condition_channels > 0
+        self.anatomy_mode = cfg.decoder_anatomy if self.uses_anatomy else "none"
 
         enc: list[nn.Module] = [conv_block(in_channels, ch[0], g)]
         for i in range(1, len(ch)):
@@ -97,10 +116,40 @@ class LightweightVAE3D(nn.Module):
                 "conv": conv_block(ch[i] + skip[i - 1], ch[i - 1], g),
             }))
         self.to_out = nn.Conv3d(ch[0], in_channels, 3, padding=1)
+        self.residual = bool(cfg.residual_latent)
+        if self.residual:
+            if (self.downsample ** 3 * in_channels) % lc:
+                raise ValueError(f"residual_latent: latent_channels ({lc}) must divide the "
+                                 f"{self.downsample ** 3 * in_channels} voxels of a latent cell")
+            self._start_as_shortcut()
+
+    @torch.no_grad()
+    def _start_as_shortcut(self) -> None:
+        """The learned residuals start at zero and the posterior narrow (std e^(LOGVAR_INIT/2)),
+        so the untrained VAE is the block-average codec, not that codec plus noise."""
+        lc = self.latent_channels
+        self.to_out.weight.zero_()
+        self.to_out.bias.zero_()
+        self.to_moments.weight[:lc].zero_()
+        self.to_moments.bias[:lc].zero_()
+        self.to_moments.bias[lc:].fill_(LOGVAR_INIT)
+
+    def _down_shortcut(self, x: torch.Tensor) -> torch.Tensor:
+        """Each latent channel = the mean of its share of the latent cell's voxels."""
+        s = space_to_channel(x, self.downsample)
+        return s.reshape(s.shape[0], self.latent_channels, -1, *s.shape[2:]).mean(2)
+
+    def _up_shortcut(self, z: torch.Tensor) -> torch.Tensor:
+        """Each voxel gets its latent channel's value back (the inverse of ``_down_shortcut``
+        for a dose constant over each share)."""
+        rep = self.downsample ** 3 * self.in_channels // self.latent_channels
+        return channel_to_space(z.repeat_interleave(rep, dim=1), self.downsample)
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.to_moments(self.encoder(x))
         mu, logvar = h.chunk(2, dim=1)
+        if self.residual:
+            mu = mu + self._down_shortcut(x)
         return mu, logvar.clamp(LOGVAR_MIN, LOGVAR_MAX)
 
     def _anatomy_features(self, anatomy: torch.Tensor | None) -> list[torch.Tensor]:
@@ -125,7 +174,8 @@ class LightweightVAE3D(nn.Module):
             if skips:
                 h = torch.cat([h, skips[len(skips) - 2 - k]], dim=1)
             h = level["conv"](h)
-        return self.to_out(h)
+        out = self.to_out(h)
+        return out + self._up_shortcut(z) if self.residual else out
 
     def forward(self, x: torch.Tensor, anatomy: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -38,7 +38,7 @@ METRIC_LEGEND = (
     "constraints met: fraction of the clinical dose-volume constraints the predicted (pred) and the "
     "planned (ref) dose meet. n/a: not computed or not applicable.")
 STAGE_WHAT = {"vae": "stage 1: the VAE (L1 reconstruction + beta KL)",
-              "diffusion": "stage 2: the latent diffusion model (noise MSE + constraint hinge), VAE frozen",
+              "diffusion": "stage 2: the latent diffusion model (latent MSE + decoded-dose L1 and hinge), VAE frozen",
               "unet": "the direct-regression U-Net baseline (masked L1 + constraint hinge)"}
 
 
