@@ -1,7 +1,8 @@
 """Real-anatomy benchmark: 84 OpenKBP head-and-neck patients as three hospitals.
 
     python bench/openkbp_bench.py [--sample PATH] [--extra PATH|none] [--heldout N] [--work DIR]
-                                  [--budget small|default] [--out DIR] [--threads N] [--render-only]
+                                  [--budget small|default] [--methods M1,M2,...] [--scale K]
+                                  [--out DIR] [--threads N] [--render-only]
 
 1. Imports every patient of the OpenKBP sample (24, ``--sample``) and of the extra training pool
    (``--extra``: 60 more, ``../shared/openkbp-train/openkbp-train-60.tar.xz`` when present; the
@@ -31,16 +32,30 @@
    mean over every DVH cell; the prediction is set to 0 outside the mask first), gamma 3%/2 mm and
    isodose Dice.
 5. Uncertainty of the ADDiff-Dose models (federated, each site alone, pooled): for every held-out
-   patient ``addiff predict --samples 4`` (``local.predict_case``: mean dose + voxel-wise std,
-   both on the CT grid), then the Spearman correlation (``scipy.stats.spearmanr``) between the std
-   and |mean - reference dose| over the voxels of the possible-dose mask; the mean over patients
-   is reported per site and per method (the U-Net is deterministic: no uncertainty).
-6. Writes ``OUT/openkbp_bench.json`` and ``OUT/openkbp_bench.md`` after every method (``complete``
-   false until the end, so a stopped run keeps what it measured) and a ``comparison.json``
-   (``addiff_core/report.py`` format) into the federated ADDiff run folder, whose
-   ``addiff report`` then shows federated vs. U-Net vs. local vs. pooled.
+   patient ``addiff predict --samples 8 --force`` (``predict.predict_case``: mean dose + voxel-wise
+   std, both on the CT grid), then over the voxels of the possible-dose mask the Spearman
+   correlation (``scipy.stats.spearmanr``) between the std and |mean - reference dose|, and the
+   calibration: the fraction of voxels whose reference dose lies within mean +- 2 std; both
+   averaged over patients, per site and per method (the U-Net is deterministic: no uncertainty).
+6. Latent probe of the same ADDiff-Dose models (issue #24: does the diffusion decide?):
+   ``addiff_core.latent_probe.probe_cases`` (4 samples) on each site's held-out patients: MAE of
+   the sampled latent, z = 0, the oracle decode(encode(dose)) and another patient's (shuffled)
+   latent, the spread, oracle / sampled and min(z = 0, shuffled) / sampled, per site and overall.
+   Steps 3, 5 and 6 run in child processes (``bench/openkbp_tasks.py``), so their CPU is counted.
+7. Writes ``OUT/openkbp_bench.json`` and ``OUT/openkbp_bench.md`` (``bench/openkbp_report.py``)
+   after every method (``complete`` false until the end, so a stopped run keeps what it measured)
+   and a ``comparison.json`` (``addiff_core/report.py`` format) into the federated ADDiff run
+   folder, whose ``addiff report`` then shows federated vs. U-Net vs. local vs. pooled.
 
-Budget at equal compute (``default``, 64^3 at 5 mm, ``configs/openkbp64.yaml``). CPU seconds of
+``--methods`` runs a subset (comma list of federated_addiff, federated_unet, local_addiff,
+pooled_addiff; default all); the run folders of the others are left alone. ``--scale K``
+multiplies the budget's VAE, diffusion and U-Net epochs by K (rounded half up, at least 1), for a
+learning curve: its results go to ``OUT/openkbp_bench_xK.json/.md`` and its runs and logs to
+``WORK/runs_xK``, ``WORK/logs_xK`` (K = 1: ``openkbp_bench.json``, ``WORK/runs``), and the
+Markdown shows a learning-curve table over the result files of the same budget in ``OUT``.
+
+Budget at equal compute (``default``, 64^3 at 5 mm, ``configs/openkbp64.yaml``; the epochs and the
+step times they were set from: ``DEFAULT_EPOCHS`` and ``DEFAULT_SET_FROM_STEP_CPU_SECONDS``). CPU seconds of
 one optimiser step, batch 1, 1 torch thread, on the 2-core shared machine, measured by this
 script's step timing (``step_cpu_seconds`` in the results holds each run's own measurement): VAE
 1.89 s, diffusion 1.57 s, U-Net 2.15 s at a load average of ~3.5 (under a load average of 11-15 the
@@ -64,7 +79,8 @@ given, so they never overwrite the default budget's results in ``bench/results``
 
 Training and evaluation processes run with ``--threads`` torch threads (default 1: on a busy,
 shared 2-core machine one thread trained 2-4x faster than two). ``--render-only`` rewrites the
-result files of an earlier run without training (reference scores recomputed).
+result files of an earlier run without training (reference scores recomputed; ``--scale K``
+picks ``openkbp_bench_xK.json``).
 
 Without the sample folder the script prints "OpenKBP sample not found at PATH; skipping" and
 exits 0.
@@ -89,6 +105,11 @@ REPO = BENCH_DIR.parent
 if str(BENCH_DIR) not in sys.path:
     sys.path.insert(0, str(BENCH_DIR))
 
+from openkbp_report import (ADDIFF_METHODS, CAL, DVH_CELLS, METHOD_LABELS, METRICS, PUBLISHED, UNC,  # noqa: E402
+                            budget_text, planned_cpu, results_stem, scale_epochs, scale_suffix,
+                            summarize_uncertainty, write_markdown)
+from openkbp_tasks import CHILD_TASKS, PROBE_SAMPLES  # noqa: E402
+
 DEFAULT_SAMPLE = Path(os.environ.get("ADDIFF_OPENKBP_SAMPLE") or (REPO.parent / "shared" / "openkbp-sample"))
 DEFAULT_EXTRA = Path(os.environ.get("ADDIFF_OPENKBP_EXTRA")
                      or (REPO.parent / "shared" / "openkbp-train" / "openkbp-train-60.tar.xz"))
@@ -100,28 +121,67 @@ SITE_NAMES = ("openkbp_a", "openkbp_b", "openkbp_c")  # finest -> coarsest in-pl
 N_HELDOUT = 2  # held-out patients per site, the sample alone (24 patients: 8 per site)
 HELDOUT_WITH_EXTRA = 5  # held-out patients per site with the extra pool (84 patients: 28 per site)
 SPLIT_SEED = 0
-UNCERTAINTY_SAMPLES = 4  # addiff predict --samples
-METRICS = ("mae_gy", "openkbp_dose_score", "openkbp_dvh_score", "gamma_pass_rate", "mean_isodose_dice")
-UNC = "uncertainty_spearman"  # per-patient Spearman(std, |mean - reference|) in the possible-dose mask
-DVH_CELLS = "dvh_cells"  # number of (patient, structure, DVH point) cells behind a DVH score
-# published OpenKBP test-set results (100 patients; dose score / DVH score, Gy)
-PUBLISHED = {"challenge winner (Babier et al. 2021)": (2.43, 1.48), "later work (best reported)": (2.07, 0.98)}
+UNCERTAINTY_SAMPLES = 8  # addiff predict --samples (issue #24: 8 samples behind the std map)
+METHODS = tuple(METHOD_LABELS)  # --methods: which of these to run (default all)
 
 # Training budget. One "epoch" is one pass over a site's (or the pool's) training cases; the
 # federated runs train 1 local epoch per round, so rounds = epochs and every method sees each
 # training case the same number of times per stage. Why these numbers: the module docstring.
+# The default budget's numbers to change are these three names; everything else derives from them.
+DEFAULT_EPOCHS = {"vae": 3, "diffusion": 1, "unet": 3}
+# what the default epochs were set from (CPU s per optimiser step, batch 1, 1 thread, 64^3)
+DEFAULT_SET_FROM_STEP_CPU_SECONDS = {"vae": 1.89, "diffusion": 1.57, "unet": 2.15}
+DEFAULT_RULES = ("VAE ~80 % / diffusion ~20 % of ADDiff-Dose's training CPU; U-Net epochs ~ ADDiff-Dose's two "
+                 "stages in CPU; whole run <= ~55 CPU minutes on 1 thread")
+SMALL_EPOCHS = {"vae": 1, "diffusion": 1, "unet": 2}  # the pipeline check
+
+
+def make_budget(epochs: Mapping[str, int], grid: dict | None = None, set_from: Mapping[str, float] | None = None,
+                rules: str | None = None) -> dict[str, Any]:
+    """One budget: per-stage ``epochs`` (vae, diffusion, unet), the model ``grid`` (None: the
+    model config's), the same optimiser for every method; ``set_from``/``rules``: what the epochs
+    were chosen from (shown in the report)."""
+    b: dict[str, Any] = {"grid": grid, "sample_steps": None, "vae_epochs": int(epochs["vae"]),
+                         "diffusion_epochs": int(epochs["diffusion"]), "unet_epochs": int(epochs["unet"]),
+                         "local_epochs": 1, "batch_size": 1, "lr": 1e-3, "optimizer": "adamw", "gamma": True,
+                         "uncertainty_samples": UNCERTAINTY_SAMPLES, "probe_samples": PROBE_SAMPLES}
+    if set_from is not None:
+        b["set_from_step_cpu_seconds"] = dict(set_from)
+        b["rules"] = rules
+    return b
+
+
 BUDGETS: dict[str, dict[str, Any]] = {
-    "default": {"grid": None, "sample_steps": None, "vae_epochs": 3, "diffusion_epochs": 1, "unet_epochs": 3,
-                "local_epochs": 1, "batch_size": 1, "lr": 1e-3, "optimizer": "adamw", "gamma": True,
-                "uncertainty_samples": UNCERTAINTY_SAMPLES,
-                # what the epochs were set from (CPU s per optimiser step, batch 1, 1 thread, 64^3)
-                "set_from_step_cpu_seconds": {"vae": 1.89, "diffusion": 1.57, "unet": 2.15},
-                "rules": "VAE ~80 % / diffusion ~20 % of ADDiff-Dose's training CPU; U-Net epochs ~ ADDiff-Dose's two "
-                         "stages in CPU; whole run <= ~55 CPU minutes on 1 thread"},
-    "small": {"grid": {"size": 32, "spacing": [10.0, 10.0, 10.0]}, "sample_steps": None, "vae_epochs": 1,
-              "diffusion_epochs": 1, "unet_epochs": 2, "local_epochs": 1, "batch_size": 1, "lr": 1e-3,
-              "optimizer": "adamw", "gamma": True, "uncertainty_samples": UNCERTAINTY_SAMPLES},
+    "default": make_budget(DEFAULT_EPOCHS, None, DEFAULT_SET_FROM_STEP_CPU_SECONDS, DEFAULT_RULES),
+    "small": make_budget(SMALL_EPOCHS, {"size": 32, "spacing": [10.0, 10.0, 10.0]}),
 }
+MAX_SCALE = 100.0  # --scale bound: 100x the default budget is ~90 CPU hours, past any run on this machine
+
+
+def scaled_budget(name: str, scale: float) -> dict[str, Any]:
+    """The budget ``name`` with its VAE / diffusion / U-Net epochs x ``scale`` (``scale_epochs``:
+    rounded half up, at least 1); ``base_epochs`` keeps the unscaled ones when scale != 1."""
+    b = {"name": name, **BUDGETS[name], "scale": float(scale)}
+    if float(scale) != 1.0:
+        b["base_epochs"] = {k: b[f"{k}_epochs"] for k in ("vae", "diffusion", "unet")}
+        for k in ("vae", "diffusion", "unet"):
+            b[f"{k}_epochs"] = scale_epochs(b[f"{k}_epochs"], scale)
+    return b
+
+
+def parse_methods(text: str | None) -> list[str]:
+    """``--methods`` (comma list) -> method keys in the bench's order; ValueError for an unknown
+    or empty list."""
+    if text is None:
+        return list(METHODS)
+    names = [t.strip() for t in str(text).split(",") if t.strip()]
+    bad = [n for n in names if n not in METHODS]
+    if bad or not names:
+        raise ValueError(f"--methods: {'unknown ' + ', '.join(bad) if bad else 'empty'} (choose from "
+                         f"{', '.join(METHODS)})")
+    return [m for m in METHODS if m in names]
+
+
 STEP_TIMING_CASES = 2  # real training cases behind the step-time measurement (1 warm-up step, then 2 epochs)
 
 
@@ -493,116 +553,6 @@ def _log_tail(log: Path, n: int = 15) -> str:
     return "\n".join(lines[-n:])
 
 
-# --------------------------------------------------------------------------------------------
-# child tasks (fresh processes with the bench's thread count)
-# --------------------------------------------------------------------------------------------
-def _child_step_times(p: dict) -> dict:
-    """CPU and wall seconds of one optimiser step (batch 1) of the VAE stage, the diffusion stage
-    (VAE frozen) and the U-Net baseline, on ``p['cases']`` (real training cases): per stage a
-    fresh seeded model, one untimed warm-up step, then ``p['epochs']`` timed epochs over the cases
-    (process CPU time, ``common.epoch_cpu_time``)."""
-    import dataclasses
-
-    import common
-
-    common.quiet_warnings()
-    common.apply_threads(p.get("threads"))
-    import torch
-
-    from addiff_core.config import TrainingConfig, load_model_config
-    from addiff_core.data import SampleDataset, load_samples
-    from addiff_core.models import build_model
-    from addiff_core.training import make_loader, make_optimizer, set_trainable, train_stage_epoch
-
-    cfg = load_model_config(p["config"])
-    ds = load_samples([Path(c) for c in p["cases"]], cfg.grid)
-    warm = SampleDataset(ds.samples[:1], ds.specs[:1], ds.case_ids[:1], ds.case_dirs[:1])
-    tcfg = TrainingConfig(batch_size=1, lr=1e-3, optimizer="adamw")
-    dev = torch.device("cpu")
-    out: dict[str, Any] = {"cases": ds.case_ids, "epochs": int(p["epochs"]), "threads": torch.get_num_threads(),
-                           "grid": cfg.grid.size}
-    for stage in ("vae", "diffusion", "unet"):
-        c = dataclasses.replace(cfg, kind="unet") if stage == "unet" else cfg
-        torch.manual_seed(0)
-        model = build_model(c).to(dev)
-        set_trainable(model, stage)
-        opt = make_optimizer(getattr(model, stage).parameters(), tcfg)
-        gen = torch.Generator()
-        gen.manual_seed(0)
-        kw = {"generator": gen, "grad_clip": 1.0, "progress": False}
-        with common.epoch_cpu_time():
-            train_stage_epoch(stage, model, make_loader(warm, 1, False, 0), opt, c, dev, **kw)  # warm-up
-            cpu = wall = steps = 0.0
-            for _ in range(int(p["epochs"])):
-                m = train_stage_epoch(stage, model, make_loader(ds, 1, True, 0), opt, c, dev, **kw)
-                cpu, wall, steps = cpu + m["cpu_seconds"], wall + m["seconds"], steps + m["steps"]
-        out[stage] = {"cpu_seconds_per_step": cpu / steps, "wall_seconds_per_step": wall / steps, "steps_timed": int(steps)}
-        print(f"{stage}: {cpu / steps:.2f} CPU s / {wall / steps:.2f} wall s per step", file=sys.stderr, flush=True)
-    return out
-
-
-def spearman_in_mask(std: Any, err: Any, mask: Any) -> float | None:
-    """Spearman correlation of ``std`` and ``err`` over the voxels of ``mask``; None when it is
-    undefined (fewer than 3 voxels, or either map constant there)."""
-    import numpy as np
-    from scipy.stats import spearmanr
-
-    a, b = np.asarray(std, float)[mask], np.asarray(err, float)[mask]
-    if a.size < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
-        return None
-    rho = spearmanr(a, b).statistic
-    return float(rho) if math.isfinite(float(rho)) else None
-
-
-def _child_uncertainty(p: dict) -> dict:
-    """For each job (checkpoint, case, site): ``local.predict_case(..., samples=S)`` (what ``addiff
-    predict --samples S`` runs: mean dose and voxel-wise std on the CT grid, 0 outside the
-    evaluation region), then Spearman(std, |mean - reference|) over the possible-dose mask, the
-    std's mean there, and the official scores of the mean prediction."""
-    import common
-
-    common.quiet_warnings()
-    common.apply_threads(p.get("threads"))
-    import numpy as np
-    import SimpleITK as sitk
-
-    from addiff_core.case_io import load_case
-    from addiff_core.local import predict_case
-    from addiff_core.regions import region_array
-    from common import openkbp_case_scores
-
-    rows = []
-    for job in p["jobs"]:
-        t = time.perf_counter()
-        written = predict_case(Path(job["checkpoint"]), Path(job["case"]), Path(job["out"]), samples=int(p["samples"]),
-                               seed=0, device="cpu", overwrite=True)
-        case = load_case(Path(job["case"]))
-        mean_img = sitk.ReadImage(written["dose"])
-        mean = sitk.GetArrayFromImage(mean_img).astype(np.float64)
-        std = sitk.GetArrayFromImage(sitk.ReadImage(written["uncertainty"])).astype(np.float64)
-        ref = case.array("dose").astype(np.float64)
-        mask = region_array(case)  # the possible-dose mask of an OpenKBP case, on the CT grid
-        rho = spearman_in_mask(std, np.abs(mean - ref), mask)
-        dose_score, errs = openkbp_case_scores(case, mean_img)
-        rows.append({"site": job["site"], "case_id": Path(job["case"]).name, "spearman": rho,
-                     "mean_std_gy": float(std[mask].mean()) if mask.any() else None,
-                     "mask_voxels": int(mask.sum()), "mean_prediction_dose_score": dose_score,
-                     "mean_prediction_dvh_errors": errs, "seconds": time.perf_counter() - t})
-        print(f"{job['site']} {rows[-1]['case_id']}: spearman {rho}, mean std {rows[-1]['mean_std_gy']}",
-              file=sys.stderr, flush=True)
-    return {"samples": int(p["samples"]), "cases": rows}
-
-
-CHILD_TASKS = {"step_times": _child_step_times, "uncertainty": _child_uncertainty}
-
-
-def run_as_child(payload_json: str) -> int:
-    from common import child_result
-
-    payload = json.loads(payload_json)
-    child_result(CHILD_TASKS[payload["task"]](payload))
-    return 0
-
 
 # --------------------------------------------------------------------------------------------
 # metrics
@@ -628,264 +578,8 @@ def _overall(per_site: Mapping[str, dict]) -> dict:
     return out
 
 
-def _mean_finite(vals: Sequence[Any]) -> float | None:
-    xs = [float(v) for v in vals if isinstance(v, (int, float)) and math.isfinite(float(v))]
-    return sum(xs) / len(xs) if xs else None
-
-
-def summarize_uncertainty(rows: list[dict]) -> dict:
-    """Mean Spearman per site and over every patient (patients where it is undefined left out)."""
-    per_site: dict[str, dict] = {}
-    for r in rows:
-        per_site.setdefault(r["site"], []).append(r)
-    return {"per_site": {s: {"spearman_mean": _mean_finite([r["spearman"] for r in v]),
-                             "mean_std_gy": _mean_finite([r["mean_std_gy"] for r in v]), "n": len(v),
-                             "n_defined": sum(r["spearman"] is not None for r in v)} for s, v in per_site.items()},
-            "spearman_mean": _mean_finite([r["spearman"] for r in rows]),
-            "spearman_min": min((r["spearman"] for r in rows if r["spearman"] is not None), default=None),
-            "spearman_max": max((r["spearman"] for r in rows if r["spearman"] is not None), default=None),
-            "mean_std_gy": _mean_finite([r["mean_std_gy"] for r in rows]),
-            "mean_prediction_dose_score": _mean_finite([r["mean_prediction_dose_score"] for r in rows]),
-            "n": len(rows), "n_defined": sum(r["spearman"] is not None for r in rows),
-            "cases": [{k: v for k, v in r.items() if k != "mean_prediction_dvh_errors"} for r in rows]}
-
-
 def _read_json(path: Path) -> Any:
     return json.loads(path.read_text())
-
-
-def _fmt(v: Any, nd: int = 2) -> str:
-    if v is None or (isinstance(v, float) and not math.isfinite(v)):
-        return "n/a"
-    return f"{v:.{nd}f}" if isinstance(v, float) else str(v)
-
-
-def _g(v: Any) -> str:
-    """Three significant digits (small numbers such as a std of 1e-4 Gy stay readable)."""
-    return f"{v:.3g}" if isinstance(v, (int, float)) and math.isfinite(float(v)) else "n/a"
-
-
-def planned_cpu(budget: dict, step_cpu: Mapping[str, Any], n_train: int) -> dict | None:
-    """Training CPU seconds a budget implies from measured step times: per ADDiff-Dose method
-    (VAE, diffusion, shares), per U-Net run, and for the whole training (3 ADDiff-Dose methods +
-    1 U-Net, each over ``n_train`` cases per epoch, batch 1)."""
-    try:
-        tv, td, tu = (float(step_cpu[s]["cpu_seconds_per_step"]) for s in ("vae", "diffusion", "unet"))
-    except (KeyError, TypeError, ValueError):
-        return None
-    steps = lambda e: e * -(-n_train // int(budget.get("batch_size", 1)))  # noqa: E731
-    vae, dif, unet = steps(budget["vae_epochs"]) * tv, steps(budget["diffusion_epochs"]) * td, steps(budget["unet_epochs"]) * tu
-    return {"addiff_vae_s": vae, "addiff_diffusion_s": dif, "addiff_total_s": vae + dif,
-            "vae_share": vae / (vae + dif) if vae + dif else None, "unet_s": unet,
-            "unet_over_addiff": unet / (vae + dif) if vae + dif else None,
-            "all_training_s": 3 * (vae + dif) + unet, "training_cases": n_train}
-
-
-# --------------------------------------------------------------------------------------------
-# outputs
-# --------------------------------------------------------------------------------------------
-METHOD_LABELS = {"federated_addiff": "federated ADDiff-Dose", "federated_unet": "federated U-Net",
-                 "local_addiff": "each site alone (ADDiff-Dose)", "pooled_addiff": "pooled (ADDiff-Dose)"}
-ADDIFF_METHODS = ("federated_addiff", "local_addiff", "pooled_addiff")
-
-
-def _spacing_text(spacing) -> str:
-    return "x".join(f"{float(s):g}" for s in spacing) + " mm" if spacing else "each CT's own spacing"
-
-
-def budget_text(b: dict, cfg, n_site: int | str = "N", n_pool: int | str = "N") -> str:
-    g = cfg.grid
-    sp = _spacing_text(g.spacing)
-    return (f"grid {g.size}^3 at {sp}; ADDiff-Dose: {b['vae_epochs']} VAE + {b['diffusion_epochs']} diffusion epochs, "
-            f"U-Net: {b['unet_epochs']} epochs; an epoch is one pass over the training cases (federated: "
-            f"{b['local_epochs']} local epoch per round, so {b['vae_epochs']}+{b['diffusion_epochs']} rounds for "
-            f"ADDiff-Dose and {b['unet_epochs']} for the U-Net; local: the same epochs over a site's {n_site} cases; "
-            f"pooled: the same epochs over the {n_pool} pooled cases); batch {b['batch_size']}, {b['optimizer']} "
-            f"lr {b['lr']:g} constant, grad clip 1; DDIM {cfg.sample_steps} steps at evaluation; CPU only")
-
-
-def _method_cost(meth: dict) -> tuple[float | None, float | None]:
-    """(CPU minutes, wall minutes) of a method: training + evaluation + uncertainty."""
-    cpu = [v for v in meth.get("cpu_seconds", {}).values() if isinstance(v, (int, float))]
-    wall = [v for v in meth.get("seconds", {}).values() if isinstance(v, (int, float))]
-    return (sum(cpu) / 60 if cpu else None), (sum(wall) / 60 if wall else None)
-
-
-def write_markdown(path: Path, res: dict) -> None:
-    b = res["budget"]
-    split = res.get("split") or []
-    n_held = sum(len(s["heldout"]) for s in split)
-    n_site_train = sorted({len(s["train"]) for s in split})
-    n_site_text = "/".join(str(n) for n in n_site_train)
-    n_pool = sum(len(s["train"]) for s in split)
-    lines = [f"# OpenKBP real-anatomy benchmark (bench/openkbp_bench.py, budget `{b['name']}`)", ""]
-    if not res.get("complete", True):
-        lines += ["**Partial results: the run was still going (or was stopped) when this file was written.**", ""]
-    m = res["machine"]
-    cpu_total = res.get("cpu_seconds", {}).get("total")
-    lines += [f"Machine: {m.get('cpu_model')}, {m.get('usable_cpus')} CPU cores, torch {m.get('torch')}, no GPU, "
-              f"{m.get('torch_threads_per_step', 1)} torch thread per training/evaluation process; load average at "
-              f"start {m.get('loadavg_start')} / end {res.get('loadavg_end')} (the machine was shared with other jobs, so "
-              f"wall times are inflated and noisy; the metrics are not affected). Wall time {res['wall_seconds'] / 60:.1f} "
-              f"min" + (f"; CPU time {cpu_total / 60:.1f} min (this process and every step it ran)"
-                        if cpu_total else "") + ".", ""]
-    d = res["data"]
-    lines += ["## Data and split", "",
-              f"{d['patients']} OpenKBP head-and-neck patients: {d.get('sample_patients', d['patients'])} of the sample "
-              f"(`{d['sample']}`)" + (f" + {d['extra_patients']} of the training pool (`{d['extra']}`)"
-                                      if d.get("extra_patients") else "")
-              + f", sorted by in-plane voxel spacing (ties: patient number) and cut in thirds; each site holds out "
-              f"{res.get('heldout_per_site', N_HELDOUT)} patients (seeded draw, seed {SPLIT_SEED}; {n_held} in all) and "
-              f"trains on the rest ({n_pool} training patients in all).", "",
-              "| site | patients | in-plane spacing (mm) | slice spacing (mm) | training | held-out patients |",
-              "|---|---|---|---|---|---|"]
-    for s in split:
-        sp = sorted(set(s["in_plane_spacing_mm"].values()))
-        sl = sorted(set(s["slice_spacing_mm"].values()))
-        lines.append(f"| {s['site']} | {len(s['patients'])} | {sp[0]:.3f} - {sp[-1]:.3f} | {sl[0]:g} - {sl[-1]:g} | "
-                     f"{len(s['train'])} | {', '.join(s['heldout'])} |")
-    lines += ["", "## Training budget (equal compute)", "", b["text"] + ".", ""]
-    st = res.get("step_cpu_seconds") or {}
-    plan = b.get("planned_cpu") or {}
-    if st.get("vae"):
-        epochs = {"vae": b["vae_epochs"], "diffusion": b["diffusion_epochs"], "unet": b["unet_epochs"]}
-        per = {"vae": plan.get("addiff_vae_s"), "diffusion": plan.get("addiff_diffusion_s"), "unet": plan.get("unet_s")}
-        lines += [f"CPU seconds of one optimiser step (batch 1, {st.get('threads', 1)} thread, {st.get('grid')}^3, "
-                  f"measured in this run on {len(st.get('cases', []))} training patients after a warm-up step):", "",
-                  "| stage | CPU s / step | wall s / step | epochs | planned training CPU per method |", "|---|---|---|---|---|"]
-        for stage, label in (("vae", "ADDiff-Dose VAE"), ("diffusion", "ADDiff-Dose diffusion"), ("unet", "U-Net")):
-            v = st.get(stage, {})
-            lines.append(f"| {label} | {_fmt(v.get('cpu_seconds_per_step'))} | {_fmt(v.get('wall_seconds_per_step'))} | "
-                         f"{epochs[stage]} | {_fmt(per[stage] / 60 if per[stage] else None, 1)} min |")
-        if plan:
-            lines += ["", f"ADDiff-Dose: {100 * plan['vae_share']:.0f} % of its training CPU on the VAE, "
-                          f"{100 * (1 - plan['vae_share']):.0f} % on the diffusion stage; the U-Net's epochs cost "
-                          f"{plan['unet_over_addiff']:.2f}x ADDiff-Dose's two stages; all training (3 ADDiff-Dose "
-                          f"methods + the U-Net, {plan['training_cases']} training patients each) "
-                          f"{plan['all_training_s'] / 60:.1f} CPU min planned from these step times."]
-        if b.get("set_from_step_cpu_seconds"):
-            sf = b["set_from_step_cpu_seconds"]
-            lines += [f"The epochs were set from an earlier measurement (VAE {sf['vae']}, diffusion {sf['diffusion']}, "
-                      f"U-Net {sf['unet']} CPU s / step) by the rules: {b.get('rules')} (bench/openkbp_bench.py "
-                      "docstring)."]
-        lines.append("")
-
-    sites = [s["site"] for s in split]
-    refs = [("reference: 0 Gy everywhere", res.get("zero_dose")),
-            ("reference: true dose through the model grid", res.get("grid_floor"))]
-    lines += [f"## Held-out results, all {n_held} held-out patients", "",
-              "Each method evaluated on each site's own held-out patients, on their 128^3 CT grid, with the official "
-              "OpenKBP scores (prediction set to 0 outside the possible-dose mask; dose score = MAE over the mask, "
-              "mean over patients; DVH score = one mean over every DVH cell). Lower is better for the scores; higher "
-              "for gamma (3%/2 mm, 10% cutoff) and isodose Dice. Uncertainty: Spearman correlation between the "
-              f"voxel-wise std of {b.get('uncertainty_samples', UNCERTAINTY_SAMPLES)} samples and |mean - reference| in "
-              "the possible-dose mask, mean over patients (higher = the uncertainty map points at the errors).", "",
-              "| method | dose score (Gy) | DVH score (Gy) | gamma 3%/2mm (%) | isodose Dice | uncertainty Spearman | "
-              "CPU (min) | wall (min) |", "|---|---|---|---|---|---|---|---|"]
-    for mkey, label in METHOD_LABELS.items():
-        meth = res["methods"].get(mkey)
-        if not meth:
-            continue
-        if meth.get("error"):
-            lines.append(f"| {label} | failed: {meth['error']} |" + " |" * 6)
-            continue
-        o = meth["overall"]
-        unc = meth.get("uncertainty", {})
-        unc_txt = (_fmt(unc.get("spearman_mean")) if unc.get("cases") else
-                   ("deterministic" if mkey == "federated_unet" else unc.get("error", "n/a")[:60]))
-        cpu, wall = _method_cost(meth)
-        lines.append(f"| {label} | {_fmt(o.get('openkbp_dose_score'))} | {_fmt(o.get('openkbp_dvh_score'))} | "
-                     f"{_fmt(o.get('gamma_pass_rate'), 1)} | {_fmt(o.get('mean_isodose_dice'))} | {unc_txt} | "
-                     f"{_fmt(cpu, 1)} | {_fmt(wall, 1)} |")
-    for label, ref in refs:
-        if ref:
-            lines.append(f"| *{label}* | {_fmt(ref.get('openkbp_dose_score'))} | {_fmt(ref.get('openkbp_dvh_score'))} | "
-                         "| | | | |")
-    lines.append("")
-    for title, key, nd in (("dose score (Gy)", "openkbp_dose_score", 2), ("DVH score (Gy)", "openkbp_dvh_score", 2),
-                           ("gamma pass rate 3%/2 mm (%)", "gamma_pass_rate", 1),
-                           ("isodose Dice", "mean_isodose_dice", 2), ("uncertainty Spearman", UNC, 2)):
-        head = ["method"] + [f"{s['site']} ({len(s['heldout'])})" for s in split] + [f"all ({n_held})"]
-        lines += [f"**Per site: {title}**", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for mkey, label in METHOD_LABELS.items():
-            meth = res["methods"].get(mkey)
-            if not meth or meth.get("error"):
-                continue
-            if key == UNC:
-                unc = meth.get("uncertainty", {})
-                if not unc.get("cases"):
-                    continue
-                row = [label] + [_fmt(unc["per_site"].get(site, {}).get("spearman_mean"), nd) for site in sites]
-                row.append(_fmt(unc.get("spearman_mean"), nd))
-            else:
-                row = [label] + [_fmt(meth["per_site"].get(site, {}).get(key), nd) for site in sites]
-                row.append(_fmt(meth["overall"].get(key), nd))
-            lines.append("| " + " | ".join(row) + " |")
-        if key in ("openkbp_dose_score", "openkbp_dvh_score"):
-            for label, ref in refs:
-                if ref:
-                    row = [f"*{label}*"] + [_fmt(ref["per_site"].get(site, {}).get(key), nd) for site in sites]
-                    lines.append("| " + " | ".join(row + [_fmt(ref.get(key), nd)]) + " |")
-        lines.append("")
-    unc_lines = []
-    for mkey in ADDIFF_METHODS:
-        unc = res["methods"].get(mkey, {}).get("uncertainty", {})
-        if unc.get("cases"):
-            unc_lines.append(f"{METHOD_LABELS[mkey]}: Spearman {_fmt(unc.get('spearman_min'))} .. "
-                             f"{_fmt(unc.get('spearman_max'))} over patients ({unc['n_defined']} of {unc['n']} defined), "
-                             f"mean std {_g(unc.get('mean_std_gy'))} Gy in the mask, dose score of the "
-                             f"{unc['samples']}-sample mean {_fmt(unc.get('mean_prediction_dose_score'))} Gy")
-    if unc_lines:
-        lines += ["Uncertainty details: " + "; ".join(unc_lines) + ".", ""]
-    zero = res.get("zero_dose")
-    floor = res.get("grid_floor")
-    if zero and zero.get("openkbp_dose_score"):
-        parts = []
-        for mkey, label in METHOD_LABELS.items():
-            v = res["methods"].get(mkey, {}).get("overall", {}).get("openkbp_dose_score")
-            if v is not None:
-                parts.append(f"{label} {100 * (1 - v / zero['openkbp_dose_score']):.0f}%")
-        if parts:
-            lines += [f"Share of the 0 Gy reference's dose score that each method removes (all {n_held} patients): "
-                      f"{', '.join(parts)}.", ""]
-    pub = "; ".join(f"{k}: {d:.2f} / {v:.2f} Gy" for k, (d, v) in PUBLISHED.items())
-    n_site = min(n_site_train) if n_site_train else 0
-    steps = lambda e, n: e * -(-n // int(b.get("batch_size", 1)))  # noqa: E731
-    lines += ["## Caveats", "",
-              f"- Small CPU budget: ADDiff-Dose's VAE got {steps(b['vae_epochs'], n_site)} optimiser steps per site "
-              f"({steps(b['vae_epochs'], n_pool)} pooled) and its denoiser {steps(b['diffusion_epochs'], n_site)} "
-              f"({steps(b['diffusion_epochs'], n_pool)} pooled); the U-Net {steps(b['unet_epochs'], n_site)} per site. "
-              "None of the models is trained to convergence, and the ranking of the methods at this budget need not "
-              "hold at a full (GPU) budget.",
-              f"- Data: {n_site_text} training patients per site ({n_pool} pooled) and "
-              f"{res.get('heldout_per_site', N_HELDOUT)} held-out patients per site; a site's numbers rest on "
-              f"{res.get('heldout_per_site', N_HELDOUT)} patients (the \"all\" column on {n_held}), and no repeats "
-              "with other seeds were affordable, so differences of a fraction of a Gy are within the noise.",
-              f"- Published OpenKBP test-set scores (dose / DVH score, 100 test patients, 200 training patients, "
-              f"native 128^3 grid, GPU training): {pub}. Not comparable in scale with the ones here (other patients, "
-              f"{n_pool} vs 200 training patients, a {res['model']['grid']['size']}^3 model grid at "
-              f"{_spacing_text(res['model']['grid']['spacing'])}).",
-              ]
-    if floor:
-        lines.append(f"- True dose through the grid: the reference dose itself, mapped onto the "
-                     f"{res['model']['grid']['size']}^3 model grid ({_spacing_text(res['model']['grid']['spacing'])}) "
-                     f"and back onto the CT grid, scores {floor['openkbp_dose_score']:.2f} Gy dose score and "
-                     f"{floor['openkbp_dvh_score']:.2f} Gy DVH score on these {n_held} held-out patients: the floor of "
-                     "any model on this grid.")
-    if zero:
-        lines.append(f"- Zero reference: predicting 0 Gy everywhere scores {zero['openkbp_dose_score']:.2f} Gy dose "
-                     f"score and {zero['openkbp_dvh_score']:.2f} Gy DVH score: a method near these numbers has learned "
-                     "little.")
-    lines += ["- Pooled training is evaluated with `addiff evaluate` per site on the same held-out patients; "
-              "the federated runs evaluate the final global model at each site (numbers only); the uncertainty "
-              "predictions (`addiff predict --samples` path) are separate runs on the same patients.",
-              "- CPU minutes per method count its training, evaluation and uncertainty processes (the larger of "
-              "getrusage of the finished children and the process tree's own CPU times sampled every 5 s from "
-              "/proc, which also counts the federated runs' Ray workers).",
-              f"- Run folders and logs: `{res['work']}`; `addiff report "
-              f"{res['methods'].get('federated_addiff', {}).get('run_dir', 'RUN')}` shows the federated / local / "
-              "pooled comparison (`comparison.json`).", ""]
-    path.write_text("\n".join(lines))
 
 
 def reference_scores(work: Path, split: list[dict], cfg) -> dict:
@@ -934,16 +628,29 @@ def reference_scores(work: Path, split: list[dict], cfg) -> dict:
     return out
 
 
-
-
 # --------------------------------------------------------------------------------------------
 # main
 # --------------------------------------------------------------------------------------------
+def run_as_child(payload_json: str) -> int:
+    from common import child_result
+
+    payload = json.loads(payload_json)
+    child_result(CHILD_TASKS[payload["task"]](payload))
+    return 0
+
+
+def work_dir(args: argparse.Namespace) -> Path:
+    return (args.work or (DEFAULT_WORK if args.budget == "default" else Path(f"{DEFAULT_WORK}_{args.budget}"))).resolve()
+
+
+def out_dir(args: argparse.Namespace) -> Path:
+    return (args.out or (DEFAULT_OUT if args.budget == "default" else work_dir(args) / "results")).resolve()
+
+
 def render_only(args: argparse.Namespace) -> int:
     """Rewrite the result files of an earlier run (same training results; references recomputed)."""
-    out = (args.out or (DEFAULT_OUT if args.budget == "default" else
-                        (args.work or Path(f"{DEFAULT_WORK}_{args.budget}")) / "results")).resolve()
-    path = out / "openkbp_bench.json"
+    out = out_dir(args)
+    path = out / f"{results_stem(args.scale)}.json"
     if not path.is_file():
         print(f"openkbp_bench: --render-only: {path} not found (run the benchmark first)", file=sys.stderr)
         return 2
@@ -958,8 +665,9 @@ def render_only(args: argparse.Namespace) -> int:
     from common import json_safe
 
     path.write_text(json.dumps(json_safe(res), indent=2) + "\n")
-    write_markdown(out / "openkbp_bench.md", res)
-    print(f"rewritten: {path}, {out / 'openkbp_bench.md'}", flush=True)
+    md = path.with_suffix(".md")
+    write_markdown(md, res)
+    print(f"rewritten: {path}, {md}", flush=True)
     return 0
 
 
@@ -977,11 +685,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help=f"work folder: imported cases, site files, run folders, logs (default {DEFAULT_WORK}[_small])")
     p.add_argument("--budget", choices=tuple(BUDGETS), default="default",
                    help="default: 64^3, equal compute, ~55 CPU minutes on 1 thread; small: 32^3, one epoch, minutes")
+    p.add_argument("--methods", default=None,
+                   help=f"comma list of the methods to run (default all: {','.join(METHODS)})")
+    p.add_argument("--scale", type=float, default=1.0,
+                   help="multiply the budget's VAE, diffusion and U-Net epochs by K (rounded, at least 1) for a "
+                        "learning curve; K != 1 writes OUT/openkbp_bench_xK.json/.md and WORK/runs_xK, logs_xK "
+                        f"(default 1; at most {MAX_SCALE:g})")
     p.add_argument("--out", type=Path, default=None,
-                   help="where openkbp_bench.json/.md go (default bench/results; small budget: WORK/results)")
+                   help="where openkbp_bench[_xK].json/.md go (default bench/results; small budget: WORK/results)")
     p.add_argument("--render-only", action="store_true",
-                   help="train nothing: re-read OUT/openkbp_bench.json, recompute the reference scores (grid floor, "
-                        "0 Gy) from its work folder's cases and rewrite OUT/openkbp_bench.json and .md")
+                   help="train nothing: re-read OUT/openkbp_bench[_xK].json (--scale K), recompute the reference "
+                        "scores (grid floor, 0 Gy) from its work folder's cases and rewrite the .json and .md")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads per training/evaluation process (default 1: on a shared, busy CPU one "
                         "thread ran 2-4x faster than two); the federated runs use one process per site")
@@ -989,13 +703,319 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def check_args(args: argparse.Namespace) -> str | None:
+    """The first problem of the options (one line), or None."""
+    if args.threads < 1:
+        return "--threads must be >= 1"
+    if not (math.isfinite(args.scale) and 0 < args.scale <= MAX_SCALE):
+        return f"--scale must be > 0 and <= {MAX_SCALE:g} (got {args.scale:g})"
+    try:
+        args.methods = parse_methods(args.methods)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+class Bench:
+    """One run: the selected methods trained, evaluated, their uncertainty and latent probe
+    measured, the results saved after every step (``complete`` false until the end)."""
+
+    def __init__(self, args: argparse.Namespace, setup: Mapping[str, Any], res: dict, t0: float, cpu0: float) -> None:
+        """``setup``: budget, split, work, out, cases_dir, site_files, pooled_file, cfg_file, cfg,
+        n_train, n_heldout (what :func:`run_bench` prepared); ``res``: the results so far."""
+        self.args, self.t0, self.cpu0 = args, t0, cpu0
+        for k in ("budget", "split", "work", "out", "cases_dir", "site_files", "pooled_file", "cfg_file", "cfg",
+                  "n_train", "n_heldout"):
+            setattr(self, k, setup[k])
+        self.selected: list[str] = list(args.methods)
+        suffix = scale_suffix(args.scale)
+        self.stem = results_stem(args.scale)
+        self.runs, self.logs, self.unc_dir = (self.work / f"{n}{suffix}" for n in ("runs", "logs", "uncertainty"))
+        self.py = [sys.executable, "-m", "addiff_core.cli"]
+        self.methods: dict[str, dict] = {}
+        self.failed: list[str] = []
+        self.res = res
+        res.update({"methods": self.methods, "failed": self.failed})
+        self.site_file_of = {s["site"]: f for s, f in zip(self.split, self.site_files)}
+
+    # ---- bookkeeping
+    def progress(self, msg: str) -> None:
+        _progress(self.t0, msg)
+
+    def save(self, complete: bool = False) -> None:
+        from common import json_safe, loadavg
+
+        res = self.res
+        res["complete"] = complete
+        res["loadavg_end"] = loadavg()
+        res["wall_seconds"] = time.perf_counter() - self.t0
+        res["cpu_seconds"] = {**res.get("cpu_seconds", {}), "total": _self_cpu() - self.cpu0 + sum(CPU_SPENT)}
+        tmp = self.out / f".{self.stem}.json.tmp"
+        tmp.write_text(json.dumps(json_safe(res), indent=2) + "\n")
+        tmp.replace(self.out / f"{self.stem}.json")
+        write_markdown(self.out / f"{self.stem}.md", res)
+
+    def fail(self, key: str, step: str, rc: int, log: Path) -> None:
+        msg = f"{step} exited with status {rc}; log {log}"
+        self.progress(f"FAILED: {msg}\n{_log_tail(log)}")
+        self.methods[key] = {"error": msg, "log": str(log)}
+        self.failed.append(key)
+        self.save()
+
+    def clear_runs(self) -> None:
+        """Remove the run folders of the selected methods (the others' stay, e.g. from a run with
+        other --methods)."""
+        self.runs.mkdir(parents=True, exist_ok=True)
+        names = {"federated_addiff": ["federated_addiff"], "federated_unet": ["federated_unet"],
+                 "local_addiff": [f"local_{s['site']}" for s in self.split], "pooled_addiff": ["pooled"]}
+        for key in self.selected:
+            for d in [self.runs / n for n in names[key]] + [self.unc_dir / key]:
+                if d.exists():
+                    shutil.rmtree(d)
+
+    # ---- the measurements of an ADDiff-Dose method's final models (child processes)
+    def _child(self, key: str, task: str, payload: dict) -> dict | None:
+        """Run a child task for method ``key``; its seconds and CPU seconds go to the method's."""
+        log = self.logs / f"{task}_{key}.log"
+        try:
+            r, wsecs, csecs = run_child_task({"task": task, "threads": self.args.threads, **payload}, log)
+        except (RuntimeError, subprocess.TimeoutExpired) as e:
+            self.progress(f"  {task} FAILED: {e}")
+            self.methods[key][task] = {"error": str(e).splitlines()[0]}
+            return None
+        self.methods[key].setdefault("seconds", {})[task] = wsecs
+        self.methods[key].setdefault("cpu_seconds", {})[task] = csecs
+        r["seconds"] = wsecs
+        return r
+
+    def uncertainty(self, key: str, ckpt: Mapping[str, Path]) -> None:
+        """Spearman and +-2 std calibration of ``budget['uncertainty_samples']`` samples on every
+        held-out patient (one child process)."""
+        jobs = [{"checkpoint": str(ckpt[s["site"]]), "case": str(self.cases_dir / pid), "site": s["site"],
+                 "out": str(self.unc_dir / key / pid)} for s in self.split for pid in s["heldout"]]
+        self.progress(f"  uncertainty: {len(jobs)} held-out patients x {self.budget['uncertainty_samples']} samples ...")
+        r = self._child(key, "uncertainty", {"jobs": jobs, "samples": self.budget["uncertainty_samples"]})
+        if r is None:
+            return
+        meth = self.methods[key]
+        u = summarize_uncertainty(r["cases"])
+        u["samples"] = r["samples"]
+        meth["uncertainty"] = u
+        for site, v in u["per_site"].items():
+            if site in meth.get("per_site", {}):
+                meth["per_site"][site].update({UNC: v["spearman_mean"], CAL: v["calibration_mean"]})
+        meth.setdefault("overall", {}).update({UNC: u["spearman_mean"], CAL: u["calibration_mean"]})
+        cal = u["calibration_mean"]
+        self.progress(f"  uncertainty: Spearman mean {_num(u['spearman_mean'])} ({u['n_defined']}/{u['n']} defined), "
+                      f"within +-2 std {_num(100 * cal if cal is not None else None, 1)} % ({r['seconds']:.0f} s)")
+
+    def latent_probe(self, key: str, ckpt: Mapping[str, Path]) -> None:
+        """``addiff_core.latent_probe`` of the method's final model(s) on each site's held-out
+        patients (one child process)."""
+        jobs = [{"checkpoint": str(ckpt[s["site"]]), "site_file": str(self.site_file_of[s["site"]]), "site": s["site"]}
+                for s in self.split]
+        self.progress(f"  latent probe: {len(jobs)} site(s), {self.budget['probe_samples']} samples ...")
+        r = self._child(key, "latent_probe", {"jobs": jobs, "samples": self.budget["probe_samples"]})
+        if r is None:
+            return
+        self.methods[key]["latent_probe"] = r
+        o = r["overall"]
+        self.progress(f"  latent probe: sampled {_num(o.get('sampled'), 4)}, z = 0 {_num(o.get('zero'), 4)}, oracle "
+                      f"{_num(o.get('oracle'), 4)}, shuffled {_num(o.get('shuffled'), 4)}; oracle / sampled "
+                      f"{_num(o.get('oracle_over_sampled'))}, min(z = 0, shuffled) / sampled "
+                      f"{_num(o.get('bypass_over_sampled'))} ({r['seconds']:.0f} s)")
+
+    def measure_addiff(self, key: str, ckpt: Mapping[str, Path]) -> None:
+        """Uncertainty and latent probe of an ADDiff-Dose method's final model(s) (site -> checkpoint)."""
+        self.uncertainty(key, ckpt)
+        self.save()
+        self.latent_probe(key, ckpt)
+
+
+    # ---- the steps
+    def references_and_timing(self) -> None:
+        """Reference scores (no training) and the CPU seconds of one optimiser step per stage."""
+        res, budget = self.res, self.budget
+        c = _self_cpu()
+        refs = reference_scores(self.work, self.split, self.cfg)
+        res.update({"grid_floor": refs.get("grid_floor"), "zero_dose": refs.get("zero_dose")})
+        res["cpu_seconds"] = {"reference_scores": _self_cpu() - c}
+        self.progress("references: 0 Gy dose score "
+                      f"{_num((refs.get('zero_dose') or {}).get('openkbp_dose_score'))}, true dose through the grid "
+                      f"{_num((refs.get('grid_floor') or {}).get('openkbp_dose_score'))} Gy")
+        timing_cases = [str(self.cases_dir / s["train"][0]) for s in (self.split[0], self.split[-1])][:STEP_TIMING_CASES]
+        self.progress("measuring CPU seconds per optimiser step (VAE, diffusion, U-Net) ...")
+        try:
+            st, wsecs, csecs = run_child_task({"task": "step_times", "threads": self.args.threads,
+                                               "config": str(self.cfg_file), "cases": timing_cases, "epochs": 2},
+                                              self.logs / "step_times.log")
+            st.pop("child_wall_seconds", None)
+            res["step_cpu_seconds"] = st
+            res["cpu_seconds"]["step_timing"] = csecs
+            n_addiff = sum(k in ADDIFF_METHODS for k in self.selected)
+            budget["planned_cpu"] = planned_cpu(budget, st, self.n_train, n_addiff, int("federated_unet" in self.selected))
+            self.progress("  CPU s / step: " + ", ".join(f"{k} {st[k]['cpu_seconds_per_step']:.2f}"
+                                                         for k in ("vae", "diffusion", "unet"))
+                          + f" ({wsecs:.0f} s); planned training CPU {budget['planned_cpu']['all_training_s'] / 60:.1f} "
+                            f"min, VAE share {100 * budget['planned_cpu']['vae_share']:.0f} %")
+        except (RuntimeError, subprocess.TimeoutExpired) as e:
+            self.progress(f"step timing failed (the run goes on): {e}")
+            res["step_cpu_seconds"] = {"error": str(e).splitlines()[0]}
+        self.save()
+
+    def federated(self, key: str) -> None:
+        """``addiff simulate`` of ADDiff-Dose (``federated_addiff``) or the U-Net (``federated_unet``),
+        tried again when Ray crashed at start."""
+        b = self.budget
+        kind, rounds = (("diffusion", f"{b['vae_epochs']},{b['diffusion_epochs']}") if key == "federated_addiff"
+                        else ("unet", str(b["unet_epochs"])))
+        run_dir, log = self.runs / key, self.logs / f"{key}.log"
+        cmd = self.py + ["simulate", "--site-files", ",".join(str(f) for f in self.site_files), "--config",
+                         str(self.cfg_file), "--local-epochs", str(b["local_epochs"]), "--seed", "0"]
+        cmd += ([] if b["gamma"] else ["--no-gamma"]) + ["--model", kind, "--rounds", rounds, "--run-dir", str(run_dir)]
+        self.progress(f"{METHOD_LABELS[key]}: addiff simulate --model {kind} --rounds {rounds} ... (log {log})")
+        secs = csecs = 0.0
+        for attempt in range(RAY_START_RETRIES + 1):
+            if run_dir.exists():  # a fresh run folder for each try
+                shutil.rmtree(run_dir)
+            rc, s1, c1 = run_step(cmd, log, self.args.threads)
+            secs, csecs = secs + s1, csecs + c1
+            if rc == 0 or attempt == RAY_START_RETRIES or not ray_start_failed(log):
+                break
+            kept = log.with_name(f"{log.stem}.try{attempt + 1}.log")
+            shutil.copy(log, kept)
+            self.progress(f"  Ray crashed (overloaded machine?); trying again ({attempt + 2} of {RAY_START_RETRIES + 1}); "
+                          f"log of the failed try: {kept}")
+            self.res.setdefault("ray_retries", []).append({"method": key, "attempt": attempt + 1, "seconds": s1})
+        fm = run_dir / "final_metrics.json"
+        if rc != 0 or not fm.is_file():
+            return self.fail(key, "addiff simulate", rc, log)
+        rows = {r["site"]: r for r in _read_json(fm)}
+        per_site = {s["site"]: _site_metrics(rows.get(s["site"], {}), rows.get(s["site"], {}).get("cases", 0))
+                    for s in self.split}
+        self.methods[key] = {"run_dir": str(run_dir), "per_site": per_site, "overall": _overall(per_site),
+                             "seconds": {"simulate_total": secs}, "cpu_seconds": {"simulate_total": csecs}, "log": str(log)}
+        self.progress(f"  done in {secs:.0f} s ({csecs:.0f} CPU s): dose score per site "
+                      + ", ".join(f"{k} {_num(v['openkbp_dose_score'])}" for k, v in per_site.items()))
+        self.save()
+        if kind == "diffusion" and (run_dir / "final_model.pt").is_file():
+            self.measure_addiff(key, {s["site"]: run_dir / "final_model.pt" for s in self.split})
+            self.save()
+
+    def local(self) -> None:
+        """``addiff train`` on each site's own training cases, evaluated on its held-out ones."""
+        b = self.budget
+        per_site, secs_local, cpu_local = {}, {}, {}
+        for s, f in zip(self.split, self.site_files):
+            run_dir, log = self.runs / f"local_{s['site']}", self.logs / f"local_{s['site']}.log"
+            self.progress(f"{s['site']} alone: addiff train --vae-epochs {b['vae_epochs']} --diffusion-epochs "
+                          f"{b['diffusion_epochs']} ... (log {log})")
+            rc, secs, csecs = run_step(self.py + ["train", "--site", str(f), "--out", str(run_dir), "--config",
+                                                  str(self.cfg_file), "--model", "diffusion", "--vae-epochs",
+                                                  str(b["vae_epochs"]), "--diffusion-epochs", str(b["diffusion_epochs"]),
+                                                  "--quiet"], log, self.args.threads)
+            mj = run_dir / "metrics.json"
+            if rc != 0 or not mj.is_file():
+                return self.fail("local_addiff", f"addiff train ({s['site']})", rc, log)
+            h = _read_json(mj)["heldout"]
+            per_site[s["site"]] = _site_metrics(h["mean"], h["num_cases"], h.get("cases"))
+            secs_local[s["site"]], cpu_local[s["site"]] = secs, csecs
+            self.progress(f"  done in {secs:.0f} s ({csecs:.0f} CPU s): dose score "
+                          f"{_num(per_site[s['site']]['openkbp_dose_score'])}")
+        self.methods["local_addiff"] = {"run_dirs": [str(self.runs / f"local_{s['site']}") for s in self.split],
+                                        "per_site": per_site, "overall": _overall(per_site), "seconds": secs_local,
+                                        "cpu_seconds": cpu_local}
+        self.save()
+        self.measure_addiff("local_addiff", {s["site"]: self.runs / f"local_{s['site']}" / "model.pt" for s in self.split})
+        self.save()
+
+    def pooled(self) -> None:
+        """``addiff train`` on the union of the training cases, ``addiff evaluate`` per site."""
+        b = self.budget
+        run_dir, log = self.runs / "pooled", self.logs / "pooled_train.log"
+        self.progress(f"pooled: addiff train on {self.n_train} cases ... (log {log})")
+        rc, secs, csecs = run_step(self.py + ["train", "--site", str(self.pooled_file), "--out", str(run_dir), "--config",
+                                              str(self.cfg_file), "--model", "diffusion", "--vae-epochs",
+                                              str(b["vae_epochs"]), "--diffusion-epochs", str(b["diffusion_epochs"]),
+                                              "--quiet"], log, self.args.threads)
+        if rc != 0 or not (run_dir / "model.pt").is_file():
+            return self.fail("pooled_addiff", "addiff train (pooled)", rc, log)
+        self.progress(f"  trained in {secs:.0f} s ({csecs:.0f} CPU s)")
+        per_site, secs_pool, cpu_pool = {}, {"train": secs}, {"train": csecs}
+        for s, f in zip(self.split, self.site_files):
+            ev_json, log = run_dir / f"eval_{s['site']}.json", self.logs / f"pooled_eval_{s['site']}.log"
+            rc, esecs, ecpu = run_step(self.py + ["evaluate", "--checkpoint", str(run_dir / "model.pt"), "--site", str(f),
+                                                  "--out", str(ev_json)], log, self.args.threads)
+            if rc != 0 or not ev_json.is_file():
+                return self.fail("pooled_addiff", f"addiff evaluate (pooled on {s['site']})", rc, log)
+            e = _read_json(ev_json)
+            per_site[s["site"]] = _site_metrics(e["mean"], e["num_cases"], e.get("cases"))
+            secs_pool[f"evaluate_{s['site']}"], cpu_pool[f"evaluate_{s['site']}"] = esecs, ecpu
+            self.progress(f"  {s['site']}: dose score {_num(per_site[s['site']]['openkbp_dose_score'])} ({esecs:.0f} s)")
+        self.methods["pooled_addiff"] = {"run_dir": str(run_dir), "per_site": per_site, "overall": _overall(per_site),
+                                         "seconds": secs_pool, "cpu_seconds": cpu_pool}
+        self.save()
+        self.measure_addiff("pooled_addiff", {s["site"]: run_dir / "model.pt" for s in self.split})
+        self.save()
+
+    def comparison(self) -> None:
+        """``comparison.json`` (addiff_core/report format) in the federated ADDiff run folder, and
+        ``addiff report`` of it: federated vs. U-Net vs. local vs. pooled."""
+        fed = self.methods.get("federated_addiff", {})
+        if not fed.get("run_dir"):
+            return
+        series = {}
+        for key, name in (("federated_addiff", "federated"), ("federated_unet", "federated U-Net"),
+                          ("local_addiff", "local"), ("pooled_addiff", "pooled")):
+            if self.methods.get(key, {}).get("per_site"):
+                series[name] = {site: {k: v[k] for k in METRICS if v.get(k) is not None}
+                                for site, v in self.methods[key]["per_site"].items()}
+        comp = {"metric": "openkbp_dose_score", "series": series,
+                "note": (f"OpenKBP real-anatomy benchmark (bench/openkbp_bench.py, budget {self.budget['name']}"
+                         f"{'' if self.args.scale == 1 else f' x {self.args.scale:g}'}): {self.budget['text']}. "
+                         "federated = ADDiff-Dose FedAvg; federated U-Net = the direct-regression baseline, FedAvg; "
+                         "local = ADDiff-Dose trained on one site's training cases; pooled = ADDiff-Dose trained on "
+                         f"the {self.n_train} training cases of all sites. Each site's {self.n_heldout} held-out "
+                         "patients.")}
+        Path(fed["run_dir"], "comparison.json").write_text(json.dumps(comp, indent=2) + "\n")
+        log = self.logs / "report.log"
+        rc, rsecs, rcpu = run_step(self.py + ["report", fed["run_dir"]], log, self.args.threads)
+        self.res["report"] = {"run_dir": fed["run_dir"], "status": rc, "seconds": rsecs, "cpu_seconds": rcpu,
+                              "path": str(Path(fed["run_dir"]) / "report" / "report.md")}
+
+    def run(self) -> int:
+        self.clear_runs()
+        self.references_and_timing()
+        for key in ("federated_addiff", "federated_unet"):
+            if key in self.selected:
+                self.federated(key)
+        if "local_addiff" in self.selected:
+            self.local()
+        if "pooled_addiff" in self.selected:
+            self.pooled()
+        self.comparison()
+        self.save(complete=True)
+        md = self.out / f"{self.stem}.md"
+        self.progress(f"written: {self.out / f'{self.stem}.json'}, {md}")
+        print(md.read_text(), flush=True)
+        if self.failed:
+            print(f"openkbp_bench: {len(self.failed)} method(s) failed: {', '.join(self.failed)} (see the logs above)",
+                  file=sys.stderr)
+            return 1
+        return 0
+
+def _num(v: Any, nd: int = 2) -> str:
+    return f"{v:.{nd}f}" if isinstance(v, (int, float)) and math.isfinite(float(v)) else "n/a"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.child:
         return run_as_child(args.child)
     sample = args.sample.expanduser()
-    if args.threads < 1:
-        print("openkbp_bench: --threads must be >= 1", file=sys.stderr)
+    problem = check_args(args)
+    if problem:
+        print(f"openkbp_bench: {problem}", file=sys.stderr)
         return 2
     if args.render_only:
         return render_only(args)
@@ -1003,43 +1023,53 @@ def main(argv: list[str] | None = None) -> int:
         print(f"OpenKBP sample not found at {sample}; skipping (give --sample PATH or set ADDIFF_OPENKBP_SAMPLE)",
               flush=True)
         return 0
+    return run_bench(args, sample)
+
+
+def load_patients(args: argparse.Namespace, sample: Path, work: Path, t0: float) -> tuple[dict, dict, Path | None, str | None]:
+    """(sample patients, extra patients, the extra folder, the --extra value used); ValueError
+    (one line) when the extra pool cannot be read or shares a patient id with the sample."""
     extra_arg = args.extra
     if extra_arg is None:  # the default pool, when it is there
         extra_arg = str(DEFAULT_EXTRA) if DEFAULT_EXTRA.exists() else None
     elif extra_arg.lower() != "none" and not Path(extra_arg).expanduser().exists():
-        print(f"openkbp_bench: --extra {extra_arg}: not found", file=sys.stderr)
-        return 2
-
-    from common import json_safe, loadavg, machine_info, quiet_warnings
-
-    quiet_warnings()
-    from addiff_core.config import load_model_config
-
-    budget = {"name": args.budget, **BUDGETS[args.budget]}
-    work = (args.work or (DEFAULT_WORK if args.budget == "default" else Path(f"{DEFAULT_WORK}_{args.budget}"))).resolve()
-    out = (args.out or (DEFAULT_OUT if args.budget == "default" else work / "results")).resolve()
-    work.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    cpu0 = _self_cpu()
-
-    # 1. the patients: the sample + the extra pool (unpacked once into WORK/extra)
+        raise ValueError(f"--extra {extra_arg}: not found")
+    elif extra_arg.lower() == "none":
+        extra_arg = None
     patients = find_patients(sample)
-    extra_dir = None
-    extra_patients: dict[str, Path] = {}
+    extra_dir, extra_patients = None, {}
     if extra_arg:
         _progress(t0, f"extra patients: {extra_arg}" + (" (unpacking with tar -xJf ...)" if is_archive(Path(extra_arg)) else ""))
         try:
             extra_dir = resolve_extra(extra_arg, work)
         except (OSError, RuntimeError) as e:
-            print(f"openkbp_bench: {e}", file=sys.stderr)
-            return 2
+            raise ValueError(str(e)) from None
         extra_patients = find_extra_patients(extra_dir) if extra_dir else {}
         both = sorted(set(patients) & set(extra_patients), key=natural_key)
         if both:
-            print(f"openkbp_bench: patient id(s) in both the sample and the extra pool: {', '.join(both)}", file=sys.stderr)
-            return 2
-    n_sample = len(patients)
-    patients = {**patients, **extra_patients}
+            raise ValueError(f"patient id(s) in both the sample and the extra pool: {', '.join(both)}")
+    return patients, extra_patients, extra_dir, extra_arg
+
+
+def run_bench(args: argparse.Namespace, sample: Path) -> int:
+    """Import, split, write the site files, then :class:`Bench` runs the selected methods."""
+    from common import machine_info, quiet_warnings
+
+    quiet_warnings()
+    from addiff_core.config import load_model_config
+
+    budget = scaled_budget(args.budget, args.scale)
+    work, out = work_dir(args), out_dir(args)
+    work.mkdir(parents=True, exist_ok=True)
+    t0, cpu0 = time.perf_counter(), _self_cpu()
+
+    # 1. the patients: the sample + the extra pool (unpacked once into WORK/extra)
+    try:
+        sample_patients, extra_patients, extra_dir, extra_arg = load_patients(args, sample, work, t0)
+    except ValueError as e:
+        print(f"openkbp_bench: {e}", file=sys.stderr)
+        return 2
+    patients = {**sample_patients, **extra_patients}
     n_heldout = args.heldout if args.heldout is not None else (HELDOUT_WITH_EXTRA if extra_patients else N_HELDOUT)
     need = len(SITE_NAMES) * (n_heldout + 1)
     if n_heldout < 1 or len(patients) < need:
@@ -1056,10 +1086,9 @@ def main(argv: list[str] | None = None) -> int:
     machine = machine_info("cpu")
     machine.pop("memory_method", None)  # no memory measured here
     machine["torch_threads_per_step"] = args.threads  # what the training/evaluation processes use
-    py = [sys.executable, "-m", "addiff_core.cli"]
 
-    _progress(t0, f"importing {len(patients)} OpenKBP patients ({n_sample} sample + {len(extra_patients)} extra) into "
-                  f"{work / 'cases'} ...")
+    _progress(t0, f"importing {len(patients)} OpenKBP patients ({len(sample_patients)} sample + {len(extra_patients)} "
+                  f"extra) into {work / 'cases'} ...")
     cases_dir = work / "cases"
     imported, skipped = import_all(patients, cases_dir)
     if skipped or len(imported) != len(patients):  # the split below needs every patient
@@ -1067,252 +1096,48 @@ def main(argv: list[str] | None = None) -> int:
               + "; ".join(f"{p}: {r}" for p, r in skipped), file=sys.stderr)
         return 1
     import_seconds = time.perf_counter() - t0
-    spacings = read_spacings(patients)
-    split = make_split(spacings, n_heldout=n_heldout)
+    split = make_split(read_spacings(patients), n_heldout=n_heldout)
     site_files, pooled_file = write_site_files(work, cases_dir, split, budget)
     cfg_file = model_config_file(budget, work)
     cfg = load_model_config(cfg_file)
     n_train = sum(len(s["train"]) for s in split)
     budget["model_config"] = str(cfg_file.relative_to(REPO) if cfg_file.is_relative_to(REPO) else cfg_file)
     budget["text"] = budget_text(budget, cfg, "/".join(str(n) for n in sorted({len(s["train"]) for s in split})), n_train)
-    budget["case_passes_per_method"] = {"vae": n_train * budget["vae_epochs"],
-                                        "diffusion": n_train * budget["diffusion_epochs"],
-                                        "unet": n_train * budget["unet_epochs"]}
+    budget["case_passes_per_method"] = {k: n_train * budget[f"{k}_epochs"] for k in ("vae", "diffusion", "unet")}
     budget["execution"] = (f"federated: addiff simulate, one Ray actor per site with 1 CPU (two sites train at once "
-                           f"on 2 cores); local, pooled, evaluations and uncertainty: one process at a time, "
-                           f"{args.threads} torch thread(s) each")
+                           f"on 2 cores); local, pooled, evaluations, uncertainty and latent probe: one process at a "
+                           f"time, {args.threads} torch thread(s) each")
     for s in split:
         sp = sorted(set(s["in_plane_spacing_mm"].values()))
         _progress(t0, f"{s['site']}: {len(s['patients'])} patients (in-plane {sp[0]:.3f}..{sp[-1]:.3f} mm); "
                       f"held out {', '.join(s['heldout'])}")
-    _progress(t0, f"budget {args.budget}: {budget['text']}")
-
-    runs = work / "runs"
-    logs = work / "logs"
-    if runs.exists():
-        shutil.rmtree(runs)
-    runs.mkdir(parents=True)
-    methods: dict[str, dict] = {}
-    failed: list[str] = []
+    _progress(t0, f"budget {budget['name']}" + (f" x {args.scale:g}" if args.scale != 1 else "")
+                  + f": {budget['text']}; methods: {', '.join(args.methods)}")
     res: dict[str, Any] = {
         "bench": "openkbp_bench",
         "complete": False,
         "budget": budget,
-        "data": {"sample": str(sample), "sample_patients": n_sample,
+        "methods_run": list(args.methods),
+        "data": {"sample": str(sample), "sample_patients": len(sample_patients),
                  "extra": str(extra_arg) if extra_arg else None, "extra_dir": str(extra_dir) if extra_dir else None,
                  "extra_patients": len(extra_patients), "patients": len(patients), "cases_dir": str(cases_dir),
                  "import_seconds": import_seconds},
         "heldout_per_site": n_heldout,
+        "split_seed": SPLIT_SEED,
         "split": split,
         "split_rule": (f"patients sorted by in-plane voxel spacing (voxel_dimensions.csv rows 1-2; ties: patient "
                        f"number), cut into {len(SITE_NAMES)} contiguous thirds; {n_heldout} held-out patients per site "
                        f"drawn with numpy default_rng([{SPLIT_SEED}, site index])"),
         "model": {"config": budget["model_config"], **cfg.to_dict()},
-        "methods": methods,
-        "metric_keys": list(METRICS) + [UNC],
+        "metric_keys": list(METRICS) + [UNC, CAL],
         "published_openkbp_test": {k: {"dose_score": d, "dvh_score": v} for k, (d, v) in PUBLISHED.items()},
         "machine": machine,
         "work": str(work),
-        "failed": failed,
     }
-
-    def save(complete: bool = False) -> None:
-        res["complete"] = complete
-        res["loadavg_end"] = loadavg()
-        res["wall_seconds"] = time.perf_counter() - t0
-        res["cpu_seconds"] = {**res.get("cpu_seconds", {}), "total": _self_cpu() - cpu0 + sum(CPU_SPENT)}
-        tmp = out / ".openkbp_bench.json.tmp"
-        tmp.write_text(json.dumps(json_safe(res), indent=2) + "\n")
-        tmp.replace(out / "openkbp_bench.json")
-        write_markdown(out / "openkbp_bench.md", res)
-
-    # 2. references (no training) and the step times behind the budget
-    c = _self_cpu()
-    refs = reference_scores(work, split, cfg)
-    res.update({"grid_floor": refs.get("grid_floor"), "zero_dose": refs.get("zero_dose")})
-    res["cpu_seconds"] = {"reference_scores": _self_cpu() - c}
-    _progress(t0, "references: 0 Gy dose score "
-                  f"{_fmt((refs.get('zero_dose') or {}).get('openkbp_dose_score'))}, true dose through the grid "
-                  f"{_fmt((refs.get('grid_floor') or {}).get('openkbp_dose_score'))} Gy")
-    timing_cases = [str(cases_dir / s["train"][0]) for s in (split[0], split[-1])][:STEP_TIMING_CASES]
-    _progress(t0, "measuring CPU seconds per optimiser step (VAE, diffusion, U-Net) ...")
-    try:
-        st, wsecs, csecs = run_child_task({"task": "step_times", "threads": args.threads, "config": str(cfg_file),
-                                           "cases": timing_cases, "epochs": 2}, logs / "step_times.log")
-        st.pop("child_wall_seconds", None)
-        res["step_cpu_seconds"] = st
-        res["cpu_seconds"]["step_timing"] = csecs
-        budget["planned_cpu"] = planned_cpu(budget, st, n_train)
-        _progress(t0, "  CPU s / step: " + ", ".join(f"{k} {st[k]['cpu_seconds_per_step']:.2f}"
-                                                     for k in ("vae", "diffusion", "unet"))
-                      + f" ({wsecs:.0f} s); planned training CPU {budget['planned_cpu']['all_training_s'] / 60:.1f} min, "
-                        f"VAE share {100 * budget['planned_cpu']['vae_share']:.0f} %")
-    except (RuntimeError, subprocess.TimeoutExpired) as e:
-        _progress(t0, f"step timing failed (the run goes on): {e}")
-        res["step_cpu_seconds"] = {"error": str(e).splitlines()[0]}
-    save()
-
-    site_csv = ",".join(str(f) for f in site_files)
-    common_sim = ["simulate", "--site-files", site_csv, "--config", str(cfg_file), "--local-epochs",
-                  str(budget["local_epochs"]), "--seed", "0"] + ([] if budget["gamma"] else ["--no-gamma"])
-
-    def fail(key: str, step: str, rc: int, log: Path) -> None:
-        msg = f"{step} exited with status {rc}; log {log}"
-        _progress(t0, f"FAILED: {msg}\n{_log_tail(log)}")
-        methods[key] = {"error": msg, "log": str(log)}
-        failed.append(key)
-        save()
-
-    def uncertainty(key: str, jobs: list[dict]) -> None:
-        """Uncertainty of one ADDiff method (one child process for all its held-out patients)."""
-        log = logs / f"uncertainty_{key}.log"
-        _progress(t0, f"  uncertainty: {len(jobs)} held-out patients x {budget['uncertainty_samples']} samples "
-                      f"(log {log}) ...")
-        meth = methods[key]
-        try:
-            r, wsecs, csecs = run_child_task({"task": "uncertainty", "threads": args.threads, "jobs": jobs,
-                                              "samples": budget["uncertainty_samples"]}, log)
-        except (RuntimeError, subprocess.TimeoutExpired) as e:
-            _progress(t0, f"  uncertainty FAILED: {e}")
-            meth["uncertainty"] = {"error": str(e).splitlines()[0]}
-            return
-        u = summarize_uncertainty(r["cases"])
-        u["samples"] = r["samples"]
-        meth["uncertainty"] = u
-        for site, v in u["per_site"].items():
-            if site in meth.get("per_site", {}):
-                meth["per_site"][site][UNC] = v["spearman_mean"]
-        meth.setdefault("overall", {})[UNC] = u["spearman_mean"]
-        meth.setdefault("seconds", {})["uncertainty"] = wsecs
-        meth.setdefault("cpu_seconds", {})["uncertainty"] = csecs
-        _progress(t0, f"  uncertainty Spearman mean {_fmt(u['spearman_mean'])} ({u['n_defined']}/{u['n']} defined; "
-                      f"{wsecs:.0f} s)")
-
-    def jobs_for(key: str, ckpt_of_site: Mapping[str, Path]) -> list[dict]:
-        return [{"checkpoint": str(ckpt_of_site[s["site"]]), "case": str(cases_dir / pid), "site": s["site"],
-                 "out": str(work / "uncertainty" / key / pid)} for s in split for pid in s["heldout"]]
-
-    # 3. federated runs
-    for key, kind, rounds in (("federated_addiff", "diffusion", f"{budget['vae_epochs']},{budget['diffusion_epochs']}"),
-                              ("federated_unet", "unet", str(budget["unet_epochs"]))):
-        run_dir = runs / key
-        log = logs / f"{key}.log"
-        _progress(t0, f"{METHOD_LABELS[key]}: addiff simulate --model {kind} --rounds {rounds} ... (log {log})")
-        secs = csecs = 0.0
-        for attempt in range(RAY_START_RETRIES + 1):
-            if run_dir.exists():  # a fresh run folder for each try
-                shutil.rmtree(run_dir)
-            rc, s1, c1 = run_step(py + common_sim + ["--model", kind, "--rounds", rounds, "--run-dir", str(run_dir)],
-                                  log, args.threads)
-            secs, csecs = secs + s1, csecs + c1
-            if rc == 0 or attempt == RAY_START_RETRIES or not ray_start_failed(log):
-                break
-            shutil.copy(log, log.with_name(f"{log.stem}.try{attempt + 1}.log"))
-            _progress(t0, f"  Ray crashed (overloaded machine?); trying again ({attempt + 2} of {RAY_START_RETRIES + 1}); "
-                          f"log of the failed try: {log.with_name(f'{log.stem}.try{attempt + 1}.log')}")
-            res.setdefault("ray_retries", []).append({"method": key, "attempt": attempt + 1, "seconds": s1})
-        fm = run_dir / "final_metrics.json"
-        if rc != 0 or not fm.is_file():
-            fail(key, "addiff simulate", rc, log)
-            continue
-        rows = {r["site"]: r for r in _read_json(fm)}
-        per_site = {s["site"]: _site_metrics(rows.get(s["site"], {}), rows.get(s["site"], {}).get("cases", 0))
-                    for s in split}
-        methods[key] = {"run_dir": str(run_dir), "per_site": per_site, "overall": _overall(per_site),
-                        "seconds": {"simulate_total": secs}, "cpu_seconds": {"simulate_total": csecs}, "log": str(log)}
-        _progress(t0, f"  done in {secs:.0f} s ({csecs:.0f} CPU s): dose score per site "
-                      + ", ".join(f"{k} {_fmt(v['openkbp_dose_score'])}" for k, v in per_site.items()))
-        if kind == "diffusion" and (run_dir / "final_model.pt").is_file():
-            uncertainty(key, jobs_for(key, {s["site"]: run_dir / "final_model.pt" for s in split}))
-        save()
-
-    # 4. each site alone
-    per_site, secs_local, cpu_local, ok = {}, {}, {}, True
-    for s, f in zip(split, site_files):
-        run_dir = runs / f"local_{s['site']}"
-        log = logs / f"local_{s['site']}.log"
-        _progress(t0, f"{s['site']} alone: addiff train --vae-epochs {budget['vae_epochs']} --diffusion-epochs "
-                      f"{budget['diffusion_epochs']} ... (log {log})")
-        rc, secs, csecs = run_step(py + ["train", "--site", str(f), "--out", str(run_dir), "--config", str(cfg_file),
-                                         "--model", "diffusion", "--vae-epochs", str(budget["vae_epochs"]),
-                                         "--diffusion-epochs", str(budget["diffusion_epochs"]), "--quiet"], log,
-                                   args.threads)
-        mj = run_dir / "metrics.json"
-        if rc != 0 or not mj.is_file():
-            fail("local_addiff", f"addiff train ({s['site']})", rc, log)
-            ok = False
-            break
-        h = _read_json(mj)["heldout"]
-        per_site[s["site"]] = _site_metrics(h["mean"], h["num_cases"], h.get("cases"))
-        secs_local[s["site"]] = secs
-        cpu_local[s["site"]] = csecs
-        _progress(t0, f"  done in {secs:.0f} s ({csecs:.0f} CPU s): dose score "
-                      f"{_fmt(per_site[s['site']]['openkbp_dose_score'])}")
-    if ok:
-        methods["local_addiff"] = {"run_dirs": [str(runs / f"local_{s['site']}") for s in split], "per_site": per_site,
-                                   "overall": _overall(per_site), "seconds": secs_local, "cpu_seconds": cpu_local}
-        uncertainty("local_addiff", jobs_for("local_addiff", {s["site"]: runs / f"local_{s['site']}" / "model.pt"
-                                                              for s in split}))
-        save()
-
-    # 5. pooled: train on the union of the training cases, evaluate per site
-    run_dir = runs / "pooled"
-    log = logs / "pooled_train.log"
-    _progress(t0, f"pooled: addiff train on {n_train} cases ... (log {log})")
-    rc, secs, csecs = run_step(py + ["train", "--site", str(pooled_file), "--out", str(run_dir), "--config", str(cfg_file),
-                                     "--model", "diffusion", "--vae-epochs", str(budget["vae_epochs"]),
-                                     "--diffusion-epochs", str(budget["diffusion_epochs"]), "--quiet"], log, args.threads)
-    if rc != 0 or not (run_dir / "model.pt").is_file():
-        fail("pooled_addiff", "addiff train (pooled)", rc, log)
-    else:
-        _progress(t0, f"  trained in {secs:.0f} s ({csecs:.0f} CPU s)")
-        per_site, secs_pool, cpu_pool = {}, {"train": secs}, {"train": csecs}
-        for s, f in zip(split, site_files):
-            ev_json = run_dir / f"eval_{s['site']}.json"
-            log = logs / f"pooled_eval_{s['site']}.log"
-            rc, esecs, ecpu = run_step(py + ["evaluate", "--checkpoint", str(run_dir / "model.pt"), "--site", str(f),
-                                             "--out", str(ev_json)], log, args.threads)
-            if rc != 0 or not ev_json.is_file():
-                fail("pooled_addiff", f"addiff evaluate (pooled on {s['site']})", rc, log)
-                break
-            e = _read_json(ev_json)
-            per_site[s["site"]] = _site_metrics(e["mean"], e["num_cases"], e.get("cases"))
-            secs_pool[f"evaluate_{s['site']}"] = esecs
-            cpu_pool[f"evaluate_{s['site']}"] = ecpu
-            _progress(t0, f"  {s['site']}: dose score {_fmt(per_site[s['site']]['openkbp_dose_score'])} ({esecs:.0f} s)")
-        else:
-            methods["pooled_addiff"] = {"run_dir": str(run_dir), "per_site": per_site, "overall": _overall(per_site),
-                                        "seconds": secs_pool, "cpu_seconds": cpu_pool}
-            uncertainty("pooled_addiff", jobs_for("pooled_addiff", {s["site"]: run_dir / "model.pt" for s in split}))
-            save()
-
-    # 6. comparison for addiff report, final results
-    fed = methods.get("federated_addiff", {})
-    if fed.get("run_dir"):
-        series = {}
-        for key, name in (("federated_addiff", "federated"), ("federated_unet", "federated U-Net"),
-                          ("local_addiff", "local"), ("pooled_addiff", "pooled")):
-            if methods.get(key, {}).get("per_site"):
-                series[name] = {site: {k: v[k] for k in METRICS if v.get(k) is not None}
-                                for site, v in methods[key]["per_site"].items()}
-        comp = {"metric": "openkbp_dose_score", "series": series,
-                "note": (f"OpenKBP real-anatomy benchmark (bench/openkbp_bench.py, budget {args.budget}): "
-                         f"{budget['text']}. federated = ADDiff-Dose FedAvg; federated U-Net = the direct-regression "
-                         "baseline, FedAvg; local = ADDiff-Dose trained on one site's training cases; pooled = "
-                         f"ADDiff-Dose trained on the {n_train} training cases of all sites. Each site's "
-                         f"{n_heldout} held-out patients.")}
-        Path(fed["run_dir"], "comparison.json").write_text(json.dumps(comp, indent=2) + "\n")
-        log = logs / "report.log"
-        rc, rsecs, rcpu = run_step(py + ["report", fed["run_dir"]], log, args.threads)
-        res["report"] = {"run_dir": fed["run_dir"], "status": rc, "seconds": rsecs, "cpu_seconds": rcpu,
-                         "path": str(Path(fed["run_dir"]) / "report" / "report.md")}
-    save(complete=True)
-    _progress(t0, f"written: {out / 'openkbp_bench.json'}, {out / 'openkbp_bench.md'}")
-    print((out / "openkbp_bench.md").read_text(), flush=True)
-    if failed:
-        print(f"openkbp_bench: {len(failed)} method(s) failed: {', '.join(failed)} (see the logs above)", file=sys.stderr)
-        return 1
-    return 0
+    setup = {"budget": budget, "split": split, "work": work, "out": out, "cases_dir": cases_dir,
+             "site_files": site_files, "pooled_file": pooled_file, "cfg_file": cfg_file, "cfg": cfg,
+             "n_train": n_train, "n_heldout": n_heldout}
+    return Bench(args, setup, res, t0, cpu0).run()
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""bench/openkbp_bench.py: the spacing split, the held-out draw and the skip message (fast; no training)."""
+"""bench/openkbp_bench.py: the spacing split, the held-out draw, the skip message, --methods / --scale, the
+uncertainty numbers, the latent probe table and --render-only (fast; no training)."""
 from __future__ import annotations
 
 import importlib.util
@@ -130,13 +131,174 @@ def test_extra_archive_is_unpacked_once_and_its_patients_found(bench, tmp_path):
         bench.resolve_extra(tmp_path / "missing.tar.xz", work)
 
 
-def test_spearman_in_mask(bench):
+# --------------------------------------------------------------------------------------------
+# issue #24: --methods, --scale, the +-2 std calibration, the latent probe table, --render-only
+# --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def report(bench):  # noqa: ARG001 - bench puts bench/ on sys.path
+    import openkbp_report
+
+    return openkbp_report
+
+
+def test_scale_epochs_rounds_half_up_and_keeps_one(bench):
+    assert [bench.scale_epochs(3, k) for k in (1, 3, 0.5, 0.1, 1.5)] == [3, 9, 2, 1, 5]
+    assert bench.scale_epochs(2, 1.25) == 3  # 2.5 -> 3 (half up, not to even)
+    assert bench.scale_epochs(1, 0.49) == 1  # never below one epoch
+    b = bench.scaled_budget("default", 3)
+    base = bench.DEFAULT_EPOCHS
+    assert (b["vae_epochs"], b["diffusion_epochs"], b["unet_epochs"]) == (3 * base["vae"], 3 * base["diffusion"],
+                                                                        3 * base["unet"])
+    assert b["base_epochs"] == base and b["scale"] == 3.0 and b["name"] == "default"
+    one = bench.scaled_budget("default", 1)
+    assert "base_epochs" not in one and one["vae_epochs"] == base["vae"]
+    assert bench.BUDGETS["default"]["vae_epochs"] == base["vae"]  # the table is not changed by scaling
+    assert one["uncertainty_samples"] == 8 and one["set_from_step_cpu_seconds"] == bench.DEFAULT_SET_FROM_STEP_CPU_SECONDS
+
+
+def test_results_file_and_run_folder_names(bench):
+    assert bench.results_stem(1) == "openkbp_bench" and bench.results_stem(1.0) == "openkbp_bench"
+    assert bench.results_stem(3) == "openkbp_bench_x3" and bench.results_stem(0.5) == "openkbp_bench_x0.5"
+    assert bench.scale_suffix(1) == "" and bench.scale_suffix(2.5) == "_x2.5"
+
+
+def test_methods_option(bench):
+    assert bench.parse_methods(None) == list(bench.METHODS) == ["federated_addiff", "federated_unet", "local_addiff",
+                                                                 "pooled_addiff"]
+    assert bench.parse_methods(" pooled_addiff,federated_unet ") == ["federated_unet", "pooled_addiff"]  # bench order
+    for bad in ("federated", "federated_unet,nope", ","):
+        with pytest.raises(ValueError, match="--methods"):
+            bench.parse_methods(bad)
+
+
+@pytest.mark.parametrize("opts, message", [(["--scale", "0"], "--scale must be > 0"),
+                                           (["--scale", "nan"], "--scale must be > 0"),
+                                           (["--scale", "1000"], "--scale must be > 0"),
+                                           (["--methods", "unet"], "--methods: unknown unet")])
+def test_bad_options_are_one_line_before_any_work(bench, tmp_path, capsys, opts, message):
+    rc = bench.main(["--sample", str(tmp_path / "none"), "--work", str(tmp_path / "w"), *opts])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith(f"openkbp_bench: {message}") and err.count("\n") == 1
+    assert not (tmp_path / "w").exists()
+
+
+def test_uncertainty_in_mask_spearman_and_calibration(bench):
     import numpy as np
 
+    from openkbp_tasks import uncertainty_in_mask
+
     rng = np.random.default_rng(0)
-    err = rng.random((4, 5, 6))
-    mask = np.zeros(err.shape, bool)
+    ref = rng.random((4, 5, 6)) * 60
+    err = rng.random(ref.shape) + 0.1
+    mean = ref + err
+    mask = np.zeros(ref.shape, bool)
     mask[1:3] = True
-    assert bench.spearman_in_mask(err * 2 + 1, err, mask) == pytest.approx(1.0)
-    assert bench.spearman_in_mask(-err, err, mask) == pytest.approx(-1.0)
-    assert bench.spearman_in_mask(np.zeros_like(err), err, mask) is None  # a constant std map: undefined
+    u = uncertainty_in_mask(mean, err, ref, mask)  # std = |error|: ranks agree, every voxel within 2 std
+    assert u["spearman"] == pytest.approx(1.0) and u["calibration_2std"] == 1.0
+    assert u["mean_std_gy"] == pytest.approx(err[mask].mean())
+    std = np.where(np.arange(err.size).reshape(err.shape) % 4 == 0, err, err / 4)  # 1 voxel in 4 within 2 std
+    assert uncertainty_in_mask(mean, std, ref, mask)["calibration_2std"] == pytest.approx(
+        np.mean((np.abs(mean - ref) <= 2 * std)[mask]))
+    assert uncertainty_in_mask(mean, std, ref, mask)["calibration_2std"] == pytest.approx(0.25, abs=0.05)
+    flat = uncertainty_in_mask(mean, np.zeros_like(err), ref, mask)  # a constant std map
+    assert flat["spearman"] is None and flat["calibration_2std"] == 0.0
+    empty = uncertainty_in_mask(mean, err, ref, np.zeros(ref.shape, bool))
+    assert empty == {"spearman": None, "calibration_2std": None, "mean_std_gy": None}
+
+
+def test_summarize_uncertainty_per_site_and_overall(report):
+    rows = [{"site": "a", "case_id": "p1", "spearman": 0.2, "calibration_2std": 0.5, "mean_std_gy": 1.0,
+             "mean_prediction_dose_score": 4.0, "mean_prediction_dvh_errors": {"x": 1.0}},
+            {"site": "a", "case_id": "p2", "spearman": None, "calibration_2std": 0.7, "mean_std_gy": 2.0,
+             "mean_prediction_dose_score": 6.0, "mean_prediction_dvh_errors": {}},
+            {"site": "b", "case_id": "p3", "spearman": 0.8, "calibration_2std": None, "mean_std_gy": 3.0,
+             "mean_prediction_dose_score": 8.0, "mean_prediction_dvh_errors": {}}]
+    u = report.summarize_uncertainty(rows)
+    assert u["per_site"]["a"]["spearman_mean"] == pytest.approx(0.2)  # the undefined one left out
+    assert u["per_site"]["a"]["calibration_mean"] == pytest.approx(0.6)
+    assert u["per_site"]["b"]["calibration_mean"] is None and u["per_site"]["b"]["n"] == 1
+    assert u["spearman_mean"] == pytest.approx(0.5) and u["calibration_mean"] == pytest.approx(0.6)
+    assert (u["calibration_min"], u["calibration_max"]) == (0.5, 0.7) and (u["n"], u["n_defined"]) == (3, 2)
+    assert all("mean_prediction_dvh_errors" not in c for c in u["cases"])
+
+
+def _probe(sampled: float, zero: float, oracle: float, shuffled: float, n: int = 2) -> dict:
+    return {"sampled": sampled, "zero": zero, "oracle": oracle, "shuffled": shuffled, "spread": 1.5e-5,
+            "mean_of_samples": sampled, "oracle_over_sampled": oracle / sampled,
+            "bypass_over_sampled": min(zero, shuffled) / sampled, "n": n}
+
+
+def test_probe_table_from_a_fake_result(report):
+    res = {"methods": {
+        "federated_addiff": {"latent_probe": {"samples": 4, "steps": 2, "overall": _probe(0.04, 0.12, 0.01, 0.06, 4),
+                                              "per_site": {"openkbp_a": _probe(0.05, 0.1, 0.01, 0.07),
+                                                           "openkbp_b": _probe(0.03, 0.14, 0.01, 0.05)}}},
+        "federated_unet": {"overall": {}},
+        "pooled_addiff": {"latent_probe": {"error": "child task latent_probe exited with status 1"}}}}
+    lines = report.probe_table(res)
+    text = "\n".join(lines)
+    assert lines[0] == "## Does the diffusion decide? (latent probe)"
+    assert "| federated ADDiff-Dose | openkbp_a (2) | 0.0500 | 0.1000 | 0.0100 | 0.0700 | 1.5e-05 | 0.20 | 1.40 |" in text
+    assert "| federated ADDiff-Dose | **all (4)** | 0.0400 | 0.1200 | 0.0100 | 0.0600 | 1.5e-05 | 0.25 | 1.50 |" in text
+    assert "| pooled (ADDiff-Dose) | failed: child task latent_probe exited with status 1 |" in text
+    assert "U-Net" not in text and "4 samples" in text and "2 DDIM steps" in text
+    widths = {ln.count("|") - ln.count("\\|") for ln in lines if ln.startswith("|")}
+    assert widths == {10}  # every row has the header's 9 cells
+    assert report.probe_table({"methods": {"federated_unet": {"overall": {}}}}) == []
+
+
+def _fake_result(scale: float, dose: float, work: Path) -> dict:
+    split = [{"site": s, "patients": ["p1", "p2", "p3"], "heldout": ["p3"], "train": ["p1", "p2"],
+              "in_plane_spacing_mm": {"p1": 3.0, "p2": 3.5, "p3": 4.0}, "slice_spacing_mm": {"p1": 2.5, "p2": 2.5,
+                                                                                            "p3": 3.0}}
+             for s in ("openkbp_a", "openkbp_b")]
+    site = {"n_heldout": 1, "openkbp_dose_score": dose, "openkbp_dvh_score": dose + 1, "gamma_pass_rate": 50.0,
+            "mean_isodose_dice": 0.5}
+    unc = {"cases": [{}], "samples": 8, "spearman_mean": 0.41, "calibration_mean": 0.125, "n": 2, "n_defined": 2,
+           "spearman_min": 0.3, "spearman_max": 0.5, "calibration_min": 0.1, "calibration_max": 0.15,
+           "mean_std_gy": 0.5, "mean_prediction_dose_score": dose,
+           "per_site": {s["site"]: {"spearman_mean": 0.41, "calibration_mean": 0.125} for s in split}}
+    fed = {"per_site": {s["site"]: dict(site) for s in split}, "overall": dict(site), "uncertainty": unc,
+           "cpu_seconds": {"simulate_total": 60.0}, "seconds": {"simulate_total": 90.0},
+           "latent_probe": {"samples": 4, "steps": 2, "overall": _probe(0.04, 0.12, 0.01, 0.06),
+                            "per_site": {"openkbp_a": _probe(0.04, 0.12, 0.01, 0.06, 1)}}}
+    return {"bench": "openkbp_bench", "complete": True, "methods_run": ["federated_addiff"],
+            "budget": {"name": "small", "scale": scale, "vae_epochs": max(1, round(scale)), "diffusion_epochs": 1,
+                       "unet_epochs": 2, "local_epochs": 1, "batch_size": 1, "text": "a budget",
+                       "uncertainty_samples": 8},
+            "data": {"patients": 6, "sample": "S", "sample_patients": 6, "extra_patients": 0},
+            "heldout_per_site": 1, "split": split, "model": {"kind": "diffusion", "grid": {"size": 32,
+                                                                                          "spacing": [10, 10, 10]}},
+            "methods": {"federated_addiff": fed}, "machine": {"cpu_model": "cpu"}, "wall_seconds": 60.0,
+            "work": str(work)}
+
+
+def test_render_only_rewrites_the_scaled_file_with_probe_calibration_and_curve(bench, tmp_path, capsys):
+    import json
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "openkbp_bench.json").write_text(json.dumps(_fake_result(1.0, 9.0, tmp_path)))
+    (out / "openkbp_bench_x3.json").write_text(json.dumps(_fake_result(3.0, 7.5, tmp_path)))
+    rc = bench.main(["--budget", "small", "--render-only", "--scale", "3", "--out", str(out), "--work", str(tmp_path)])
+    assert rc == 0 and "rewritten" in capsys.readouterr().out
+    assert not (out / "openkbp_bench.md").exists()  # the bench budget's files are left alone
+    md = (out / "openkbp_bench_x3.md").read_text()
+    assert md.startswith("# OpenKBP real-anatomy benchmark (bench/openkbp_bench.py, budget `small`, epochs x 3)")
+    assert "| federated ADDiff-Dose | 7.50 | 8.50 | 50.0 | 0.50 | 0.41 | 12.5 | 1.0 | 1.5 |" in md
+    assert "**Per site: uncertainty calibration, in-mask voxels within mean +- 2 std (%)**" in md
+    assert "## Does the diffusion decide? (latent probe)" in md
+    assert "| x1 | 1 + 1 | 2 | 9.00 / 10.00 |" in md and "| x3 | 3 + 1 | 2 | 7.50 / 8.50 |" in md  # learning curve
+    assert json.loads((out / "openkbp_bench_x3.json").read_text())["rendered_again"]
+    assert bench.main(["--budget", "small", "--render-only", "--scale", "2", "--out", str(out)]) == 2  # no such file
+
+
+def test_results_written_before_issue_24_still_render(report):
+    import json
+
+    old = BENCH / "results" / "openkbp_bench.json"
+    if not old.is_file():
+        pytest.skip("no committed OpenKBP results")
+    res = json.loads(old.read_text())
+    md = report.markdown(res)
+    assert "## Held-out results" in md and "## Caveats" in md
