@@ -120,24 +120,52 @@ def test_dp_bench_smoke(tmp_path):
 
 @pytest.mark.slow
 def test_ablation_smoke_and_merge(tmp_path):
-    """Two variants at a tiny CPU budget: every row has finite held-out numbers, the budget was
-    spent, and --merge combines result files of parallel runs."""
+    """Three variants at a tiny CPU budget: every row has finite held-out numbers, the budget was
+    spent, the ADDiff rows carry the latent probe (issue #24), and --merge combines result files
+    of parallel runs."""
     mod = _load("ablation")
     data = tmp_path / "data"
     a, b = tmp_path / "a.json", tmp_path / "b.json"
-    common = ["--budgets", "1", "--seeds", "0", "--cases", "4", "--samples", "2", "--data", str(data)]
-    assert mod.main(["--variants", "new", *common, "--out", str(a)]) == 0
+    common = ["--budgets", "1", "--seeds", "0", "--cases", "8", "--samples", "2", "--data", str(data)]
+    assert mod.main(["--variants", "new,d24-new", *common, "--out", str(a)]) == 0
     assert mod.main(["--variants", "unet", *common, "--out", str(b)]) == 0
     merged = tmp_path / "m.json"
     assert mod.main(["--merge", str(a), str(b), "--out", str(merged)]) == 0
-    rows = json.loads(merged.read_text())["rows"]
-    assert sorted(r["variant"] for r in rows) == ["new", "unet"]
-    for r in rows:
-        assert _positive(r["heldout"]["mae_gy"]) and r["num_heldout"] == 1
+    rows = {r["variant"]: r for r in json.loads(merged.read_text())["rows"]}
+    assert sorted(rows) == ["d24-new", "new", "unet"]
+    for r in rows.values():
+        assert _positive(r["heldout"]["mae_gy"]) and r["num_heldout"] == 2
         spent = r["unet"]["cpu_s"] if r["variant"] == "unet" else r["vae"]["cpu_s"] + r["diffusion"]["cpu_s"]
         assert spent >= 1.0 * 0.99
-    assert -1.0 <= [r for r in rows if r["variant"] == "new"][0]["uncertainty_spearman"] <= 1.0
-    assert "new" in merged.with_suffix(".md").read_text()
+    for name in ("new", "d24-new"):
+        assert -1.0 <= rows[name]["uncertainty_spearman"] <= 1.0
+        probe = rows[name]["probe"]
+        assert all(_positive(probe[k]) for k in ("sampled", "zero", "oracle", "shuffled", "oracle_over_sampled",
+                                                  "bypass_over_sampled"))
+        assert _finite(probe["spread"]) and probe["spread"] >= 0 and len(probe["cases"]) == 2
+    assert "probe" not in rows["unet"]
+    # issue #11's rows keep the demo config they were measured on (before #24)
+    assert rows["new"]["config"]["decoder_anatomy"] == "planning" and rows["new"]["config"]["latent_dropout"] == 0.5
+    assert rows["new"]["config"]["residual_latent"] is False and rows["new"]["config"]["vae_channels"] == [8, 16, 32]
+    text = merged.with_suffix(".md").read_text()
+    assert "| new |" in text and "Latent probe" in text and "| d24-new |" in text.split("Latent probe")[1]
+
+
+def test_ablation_variants_name_the_configs_they_claim():
+    """d24-new is configs/demo.yaml as shipped, d24-before and issue #11's 'new' the demo before
+    #24 (99ac9f2), and every variant passes the checkpoint loader's config check."""
+    from addiff_core.config import load_model_config, model_config_from_dict
+
+    mod = _load("ablation")
+    demo = load_model_config(mod.common.DEMO_CONFIG)
+    assert mod.variant_config("d24-new") == demo
+    before = model_config_from_dict({**demo.to_dict(), "decoder_anatomy": "planning", "residual_latent": False,
+                                     "latent_dropout": 0.5, "timestep_bias": 1.0, "dose_l1_weight": 0.0,
+                                     "vae_channels": [8, 16, 32], "unet_channels": [16, 32],
+                                     "attention_levels": [False, True]})
+    assert mod.variant_config("d24-before") == mod.variant_config("new") == before
+    for name in mod.VARIANTS:
+        assert mod.variant_config(name).kind in ("diffusion", "unet")
 
 
 def test_predict_bench_smoke(tmp_path):
