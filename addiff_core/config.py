@@ -157,7 +157,7 @@ class ModelConfig:
     kl_weight: float = 1e-6
     # Diffusion stage: weight of the L1 between the decoded x0 estimate and the dose (inside the
     # evaluation region), beside the latent MSE: the error that the metrics measure.
-    dose_l1_weight: float = 1.0
+    dose_l1_weight: float = 20.0
     # What the denoiser predicts: x0 (the clean latent), v, or epsilon (the noise). Measured on
     # synthetic 32^3 (BENCHMARKS.md, ablation): x0 is the only one that samples well at these budgets.
     prediction_type: str = "x0"

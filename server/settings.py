@@ -27,8 +27,8 @@ DEFAULTS: dict[str, Any] = {
     "model-kind": "",
     "grid-size": 0,
     "strategy": "fedavg",
-    "vae-rounds": 6,
-    "diffusion-rounds": 15,
+    "vae-rounds": 8,
+    "diffusion-rounds": 14,
     "unet-rounds": 17,  # about the CPU of 20 VAE + 4 diffusion rounds (BENCHMARKS.md, main job)
     "local-epochs": 0,
     "proximal-mu": 0.01,

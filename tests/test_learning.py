@@ -18,9 +18,10 @@ from addiff_core.synth import write_synthetic_sites
 from addiff_core.training import evaluate
 
 
-def constant_guess_mae(task: SiteTask) -> float:
-    """Predict, inside the body, the mean training dose (as a fraction of Rx) everywhere."""
-    frac = np.mean([float((s["dose"] * s["body"]).sum() / s["body"].sum()) for s in task.data.train.samples])
+def constant_guess_mae(task: SiteTask, frac: float | None = None) -> float:
+    """Predict, inside the body, ``frac`` of Rx everywhere (None: the mean training dose)."""
+    if frac is None:
+        frac = np.mean([float((s["dose"] * s["body"]).sum() / s["body"].sum()) for s in task.data.train.samples])
     errs = []
     for d in task.data.heldout.case_dirs:
         case = load_case(d)
@@ -52,10 +53,13 @@ def test_diffusion_learns_and_matches_the_unet(learning_site):
     1.3x the U-Net baseline's at a budget that favours the U-Net: the U-Net trains as many epochs
     as both ADDiff stages together, and a U-Net step costs more CPU than a step of either stage.
     (The design before issue #11, epsilon prediction and a decoder blind to anatomy, was at
-    ~3x the U-Net's MAE in the main job.)"""
+    ~3x the U-Net's MAE in the main job.) Since issue #24 an untrained ADDiff-Dose predicts ~0 Gy
+    (residual latent, zero-initialised learned paths), so "untrained" is the zero-dose guess:
+    the U-Net reaches ~0.65x of it at this budget, hence the 0.8 bar; the constant guess spreads
+    the mean dose over the body and scores worse."""
     if not os.environ.get("PYTEST_XDIST_WORKER"):  # a pytest-xdist worker keeps its one thread (conftest)
         torch.set_num_threads(2)
-    cfg = load_model_config(DEMO_CONFIG)  # the main job's model (x0, anatomy-aware decoder)
+    cfg = load_model_config(DEMO_CONFIG)  # the main job's model (x0, residual latent, decoder blind to anatomy)
     task = SiteTask(learning_site, cfg)
     assert len(task.data.heldout) == 3
     untrained = _heldout(task, cfg)["mae_gy"]
@@ -69,7 +73,7 @@ def test_diffusion_learns_and_matches_the_unet(learning_site):
     unet.train(None, "unet", epochs=VAE_EPOCHS + DIFFUSION_EPOCHS, round_number=0)
     baseline = _heldout(unet, ucfg)
     print(f"held-out MAE: ADDiff {trained['mae_gy']:.2f} Gy, U-Net {baseline['mae_gy']:.2f} Gy, "
-          f"untrained {untrained:.2f} Gy, constant {constant:.2f} Gy")
-    assert trained["mae_gy"] < 0.5 * untrained
-    assert trained["mae_gy"] < 0.8 * constant
+          f"untrained {untrained:.2f} Gy, zero dose {constant_guess_mae(task, 0.0):.2f} Gy, constant {constant:.2f} Gy")
+    assert trained["mae_gy"] < 0.8 * untrained
+    assert trained["mae_gy"] < 0.5 * constant
     assert trained["mae_gy"] <= 1.3 * baseline["mae_gy"]
