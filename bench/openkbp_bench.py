@@ -56,24 +56,20 @@ Markdown shows a learning-curve table over the result files of the same budget i
 
 Budget at equal compute (``default``, 64^3 at 5 mm, ``configs/openkbp64.yaml``; the epochs and the
 step times they were set from: ``DEFAULT_EPOCHS`` and ``DEFAULT_SET_FROM_STEP_CPU_SECONDS``). CPU seconds of
-one optimiser step, batch 1, 1 torch thread, on the 2-core shared machine, measured by this
-script's step timing (``step_cpu_seconds`` in the results holds each run's own measurement): VAE
-1.89 s, diffusion 1.57 s, U-Net 2.15 s at a load average of ~3.5 (under a load average of 11-15 the
-same steps cost 3.2 / 2.1 / 3.1 CPU s: contention inflates CPU time too). Rules: (a) ADDiff-Dose
-spends ~80 % of its training CPU on the VAE (the study behind the redesign: the VAE bounds the
-model), ~20 % on the diffusion stage; (b) the U-Net's epochs cost about as much CPU as ADDiff-Dose's
-two stages together; (c) the whole run (two federations, three local trainings, pooled, every
-held-out evaluation with gamma, uncertainty) stays within ~55 CPU minutes on 1 thread. With 69
-training patients an epoch of a method is 69 steps; ADDiff-Dose is trained three times (federated,
-local = 3 x 23 cases, pooled) and the U-Net once, so training costs 69 x (3 x (V x 1.89 + D x 1.57)
-+ U x 2.15) CPU s. The diffusion stage cannot go below 1 epoch, so D = 1 and V = 3 (5.67 s of VAE
-per case, 78 %; V = 2: 71 %, V = 4: 83 % but 53 CPU min in all, too close to (c)); the U-Net U = 3
-(6.45 s per case, 0.89x ADDiff-Dose's 7.24 s; U = 4: 1.19x). Planned: 69 x (3 x 7.24 + 6.45) =
-1944 CPU s (32 min) of training, plus ~10-12 min of imports, start-ups (Ray), data loading,
-evaluation with gamma, uncertainty and the step timing: ~45 CPU min. Measured (step times 2.26 /
-1.83 / 2.47 s that day): 55.8 CPU min, of which 3-4 min per federated run went to Ray and the three
-site processes beyond their training steps; 69.6 min of wall time. Wall time on the loaded 2-core
-machine is 1.3-3x the CPU time, depending on the other jobs. ``small`` (32^3 at 10 mm,
+one optimiser step, batch 1, 1 torch thread, on the 2-core machine with little other load, of the
+design of issue #24 (a 16^3 x 8 residual latent, a decoder that reads only its latent, a
+three-level denoiser, the decoded-x0 L1): VAE 0.65 s, diffusion 0.77 s, U-Net 1.2 s
+(``step_cpu_seconds`` in the results holds each run's own measurement; contention inflates CPU
+time too). Rules: (a) ADDiff-Dose's two stages cost about the U-Net's epochs in CPU; (b) most of
+ADDiff-Dose's CPU goes to the diffusion stage: the diffusion decides the dose, and one VAE epoch
+already reconstructs to ~1/3 of the sampled error (federated pilots on the 84 patients, dose /
+DVH score: VAE 2 + diffusion 3 epochs 7.56 / 10.53 Gy, 1 + 4 epochs 7.36 / 10.14 Gy); (c) the
+whole run stays within ~55 CPU minutes on 1 thread. With 69 training patients an epoch of a method
+is 69 steps: V = 1, D = 4 costs 0.65 + 4 x 0.77 = 3.73 CPU s per case and U = 3 costs 3.6 (0.97x;
+U = 4: 1.29x). Planned: 69 x (3 x 3.73 + 3.6) = 1021 CPU s (17 min) of training, plus imports,
+start-ups (Ray), data loading, evaluation with gamma, 8-sample uncertainty and the latent probe.
+Wall time on the loaded 2-core machine is 1.3-3x the CPU time, depending on the other jobs.
+``small`` (32^3 at 10 mm,
 1 + 1 epochs, U-Net 2) checks the pipeline; its results go to ``WORK/results`` unless ``--out`` is
 given, so they never overwrite the default budget's results in ``bench/results``.
 
