@@ -169,10 +169,13 @@ def uncertainty_slices_figure(path: Path, ct_hu: np.ndarray, std: np.ndarray, ab
                               target: np.ndarray | None = None, target_name: str | None = None,
                               dose: np.ndarray | None = None, eval_mask: np.ndarray | None = None) -> Path:
     """Where a sampled prediction is unsure next to where it is wrong: the voxel-wise std of the
-    samples (row 1) and ``|mean - reference|`` (row 2), in Gy on ONE colour scale (the 99.5th
-    percentile of both inside ``eval_mask``) over the CT, in the axial/coronal/sagittal slices of
-    :func:`dose_slices_figure` (through the target centre, else the maximum of ``dose``), shown
-    inside ``eval_mask`` when given, from ``UNCERTAINTY_FROM`` of the scale's top. Arrays (z, y, x) in LPS order, spacing (x, y, z) mm.
+    samples (row 1) and ``|mean - reference|`` (row 2), in Gy, each row on its own colour scale
+    (the 99.5th percentile of that row inside ``eval_mask``, with its own colour bar: on one
+    shared scale a std far below the error is invisible, and then the picture cannot say where
+    the model is unsure; each row's title gives its maximum, so the magnitudes still compare),
+    over the CT, in the axial/coronal/sagittal slices of :func:`dose_slices_figure` (through the
+    target centre, else the maximum of ``dose``), shown inside ``eval_mask`` when given, from
+    ``UNCERTAINTY_FROM`` of the row's top. Arrays (z, y, x) in LPS order, spacing (x, y, z) mm.
 
     Args:
         samples: the number of samples behind the std, named in its row's titles.
@@ -181,15 +184,13 @@ def uncertainty_slices_figure(path: Path, ct_hu: np.ndarray, std: np.ndarray, ab
     err = np.asarray(abs_error, dtype=np.float32)
     em = np.ones(std.shape, bool) if eval_mask is None else np.asarray(eval_mask, dtype=bool)
     centre = _slice_centre(target, np.asarray(dose if dose is not None else err, dtype=np.float32))
-    both = np.concatenate([std[em], err[em]])
-    vmax = max(float(np.percentile(both, 99.5)) if both.size else 0.0, 1e-3)  # one scale: the rows compare
     fig, axes = _slice_grid(std.shape, spacing, 2)
     ct_views = _views(np.clip(ct_hu, *CT_WINDOW), centre)
     tgt_views = _views(np.asarray(target, dtype=np.float32), centre) if target is not None else [None] * 3
     em_views = _views(em, centre)
     rows = [(f"sample std ({samples} samples)" if samples else "sample std", std), ("|mean - reference|", err)]
-    im = None
     for r, (label, vol) in enumerate(rows):
+        vmax = max(float(np.percentile(vol[em], 99.5)) if em.any() else 0.0, 1e-3)
         for c, (view, aspect, v) in enumerate(zip(("axial", "coronal", "sagittal"), _aspects(spacing),
                                                    _views(vol, centre))):
             ax = axes[r][c]
@@ -201,14 +202,14 @@ def uncertainty_slices_figure(path: Path, ct_hu: np.ndarray, std: np.ndarray, ab
             if tgt_views[c] is not None and tgt_views[c].any():
                 ax.contour(tgt_views[c], levels=[0.5], colors=TARGET_COLOUR, linewidths=1.0, linestyles="--")
             _orientation_labels(ax, view)
-            # the row's maximum: a std far below the error is invisible on the shared scale, and that is the finding
+            # the row's maximum: the rows have their own scales, the titles compare the magnitudes
             top = f" (max {float(vol[em].max()) if em.any() else 0.0:.2g} Gy)" if c == 0 else ""
             ax.set_title(f"{label}{top}: {view}", fontsize=9)
             ax.set_xticks([])
             ax.set_yticks([])
-    cb = fig.colorbar(im, ax=[a for row in axes for a in row], shrink=0.9, pad=0.01, aspect=30, extend="max")
-    cb.set_label(f"Gy, one scale for both rows (shown from {100 * UNCERTAINTY_FROM:g} % of its top)", fontsize=8)
-    cb.ax.tick_params(labelsize=7)
+        cb = fig.colorbar(im, ax=list(axes[r]), shrink=0.9, pad=0.01, aspect=15, extend="max")
+        cb.set_label(f"Gy (this row; from {100 * UNCERTAINTY_FROM:g} % of its top)", fontsize=8)
+        cb.ax.tick_params(labelsize=7)
     if target is not None and np.asarray(target).any():
         fig.legend(handles=[Line2D([], [], color=TARGET_COLOUR, lw=1.2, ls="--", label=target_name or "target")],
                    loc="outside lower center", fontsize=8, frameon=False)

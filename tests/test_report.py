@@ -237,3 +237,26 @@ def test_cli_report(tmp_path, sites, capsys):
     assert cli.main(["report", str(tmp_path / "nope")]) == 2
     assert "no such run folder" in capsys.readouterr().err
     assert cli.main(["report", str(run), "--site", str(tmp_path / "missing.yaml")]) == 2
+
+
+def test_the_uncertainty_figure_shows_a_std_far_below_the_error(tmp_path, monkeypatch):
+    """The std of an overconfident model is ~100x below its error; on one shared colour scale its
+    row was blank. Each row now has its own scale and colour bar, so the std is drawn."""
+    import numpy as np
+
+    from addiff_core import plots
+
+    rng = np.random.default_rng(0)
+    shape = (12, 16, 16)
+    std = rng.uniform(0.01, 0.5, shape).astype(np.float32)
+    err = rng.uniform(1.0, 40.0, shape).astype(np.float32)
+    figs = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figs.append(fig) or Path(path))
+    plots.uncertainty_slices_figure(tmp_path / "u.png", np.zeros(shape), std, err, (2.0, 2.0, 2.0), samples=8)
+    (fig,) = figs
+    overlays = [ax.get_images()[-1] for ax in fig.axes if len(ax.get_images()) == 2]  # CT + overlay panels
+    assert len(overlays) == 6
+    std_row, err_row = overlays[:3], overlays[3:]
+    assert all(im.get_clim()[1] < 0.6 for im in std_row) and all(im.get_clim()[1] > 30 for im in err_row)
+    assert all(np.ma.count(im.get_array()) > 0 for im in std_row)  # something of the std is drawn
+    assert sum(1 for ax in fig.axes if ax.get_label() == "<colorbar>") == 2
