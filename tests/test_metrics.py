@@ -307,7 +307,9 @@ def test_oar_dmax_error():
 # gamma
 # --------------------------------------------------------------------------------------------
 def brute_force_gamma(ref, pred, spacing, dose_pct, dta_mm, cutoff_pct, global_norm, samples=2001):
-    """Reference: minimum over every lattice edge of the array, densely sampled (no search limit)."""
+    """Upper bound: minimum over every lattice edge of the array, densely sampled (no search limit).
+
+    The gamma of issue #31 searches the whole interpolated field, so it can only be lower."""
     h = np.asarray(spacing, float)[::-1]
     ref_max = ref.max()
     pts = np.array(list(itertools.product(*[range(s) for s in ref.shape])))
@@ -328,6 +330,25 @@ def brute_force_gamma(ref, pred, spacing, dose_pct, dta_mm, cutoff_pct, global_n
         if r < cutoff_pct / 100 * ref_max:
             continue
         dd = dose_pct / 100 * (ref_max if global_norm else r)
+        g2 = ((ev_pos - p * h) ** 2).sum(1) / dta_mm ** 2 + (ev_val - r) ** 2 / dd ** 2
+        out[tuple(p)] = math.sqrt(g2.min())
+    return out
+
+
+def dense_gamma(ref, pred, spacing, dose_pct, dta_mm, cutoff_pct, global_norm, q):
+    """Reference: the multilinearly interpolated ``pred`` (scipy map_coordinates, order 1) sampled on
+    a lattice ``q`` times finer than the grid over the whole array (no search limit)."""
+    from scipy import ndimage
+
+    h = np.asarray(spacing, float)[::-1]
+    fine = np.meshgrid(*[np.linspace(0, n - 1, (n - 1) * q + 1) for n in ref.shape], indexing="ij")
+    idx = np.stack([g.ravel() for g in fine])
+    ev_val = ndimage.map_coordinates(pred, idx, order=1)
+    ev_pos = idx.T * h
+    out = np.full(ref.shape, np.nan)
+    for p in np.argwhere(ref >= cutoff_pct / 100 * ref.max()):
+        r = ref[tuple(p)]
+        dd = dose_pct / 100 * (ref.max() if global_norm else r)
         g2 = ((ev_pos - p * h) ** 2).sum(1) / dta_mm ** 2 + (ev_val - r) ** 2 / dd ** 2
         out[tuple(p)] = math.sqrt(g2.min())
     return out
@@ -379,29 +400,29 @@ def test_gamma_cutoff_mask_and_local_normalisation():
     assert math.isnan(M.gamma_pass_rate(np.zeros(5), np.ones(5), sp))
 
 
-@pytest.mark.parametrize("shape, spacing, global_norm", [
-    ((9, 8), (1.5, 1.0), True),
-    ((9, 8), (1.0, 1.0), False),
-    ((5, 4, 3), (1.0, 1.5, 2.0), True),
+@pytest.mark.parametrize("shape, spacing, global_norm, q", [
+    ((9, 8), (1.5, 1.0), True, 40),
+    ((9, 8), (1.0, 1.0), False, 40),
+    ((5, 4, 3), (1.0, 1.5, 2.0), True, 20),
 ])
-def test_gamma_matches_brute_force(shape, spacing, global_norm):
+def test_gamma_matches_brute_force(shape, spacing, global_norm, q):
+    """gamma_index is the minimum over the whole interpolated field (issue #31): at most the
+    edge-only minimum, and the dense brute force over the field within its sampling error."""
     rng = np.random.default_rng(42)
     ref = 40 + 10 * rng.random(shape)
     ref.ravel()[:3] = [2.0, 5.0, 3.0]          # some voxels below the 10 % cutoff
     pred = ref + rng.normal(0, 1.5, shape)
     samples = 1001
-    want = brute_force_gamma(ref, pred, spacing, 3.0, 2.0, 10.0, global_norm, samples)
+    edges = brute_force_gamma(ref, pred, spacing, 3.0, 2.0, 10.0, global_norm, samples)
+    want = dense_gamma(ref, pred, spacing, 3.0, 2.0, 10.0, global_norm, q)
     got = M.gamma_index(ref, pred, spacing, 3.0, 2.0, 10.0, global_norm, max_search_mm=100.0)
     np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
     ok = ~np.isnan(want)
-    # the sampled brute force can only overestimate; by at most A * (dt / 2)^2 in gamma^2, where
-    # A = (edge length / DTA)^2 + (dose step along the edge / dD)^2 bounds the curvature
-    dd_min = 0.03 * (ref.max() if global_norm else ref[ok].min())
-    steps = max(float(np.abs(np.diff(pred, axis=k)).max()) for k in range(pred.ndim))
-    a_max = (max(spacing) / 2.0) ** 2 + (steps / dd_min) ** 2
-    slack = a_max * (0.5 / (samples - 1)) ** 2
-    assert np.all(got[ok] ** 2 <= want[ok] ** 2 + 1e-9)
-    assert np.all(want[ok] ** 2 - got[ok] ** 2 <= slack + 1e-9)
+    assert np.all(got[ok] ** 2 <= edges[ok] ** 2 + 1e-9)
+    # both sample a steep (noisy) field: agreement within 0.03 in gamma^2 (measured: <= 0.026 in
+    # 2-D at q = 40, 0.012 in 3-D; the edge-only search is off by 0.38 in 3-D)
+    slack = 0.03
+    np.testing.assert_allclose(got[ok] ** 2, want[ok] ** 2, atol=slack)
     assert 0 < np.mean(want[ok] <= 1) < 1              # a mix of passes and failures
     # the pass rate (search radius = DTA, early exit) agrees away from the sampling slack
     far = np.abs(want[ok] ** 2 - 1.0) > slack
