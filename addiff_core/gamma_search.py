@@ -10,7 +10,6 @@ import math
 from typing import Sequence
 
 import numpy as np
-from scipy import ndimage
 
 INTERP_FRACTION = 10       # fine lines every dta / INTERP_FRACTION mm (as pymedphys' interp_fraction)
 _BLOCK = 1 << 19           # voxels x lines per vectorised block (bounds memory: ~4 MB per array)
@@ -107,14 +106,15 @@ def edge_search(g: GammaGrid, thr2: float | None) -> np.ndarray:
 
 
 
-def _fine_lines(g: GammaGrid) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _fine_lines(g: GammaGrid) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Lines along the coarsest axis ``k`` through the ball, every ``dta / INTERP_FRACTION`` mm.
 
-    Returns ``(k, perp2, offsets, weights, rho)`` sorted by ``perp2`` (squared perpendicular
+    Returns ``(k, perp2, offsets, weights, rho, cells)`` sorted by ``perp2`` (squared perpendicular
     distance, DTA units): the dose on a line at a lattice plane ``j`` along ``k`` is
     ``sum_c weights[c] * pred[voxel + offsets[c] + j * stride_k]`` (multilinear in the other
     axes; the same weights for every voxel, as reference voxels sit on the lattice), and the line
-    runs over ``|x_k| <= rho`` (grid units along ``k``).
+    runs over ``|x_k| <= rho`` (grid units along ``k``), inside the column of lattice cells whose
+    lower corner is at ``cells`` (grid units along the other axes).
     """
     nd = len(g.h)
     k = int(np.argmax(g.h))
@@ -132,29 +132,37 @@ def _fine_lines(g: GammaGrid) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, 
     off_mm, d2 = off_mm[order], d2[order]
     offs = np.zeros((1, len(d2)), np.int64)
     wts = np.ones((1, len(d2)))
+    cells = np.zeros((len(d2), len(others)), np.int64)
     for col, a in enumerate(others):
         u = off_mm[:, col] / g.h[a]
         f = np.floor(u + 1e-9)
         fr = np.where(u - f < 1e-9, 0.0, u - f)
+        cells[:, col] = f
         # a zero weight keeps the lower index: the upper one may be NaN padding (0 * NaN = NaN)
         lo_off, hi_off = f * g.strides[a], (f + (fr > 0)) * g.strides[a]
         offs = np.concatenate([offs + lo_off.astype(np.int64), offs + hi_off.astype(np.int64)])
         wts = np.concatenate([wts * (1 - fr), wts * fr])
     rho = np.minimum(np.sqrt(np.maximum(g.search ** 2 - d2, 0.0)) / g.h[k], g.shape[k] - 1)
-    return k, d2 / g.dta ** 2, offs, wts, rho
+    return k, d2 / g.dta ** 2, offs, wts, rho, cells
 
 
-def _dose_bound_fails(g: GammaGrid, active: np.ndarray, thr2: float) -> np.ndarray:
-    """Mask of ``active``: voxels whose dose differs from every evaluated dose within reach of
-    the ball by more than ``sqrt(thr2)`` dD (interpolation never leaves the corner values' range)."""
-    m = np.minimum(np.ceil(g.search / g.h - 1e-9), g.shape - 1).astype(int)
-    size = tuple(int(2 * x + 1) for x in m)
-    coords = tuple(c[active] for c in g.coords)
-    hi = ndimage.maximum_filter(g.pred, size=size, mode="nearest")[coords]
-    lo = ndimage.minimum_filter(g.pred, size=size, mode="nearest")[coords]
-    w, rn = g.inv_dd[active], g.rn[active]
+def _column_may_improve(g: GammaGrid, vox: np.ndarray, k: int, cell: np.ndarray, r_max: float,
+                        perp2_min: float, thr2: float | None, best: np.ndarray) -> np.ndarray:
+    """Mask of ``vox``: voxels for which a column of cells can still lower ``best`` (or reach
+    ``thr2``). Interpolation never leaves the range of the cells' corner values, so ``g^2`` in the
+    column is at least ``perp2_min`` plus the squared dose gap between that range and ``D_ref``."""
+    others = [a for a in range(len(g.h)) if a != k]
+    perp = [sum(int(c + b) * int(g.strides[a]) for c, b, a in zip(cell, bits, others))
+            for bits in itertools.product((0, 1), repeat=len(others))]
+    sk = int(g.strides[k])
+    offs = np.array([p + j * sk for p in perp for j in range(int(math.floor(-r_max)), int(math.ceil(r_max)) + 1)])
+    vals = g.pflat[g.pos[vox][:, None] + offs]
+    hi, lo = np.fmax.reduce(vals, axis=1), np.fmin.reduce(vals, axis=1)
+    w, rn = g.inv_dd[vox], g.rn[vox]
     gap = np.maximum(np.maximum(rn - hi * w, lo * w - rn), 0.0)
-    return gap * gap > thr2
+    bound = gap * gap + perp2_min               # NaN (no known corner) compares False: dropped
+    keep = bound < best[vox]
+    return keep if thr2 is None else keep & (bound <= thr2)
 
 
 def _lines_block(g: GammaGrid, vox: np.ndarray, k: int, lines: tuple[np.ndarray, ...],
@@ -187,25 +195,39 @@ def _lines_block(g: GammaGrid, vox: np.ndarray, k: int, lines: tuple[np.ndarray,
 def fine_search(g: GammaGrid, best: np.ndarray, thr2: float | None) -> None:
     """Lower ``best`` (``g^2`` per voxel, in place) by the minimum over fine lines in the ball.
 
-    Only voxels that can still change are searched: with ``thr2`` (a pass rate) those above it
-    that the dose bound does not already fail; always, a voxel leaves once ``best`` is <= the
-    perpendicular distance of the next lines (they are sorted, none can do better).
+    Lines are taken column of cells by column (nearest first), and only for voxels that can still
+    change: above ``thr2`` (a pass rate: a voxel leaves once it passes), not excluded by the
+    column's dose bound (:func:`_column_may_improve`), and with ``best`` above the perpendicular
+    distance of the next lines (sorted: none can do better).
     """
     active = np.arange(best.size) if thr2 is None else np.flatnonzero(best > thr2)
-    if thr2 is not None and active.size:
-        active = active[~_dose_bound_fails(g, active, thr2)]
     if active.size == 0:
         return
-    k, perp2, offs, wts, rho = _fine_lines(g)
-    for c0 in range(0, perp2.size, _LINES_PER_CHUNK):
-        sl = slice(c0, c0 + _LINES_PER_CHUNK)
-        active = active[best[active] > perp2[c0]]
-        if active.size == 0:
-            return
-        lines = (perp2[sl], offs[:, sl], wts[:, sl], rho[sl])
-        block = max(1, _BLOCK // lines[0].size)
-        for b0 in range(0, active.size, block):
-            vox = active[b0:b0 + block]
-            best[vox] = _lines_block(g, vox, k, lines, best[vox])
+    k, perp2, offs, wts, rho, cells = _fine_lines(g)
+    _, group = np.unique(cells, axis=0, return_inverse=True)
+    group = group.reshape(-1)
+    first = {}
+    for i, gi in enumerate(group):      # lines are sorted by perp2: the first is the nearest
+        first.setdefault(int(gi), i)
+    for gi in sorted(first, key=first.get):
+        li = np.flatnonzero(group == gi)
+        cand = active[best[active] > perp2[li[0]]]
+        if cand.size:
+            cand = cand[_column_may_improve(g, cand, k, cells[li[0]], float(rho[li].max()), float(perp2[li[0]]),
+                                            thr2, best)]
+        for c0 in range(0, li.size, _LINES_PER_CHUNK):
+            sel = li[c0:c0 + _LINES_PER_CHUNK]
+            cand = cand[best[cand] > perp2[sel[0]]]
+            if cand.size == 0:
+                break
+            lines = (perp2[sel], offs[:, sel], wts[:, sel], rho[sel])
+            block = max(1, _BLOCK // sel.size)
+            for b0 in range(0, cand.size, block):
+                vox = cand[b0:b0 + block]
+                best[vox] = _lines_block(g, vox, k, lines, best[vox])
+            if thr2 is not None:
+                cand = cand[best[cand] > thr2]
         if thr2 is not None:
             active = active[best[active] > thr2]
+            if active.size == 0:
+                return
