@@ -254,8 +254,18 @@ def sample(model: nn.Module, batch: dict, cfg: ModelConfig, steps: int | None = 
     Deterministic for a given seed (generator seeded on the model's device; CPU fallback).
     With num_samples > 1 the std over samples (per voxel) is returned as well. The denoiser's
     output is read according to cfg.prediction_type. Doses (and std) are zero outside the
-    batch's evaluation region (``body``).
+    batch's evaluation region (``body``). The samples themselves: :func:`sample_doses`.
     """
+    stack = sample_doses(model, batch, cfg, steps=steps, seed=seed, num_samples=num_samples)
+    std = stack.std(0, unbiased=False) if stack.shape[0] > 1 else None
+    return stack.mean(0), std
+
+
+@torch.no_grad()
+def sample_doses(model: nn.Module, batch: dict, cfg: ModelConfig, steps: int | None = None, seed: int = 0,
+                 num_samples: int = 1) -> torch.Tensor:
+    """Every sample of :func:`sample`, stacked: (max(1, num_samples), N, 1, S, S, S), clamped
+    >= 0 and zero outside ``body``; sample i is the same for any ``num_samples`` > i."""
     m = unwrap(model)
     dev = _device(m)
     sched = make_sampler(cfg, steps)
@@ -276,10 +286,7 @@ def sample(model: nn.Module, batch: dict, cfg: ModelConfig, steps: int | None = 
             a_prev = ac[ts[i + 1]] if i + 1 < len(ts) else torch.ones((), device=dev)
             z = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
         doses.append(decode_latent(m, z, batch).clamp_min(0) * region)
-    stack = torch.stack(doses)
-    mean = stack.mean(0)
-    std = stack.std(0, unbiased=False) if len(doses) > 1 else None
-    return mean, std
+    return torch.stack(doses)
 
 
 # ------------------------------------------------------------------------------------------

@@ -65,17 +65,17 @@ def probe_cases(model: torch.nn.Module, samples: list[dict[str, torch.Tensor]], 
     rows = []
     for i, b in enumerate(batches):
         region, ref = b["body"].float(), b["dose"]
-        first, _ = diff.sample(m, b, cfg, steps=steps, seed=seed + i, num_samples=1)
+        stack = diff.sample_doses(m, b, cfg, steps=steps, seed=seed + i, num_samples=num_samples)
         decoded = {
-            "sampled": first,
+            "sampled": stack[0],
             "zero": diff.decode_latent(m, torch.zeros_like(latents[i]), b),
             "oracle": diff.decode_latent(m, latents[i], b),
             "shuffled": diff.decode_latent(m, latents[(i + 1) % len(batches)], b),
         }
         mae = {k: _region_mae(v.clamp_min(0) * region, ref, region) for k, v in decoded.items()}
         spread = mean_mae = float("nan")
-        if num_samples > 1:
-            mean, std = diff.sample(m, b, cfg, steps=steps, seed=seed + i, num_samples=num_samples)
+        if stack.shape[0] > 1:
+            mean, std = stack.mean(0), stack.std(0, unbiased=False)
             inside = region > 0.5
             spread = float(std[inside].mean() / ref[inside].mean().clamp_min(1e-8))
             mean_mae = _region_mae(mean, ref, region)

@@ -31,8 +31,20 @@ import common  # noqa: E402
 from addiff_core import latent_probe  # noqa: E402
 from addiff_core.case_io import list_cases  # noqa: E402
 from addiff_core.config import load_site_config  # noqa: E402
-from addiff_core.data import load_samples, load_site_data  # noqa: E402
+from addiff_core.data import load_samples, split_case_ids  # noqa: E402
 from addiff_core.predict import load_model  # noqa: E402
+
+
+def site_samples(site_file: Path, grid, split: str = "heldout") -> tuple[list[dict], list[str]]:
+    """The samples of one site file's ``split`` (heldout, train or all: train then held-out) and
+    their ids (``SITE/CASE``), split as the site splits them (``data.split_case_ids``), loading
+    only the cases asked for."""
+    site = load_site_config(site_file)
+    by_id = {d.name: d for d in list_cases(site.data_dir)}
+    train, held = split_case_ids(list(by_id), site.heldout)
+    ids = {"heldout": held, "train": train, "all": train + held}[split]
+    ds = load_samples([by_id[i] for i in ids], grid, True, {})
+    return [ds[i] for i in range(len(ds))], [f"{site.name}/{c}" for c in ds.case_ids]
 
 
 def load_probe_cases(sources: list[Path], grid, split: str) -> tuple[list[dict], list[str]]:
@@ -40,16 +52,12 @@ def load_probe_cases(sources: list[Path], grid, split: str) -> tuple[list[dict],
     samples, ids = [], []
     for src in sources:
         if src.suffix in (".yaml", ".yml"):
-            site = load_site_config(src)
-            data = load_site_data(site, grid)
-            parts = {"heldout": [data.heldout], "train": [data.train], "all": [data.train, data.heldout]}[split]
-            for ds in parts:
-                samples += [ds[i] for i in range(len(ds))]
-                ids += [f"{site.name}/{c}" for c in ds.case_ids]
+            got, names = site_samples(src, grid, split)
         else:
             ds = load_samples(list_cases(src), grid, require_dose=True, skipped={})
-            samples += [ds[i] for i in range(len(ds))]
-            ids += list(ds.case_ids)
+            got, names = [ds[i] for i in range(len(ds))], list(ds.case_ids)
+        samples += got
+        ids += names
     return samples, ids
 
 

@@ -123,21 +123,6 @@ def _child_uncertainty(p: dict) -> dict:
     return {"samples": int(p["samples"]), "cases": rows}
 
 
-def heldout_samples(site_file: Path, grid: Any) -> tuple[list[dict], list[str]]:
-    """The held-out samples of a site file and their ids (``SITE/CASE``): the cases
-    ``data.load_site_data`` holds out (same ``split_case_ids``), without loading the training
-    cases as it would."""
-    from addiff_core.case_io import list_cases
-    from addiff_core.config import load_site_config
-    from addiff_core.data import load_samples, split_case_ids
-
-    site = load_site_config(site_file)
-    by_id = {d.name: d for d in list_cases(site.data_dir)}
-    _, held = split_case_ids(list(by_id), site.heldout)
-    ds = load_samples([by_id[i] for i in held], grid, True, {})
-    return [ds[i] for i in range(len(ds))], [f"{site.name}/{c}" for c in ds.case_ids]
-
-
 def _probe_row(site: str, r: Any) -> dict:
     return {"site": site, "case_id": r.case_id.split("/", 1)[-1], **r.mae, "spread": r.spread,
             "mean_of_samples": r.mean_of_samples}
@@ -156,6 +141,7 @@ def _child_latent_probe(p: dict) -> dict:
 
     from addiff_core import latent_probe
     from addiff_core.predict import load_model
+    from latent_probe import site_samples  # bench/latent_probe.py
 
     models: dict[str, tuple] = {}
     per_site, all_rows, cases = {}, [], []
@@ -164,7 +150,7 @@ def _child_latent_probe(p: dict) -> dict:
         if job["checkpoint"] not in models:
             models[job["checkpoint"]] = load_model(Path(job["checkpoint"]), torch.device("cpu"))[:2]
         model, cfg = models[job["checkpoint"]]
-        samples, ids = heldout_samples(Path(job["site_file"]), cfg.grid)
+        samples, ids = site_samples(Path(job["site_file"]), cfg.grid)
         rows = latent_probe.probe_cases(model, samples, cfg, ids, num_samples=int(p["samples"]), seed=0)
         per_site[job["site"]] = {**latent_probe.summarise(rows), "n": len(rows), "seconds": time.perf_counter() - t}
         all_rows += rows

@@ -93,8 +93,7 @@ class LightweightVAE3D(nn.Module):
         self.latent_channels = lc
         self.downsample = cfg.downsample
         self.latent_dropout = float(cfg.latent_dropout)
-        self.uses_anatomy = condition_channels > 0
-        self.anatomy_mode = cfg.decoder_anatomy if self.uses_anatomy else "none"
+        self.anatomy_mode = cfg.decoder_anatomy if condition_channels > 0 else "none"
 
         enc: list[nn.Module] = [conv_block(in_channels, ch[0], g)]
         for i in range(1, len(ch)):
@@ -122,6 +121,11 @@ class LightweightVAE3D(nn.Module):
                 raise ValueError(f"residual_latent: latent_channels ({lc}) must divide the "
                                  f"{self.downsample ** 3 * in_channels} voxels of a latent cell")
             self._start_as_shortcut()
+
+    @property
+    def uses_anatomy(self) -> bool:
+        """Whether the decoder reads anatomy besides its latent (``anatomy_mode`` is not "none")."""
+        return self.anatomy_mode != "none"
 
     @torch.no_grad()
     def _start_as_shortcut(self) -> None:

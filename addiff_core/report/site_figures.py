@@ -232,10 +232,8 @@ def _lps_arrays(case, pred_img, region) -> dict[str, Any]:
     import SimpleITK as sitk
 
     ct_img = _lps(case.ct)
-    a = {"ct": sitk.GetArrayFromImage(ct_img).astype(np.float32),
-         "ref": sitk.GetArrayFromImage(_lps(case.dose)).astype(np.float32),
-         "pred": sitk.GetArrayFromImage(_lps(pred_img)).astype(np.float32),
-         "em": sitk.GetArrayFromImage(_lps(region)) > 0}
+    a = {"ct": sitk.GetArrayFromImage(ct_img).astype(np.float32), "ref": _lps_array(case.dose),
+         "pred": _lps_array(pred_img), "em": _lps_array(region) > 0}
     masks = {n: sitk.GetArrayFromImage(_lps(m)) > 0 for n, m in case.masks.items()}
     sl = _bbox(a["em"] | (a["ref"] > 0.05 * float(case.plan.max_prescription)), margin=4)  # a 512^2 CT is mostly air
     out = {k: v[sl] for k, v in a.items()}
