@@ -225,17 +225,15 @@ def probe(model, dataset, cfg, samples: int, seed: int) -> dict:
 def uncertainty_spearman(model, dataset, cfg, samples: int, seed: int) -> float:
     """Mean over held-out cases of Spearman's rho between the per-voxel std of ``samples``
     samples and the |error| of their mean, inside the evaluation region on the model grid."""
-    from scipy.stats import spearmanr
-
+    from addiff_core.metrics import sample_uncertainty
     from addiff_core.training import predict_normalised
 
     rhos = []
     for i in range(len(dataset)):
         batch = {k: v[None] for k, v in dataset[i].items()}
         mean, std = predict_normalised(model, batch, cfg, seed=seed + i, num_samples=samples)
-        inside = batch["body"][0, 0] > 0.5
-        err = (mean - batch["dose"])[0, 0][inside].abs().numpy()
-        rho = spearmanr(std[0, 0][inside].numpy(), err).statistic
+        rho = sample_uncertainty(mean[0, 0].numpy(), std[0, 0].numpy(), batch["dose"][0, 0].numpy(),
+                                 batch["body"][0, 0].numpy() > 0.5)["spearman"]
         if np.isfinite(rho):
             rhos.append(float(rho))
     return float(np.mean(rhos)) if rhos else float("nan")
