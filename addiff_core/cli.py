@@ -59,6 +59,17 @@ def cmd_data_import_openkbp(args: argparse.Namespace) -> int:
     return 1 if summary.skipped else 0  # the others are imported; exit 1 says some patient was not
 
 
+def cmd_data_import_gdp_hmm(args: argparse.Namespace) -> int:
+    from .gdp_hmm.importer import import_gdp_hmm
+
+    summary = import_gdp_hmm(Path(args.src), Path(args.out), meta=args.meta, ptv_dict=args.ptv_dict,
+                             sites_by=args.sites_by, normalise_d97=args.dose == "d97")
+    print(summary.text())
+    if not summary.imported:
+        raise UserError(f"{args.src}: no GDP-HMM plan could be imported")
+    return 1 if summary.skipped else 0  # the others are imported; exit 1 says some plan was not
+
+
 def cmd_data_import_dicom(args: argparse.Namespace) -> int:
     from .dicom.mapping import load_mapping
     from .dicom.reader import import_dicom
@@ -227,6 +238,19 @@ def _add_data_commands(sub) -> None:
                                "(provided-data: train-pats/, validation-pats/, test-pats/)")
     s.add_argument("out", help="data folder; split folders are kept (OUT/train-pats/pt_1)")
     s.set_defaults(func=cmd_data_import_openkbp)
+    s = dsub.add_parser("import-gdp-hmm", help="convert GDP-HMM challenge plans (.npz) to case folders with one site "
+                        "file per cohort (institution); a bad plan is skipped with its reason (exit 1)")
+    s.add_argument("src", help="a folder of .npz plans (searched recursively) or one .npz")
+    s.add_argument("out", help="output folder: OUT/<site>.yaml and OUT/<site>/cases/<plan>/")
+    s.add_argument("--meta", help="meta_data.csv (default: SRC/ or SRC/meta_files/)")
+    s.add_argument("--ptv-dict", help="PTV_DICT.json, the prescriptions (default: SRC/ or SRC/meta_files/)")
+    s.add_argument("--sites-by", choices=("cohort", "site", "none"), default=None,
+                   help="one site file per cohort (institution; default with meta_data.csv), per tumour site, "
+                        "or one for all (default without)")
+    s.add_argument("--dose", choices=("d97", "raw"), default="d97",
+                   help="d97: the dose as the challenge trains and scores it (D97 of PTV-High = its PDose); "
+                        "raw: dose x dose_scale as planned")
+    s.set_defaults(func=cmd_data_import_gdp_hmm)
     s = dsub.add_parser("import-dicom", help="convert DICOM-RT exports (CT, RTSTRUCT, RTPLAN, RTDOSE) to case folders, "
                         "one per patient; a bad patient is skipped with its reason (exit 1), the others are imported")
     s.add_argument("src", help="a folder with one sub-folder per patient, or one patient folder; files are found "
