@@ -34,6 +34,9 @@ from .protocol import (
     STATUS_FAILED, STATUS_NEED_VAE, STATUS_REFUSED, decode, encode, fingerprint, from_record, layout_from_json,
     model_config_from_json, parse_stage_plan, resolve_path, split_list, to_record,
 )
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+
+from .secagg_mod import check_update, flat_update, secure_aggregation_mod, secure_reply
 
 log = logging.getLogger("flwr.addiff.client")
 
@@ -136,7 +139,9 @@ def classify(exc: BaseException, phase: str) -> tuple[str, str]:
     if isinstance(exc, torch.OutOfMemoryError):
         cls = "MemoryError"
     assert cls in SITE_ERROR_CLASSES
-    if cls == "MemoryError":
+    if isinstance(exc, UpdateNotMasked):
+        code = exc.code
+    elif cls == "MemoryError":
         code = "out-of-memory"
     elif phase in ("site-config", "model-config", "device"):
         code = phase
@@ -151,6 +156,14 @@ def classify(exc: BaseException, phase: str) -> tuple[str, str]:
     else:
         code = "internal"
     return code, cls
+
+
+class UpdateNotMasked(ValueError):
+    """The site's own check of its update before masking failed (``secagg_mod.check_update``)."""
+
+    def __init__(self, code: str):
+        super().__init__(code)
+        self.code = code
 
 
 def _failure_reply(msg: Message, where: dict, exc: BaseException) -> Message:
@@ -214,7 +227,7 @@ def planned_epochs(task: SiteTask, plan: str, local_epochs: int = 0) -> int:
     return sum(n * stage_epochs(task, stage, local_epochs) for stage, n in parse_stage_plan(plan).items())
 
 
-@app.train()
+@app.train(mods=[secure_aggregation_mod])
 @_never_raises
 def train(msg: Message, context: Context, where: dict) -> Message:
     cfg = msg.content[CONFIG_KEY]
@@ -245,12 +258,38 @@ def train(msg: Message, context: Context, where: dict) -> Message:
                "local_epochs": float(epochs)}
     if not task.site.privacy.enabled:  # with DP, the time a round took (it depends on the data) stays here
         metrics["site_seconds"] = time.perf_counter() - t0
+    if cfg.get("secure-aggregation", False):
+        return Message(_secure_content(task, msg.content, stage, arrays, res.arrays, metrics),
+                       reply_to=msg)
     wire = res.arrays
     if stage in layout:  # reply packed exactly like the request's stage weights
         separate = {k for k in msg.content[ARRAYS_KEY].keys() if not k.startswith(PACKED) and k.startswith(stage + ".")}
         wire, _ = encode(res.arrays, [stage], separate, order=layout, wire_dtype=str(cfg.get("wire-dtype", "float32")))
     return Message(RecordDict({ARRAYS_KEY: to_record(wire), METRICS_KEY: MetricRecord(metrics),
                                SITE_KEY: _site_record(task)}), reply_to=msg)
+
+
+def _secure_content(task: SiteTask, content: RecordDict, stage: str, received: dict, trained: dict,
+                    metrics: dict) -> RecordDict:
+    """The update to mask (secure aggregation): trained minus received stage weights, checked here
+    (the server sees only the sum); weighted by the training cases, capped like the server caps a
+    plain reply's count (``secagg-weight-cap``: the site's first declaration).
+
+    Raises:
+        UpdateNotMasked: the message did not come through Flower's mod, or the check failed.
+    """
+    if RECORD_KEY_CONFIGS not in content.config_records:  # never an update in the clear: only the mod masks it
+        raise UpdateNotMasked("secure-aggregation")
+    received = {k: v for k, v in received.items() if k.startswith(stage + ".")}
+    buffers = {k for k in content[ARRAYS_KEY].keys() if not k.startswith(PACKED)}  # sent unpacked
+    update = flat_update(trained, received, buffers)
+    cfg = content[CONFIG_KEY]
+    max_weight = float(cfg["secagg-max-weight"])
+    weight = int(min(metrics[NUM_EXAMPLES], int(cfg.get("secagg-weight-cap", max_weight)), max_weight))
+    code = check_update(update, weight, max_weight, float(cfg["secagg-clip"]))
+    if code is not None:
+        raise UpdateNotMasked(code)
+    return secure_reply(update, weight, metrics, _site_record(task))
 
 
 @app.evaluate()

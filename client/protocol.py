@@ -61,6 +61,8 @@ SITE_ERROR_CODES = {
     "out-of-memory": "out of memory",
     "disk": "writing the site's state failed",
     "internal": "an unexpected error",
+    "secure-aggregation": "the secure aggregation protocol failed at the site",
+    "update-out-of-range": "the site's update exceeds the secure aggregation's clipping range (secagg-clip)",
 }
 SITE_ERROR_CLASSES = ("ConfigError", "CaseError", "CheckpointError", "MissingGlobalWeights", "MemoryError",
                       "FloatingPointError", "OSError", "ValueError", "RuntimeError", "Exception")

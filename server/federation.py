@@ -31,7 +31,7 @@ from client.protocol import (
     model_config_to_json, record_nbytes, to_record,
 )
 
-from . import global_model
+from . import global_model, secure_round
 from .connect import is_simulation, simulation_too_small, wait_for_sites
 from .final_table import expected_sites, final_notes, markdown_table, with_overall, with_status, write_tables  # noqa: F401
 from .replies import Sites, common_metrics, sent_to
@@ -115,6 +115,7 @@ class Federation:
                                        fedadam=s.fedadam, buffer_keys=self.buffers, trim_beta=s.trim_beta,
                                        central_dp=s.central_dp)
         self.vae_sent = False  # the full VAE went to every site at least once by this server process
+        self.vae_nodes: set[int] = set()  # secure aggregation: nodes that got the VAE from this server process
         self.sites = Sites()  # node id -> site name, learnt from the sites' replies
         self.round_seconds: dict[str, list[float]] = {}  # for the time estimate in the round log
         self.run_tag = ""  # set once run.json exists (run): the sites keep each run's optimiser states apart
@@ -248,8 +249,21 @@ class Federation:
         raise RoundFailed(f"round {rnd.number} ({rnd.stage}): {len(good)} usable update(s), {answered} of "
                           f"{n_msgs} site(s) answered (min-sites {s.required_sites}); {why}")
 
+    def _secure_train_round(self, rnd: Round, attempt: int) -> dict:
+        """A round whose updates the server only sees summed (issue #26, :mod:`server.secure_round`)."""
+        try:
+            t0, out, rows, mean, extra = secure_round.train(self, rnd, attempt)
+        except secure_round.SecureRoundFailed as e:
+            self.folder.append_metrics(e.rows)
+            raise RoundFailed(f"round {rnd.number} ({rnd.stage}): {e}") from None
+        if rnd.stage == "diffusion":
+            self.vae_sent = True
+        return self._record_round(rnd, attempt, t0, out, rows, self._aggregate(rnd, mean, out), extra)
+
     def train_round(self, rnd: Round, attempt: int = 0) -> dict:
         s = self.settings
+        if s.secure_aggregation:
+            return self._secure_train_round(rnd, attempt)
         t0 = time.perf_counter()
         out = self._train_messages(rnd)
         replies = self._send_and_receive(out.msgs)
@@ -266,7 +280,12 @@ class Federation:
         rows += self.sites.absent(rows, base)
         if answered < s.required_sites or not good:
             self._give_up_attempt(rnd, rows, good, answered, len(out.msgs))
-        agg_metrics = self._aggregate(rnd, good, out)
+        return self._record_round(rnd, attempt, t0, out, rows, self._aggregate(rnd, good, out))
+
+    def _record_round(self, rnd: Round, attempt: int, t0: float, out: _Outgoing, rows: list[dict],
+                      agg_metrics: dict, extra: dict | None = None) -> dict:
+        """The round's rows and summary in metrics.jsonl, its checkpoint, its log line."""
+        s = self.settings
         seconds = time.perf_counter() - t0
         # the strategy's aggregate of the sites' metrics first: the server's own fields win
         summary = {**agg_metrics, "kind": "round", "round": rnd.number, "stage": rnd.stage, "strategy": s.strategy,
@@ -276,12 +295,12 @@ class Federation:
                    "epsilon": {x["site"]: x["epsilon"] for x in rows if x.get("epsilon") is not None},
                    "bytes_down": int(sum(out.down.values())),
                    "bytes_up": int(sum(x.get("bytes_up", 0) for x in rows)), "attempt": attempt,
-                   "vae_sent": out.vae is not None, "seconds": seconds}
+                   "vae_sent": out.vae is not None, "seconds": seconds, **(extra or {})}
         self.folder.append_metrics(rows + [summary])
         path = global_model.save_round(self.folder, rnd, self.arrays, self.strategy, s, {"sites": summary["sites"]})
         self.round_seconds.setdefault(rnd.stage, []).append(seconds)
         log.info("round %d/%d (%s %d/%d): %d site(s), loss %.4g, %.1f s, %.2f MB down / %.2f MB up -> %s%s",
-                 rnd.number, s.num_rounds, rnd.stage, rnd.stage_round, rnd.stage_rounds, len(good),
+                 rnd.number, s.num_rounds, rnd.stage, rnd.stage_round, rnd.stage_rounds, len(summary["sites"]),
                  float(summary.get("train_loss", float("nan"))), seconds, summary["bytes_down"] / 1e6,
                  summary["bytes_up"] / 1e6, path.name, self._eta(rnd))
         return summary

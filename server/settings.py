@@ -53,6 +53,12 @@ DEFAULTS: dict[str, Any] = {
     "eval-gamma": True,
     "report-figures": True,  # false: the end-of-run report without figures (addiff report RUN_DIR draws them later)
     "wire-dtype": "float32",  # float16: stage weights travel at half the bytes (client.protocol.WIRE_DTYPES)
+    # secure aggregation (issue #26, docs/PRIVACY.md): the server unmasks only the weighted sum of the updates
+    "secure-aggregation": False,
+    "secagg-clip": 8.0,  # Flower's clipping range of a site's weighted update, per element
+    "secagg-quantization": 67108864,  # 2^26 integer levels over [-clip, clip] (sites x levels < 2^32)
+    "secagg-threshold": 0,  # shares that unmask a site's secret; 0: a strict majority of the round's sites (>= 2)
+    "secagg-max-weight": 1000,  # example counts are divided by it until every site has declared its count
 }
 
 
@@ -68,6 +74,7 @@ class StrategyInfo:
     params: Mapping[str, str]  # run-config key of each hyper-parameter -> the class's keyword argument
     help: str  # what it does, in a few words
     central_dp: bool = False  # may run under client-level central DP (central-dp-noise > 0)
+    secure: bool = True  # needs only the weighted mean of the updates (secure-aggregation may hide the rest)
 
 
 STRATEGIES: dict[str, StrategyInfo] = {
@@ -77,9 +84,9 @@ STRATEGIES: dict[str, StrategyInfo] = {
     "fedadam": StrategyInfo("StagedFedAdam", {"fedadam-eta": "eta", "fedadam-beta-1": "beta_1",
                                               "fedadam-beta-2": "beta_2", "fedadam-tau": "tau"},
                             "adaptive server optimiser (fedadam-eta, -beta-1, -beta-2, -tau)"),
-    "fedmedian": StrategyInfo("StagedFedMedian", {}, "robust: element-wise median of the updates"),
+    "fedmedian": StrategyInfo("StagedFedMedian", {}, "robust: element-wise median of the updates", secure=False),
     "fedtrimmedavg": StrategyInfo("StagedFedTrimmedAvg", {"trim-beta": "beta"},
-                                  "robust: element-wise mean after cutting trim-beta at each end"),
+                                  "robust: element-wise mean after cutting trim-beta at each end", secure=False),
 }
 
 
@@ -94,6 +101,32 @@ def check_central_dp(strategy: str, noise: float) -> None:
     if noise > 0 and not STRATEGIES[strategy].central_dp:
         ok = ", ".join(n for n, i in STRATEGIES.items() if i.central_dp)
         raise ConfigError(f"run config: central-dp-noise: central DP needs strategy {ok}, got {strategy!r}")
+
+
+def check_secure_aggregation(c: Mapping[str, Any], strategy: str) -> None:
+    """What secure aggregation cannot combine with, refused before any round (one line each):
+    the server sees only the weighted mean of the updates, never one update."""
+    if not c["secure-aggregation"]:
+        return
+    pre = "run config: secure-aggregation"
+    if not STRATEGIES[strategy].secure:
+        ok = ", ".join(n for n, i in STRATEGIES.items() if i.secure)
+        raise ConfigError(f"{pre}: strategy {strategy} needs every site's update, which secure aggregation hides "
+                          f"(use {ok})")
+    if c["central-dp-noise"] > 0:
+        raise ConfigError(f"{pre}: central DP (central-dp-noise) clips each site's update at the server, which "
+                          "secure aggregation hides; use per-site DP-SGD (the site file's privacy section) instead")
+    if c["update-norm-multiple"] not in (0.0, DEFAULTS["update-norm-multiple"]):
+        raise ConfigError(f"{pre}: update-norm-multiple compares each site's update with the round's median, which "
+                          "secure aggregation hides (the sites check their own update instead: docs/PRIVACY.md)")
+    if not 0 < c["secagg-clip"] <= 1e6:
+        raise ConfigError(f"{pre}: secagg-clip must be in (0, 1e6], got {c['secagg-clip']!r}")
+    if not 2 <= c["secagg-quantization"] <= 2 ** 31:
+        raise ConfigError(f"{pre}: secagg-quantization must be in [2, 2^31], got {c['secagg-quantization']!r}")
+    if c["secagg-max-weight"] < 1:
+        raise ConfigError(f"{pre}: secagg-max-weight must be >= 1, got {c['secagg-max-weight']!r}")
+    if c["secagg-threshold"] == 1:
+        raise ConfigError(f"{pre}: secagg-threshold 1 would let any one site unmask another's update (0: majority, or >= 2)")
 
 
 # keys a resumed run may change; everything else comes from the run folder's run.json
@@ -138,6 +171,7 @@ class RunSettings:
     eval_gamma: bool = DEFAULTS["eval-gamma"]
     report_figures: bool = DEFAULTS["report-figures"]
     wire_dtype: str = DEFAULTS["wire-dtype"]
+    secure_aggregation: bool = DEFAULTS["secure-aggregation"]
     raw: dict[str, Any] = field(default_factory=dict)  # the merged run config as given
 
     # -- schedule ---------------------------------------------------------------------------
@@ -226,6 +260,7 @@ def from_run_config(run_config: Mapping[str, Any]) -> RunSettings:
     if not 0.0 <= c["trim-beta"] < 0.5:
         raise ConfigError(f"run config: trim-beta: must be in [0, 0.5), got {c['trim-beta']!r}")
     check_central_dp(strategy, c["central-dp-noise"])
+    check_secure_aggregation(c, strategy)
     if c["wire-dtype"] not in WIRE_DTYPES:
         raise ConfigError(f"run config: wire-dtype: must be one of {', '.join(WIRE_DTYPES)}, got {c['wire-dtype']!r}")
     if c["central-dp-noise"] > 0:
@@ -248,7 +283,8 @@ def from_run_config(run_config: Mapping[str, Any]) -> RunSettings:
         central_dp={"noise": c["central-dp-noise"], "clip": c["central-dp-clip"], "delta": c["central-dp-delta"]}, round_retries=c["round-retries"], wait_sites=c["wait-sites"],
         max_num_examples=c["max-num-examples"], update_norm_multiple=c["update-norm-multiple"], seed=c["seed"], round_timeout=c["round-timeout"], resume=c["resume"],
         stop_after_round=c["stop-after-round"], eval_steps=c["eval-steps"], eval_gamma=c["eval-gamma"],
-        report_figures=c["report-figures"], wire_dtype=c["wire-dtype"], raw=c)
+        report_figures=c["report-figures"], wire_dtype=c["wire-dtype"],
+        secure_aggregation=c["secure-aggregation"], raw=c)
 
 
 def settings_for_resume(current: RunSettings) -> RunSettings:
