@@ -42,6 +42,13 @@ HIDDEN_CASE = ("hidden folder (its name starts with '.'): skipped, neither check
                "rename it without the leading '.' to use it as a case")
 
 
+def _offset_ct(hu: np.ndarray, lo: float) -> bool:
+    """Whether a CT whose minimum is >= 0 holds raw CT numbers (+1024) rather than HU, from the
+    body's HU distribution: a body (voxels >= 500 above the image's lowest value, air) on >= 5 % of
+    the image, or an image that is mostly >= 500. A water phantom in HU (all about 0) is neither."""
+    return bool(np.median(hu) >= 500 or np.count_nonzero(hu >= lo + 500) >= 0.05 * hu.size)
+
+
 @dataclass
 class Problem:
     """One defect: ``case`` (case folder), ``file`` (relative to it) and a readable message."""
@@ -232,7 +239,7 @@ class _Checker:
             return ct
         if finite.any():
             lo, hi = float(a[finite].min()), float(a[finite].max())
-            if lo >= 0:
+            if lo >= 0 and _offset_ct(a[finite], lo):
                 self.add("ct.nii.gz", f"does not look like HU: minimum is {_fmt(lo)} >= 0 (air should be about "
                                       f"-1000 HU); raw CT numbers with a +1024 offset? subtract 1024 (or apply "
                                       f"the DICOM rescale slope/intercept)")

@@ -135,14 +135,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from .case_io import hidden_case_dirs, is_case_dir, list_cases
+    from .dicom.writer import dose_grid_option
     from .predict import predict_case, predict_folder
 
+    grid_mm = dose_grid_option(args.rtdose_grid)
     folder = Path(args.case)
     if is_case_dir(folder) or not folder.is_dir() or not (list_cases(folder) or hidden_case_dirs(folder)):
         # one case (checked as such)
         out = predict_case(Path(args.checkpoint), Path(args.case), Path(args.out), samples=args.samples,
                            steps=args.steps, seed=args.seed, device=args.device, overwrite=args.overwrite,
-                           rtdose=args.rtdose, force=args.force)
+                           rtdose=args.rtdose, force=args.force, rtdose_grid_mm=grid_mm)
         for k, v in out.items():
             print(f"{k}: {v}")
         return 0
@@ -156,7 +158,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     done, failed, hidden = predict_folder(Path(args.checkpoint), Path(args.case), Path(args.out),
                                           samples=args.samples, steps=args.steps, seed=args.seed, device=args.device,
                                           overwrite=args.overwrite, rtdose=args.rtdose, force=args.force,
-                                          on_case=progress)
+                                          on_case=progress, rtdose_grid_mm=grid_mm)
     for name in hidden:  # never silently left out
         print(f"{name}: skipped: hidden folder (its name starts with '.'); rename it without the '.' to predict it")
     print(f"predicted {len(done)} case(s) into {args.out}" + (f"; {len(failed)} failed" if failed else "")
@@ -297,6 +299,8 @@ def _add_predict_command(sub) -> None:
     s.add_argument("--overwrite", action="store_true", help="replace an earlier prediction in --out")
     s.add_argument("--rtdose", action="store_true", help="also write OUT/rtdose.dcm: the prediction as a DICOM RTDOSE "
                                                          "on the case's frame of reference")
+    s.add_argument("--rtdose-grid", default="2.5", help="the RTDOSE's dose grid: a spacing in mm (default 2.5, over "
+                                                        "the dose) or 'ct' for the CT's own grid")
     s.add_argument("--force", action="store_true", help="write an implausible prediction too (a maximum above 2 x the "
                                                         "highest prescription + 10 Gy, or no dose in the targets): "
                                                         "research use only")

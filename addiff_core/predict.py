@@ -159,9 +159,10 @@ class Predictor:
         self.load_seconds = time.perf_counter() - t0
 
     def predict(self, case_dir: Path, out_dir: Path, *, samples: int = 1, steps: int | None = None, seed: int = 0,
-                overwrite: bool = False, rtdose: bool = False, force: bool = False) -> Prediction:
+                overwrite: bool = False, rtdose: bool = False, force: bool = False,
+                rtdose_grid_mm: float | None = 2.5) -> Prediction:
         """Predict one case into ``out_dir`` (see the module docstring); ``force``: write an
-        implausible prediction too."""
+        implausible prediction too; ``rtdose_grid_mm``: the RTDOSE's grid spacing (None: the CT grid)."""
         from .outputs import check_output_dir, data_folder_of, ensure_writable_dir
 
         check_options(samples, steps, seed, self.cfg)
@@ -203,7 +204,7 @@ class Predictor:
             if rtdose:
                 from .dicom.writer import write_predicted_rtdose
 
-                put("rtdose", RTDOSE, lambda tmp: write_predicted_rtdose(dose_img, case_dir, tmp))
+                put("rtdose", RTDOSE, lambda tmp: write_predicted_rtdose(dose_img, case_dir, tmp, grid_mm=rtdose_grid_mm))
         with _timed(sec, "dvh"):
             rows, curves = dvh_tables(case, dose_arr)
             for fname, table in (("dvh.csv", rows), ("dvh_curves.csv", curves)):
@@ -226,7 +227,7 @@ def check_options(samples: int, steps: int | None, seed: int, cfg: ModelConfig |
 
 def predict_case(checkpoint: Path, case_dir: Path, out_dir: Path, *, samples: int = 1, steps: int | None = None,
                  seed: int = 0, device: str = "auto", overwrite: bool = False, rtdose: bool = False,
-                 force: bool = False) -> dict[str, str]:
+                 force: bool = False, rtdose_grid_mm: float | None = 2.5) -> dict[str, str]:
     """One case: load the checkpoint, predict, write (see the module docstring). Returns the
     written files and ``seconds`` (model time, as before) for the command line."""
     from .outputs import check_output_dir, data_folder_of
@@ -236,13 +237,14 @@ def predict_case(checkpoint: Path, case_dir: Path, out_dir: Path, *, samples: in
     check_output_dir(Path(out_dir), results=results_of(rtdose), overwrite=overwrite,
                      data_dirs=(Path(case_dir), data_folder_of(Path(case_dir))))
     pred = Predictor(checkpoint, device).predict(case_dir, out_dir, samples=samples, steps=steps, seed=seed,
-                                                 overwrite=overwrite, rtdose=rtdose, force=force)
+                                                 overwrite=overwrite, rtdose=rtdose, force=force,
+                                                 rtdose_grid_mm=rtdose_grid_mm)
     return {**pred.written, "seconds": f"{pred.seconds['model']:.2f}"}
 
 
 def predict_folder(checkpoint: Path, cases_root: Path, out_root: Path, *, samples: int = 1, steps: int | None = None,
                    seed: int = 0, device: str = "auto", overwrite: bool = False, rtdose: bool = False,
-                   force: bool = False, on_case=None
+                   force: bool = False, on_case=None, rtdose_grid_mm: float | None = 2.5
                    ) -> tuple[dict[str, Prediction], dict[str, str], list[str]]:
     """Every case folder directly under ``cases_root`` (``case_io.list_cases``, the rule of
     training and ``data check``) -> ``out_root/<case>/``, the model loaded once. A case that
@@ -265,7 +267,7 @@ def predict_folder(checkpoint: Path, cases_root: Path, out_root: Path, *, sample
         try:
             done[case_dir.name] = predictor.predict(case_dir, Path(out_root) / case_dir.name, samples=samples,
                                                     steps=steps, seed=seed, overwrite=overwrite, rtdose=rtdose,
-                                                    force=force)
+                                                    force=force, rtdose_grid_mm=rtdose_grid_mm)
         except (CaseError, ConfigError, CheckpointError) as e:
             failed[case_dir.name] = str(e)
         if on_case:

@@ -24,7 +24,7 @@ def test_predict_writes_an_rtdose_on_the_imported_case_frame_of_reference(tmp_pa
     ckpt = save_checkpoint(tmp_path / "m.pt", build_model(tiny_model).state_dict(), tiny_model)
     out = tmp_path / "pred"
     assert main(["predict", "--checkpoint", str(ckpt), "--case", str(case_dir), "--out", str(out), "--steps", "2",
-                 "--rtdose", "--force"]) == 0  # --force: an untrained model need not be plausible
+                 "--rtdose", "--rtdose-grid", "ct", "--force"]) == 0  # --force: an untrained model need not be plausible
     assert f"rtdose: {out / 'rtdose.dcm'}" in capsys.readouterr().out
     ds = pydicom.dcmread(str(out / "rtdose.dcm"))
     info = yaml.safe_load((case_dir / "dicom.yaml").read_text())
@@ -61,7 +61,7 @@ def test_predicted_rtdose_for_a_case_not_from_dicom(tmp_path, make_case):
 # names and the mapping file
 # ---------------------------------------------------------------------------------------------
 def test_default_name_map_covers_tg263_spellings():
-    m = NameMapper()
+    m = NameMapper(doses=(70.0, 50.4, 56.0))  # a unit-less number is a dose when the plan prescribes it
     for tps, ours in [("Parotid_L", "LeftParotid"), ("PAROTID_R", "RightParotid"), ("SpinalCord", "SpinalCord"),
                       ("Spinal Cord", "SpinalCord"), ("BrainStem", "Brainstem"), ("Bone_Mandible", "Mandible"),
                       ("Lung_L", "LeftLung"), ("Femur_Head_R", "RightFemoralHead"), ("External", "Body"),

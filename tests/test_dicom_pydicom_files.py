@@ -34,7 +34,8 @@ def test_rtplan_beams_prescription_and_fractions():
     assert (beam.gantry, beam.couch, beam.energy_mv, beam.is_arc) == (0.0, 0.0, 6.0, False)
     assert info.fractions == 30
     assert info.rx_by_roi == {}  # its target dose reference is a point (COORDINATES), tied to no ROI
-    assert info.rx_unlinked == [("PTV", pytest.approx(30.826203))]
+    assert [(u.description, u.dose, u.structure_type) for u in info.rx_unlinked] == [
+        ("PTV", pytest.approx(30.826203), "COORDINATES")]
     assert info.label == "Plan1"
 
 

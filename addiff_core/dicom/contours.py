@@ -6,7 +6,9 @@ nothing special. Library code does the polygon work:
 
 * mask -> contours: ``contourpy`` (the contouring engine of matplotlib) traces the 0.5 iso-line
   of each binary slice: one closed polygon per connected region and one per hole, through the
-  midpoints between voxels inside and outside, so a voxel centre is never on a polygon edge.
+  midpoints between voxels inside and outside, so a voxel centre is never on a polygon edge (it
+  stays at least 0.35 voxel away); points in the middle of a straight run are dropped (the same
+  polygon with fewer points: a 512x512 body contour would otherwise need > 64 KB of ContourData).
 * contours -> mask: ``dicompylercore.dvhcalc.get_contour_mask`` (matplotlib point-in-polygon of the
   voxel centres), combined per slice by exclusive or, the rule dicompyler-core and most planning
   systems use: several contours on a slice are separate regions, a contour inside another is a
@@ -21,7 +23,7 @@ import SimpleITK as sitk
 from contourpy import contour_generator
 from dicompylercore.dvhcalc import get_contour_mask
 
-__all__ = ["index_to_patient", "patient_to_index", "mask_to_contours", "contours_to_mask"]
+__all__ = ["index_to_patient", "patient_to_index", "drop_collinear", "mask_to_contours", "contours_to_mask"]
 
 IN_PLANE_TOL = 0.1  # slice-index units: how far a contour may lie off its slice plane
 
@@ -43,6 +45,17 @@ def patient_to_index(img: sitk.Image, xyz: np.ndarray) -> np.ndarray:
     return np.linalg.solve(m, (np.asarray(xyz, dtype=np.float64) - o).T).T
 
 
+def drop_collinear(pts: np.ndarray) -> np.ndarray:
+    """A closed polygon ((N, 2) or (N, 3)) without the points that lie on the straight line through
+    their two neighbours: the same polygon, fewer points."""
+    if len(pts) < 4:
+        return pts
+    prev, nxt = np.roll(pts, 1, axis=0), np.roll(pts, -1, axis=0)
+    a, b = pts[:, :2] - prev[:, :2], nxt[:, :2] - pts[:, :2]
+    turn = np.abs(a[:, 0] * b[:, 1] - a[:, 1] * b[:, 0]) > 1e-9 * (1.0 + np.abs(a).sum(1) * np.abs(b).sum(1))
+    return pts[turn] if turn.sum() >= 3 else pts
+
+
 def mask_to_contours(mask: np.ndarray, ref: sitk.Image) -> list[tuple[int, np.ndarray]]:
     """A (z, y, x) mask on ``ref``'s grid -> [(slice index, (N, 3) polygon in patient mm)], the
     polygons closed implicitly (first point not repeated), as DICOM CLOSED_PLANAR wants."""
@@ -53,6 +66,7 @@ def mask_to_contours(mask: np.ndarray, ref: sitk.Image) -> list[tuple[int, np.nd
             pts = np.asarray(line, dtype=np.float64) - 1.0  # undo the padding; columns: (x = col, y = row)
             if len(pts) > 1 and np.allclose(pts[0], pts[-1]):
                 pts = pts[:-1]
+            pts = drop_collinear(pts)
             if len(pts) < 3:
                 continue
             ijk = np.column_stack([pts, np.full(len(pts), float(k))])

@@ -4,20 +4,22 @@ Lookup is by a normalised key (lower case, everything but letters and digits rem
 ``Parotid_L``, ``parotid l`` and ``PAROTID-L`` are the same name. The defaults cover the TG-263
 spellings (``Parotid_L``, ``SpinalCord``, ``Bone_Mandible``, ``Femur_Head_L``, ``Lung_L``, ...)
 and common variants (``L Parotid``, ``Cord``, ``Oesophagus``, ``External``). Targets that carry
-their dose in the name (``PTV_70``, ``PTV70``, ``PTV_7000`` in cGy, ``PTV_50.4``) become
-``PTV70`` / ``PTV50p4``. A site's mapping file adds to or overrides the defaults (its keys are
+their dose in the name become ``PTV70`` / ``PTV50p4``; a number in a target's name is a dose only
+when a unit follows or precedes it (``PTV_70Gy``, ``PTV 5040cGy``, ``PTV_Gy60``) or when it matches
+a prescription of the plan or the mapping file (``PTV_70``, ``PTV_7000`` in cGy, ``PTV_50.4``):
+RayStation's numbered SRS targets ``PTV_1 ... PTV_5`` are not 1-5 Gy. A site's mapping file adds to or overrides the defaults (its keys are
 normalised the same way); a name mapped to ``None`` is dropped. Any other name is kept, made a
 valid file name (letters, digits, ``_`` and ``-``), and reported as not used by the model.
 """
 from __future__ import annotations
 
 import re
-from typing import Mapping
+from typing import Iterable, Mapping
 
 from ..case_io import BODY_NAME, OAR_NAMES
 
 __all__ = ["DEFAULT_NAME_MAP", "normalise", "target_dose_from_name", "NameMapper", "infer_tumour_site",
-           "site_from_text", "safe_structure_name"]
+           "unsupported_site", "site_from_text", "safe_structure_name"]
 
 _ALIASES: dict[str, tuple[str, ...]] = {
     "Brainstem": ("Brainstem", "Brain_Stem", "BrainStem"),
@@ -48,19 +50,27 @@ def normalise(name: str) -> str:
 DEFAULT_NAME_MAP: dict[str, str] = {normalise(alias): canon for canon, aliases in _ALIASES.items() for alias in aliases}
 DEFAULT_NAME_MAP.update({normalise(c): c for c in OAR_NAMES})
 
-_TARGET_DOSE_RE = re.compile(r"^ptv[ _-]*(\d+(?:[.,p]\d+)?)[ _-]*(gy|cgy)?$", re.IGNORECASE)
+_TARGET_DOSE_RE = re.compile(r"^ptv[ _-]*(?:(c?gy)[ _-]*)?(\d+(?:[.,p]\d+)?)[ _-]*(c?gy)?$", re.IGNORECASE)
+DOSE_MATCH_GY = 0.01  # a name's number matches a prescription within this (Gy)
 _STRUCTURE_NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")
 
 
-def target_dose_from_name(name: str) -> float | None:
-    """The dose (Gy) a target name carries (``PTV_70`` -> 70, ``PTV_7000`` -> 70, ``PTV50.4`` -> 50.4)."""
+def target_dose_from_name(name: str, doses: Iterable[float] | None = None) -> float | None:
+    """The dose (Gy) a target name carries: with a unit (``PTV_70Gy`` -> 70, ``PTV_5040cGy`` ->
+    50.4), or without one when the number, in Gy or in cGy, is one of ``doses`` (the plan's or
+    the mapping file's prescriptions: ``PTV_70`` or ``PTV_7000`` -> 70 when 70 Gy is prescribed)."""
     m = _TARGET_DOSE_RE.match(str(name).strip())
-    if not m:
+    if not m or (m.group(1) and m.group(3)):
         return None
-    value = float(m.group(1).replace(",", ".").replace("p", "."))
-    if (m.group(2) or "").lower() == "cgy" or value > 150:  # TG-263 PTV_7000 is in cGy
-        value /= 100.0
-    return value if 0 < value <= 150 else None
+    value = float(m.group(2).replace(",", ".").replace("p", "."))
+    unit = (m.group(1) or m.group(3) or "").lower()
+    if unit:
+        value = value / 100.0 if unit == "cgy" else value
+        return value if 0 < value <= 150 else None
+    for cand in (value, value / 100.0):
+        if 0 < cand <= 150 and any(abs(cand - d) <= DOSE_MATCH_GY for d in doses or ()):
+            return cand
+    return None
 
 
 def _target_name(dose_gy: float) -> str:
@@ -77,18 +87,20 @@ def safe_structure_name(name: str) -> str:
 
 class NameMapper:
     """Maps ROI names to the project's names; ``extra`` (a mapping file's ``structure_names``)
-    overrides the defaults, a value of None drops the structure."""
+    overrides the defaults, a value of None drops the structure; ``doses`` (Gy, the plan's and the
+    mapping file's prescriptions) confirm a unit-less number in a target's name as its dose."""
 
-    def __init__(self, extra: Mapping[str, str | None] | None = None):
+    def __init__(self, extra: Mapping[str, str | None] | None = None, doses: Iterable[float] = ()):
         self.map: dict[str, str | None] = dict(DEFAULT_NAME_MAP)
         self.map.update({normalise(k): v for k, v in (extra or {}).items()})
+        self.doses = tuple(doses)
 
     def __call__(self, roi_name: str, interpreted_type: str = "") -> tuple[str | None, bool]:
         """-> (project name or None to drop, known): ``known`` is False for a name kept as-is."""
         key = normalise(roi_name)
         if key in self.map:
             return self.map[key], True
-        dose = target_dose_from_name(roi_name)
+        dose = target_dose_from_name(roi_name, self.doses)
         if dose is not None:
             return _target_name(dose), True
         if str(interpreted_type).upper() == "EXTERNAL":
@@ -101,6 +113,23 @@ _SITE_HINTS = {
     "lung": {"LeftLung", "RightLung", "Heart"},
     "prostate": {"Rectum", "Bladder", "LeftFemoralHead", "RightFemoralHead"},
 }
+
+
+_OTHER_SITES = (("breast", re.compile(r"breast|chestwall|areola|nipple")),
+                ("brain", re.compile(r"^(whole)?brain(?!stem)|hippocamp")))
+
+
+def unsupported_site(names: Iterable[str], text: str | None = "") -> tuple[str, list[str]] | None:
+    """A tumour site the model does not know (breast, brain) that structure names or a plan's
+    TreatmentSite point to -> (site, the names or text that say so), or None. A breast plan has a
+    heart and a lung, so the structures alone would call it lung."""
+    for site, pattern in _OTHER_SITES:
+        hits = [n for n in names if pattern.search(normalise(n))]
+        if re.search(rf"(^|[^a-z]){site}($|[^a-z])", str(text or "").lower()):
+            hits.insert(0, f"TreatmentSite {text!r}")
+        if hits:
+            return site, hits
+    return None
 
 
 def infer_tumour_site(names: set[str] | list[str]) -> str | None:

@@ -19,11 +19,12 @@ import numpy as np
 import pydicom
 import SimpleITK as sitk
 from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 from pydicom.valuerep import format_number_as_ds
 
 from ..case_io import Case, read_dicom_info
 from .scan import SOP_CLASSES
+from .validate import DicomWriteError, file_problems, needs_implicit_vr, valid_or_empty, value_problems
 
 __all__ = ["UID_ROOT", "STUDY_SOP_CLASS", "new_uid", "Identity", "base_dataset", "save", "right_handed",
            "set_image_plane", "ds_number", "now"]
@@ -53,7 +54,9 @@ def now() -> tuple[str, str]:
 
 @dataclass
 class Identity:
-    """Patient, study and frame of reference shared by the objects written for one case."""
+    """Patient, study and frame of reference shared by the objects written for one case. Values
+    of ``dicom.yaml`` that are not valid for their VR (a hashed birth date, a sex of 'X', an ID
+    over 64 characters from an anonymiser) are left empty (type 2) rather than copied."""
 
     patient_id: str
     patient_name: str
@@ -74,17 +77,24 @@ class Identity:
         info = read_dicom_info(case.path)  # safe YAML, a regular file inside the case; CaseError if not
         pat, st = info.get("patient") or {}, info.get("study") or {}
         date, time = now()
-        keep = keep_study and bool(st.get("StudyInstanceUID")) and bool(info.get("frame_of_reference_uid"))
+
+        def ok(vr: str, value) -> str:  # anonymisers write hashes into dates and IDs: dropped, not copied
+            return valid_or_empty(vr, str(value or ""))
+
+        keep = keep_study and bool(ok("UI", st.get("StudyInstanceUID"))) and bool(ok("UI", info.get("frame_of_reference_uid")))
+
+        sex = ok("CS", pat.get("PatientSex"))
         return cls(
-            patient_id=str(pat.get("PatientID") or case.case_id)[:64], patient_name=str(pat.get("PatientName") or case.case_id),
-            birth_date=str(pat.get("PatientBirthDate") or ""), sex=str(pat.get("PatientSex") or ""),
+            patient_id=ok("LO", pat.get("PatientID")) or case.case_id[:64],
+            patient_name=ok("PN", pat.get("PatientName")) or case.case_id[:64],
+            birth_date=ok("DA", pat.get("PatientBirthDate")), sex=sex if sex in ("M", "F", "O") else "",
             study_uid=st["StudyInstanceUID"] if keep else new_uid(root),
-            study_id=str(st.get("StudyID") or "") if keep else "addiff",
-            study_date=str(st.get("StudyDate") or "") if keep else date,
-            study_time=str(st.get("StudyTime") or "") if keep else time,
-            accession=str(st.get("AccessionNumber") or "") if keep else "",
+            study_id=ok("SH", st.get("StudyID")) if keep else "addiff",
+            study_date=ok("DA", st.get("StudyDate")) if keep else date,
+            study_time=ok("TM", st.get("StudyTime")) if keep else time,
+            accession=ok("SH", st.get("AccessionNumber")) if keep else "",
             for_uid=info["frame_of_reference_uid"] if keep else new_uid(root),
-            plan_uid=((info.get("rtplan") or {}).get("SOPInstanceUID") or None) if keep else None)
+            plan_uid=(ok("UI", (info.get("rtplan") or {}).get("SOPInstanceUID")) or None) if keep else None)
 
 
 def base_dataset(kind: str, ident: Identity, series_uid: str, series_number: int, description: str, root: str | None,
@@ -126,13 +136,32 @@ def base_dataset(kind: str, ident: Identity, series_uid: str, series_number: int
 
 
 def save(ds: FileDataset, path: Path) -> Path:
-    """Write a DICOM Part 10 file (preamble, file meta, Explicit VR Little Endian)."""
+    """Write a DICOM Part 10 file (preamble, file meta) and check it (:mod:`.validate`).
+
+    Explicit VR Little Endian, unless an element is too long for its 2-byte length field (a body
+    contour's ContourData over 64 KB): then Implicit VR Little Endian, the DICOM default transfer
+    syntax every reader supports, where lengths have 4 bytes (Explicit VR would turn the element
+    into VR UN, which readers cannot parse).
+
+    Raises:
+        DicomWriteError: a value breaks its VR (nothing written), or the written file does not
+            read back as written (the file is removed).
+    """
+    problems = value_problems(ds)
+    if problems:
+        raise DicomWriteError(f"{path}: not written, invalid value: {problems[0]}")
+    implicit = bool(needs_implicit_vr(ds))
+    ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
     path.parent.mkdir(parents=True, exist_ok=True)
     if _PYDICOM_MAJOR >= 3:
         ds.save_as(str(path), enforce_file_format=True)
     else:  # pydicom 2.x
-        ds.is_little_endian, ds.is_implicit_VR = True, False
+        ds.is_little_endian, ds.is_implicit_VR = True, implicit
         ds.save_as(str(path), write_like_original=False)
+    problems = file_problems(path, ds)
+    if problems:
+        path.unlink()
+        raise DicomWriteError(f"{path}: written file is not valid DICOM ({problems[0]}); removed")
     return path
 
 

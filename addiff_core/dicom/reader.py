@@ -30,10 +30,11 @@ import numpy as np
 import SimpleITK as sitk
 import yaml
 
-from ..case_io import BODY_NAME, OAR_NAMES, CaseError, plan_from_dict, save_case, staged_case_dir
+from ..case_io import BODY_NAME, OAR_NAMES, TUMOUR_SITES, CaseError, plan_from_dict, save_case, staged_case_dir
 from .contours import contours_to_mask
 from .mapping import ImportMapping
-from .names import NameMapper, infer_tumour_site, site_from_text, target_dose_from_name
+from .names import NameMapper, infer_tumour_site, site_from_text, unsupported_site
+from .prescriptions import Roi, prescriptions
 from .rtplan import read_rtplan
 from .scan import DicomFile, PatientFiles, scan_folder
 from .volumes import DicomDataError, dose_on_grid, read_ct_series, read_rtdose
@@ -119,12 +120,37 @@ def _structure_refs(ds) -> tuple[str | None, str | None]:
     return for_uid, series_uid
 
 
+def _unique(files: list[DicomFile], notes: list[str]) -> list[DicomFile]:
+    """One file per SOPInstanceUID: a second copy of the same object (an export made twice) is left out."""
+    seen: dict[str, DicomFile] = {}
+    out = []
+    for f in files:
+        uid = _uid(f.ds, "SOPInstanceUID")
+        if uid and uid in seen:
+            notes.append(f"{f.path.name}: the same {f.kind} as {seen[uid].path.name} (SOPInstanceUID {uid}): "
+                         f"copy left out")
+            continue
+        seen.setdefault(uid, f)
+        out.append(f)
+    return out
+
+
+def _no_plan(pf: PatientFiles) -> DicomDataError:
+    """CT + RTSTRUCT without an RTPLAN is refused: the model is conditioned on the beams (beam plate
+    and beam rows), which only an RTPLAN gives and every case must have (a mapping file cannot)."""
+    found = ", ".join(f"{len(pf.of(k))} {k}" for k in ("CT", "RTSTRUCT", "RTDOSE") if pf.of(k))
+    return DicomDataError(pf.files[0].path.parent, f"no RTPLAN among the patient's files ({found}): the model needs "
+                                                   f"the plan's beams (gantry, couch, energy), which a mapping file "
+                                                   f"cannot give; export the RTPLAN with the structure set")
+
+
 def _choose(pf: PatientFiles, notes: list[str]) -> tuple[DicomFile, DicomFile, list[DicomFile], list[DicomFile]]:
     """-> (RTPLAN, RTSTRUCT, CT slices, RTDOSE candidates) of one patient."""
+    pf = PatientFiles(pf.patient_id, pf.name, _unique(pf.files, notes))
     plans, structs, doses = pf.of("RTPLAN"), pf.of("RTSTRUCT"), pf.of("RTDOSE")
     where = pf.files[0].path.parent
     if not plans:
-        raise DicomDataError(where, "no RTPLAN among the patient's files (beams and prescription come from it)")
+        raise _no_plan(pf)
     if len(plans) > 1:
         dosed = {_ref_uid(d.ds, "ReferencedRTPlanSequence") for d in doses}
         plans = [p for p in plans if _uid(p.ds, "SOPInstanceUID") in dosed] or plans
@@ -212,39 +238,6 @@ def _rois(struct: DicomFile) -> list[tuple[int, str, str, list[np.ndarray], int]
     return out
 
 
-def _prescriptions(info, roi_names: dict[int, str], masks: Mapping[str, np.ndarray], defaults, notes: list[str],
-                   plan_path: Path, mapping_path: str) -> dict[str, float]:
-    rx = {roi_names[n]: d for n, d in info.rx_by_roi.items() if roi_names.get(n) in masks}
-    for n in set(info.rx_by_roi) - set(roi_names):
-        notes.append(f"RTPLAN prescribes {info.rx_by_roi[n]:g} Gy to ROI number {n}, which has no mask: ignored")
-    targets = [m for m in masks if m.upper().startswith("PTV")]
-    for desc, dose in info.rx_unlinked:
-        by_dose = [t for t in targets if t not in rx and (target_dose_from_name(t) or -1) == round(dose, 2)]
-        free = [t for t in targets if t not in rx]
-        pick = by_dose[0] if len(by_dose) == 1 else (free[0] if len(free) == 1 and not rx else None)
-        if pick:
-            rx[pick] = dose
-            notes.append(f"prescription {dose:g} Gy ({desc or 'no structure'}) assigned to {pick}")
-        else:
-            notes.append(f"prescription {dose:g} Gy ({desc or 'no structure'}) is tied to no structure: ignored")
-    if not rx and defaults.prescriptions:
-        missing = [t for t in defaults.prescriptions if t not in masks]
-        if missing:
-            raise DicomDataError(mapping_path or "mapping file",
-                                 f"prescribes {', '.join(missing)}, which the RTSTRUCT does not contain "
-                                 f"(structures: {', '.join(sorted(masks))})")
-        rx = dict(defaults.prescriptions)
-        notes.append("prescriptions from the mapping file")
-    if not rx:
-        rx = {t: target_dose_from_name(t) for t in targets if target_dose_from_name(t)}
-        if rx:
-            notes.append(f"prescriptions read from the target names ({', '.join(f'{k} {v:g} Gy' for k, v in rx.items())})")
-    if not rx:
-        raise DicomDataError(plan_path, "no prescription tied to a target structure: give `prescriptions` in the "
-                                        "mapping file (--map)")
-    return rx
-
-
 def _same_patient(case_dir: Path, patient_id: str, plan_uid: str) -> bool:
     """Whether ``case_dir`` is an earlier import of this patient's plan (its ``dicom.yaml`` names
     the same PatientID and RTPLAN): only then may a new import replace it."""
@@ -279,18 +272,43 @@ def _case_folder(out_root: Path, name: str, patient_id: str, plan_uid: str, note
     raise CaseError(out_root / name, ".", "taken, and so are its numbered alternatives; not overwriting")
 
 
-def import_patient(pf: PatientFiles, out_root: Path, mapping: ImportMapping) -> PatientResult:
-    """Import one patient; raises DicomDataError / CaseError for a patient that cannot be used."""
-    res = PatientResult(pf.name, pf.patient_id)
+def _site(mapping: ImportMapping, pf: PatientFiles, treatment_site: str, rois: list[Roi], where: Path) -> str:
+    """The tumour site: the mapping file's for the patient, the plan's TreatmentSite, the mapping
+    file's default, or the structures. Breast and brain are not sites the model knows: a plan that
+    names them, or structures that point to them, are refused with a mapping hint rather than
+    guessed (a breast plan's heart and lung would make it 'lung')."""
+    own = mapping.patients.get(pf.patient_id) or mapping.patients.get(pf.name)
+    site = (own.tumour_site if own else None) or site_from_text(treatment_site) or mapping.defaults.tumour_site
+    if site:
+        return site
+    other = unsupported_site([r.original for r in rois], treatment_site)
+    if other:
+        raise DicomDataError(where, f"looks like a {other[0]} case ({', '.join(other[1][:4])}), a tumour site the model "
+                                    f"does not know ({', '.join(TUMOUR_SITES)}): give `tumour_site` in the mapping "
+                                    f"file (--map) to import it as one of them")
+    site = infer_tumour_site({r.name for r in rois})
+    if site is None:
+        raise DicomDataError(where, "tumour site unknown (the structures do not tell): give `tumour_site` "
+                                    "in the mapping file (--map)")
+    return site
+
+
+def import_patient(pf: PatientFiles, out_root: Path, mapping: ImportMapping,
+                   res: PatientResult | None = None) -> PatientResult:
+    """Import one patient; raises DicomDataError / CaseError for a patient that cannot be used
+    (the notes gathered until then stay in ``res.notes``)."""
+    res = res or PatientResult(pf.name, pf.patient_id)
     notes = res.notes
     plan_f, struct_f, ct_files, doses = _choose(pf, notes)
-    ct, ct_headers = read_ct_series([(f.path, f.ds) for f in ct_files])
-    ct_for = _uid(ct_headers[0], "FrameOfReferenceUID")
     info = read_rtplan(plan_f.ds, plan_f.path)
     notes.extend(f"{plan_f.path.name}: {n}" for n in info.notes)
-    mapper = NameMapper(mapping.structure_names)
+    defaults = mapping.for_patient(pf.patient_id, pf.name)
+    mapped_rx = defaults.prescriptions or {}
+    ct, ct_headers = read_ct_series([(f.path, f.ds) for f in ct_files])
+    ct_for = _uid(ct_headers[0], "FrameOfReferenceUID")
+    mapper = NameMapper(mapping.structure_names, doses=[*info.doses, *mapped_rx.values(), info.beam_dose or 0.0])
     masks = _PackedMasks(sitk.GetArrayViewFromImage(ct).shape)
-    roi_names: dict[int, str] = {}
+    rois: list[Roi] = []
     original: dict[str, str] = {}
     unknown = []
     for num, name, kind, contours, other in _rois(struct_f):
@@ -313,29 +331,12 @@ def import_patient(pf: PatientFiles, out_root: Path, mapping: ImportMapping) -> 
             notes.append(f"ROI {name!r} maps to {target}, which {original[target]!r} already has: kept as {target}_{n}")
             target = f"{target}_{n}"
         masks.add(target, mask)
-        roi_names[num], original[target] = target, name
+        rois.append(Roi(num, target, name, kind))
+        original[target] = name
         if not known:
             unknown.append(target)
     if not masks:
         raise DicomDataError(struct_f.path, "no ROI with closed planar contours on the CT")
-    defaults = mapping.for_patient(pf.patient_id, pf.name)
-    rx = _prescriptions(info, roi_names, masks, defaults, notes, plan_f.path, mapping.source)
-    kept = [u for u in unknown if u not in rx]
-    if kept:
-        notes.append(f"structures kept under their own names (not used by the model): {', '.join(kept)}")
-    fractions = info.fractions or defaults.fractions
-    if not fractions:
-        raise DicomDataError(plan_f.path, "number of fractions unknown (no FractionGroupSequence): give `fractions` "
-                                          "in the mapping file (--map)")
-    own = mapping.patients.get(pf.patient_id) or mapping.patients.get(pf.name)
-    site = ((own.tumour_site if own else None) or site_from_text(info.treatment_site) or mapping.defaults.tumour_site
-            or infer_tumour_site(set(masks)))
-    if site is None:
-        raise DicomDataError(struct_f.path, "tumour site unknown (the structures do not tell): give `tumour_site` "
-                                            "in the mapping file (--map)")
-    plan = plan_from_dict({"tumour_site": site, "prescriptions": rx, "fractions": int(fractions),
-                           "technique": "VMAT" if any(b.is_arc for b in info.beams) else "IMRT",
-                           "beams": [b.to_dict() for b in info.beams]}, pf.name)
     dose_arr, dose_f = None, _pick_dose(doses, _uid(plan_f.ds, "SOPInstanceUID"), ct_for, notes)
     if dose_f is not None:
         try:
@@ -343,6 +344,19 @@ def import_patient(pf: PatientFiles, out_root: Path, mapping: ImportMapping) -> 
         except DicomDataError as e:
             notes.append(f"{e}: dose not imported (the case can still be predicted)")
             dose_f = None
+    median = None if dose_arr is None else (lambda name: float(np.median(dose_arr[masks[name].astype(bool)])))
+    rx, rx_source = prescriptions(info, rois, mapped_rx or None, notes, plan_f.path, mapping.source, median)
+    kept = [u for u in unknown if u not in rx]
+    if kept:
+        notes.append(f"structures kept under their own names (not used by the model): {', '.join(kept)}")
+    fractions = info.fractions or defaults.fractions
+    if not fractions:
+        raise DicomDataError(plan_f.path, "number of fractions unknown (no FractionGroupSequence): give `fractions` "
+                                          "in the mapping file (--map)")
+    site = _site(mapping, pf, info.treatment_site, rois, struct_f.path)
+    plan = plan_from_dict({"tumour_site": site, "prescriptions": rx, "fractions": int(fractions),
+                           "technique": "VMAT" if any(b.is_arc for b in info.beams) else "IMRT",
+                           "beams": [b.to_dict() for b in info.beams]}, pf.name)
     out_dir = _case_folder(out_root, pf.name, pf.patient_id, _uid(plan_f.ds, "SOPInstanceUID"), notes)
     with staged_case_dir(out_dir) as tmp:
         save_case(tmp, sitk.GetArrayFromImage(ct), plan, masks,
@@ -369,7 +383,7 @@ def import_patient(pf: PatientFiles, out_root: Path, mapping: ImportMapping) -> 
     res.summary = (f"CT {nx}x{ny}x{nz} ({'x'.join(f'{s:.3g}' for s in ct.GetSpacing())} mm), {len(masks)} structures "
                    f"({len(canon)} model OARs{', Body' if BODY_NAME in masks else ''}), "
                    f"{'dose' if dose_arr is not None else 'no dose'}, {len(info.beams)} {plan.technique} beam(s), "
-                   f"{', '.join(f'{k} {v:g} Gy' for k, v in plan.prescriptions.items())} in {plan.fractions} fx, "
+                   f"{', '.join(f'{k} {v:g} Gy' for k, v in plan.prescriptions.items())} ({rx_source}) in {plan.fractions} fx, "
                    f"{plan.tumour_site}")
     return res
 
@@ -390,12 +404,13 @@ def import_dicom(src: str | Path, out: str | Path, mapping: ImportMapping | None
     results = []
     for i, pf in enumerate(scan.patients, 1):
         head = f"[{i}/{len(scan.patients)}] {pf.name} (PatientID {pf.patient_id or '?'})"
+        res = PatientResult(pf.name, pf.patient_id)
         try:
-            res = import_patient(pf, out, mapping)
+            import_patient(pf, out, mapping, res)
         except (DicomDataError, CaseError, ValueError, OSError) as e:
-            res = PatientResult(pf.name, pf.patient_id, reason=str(e))
+            res.case_dir, res.reason = None, str(e)  # its notes say what was found: printed below
         except Exception as e:  # noqa: BLE001 - one broken patient never stops the import
-            res = PatientResult(pf.name, pf.patient_id, reason=f"unexpected error: {type(e).__name__}: {e}")
+            res.case_dir, res.reason = None, f"unexpected error: {type(e).__name__}: {e}"
         if res.case_dir is not None:
             res.notes.extend(f"check: {p.file}: {p.message}" for p in check_case(res.case_dir))
             say(f"{head}: imported -> {res.case_dir}: {res.summary}")

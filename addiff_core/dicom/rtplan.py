@@ -1,18 +1,26 @@
 """Reading an RTPLAN: beams (gantry, couch, nominal energy; arcs from the control points),
 prescriptions (DoseReferenceSequence) and fractions (FractionGroupSequence).
 
-* Beams: treatment photon beams only (``TreatmentDeliveryType`` SETUP/verification fields and
-  non-photon beams are left out, with a note). Gantry, couch (``PatientSupportAngle``) and
+* What the model cannot represent is refused with one line: ion (proton) plans, brachytherapy
+  (``ApplicationSetupSequence``), Gamma Knife (its machine or manufacturer: Leksell, Elekta
+  Instrument AB, Perfexion, Icon), plans without a photon beam (electrons).
+* Beams: treatment photon beams only. A beam counts when it is not ``TreatmentDeliveryType``
+  SETUP/verification and has a non-zero ``BeamMeterset`` in the fraction group: Eclipse marks
+  setup and imaging fields ("AP SETUP", "CBCT") TREATMENT with no meterset. Only a plan whose
+  fraction group gives no meterset at all (a geometry-only plan such as ``export-dicom`` writes)
+  counts every treatment beam. The beams left out are listed in the notes. Gantry, couch (``PatientSupportAngle``) and
   ``NominalBeamEnergy`` come from the first control point; a beam whose gantry rotates
   (``GantryRotationDirection`` CW/CC) is an arc covering the angles its control points sweep.
   The case format writes arcs clockwise (``gantry_start`` -> ``gantry_stop``, increasing angle), so
   a counter-clockwise arc from a to b is stored as the clockwise arc b -> a (same angles).
 * Prescriptions: target dose references (``DoseReferenceType`` TARGET) with a
   ``TargetPrescriptionDose`` in Gy, either tied to an ROI (``ReferencedROINumber``) or to a point
-  or site (no ROI).
+  or site (no ROI: its description and structure type are kept); and the plan's dose at the beam
+  dose specification point (sum of the fraction group's ``BeamDose`` x fractions).
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,18 +29,40 @@ from pydicom.dataset import Dataset
 from ..case_io import Beam
 from .volumes import DicomDataError
 
-__all__ = ["PlanInfo", "read_rtplan"]
+__all__ = ["PlanInfo", "UnlinkedDose", "read_rtplan", "refusal"]
+
+ION_PLAN_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.481.8"
+_GAMMA_KNIFE = re.compile(r"gamma\s*knife|gammaplan|leksell|perfexion|elekta instrument|\bicon\b|\bpfx\b", re.I)
+
+
+@dataclass(frozen=True)
+class UnlinkedDose:
+    """A target prescription tied to no ROI: a site or volume by description, or a point."""
+
+    description: str
+    dose: float  # Gy
+    structure_type: str = ""  # DoseReferenceStructureType: SITE, VOLUME, POINT, COORDINATES
+
+    @property
+    def is_point(self) -> bool:
+        return self.structure_type in ("POINT", "COORDINATES")
 
 
 @dataclass
 class PlanInfo:
     beams: list[Beam]
     rx_by_roi: dict[int, float] = field(default_factory=dict)  # ROI number -> Gy
-    rx_unlinked: list[tuple[str, float]] = field(default_factory=list)  # (description, Gy), no ROI
+    rx_unlinked: list[UnlinkedDose] = field(default_factory=list)
+    beam_dose: float | None = None  # Gy: sum of BeamDose x fractions (the dose specification point)
     fractions: int | None = None
     label: str = ""
     treatment_site: str = ""  # free text (TreatmentSite), e.g. "head_neck" as export-dicom writes it
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def doses(self) -> set[float]:
+        """Every prescription dose the plan states (Gy)."""
+        return set(self.rx_by_roi.values()) | {u.dose for u in self.rx_unlinked}
 
 
 def _num(v) -> float | None:
@@ -43,12 +73,19 @@ def _num(v) -> float | None:
     return f if f == f and abs(f) != float("inf") else None
 
 
-def _beam(b: Dataset, path: Path, notes: list[str]) -> Beam | None:
+def _beam(b: Dataset, metersets: dict[int, float | None] | None, notes: list[str]) -> Beam | None:
     name = str(b.get("BeamName", "") or b.get("BeamNumber", "?"))
     delivery = str(b.get("TreatmentDeliveryType", "TREATMENT") or "TREATMENT").upper()
     if delivery != "TREATMENT":
         notes.append(f"beam {name}: {delivery} field left out")
         return None
+    if metersets is not None:
+        number = _num(b.get("BeamNumber"))
+        mu = metersets.get(int(number)) if number is not None else None
+        if not mu:
+            why = "not in the fraction group" if number is None or int(number) not in metersets else "no BeamMeterset"
+            notes.append(f"beam {name}: {why} (a setup or imaging field): left out")
+            return None
     radiation = str(b.get("RadiationType", "PHOTON") or "PHOTON").upper()
     if radiation != "PHOTON":
         notes.append(f"beam {name}: {radiation} beam left out (photon beams only)")
@@ -84,19 +121,58 @@ def _beam(b: Dataset, path: Path, notes: list[str]) -> Beam | None:
     return Beam(gantry=gantry, couch=couch, energy_mv=energy, gantry_stop=(gantry + span) % 360.0)
 
 
+def refusal(ds: Dataset) -> str | None:
+    """Why the model cannot represent this plan (one line), or None."""
+    if str(ds.get("SOPClassUID", "")) == ION_PLAN_SOP_CLASS or ds.get("IonBeamSequence"):
+        return "ion (proton) plan: the model predicts external photon beam doses only"
+    if ds.get("ApplicationSetupSequence") or ds.get("BrachyTreatmentType"):
+        return "brachytherapy plan: the model predicts external photon beam doses only"
+    texts = [str(ds.get(k, "") or "") for k in ("Manufacturer", "ManufacturerModelName")]
+    for b in ds.get("BeamSequence") or []:
+        texts += [str(b.get(k, "") or "") for k in ("TreatmentMachineName", "Manufacturer", "ManufacturerModelName")]
+    hit = next((t for t in texts if _GAMMA_KNIFE.search(t)), None)
+    if hit:
+        return f"Gamma Knife plan ({hit!r}): the model predicts linac photon beam doses only"
+    return None
+
+
+def _fraction_group(ds: Dataset, info: PlanInfo) -> dict[int, float | None] | None:
+    """Fractions and the beam dose of the first fraction group -> {beam number: meterset} (None
+    when the group gives no BeamMeterset at all: a geometry-only plan)."""
+    groups = list(ds.get("FractionGroupSequence") or [])
+    if not groups:
+        return None
+    g = groups[0]
+    fx = _num(g.get("NumberOfFractionsPlanned"))
+    info.fractions = int(fx) if fx else None
+    if len(groups) > 1:
+        info.notes.append(f"{len(groups)} fraction groups: beams and fractions taken from the first")
+    refs = [r for r in g.get("ReferencedBeamSequence") or [] if _num(r.get("ReferencedBeamNumber")) is not None]
+    metersets = {int(r.ReferencedBeamNumber): _num(r.get("BeamMeterset")) for r in refs}
+    doses = [_num(r.get("BeamDose")) for r in refs if _num(r.get("BeamMeterset"))]
+    if doses and all(d is not None and d > 0 for d in doses) and info.fractions:
+        info.beam_dose = round(sum(doses) * info.fractions, 4)  # type: ignore[arg-type]
+    return metersets if any(v is not None for v in metersets.values()) else None
+
+
 def read_rtplan(ds: Dataset, path: Path) -> PlanInfo:
-    """Beams, prescriptions and fractions of an RTPLAN; DicomDataError if it has no usable beam."""
-    notes: list[str] = []
+    """Beams, prescriptions and fractions of an RTPLAN.
+
+    Raises:
+        DicomDataError: a plan the model cannot represent, or one without a usable beam.
+    """
+    why = refusal(ds)
+    if why:
+        raise DicomDataError(path, why)
     seq = ds.get("BeamSequence")
     if not seq:
-        if ds.get("IonBeamSequence"):
-            raise DicomDataError(path, "ion (proton) plan: only photon RTPLANs are supported")
         raise DicomDataError(path, "plan has no beams (BeamSequence missing or empty)")
-    beams = [bm for bm in (_beam(b, path, notes) for b in seq) if bm is not None]
-    if not beams:
-        raise DicomDataError(path, f"plan has no usable treatment photon beam ({'; '.join(notes)})")
-    info = PlanInfo(beams=beams, label=str(ds.get("RTPlanLabel", "") or ""), notes=notes,
+    info = PlanInfo(beams=[], label=str(ds.get("RTPlanLabel", "") or ""),
                     treatment_site=str(ds.get("TreatmentSite", "") or ""))
+    metersets = _fraction_group(ds, info)
+    info.beams = [bm for bm in (_beam(b, metersets, info.notes) for b in seq) if bm is not None]
+    if not info.beams:
+        raise DicomDataError(path, f"plan has no usable treatment photon beam ({'; '.join(info.notes)})")
     for dr in ds.get("DoseReferenceSequence") or []:
         if str(dr.get("DoseReferenceType", "")).upper() != "TARGET":
             continue
@@ -107,11 +183,6 @@ def read_rtplan(ds: Dataset, path: Path) -> PlanInfo:
         if roi is not None and str(roi).strip():
             info.rx_by_roi[int(roi)] = max(dose, info.rx_by_roi.get(int(roi), 0.0))
         else:
-            info.rx_unlinked.append((str(dr.get("DoseReferenceDescription", "") or ""), dose))
-    groups = list(ds.get("FractionGroupSequence") or [])
-    fx = [int(g.NumberOfFractionsPlanned) for g in groups if _num(g.get("NumberOfFractionsPlanned"))]
-    if fx:
-        info.fractions = fx[0]
-        if len(groups) > 1:
-            notes.append(f"{len(groups)} fraction groups: fractions taken from the first ({fx[0]})")
+            info.rx_unlinked.append(UnlinkedDose(str(dr.get("DoseReferenceDescription", "") or ""), dose,
+                                                 str(dr.get("DoseReferenceStructureType", "") or "").upper()))
     return info

@@ -31,6 +31,7 @@ SOP_CLASSES = {
     "RTPLAN": "1.2.840.10008.5.1.4.1.1.481.5",
 }
 KIND_OF = {uid: kind for kind, uid in SOP_CLASSES.items()}
+KIND_OF["1.2.840.10008.5.1.4.1.1.481.8"] = "RTPLAN"  # RT Ion Plan: read so that it is refused by name (rtplan)
 
 
 @dataclass

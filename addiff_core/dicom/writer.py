@@ -28,14 +28,16 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.tag import Tag
 
-from ..case_io import BODY_NAME, Case, load_case
+from ..case_io import BODY_NAME, Case, load_case, read_dicom_info
 from .contours import index_to_patient, mask_to_contours
 from .objects import (STUDY_SOP_CLASS, UID_ROOT, Identity, base_dataset, ds_number, new_uid, now, right_handed, save,
                       set_image_plane)
 from .scan import SOP_CLASSES
+from .validate import valid_or_empty
 
 __all__ = ["UID_ROOT", "Identity", "new_uid", "export_case", "write_ct_series", "write_rtstruct", "write_rtplan",
-           "write_rtdose", "write_predicted_rtdose"]
+           "write_rtdose", "write_predicted_rtdose", "RTDOSE_GRID_MM", "dose_grid_option", "clinical_dose_grid",
+           "roi_names"]
 
 _COLOURS = ((255, 0, 0), (0, 160, 255), (0, 200, 0), (255, 200, 0), (200, 0, 255), (255, 120, 0), (0, 220, 200),
             (150, 90, 40), (255, 105, 180), (128, 128, 255))
@@ -62,6 +64,13 @@ def write_ct_series(ct: sitk.Image, out_dir: Path, ident: Identity, root: str | 
     return series_uid, uids
 
 
+def _mm(v: float) -> str:
+    """A coordinate as a DS rounded to 0.01 mm: far below any voxel (a voxel centre is >= 0.35
+    voxel from the contour), and 6-8 characters instead of up to 16."""
+    s = f"{float(v):.2f}".rstrip("0").rstrip(".")
+    return "0" if s in ("-0", "") else s
+
+
 def _interpreted_type(name: str, targets) -> str:
     if name == BODY_NAME:
         return "EXTERNAL"
@@ -69,6 +78,21 @@ def _interpreted_type(name: str, targets) -> str:
     if name in targets or up.startswith("PTV"):
         return "PTV"
     return "CTV" if up.startswith("CTV") else "GTV" if up.startswith("GTV") else "ORGAN"
+
+
+def roi_names(case: Case) -> dict[str, str]:
+    """The ROIName of each mask: the TPS's original name kept in ``dicom.yaml`` (``Tumor Bed``, not
+    ``Tumor_Bed``) when it is a valid, unique LO value, else the case's name."""
+    kept = read_dicom_info(case.path).get("structure_names")
+    kept = kept if isinstance(kept, dict) else {}
+    out: dict[str, str] = {}
+    for name in sorted(case.masks):
+        orig = kept.get(name)
+        ok = isinstance(orig, str) and orig.strip() and valid_or_empty("LO", orig) == orig
+        out[name] = orig if ok and orig not in out.values() else name
+    if len(set(out.values())) < len(out):  # an original equal to another mask's own name: own names
+        out = {n: n for n in out}
+    return out
 
 
 def write_rtstruct(case: Case, ct: sitk.Image, ct_series_uid: str, ct_uids: list[str], path: Path, ident: Identity,
@@ -93,10 +117,11 @@ def write_rtstruct(case: Case, ct: sitk.Image, ct_series_uid: str, ct_uids: list
     ds.ReferencedFrameOfReferenceSequence = Sequence([frame])
     rois, contours_seq, observations, numbers = [], [], [], {}
     flip = np.linalg.det(np.array(case.ct.GetDirection()).reshape(3, 3)) < 0
+    tps_names = roi_names(case)
     for i, name in enumerate(sorted(case.masks), start=1):
         numbers[name] = i
         roi = Dataset()
-        roi.ROINumber, roi.ReferencedFrameOfReferenceUID, roi.ROIName = i, ident.for_uid, name
+        roi.ROINumber, roi.ReferencedFrameOfReferenceUID, roi.ROIName = i, ident.for_uid, tps_names[name]
         roi.ROIGenerationAlgorithm = "MANUAL"
         rois.append(roi)
         mask = case.array(name)
@@ -107,7 +132,7 @@ def write_rtstruct(case: Case, ct: sitk.Image, ct_series_uid: str, ct_uids: list
             ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID = SOP_CLASSES["CT"], ct_uids[k]
             c.ContourImageSequence = Sequence([ref])
             c.ContourGeometricType, c.NumberOfContourPoints = "CLOSED_PLANAR", len(pts)
-            c.ContourData = [ds_number(v) for v in pts.ravel()]
+            c.ContourData = [_mm(v) for v in pts.ravel()]
             items.append(c)
         rc = Dataset()
         rc.ROIDisplayColor = list(_COLOURS[(i - 1) % len(_COLOURS)])
@@ -174,7 +199,7 @@ def write_rtplan(case: Case, struct_uid: str, roi_numbers: dict[str, int], path:
     for i, target in enumerate(plan.targets, start=1):
         dr = Dataset()
         dr.DoseReferenceNumber, dr.DoseReferenceUID = i, new_uid(root)
-        dr.DoseReferenceStructureType, dr.DoseReferenceDescription = "VOLUME", target[:64]
+        dr.DoseReferenceStructureType, dr.DoseReferenceDescription = "VOLUME", roi_names(case).get(target, target)[:64]
         if target in roi_numbers:
             dr.ReferencedROINumber = roi_numbers[target]
         dr.DoseReferenceType, dr.TargetPrescriptionDose = "TARGET", ds_number(plan.prescriptions[target])
@@ -273,8 +298,52 @@ def export_case(case_dir: str | Path, out_dir: str | Path, uid_root: str | None 
     return written
 
 
-def write_predicted_rtdose(dose: sitk.Image, case_dir: str | Path, path: str | Path, uid_root: str | None = None) -> Path:
-    """A predicted dose (Gy, on the case's CT grid) as an RTDOSE on the CT's frame of reference.
+RTDOSE_GRID_MM = 2.5  # predict --rtdose's default dose grid: a clinical one, not the CT's (100 MB at 512x512x98)
+_GRID_BOUNDS_MM = (0.5, 10.0)
+
+
+def dose_grid_option(text: str | None) -> float | None:
+    """``predict --rtdose-grid``: ``ct`` (None: the CT's own grid) or a spacing in mm.
+
+    Raises:
+        UserError: anything else, in one line.
+    """
+    from ..errors import UserError
+
+    t = str(RTDOSE_GRID_MM if text is None else text).strip().lower().removesuffix("mm")
+    if t == "ct":
+        return None
+    try:
+        mm = float(t)
+    except ValueError:
+        mm = float("nan")
+    lo, hi = _GRID_BOUNDS_MM
+    if not lo <= mm <= hi:
+        raise UserError(f"--rtdose-grid: 'ct' or a dose grid spacing in mm from {lo:g} to {hi:g}, got {text!r}")
+    return mm
+
+
+def clinical_dose_grid(dose: sitk.Image, spacing_mm: float) -> sitk.Image:
+    """``dose`` resampled (linear) onto an isotropic ``spacing_mm`` grid in the same orientation,
+    covering the voxels with dose plus one grid step: what a TPS exports, a fraction of the CT grid."""
+    a = sitk.GetArrayViewFromImage(dose)
+    hot = np.argwhere(a > 0)
+    lo, hi = (hot.min(axis=0), hot.max(axis=0)) if len(hot) else (np.zeros(3, int), np.array(a.shape) - 1)
+    sp = np.array(dose.GetSpacing(), dtype=np.float64)
+    lo_mm, hi_mm = lo[::-1] * sp - spacing_mm, hi[::-1] * sp + spacing_mm  # along the image axes (x, y, z)
+    size = [int(np.ceil((h - l) / spacing_mm)) + 1 for l, h in zip(lo_mm, hi_mm)]
+    ref = sitk.Image(size, sitk.sitkFloat32)
+    ref.SetSpacing([float(spacing_mm)] * 3)
+    ref.SetDirection(dose.GetDirection())
+    ref.SetOrigin(dose.TransformContinuousIndexToPhysicalPoint([float(v) for v in lo_mm / sp]))
+    return sitk.Resample(dose, ref, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+
+
+def write_predicted_rtdose(dose: sitk.Image, case_dir: str | Path, path: str | Path, uid_root: str | None = None,
+                           grid_mm: float | None = RTDOSE_GRID_MM) -> Path:
+    """A predicted dose (Gy, on the case's CT grid) as an RTDOSE on the CT's frame of reference,
+    on a clinical dose grid (``grid_mm`` isotropic over the dose, :func:`clinical_dose_grid`) or,
+    with ``grid_mm`` None, on the CT's own grid.
 
     For a case imported from DICOM (``dicom.yaml``) it refers to the case's patient, study, frame
     of reference and RTPLAN, so a planning system or viewer places it on the original CT; for
@@ -282,6 +351,8 @@ def write_predicted_rtdose(dose: sitk.Image, case_dir: str | Path, path: str | P
     case only by geometry)."""
     case = load_case(case_dir)
     ident = Identity.for_case(case, uid_root, keep_study=True)
+    if grid_mm is not None:
+        dose = clinical_dose_grid(right_handed(dose), grid_mm)
     return write_rtdose(dose, Path(path), ident, uid_root, plan_uid=ident.plan_uid,
                         description="PREDICTED dose (addiff-fl) - not a plan",
                         comment="PREDICTED by addiff-fl: research output, not a TPS dose")
