@@ -3,6 +3,7 @@ restricted unpickler that builds containers, strings, numbers and numpy arrays/s
 refuses anything else before it runs (issue #30)."""
 from __future__ import annotations
 
+import io
 import pickle
 import zipfile
 
@@ -38,6 +39,22 @@ def test_a_plan_in_the_challenge_layout_reads_back_whole(tmp_path):
     assert type(got["isocenter"][0]) is np.float32 and got["isVMAT"] is True and got["size"] == d["size"]
 
 
+def test_a_plan_written_by_numpy_1_reads_too(tmp_path):
+    """The challenge's files were written by numpy 1.x: its pickles name numpy.core.multiarray."""
+    d = plan_dict("0617-259694", 2, vmat=False, seed=1)
+    arr = np.empty((), dtype=object)
+    arr[()] = d
+    body = pickle.dumps(arr, protocol=3)  # numpy 1.x's format.write_array: pickle protocol 3
+    assert b"cnumpy._core.multiarray\n" in body  # GLOBAL opcodes name the module in text
+    body = body.replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n")
+    head = io.BytesIO()
+    np.lib.format.write_array_header_1_0(head, {"descr": "|O", "fortran_order": False, "shape": ()})
+    with zipfile.ZipFile(tmp_path / "old.npz", "w") as zf:
+        zf.writestr("arr_0.npy", head.getvalue() + body)
+    got = load_plan_dict(tmp_path / "old.npz")
+    assert np.array_equal(got["dose"], d["dose"]) and got["isocenter"] == d["isocenter"]
+
+
 def test_only_numpy_array_dtype_and_scalar_rebuilders_are_allowed():
     names = {name for _, name in safe_npz._ALLOWED}
     modules = {mod for mod, _ in safe_npz._ALLOWED}
@@ -53,6 +70,16 @@ def test_a_payload_that_would_run_code_is_refused_without_running(tmp_path):
     np.savez_compressed(path, d)
     with pytest.raises(UnsafeNpz, match=r"refused: the pickle asks for builtins\.exec.*nothing was run"):
         load_plan_dict(path)
+    assert not marker.exists()
+    # through the command line: that plan skipped with one line, nothing run
+    from addiff_core.gdp_hmm.importer import import_gdp_hmm
+    from helpers.gdp_hmm import PLANS, write_dataset
+
+    src = write_dataset(tmp_path / "src")
+    (src / "data" / f"{PLANS[0][0]}.npz").write_bytes(path.read_bytes())
+    summary = import_gdp_hmm(src, tmp_path / "out", progress=False)
+    assert [(n, r.split(":")[0]) for n, r in summary.skipped] == [(PLANS[0][0], "refused")]
+    assert len(summary.skipped[0][1].splitlines()) == 1
     assert not marker.exists()
     # the payload is live: the challenge's own way of reading a plan runs it
     np.load(path, allow_pickle=True)["arr_0"]

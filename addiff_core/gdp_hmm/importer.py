@@ -24,9 +24,9 @@ import yaml
 
 from ..case_io import CaseError, save_case, staged_case_dir
 from ..errors import UserError
-from .convert import PlanProblem, convert
+from .convert import convert
 from .metric import INFO_FILE
-from .safe_npz import UnsafeNpz, load_plan_dict
+from .safe_npz import load_plan_dict
 from .sources import HELDOUT_PHASES, MetaRow, find_beside, levels, patient_id, read_meta, read_ptv_dict
 
 SITES_BY = ("cohort", "site", "none")
@@ -186,7 +186,7 @@ def import_gdp_hmm(src: str | Path, out: str | Path, meta: str | Path | None = N
             summary.imported.setdefault(group, []).append(dest)
             phases.setdefault(group, {})[dest.name] = row.phase if row else None
             msg = f"{plan_id} -> {dest} ({time.perf_counter() - t0:.1f} s)"
-        except (UnsafeNpz, PlanProblem, CaseError, ValueError, FileExistsError, OSError) as e:
+        except (ValueError, OSError) as e:  # UnsafeNpz, PlanProblem, CaseError; FileExistsError, unreadable
             reason = f"{e.file}: {e.problem}" if isinstance(e, CaseError) else str(e)
             summary.skipped.append((plan_id, reason[:300]))
             msg = f"{plan_id} skipped: {reason[:300]}"
