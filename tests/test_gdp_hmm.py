@@ -146,6 +146,17 @@ def test_a_bad_plan_is_skipped_with_one_line_and_the_others_imported(tmp_path, c
     assert not (tmp_path / "out" / "cohort1" / "cases" / HNC_IMRT).exists()
 
 
+def test_plans_not_in_meta_or_twice_are_skipped_with_their_reason(tmp_path):
+    src = write_dataset(tmp_path / "src")
+    (src / "data" / "extra").mkdir()
+    (src / "data" / "extra" / f"{HNC_IMRT}.npz").write_bytes((src / "data" / f"{HNC_IMRT}.npz").read_bytes())
+    (src / "data" / "unlisted+x+y.npz").write_bytes((src / "data" / f"{HNC_IMRT}.npz").read_bytes())
+    summary = import_gdp_hmm(src, tmp_path / "out", progress=False)
+    assert sorted(summary.skipped) == [(HNC_IMRT, "a second file of this plan (extra/); the first kept"),
+                                       ("unlisted+x+y", "not listed in meta_data.csv")]
+    assert sum(len(v) for v in summary.imported.values()) == len(PLANS)
+
+
 def test_bad_side_files_are_one_line(tmp_path, capsys):
     src = write_dataset(tmp_path / "src")
     (src / "meta_files" / "PTV_DICT.json").write_text("{not json")

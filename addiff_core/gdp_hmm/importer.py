@@ -166,13 +166,17 @@ def import_gdp_hmm(src: str | Path, out: str | Path, meta: str | Path | None = N
     plans = find_plans(src)
     if not plans:
         raise UserError(f"{src}: no .npz plan files found")
-    summary, todo = GdpImportSummary(), []
+    summary, todo, seen = GdpImportSummary(), [], set()
     for npz in plans:
         plan_id = npz.name[: -len(".npz")]
         row = rows.get(plan_id) if rows is not None else None
         if rows is not None and row is None:
             summary.skipped.append((plan_id, "not listed in meta_data.csv"))
             continue
+        if case_id(plan_id) in seen:  # one case folder per plan id: a second copy is not imported over it
+            summary.skipped.append((plan_id, f"a second file of this plan ({npz.parent.name}/); the first kept"))
+            continue
+        seen.add(case_id(plan_id))
         try:
             todo.append((npz, row, group_name(by, row)))
         except ValueError as e:
