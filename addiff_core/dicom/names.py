@@ -68,7 +68,7 @@ def target_dose_from_name(name: str, doses: Iterable[float] | None = None) -> fl
         value = value / 100.0 if unit == "cgy" else value
         return value if 0 < value <= 150 else None
     for cand in (value, value / 100.0):
-        if 0 < cand <= 150 and any(abs(cand - d) <= DOSE_MATCH_GY for d in doses or ()):
+        if 0 < cand <= 150 and any(d > 0 and abs(cand - d) <= DOSE_MATCH_GY for d in doses or ()):
             return cand
     return None
 

@@ -304,15 +304,17 @@ def import_patient(pf: PatientFiles, out_root: Path, mapping: ImportMapping,
     notes.extend(f"{plan_f.path.name}: {n}" for n in info.notes)
     defaults = mapping.for_patient(pf.patient_id, pf.name)
     mapped_rx = defaults.prescriptions or {}
+    mapper = NameMapper(mapping.structure_names, doses=[*info.doses, *mapped_rx.values(), *([info.beam_dose] if info.beam_dose else [])])
+    listed = [(num, name, kind, contours, other, *mapper(name, kind)) for num, name, kind, contours, other in _rois(struct_f)]
+    site = _site(mapping, pf, info.treatment_site,  # decided before the CT is read: a refusal costs nothing
+                 [Roi(num, target, name, kind) for num, name, kind, _, _, target, _ in listed if target], struct_f.path)
     ct, ct_headers = read_ct_series([(f.path, f.ds) for f in ct_files])
     ct_for = _uid(ct_headers[0], "FrameOfReferenceUID")
-    mapper = NameMapper(mapping.structure_names, doses=[*info.doses, *mapped_rx.values(), info.beam_dose or 0.0])
     masks = _PackedMasks(sitk.GetArrayViewFromImage(ct).shape)
     rois: list[Roi] = []
     original: dict[str, str] = {}
     unknown = []
-    for num, name, kind, contours, other in _rois(struct_f):
-        target, known = mapper(name, kind)
+    for num, name, kind, contours, other, target, known in listed:
         if target is None:
             continue
         if not contours:
@@ -353,7 +355,6 @@ def import_patient(pf: PatientFiles, out_root: Path, mapping: ImportMapping,
     if not fractions:
         raise DicomDataError(plan_f.path, "number of fractions unknown (no FractionGroupSequence): give `fractions` "
                                           "in the mapping file (--map)")
-    site = _site(mapping, pf, info.treatment_site, rois, struct_f.path)
     plan = plan_from_dict({"tumour_site": site, "prescriptions": rx, "fractions": int(fractions),
                            "technique": "VMAT" if any(b.is_arc for b in info.beams) else "IMRT",
                            "beams": [b.to_dict() for b in info.beams]}, pf.name)

@@ -133,10 +133,14 @@ def read_ct_series(headers: list[tuple[Path, Dataset]]) -> tuple[sitk.Image, lis
     for p, _ in headers:
         ds, px = _pixels(p)
         slope, intercept = float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
-        slices.append(px.astype(np.float64) * slope + intercept)
+        if slope == 1 and intercept == int(intercept) and px.dtype.kind in "iu":  # the usual case: integer HU
+            slices.append(px.astype(np.int32) + int(intercept))
+        else:
+            slices.append(px.astype(np.float64) * slope + intercept)
     hu = np.stack(slices)
-    if np.allclose(hu, np.rint(hu)) and hu.min() >= -32768 and hu.max() <= 32767:
-        hu = np.rint(hu).astype(np.int16)
+    integral = hu.dtype.kind == "i" or np.allclose(hu, np.rint(hu))
+    if integral and hu.min() >= -32768 and hu.max() <= 32767:
+        hu = hu.astype(np.int16) if hu.dtype.kind == "i" else np.rint(hu).astype(np.int16)
     else:
         hu = hu.astype(np.float32)
     img = sitk.GetImageFromArray(hu)
