@@ -5,8 +5,10 @@ What a TPS export does not carry, or carries under the hospital's own names::
     structure_names:            # TPS ROI name -> project name (adds to / overrides the defaults
       "Parotid Lt": LeftParotid #   of addiff_core.dicom.names); null drops the structure
       "zPTV_opt": null
-    tumour_site: head_neck      # when the structures do not tell (head_neck | lung | prostate)
-    prescriptions: {PTV70: 70, PTV56: 56}   # Gy; used when the RTPLAN carries none
+    tumour_site: head_neck      # when the structures do not tell (head_neck | lung | prostate);
+                                #   a breast or brain case is imported only with one
+    prescriptions: {PTV70: 70, "Tumor Bed": 14}   # Gy; used when the RTPLAN carries none; keys are
+                                # the TPS's ROI names or the imported ones (Tumor_Bed)
     fractions: 35                           # used when the RTPLAN carries none
     patients:                   # per patient (PatientID or case folder name): the same fields
       "123456": {tumour_site: lung, prescriptions: {PTV60: 60}, fractions: 30}

@@ -272,11 +272,11 @@ def _case_folder(out_root: Path, name: str, patient_id: str, plan_uid: str, note
     raise CaseError(out_root / name, ".", "taken, and so are its numbered alternatives; not overwriting")
 
 
-def _site(mapping: ImportMapping, pf: PatientFiles, treatment_site: str, rois: list[Roi], where: Path) -> str:
+def _site(mapping: ImportMapping, pf: PatientFiles, treatment_site: str, rois: list[Roi], where: Path) -> str | None:
     """The tumour site: the mapping file's for the patient, the plan's TreatmentSite, the mapping
-    file's default, or the structures. Breast and brain are not sites the model knows: a plan that
-    names them, or structures that point to them, are refused with a mapping hint rather than
-    guessed (a breast plan's heart and lung would make it 'lung')."""
+    file's default, or the structures (None: they do not tell). Breast and brain are not sites the
+    model knows: a plan that names them, or structures that point to them, are refused with a
+    mapping hint rather than guessed (a breast plan's heart and lung would make it 'lung')."""
     own = mapping.patients.get(pf.patient_id) or mapping.patients.get(pf.name)
     site = (own.tumour_site if own else None) or site_from_text(treatment_site) or mapping.defaults.tumour_site
     if site:
@@ -286,11 +286,7 @@ def _site(mapping: ImportMapping, pf: PatientFiles, treatment_site: str, rois: l
         raise DicomDataError(where, f"looks like a {other[0]} case ({', '.join(other[1][:4])}), a tumour site the model "
                                     f"does not know ({', '.join(TUMOUR_SITES)}): give `tumour_site` in the mapping "
                                     f"file (--map) to import it as one of them")
-    site = infer_tumour_site({r.name for r in rois})
-    if site is None:
-        raise DicomDataError(where, "tumour site unknown (the structures do not tell): give `tumour_site` "
-                                    "in the mapping file (--map)")
-    return site
+    return infer_tumour_site({r.name for r in rois})
 
 
 def import_patient(pf: PatientFiles, out_root: Path, mapping: ImportMapping,
@@ -306,7 +302,7 @@ def import_patient(pf: PatientFiles, out_root: Path, mapping: ImportMapping,
     mapped_rx = defaults.prescriptions or {}
     mapper = NameMapper(mapping.structure_names, doses=[*info.doses, *mapped_rx.values(), *([info.beam_dose] if info.beam_dose else [])])
     listed = [(num, name, kind, contours, other, *mapper(name, kind)) for num, name, kind, contours, other in _rois(struct_f)]
-    site = _site(mapping, pf, info.treatment_site,  # decided before the CT is read: a refusal costs nothing
+    site = _site(mapping, pf, info.treatment_site,  # breast/brain refused before the CT is read
                  [Roi(num, target, name, kind) for num, name, kind, _, _, target, _ in listed if target], struct_f.path)
     ct, ct_headers = read_ct_series([(f.path, f.ds) for f in ct_files])
     ct_for = _uid(ct_headers[0], "FrameOfReferenceUID")
@@ -355,6 +351,9 @@ def import_patient(pf: PatientFiles, out_root: Path, mapping: ImportMapping,
     if not fractions:
         raise DicomDataError(plan_f.path, "number of fractions unknown (no FractionGroupSequence): give `fractions` "
                                           "in the mapping file (--map)")
+    if site is None:
+        raise DicomDataError(struct_f.path, "tumour site unknown (the structures do not tell): give `tumour_site` "
+                                            "in the mapping file (--map)")
     plan = plan_from_dict({"tumour_site": site, "prescriptions": rx, "fractions": int(fractions),
                            "technique": "VMAT" if any(b.is_arc for b in info.beams) else "IMRT",
                            "beams": [b.to_dict() for b in info.beams]}, pf.name)

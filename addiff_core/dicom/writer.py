@@ -1,10 +1,12 @@
 """Writing DICOM-RT: a case -> CT series, RTSTRUCT, RTPLAN and RTDOSE; a predicted dose -> RTDOSE.
 
 Files are written with pydicom as DICOM Part 10 files (128-byte preamble, file meta, Explicit VR
-Little Endian) of the standard storage SOP classes: CT Image (1.2.840.10008.5.1.4.1.1.2), RT
+Little Endian, or Implicit VR when an element is too long for Explicit VR; each checked by
+:mod:`.validate`) of the standard storage SOP classes: CT Image (1.2.840.10008.5.1.4.1.1.2), RT
 Structure Set (...481.3), RT Plan (...481.5) and RT Dose (...481.2). All objects of one export
 share one study and one frame of reference; the RTSTRUCT refers to every CT slice, the RTPLAN to
-the RTSTRUCT, the RTDOSE to the RTPLAN.
+the RTSTRUCT, the RTDOSE to the RTPLAN. ROIs keep the TPS's names of an imported case; contours
+keep their corner points only, at 0.01 mm (:func:`_mm`).
 
 UIDs: every new UID (study, series, SOP instance, frame of reference) comes from
 ``pydicom.uid.generate_uid`` under a root (:mod:`.objects`). The default root is ``2.25.``: the UID
