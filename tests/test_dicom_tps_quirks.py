@@ -135,6 +135,26 @@ def test_setup_and_imaging_fields_without_meterset_are_not_beams(tmp_path, expor
     assert "7 IMRT beam(s)" in out
 
 
+def test_beams_of_a_second_fraction_group_count(tmp_path, exported):
+    src = _copy(exported, tmp_path)
+
+    def two_groups(ds):  # a sequential boost: beams 1-4 in group 1, 5-7 in group 2
+        first = ds.FractionGroupSequence[0]
+        second = Dataset()
+        second.update(first)
+        refs = list(first.ReferencedBeamSequence)
+        for r in refs:
+            r.BeamMeterset = "100"
+        first.ReferencedBeamSequence, second.ReferencedBeamSequence = Sequence(refs[:4]), Sequence(refs[4:])
+        second.FractionGroupNumber, second.NumberOfFractionsPlanned = 2, 5
+        ds.FractionGroupSequence.append(second)
+    edit(src / "rtplan.dcm", two_groups)
+    summary, out = _import(src.parent, tmp_path / "out")
+    case = load_case(summary.imported[0].case_dir)
+    assert (len(case.plan.beams), case.plan.fractions) == (7, 35)
+    assert "2 fraction groups: fractions taken from the first (35)" in out
+
+
 # ---- 6: mapping keys by the TPS's name or the imported one -------------------------------------
 @pytest.mark.parametrize("key", ["Tumor Bed", "Tumor_Bed", "tumor bed"])
 def test_mapping_prescriptions_accept_the_tps_name_and_the_cleaned_name(tmp_path, exported, key):

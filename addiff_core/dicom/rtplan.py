@@ -137,20 +137,22 @@ def refusal(ds: Dataset) -> str | None:
 
 
 def _fraction_group(ds: Dataset, info: PlanInfo) -> dict[int, float | None] | None:
-    """Fractions and the beam dose of the first fraction group -> {beam number: meterset} (None
-    when the group gives no BeamMeterset at all: a geometry-only plan)."""
+    """Fractions (of the first fraction group) and the plan's beam dose -> {beam number: meterset}
+    over all fraction groups (None when no group gives a BeamMeterset: a geometry-only plan)."""
     groups = list(ds.get("FractionGroupSequence") or [])
     if not groups:
         return None
-    g = groups[0]
-    fx = _num(g.get("NumberOfFractionsPlanned"))
+    fx = _num(groups[0].get("NumberOfFractionsPlanned"))
     info.fractions = int(fx) if fx else None
     if len(groups) > 1:
-        info.notes.append(f"{len(groups)} fraction groups: beams and fractions taken from the first")
-    refs = [r for r in g.get("ReferencedBeamSequence") or [] if _num(r.get("ReferencedBeamNumber")) is not None]
-    metersets = {int(r.ReferencedBeamNumber): _num(r.get("BeamMeterset")) for r in refs}
+        info.notes.append(f"{len(groups)} fraction groups: fractions taken from the first ({info.fractions})")
+    refs = [r for g in groups for r in g.get("ReferencedBeamSequence") or []
+            if _num(r.get("ReferencedBeamNumber")) is not None]
+    metersets: dict[int, float | None] = {}
+    for r in refs:  # a beam's meterset in any group makes it a treatment beam
+        metersets[int(r.ReferencedBeamNumber)] = metersets.get(int(r.ReferencedBeamNumber)) or _num(r.get("BeamMeterset"))
     doses = [_num(r.get("BeamDose")) for r in refs if _num(r.get("BeamMeterset"))]
-    if doses and all(d is not None and d > 0 for d in doses) and info.fractions:
+    if len(groups) == 1 and doses and all(d is not None and d > 0 for d in doses) and info.fractions:
         info.beam_dose = round(sum(doses) * info.fractions, 4)  # type: ignore[arg-type]
     return metersets if any(v is not None for v in metersets.values()) else None
 
