@@ -23,7 +23,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.app.message_type import MessageType
 from flwr.client.mod import secaggplus_mod
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
 from .protocol import METRICS_KEY, NUM_EXAMPLES, SITE_ERROR_CLASSES, SITE_KEY, STATUS_FAILED
 
@@ -108,6 +108,19 @@ def _failure(request: Message, exc: BaseException) -> Message:
                                                        "error": cls})}), reply_to=request)
 
 
+def _refuse_a_double_unmask(configs: ConfigRecord) -> None:
+    """A node both active and dropped in one unmask request would get the server both of its
+    secrets (its mask seed and its key), hence its update: Flower's mod does not check this.
+
+    Raises:
+        ValueError: the request names a node in both lists.
+    """
+    if configs.get(Key.STAGE) == Stage.UNMASK:
+        active, dead = configs.get(Key.ACTIVE_NODE_ID_LIST, []), configs.get(Key.DEAD_NODE_ID_LIST, [])
+        if set(active) & set(dead):
+            raise ValueError("unmask request names a node both active and dropped")
+
+
 def secure_aggregation_mod(msg: Message, ctxt: Context, call_next) -> Message:
     """The ClientApp's train mod: SecAgg+ stages to Flower's mod, everything else to the handler."""
     if msg.metadata.message_type != MessageType.TRAIN or RECORD_KEY_CONFIGS not in msg.content.config_records:
@@ -120,6 +133,7 @@ def secure_aggregation_mod(msg: Message, ctxt: Context, call_next) -> Message:
         return Message(_legacy(reply.content), reply_to=m)
 
     try:
+        _refuse_a_double_unmask(msg.content.config_records[RECORD_KEY_CONFIGS])
         out = secaggplus_mod(msg, ctxt, train_in_legacy_layout)
     except _NothingToMask as e:  # the handler's own failure/refusal reply, as it is
         return Message(RecordDict({k: v for k, v in e.reply.content.items() if k in (METRICS_KEY, SITE_KEY)}),

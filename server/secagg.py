@@ -10,9 +10,9 @@ is Flower's: key agreement (``generate_shared_key``), Shamir shares (``combine_s
 generator (``pseudo_rand_gen``), quantization (``dequantize``), the modular arithmetic and the
 stage/key names. What this module adds is bookkeeping and checks: every reply is a participant's
 word, so its keys, lists and vectors are type-, size- and range-checked before use (a bad one is
-treated as a dropout); a node's pairwise masks are removed only against the nodes whose vectors
-are in the sum (Flower's workflow removes them against every neighbour, wrong once two nodes
-drop); the weights' sum that unmasking reveals is checked against the sites' plain counts.
+treated as a dropout); only the nodes that shared their keys count as dropped (a node lost at
+setup left no shares to ask for); the weights' sum that unmasking reveals is checked against the
+sites' plain counts.
 
 Every site neighbours every other (SecAgg+ with ``num_shares`` = all sites, i.e. SecAgg): a
 federation of hospitals is tens of sites at most, where the sparse graph saves nothing worth its

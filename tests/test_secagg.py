@@ -111,8 +111,7 @@ def test_a_site_silent_after_sharing_its_keys_is_left_out_of_the_sum():
 
 
 def test_two_dropouts_and_a_rejected_vector_still_unmask():
-    """Pairwise masks are removed only against the vectors in the sum (Flower's workflow removes
-    them against every neighbour, which breaks once two sites drop)."""
+    """The pairwise masks of every site not in the sum are rebuilt from its key's shares."""
     updates, weights = _updates(5)
     sites = Sites(updates, weights, silent={101: Stage.COLLECT_MASKED_VECTORS, 103: Stage.COLLECT_MASKED_VECTORS})
     sa, total, mean = _round(sites, SecAggParams(8.0, 2 ** 26, 10.0, 2), accepted=[100, 102])  # 104 rejected
@@ -215,3 +214,21 @@ def test_what_does_not_combine_is_refused_with_one_line(kw, pattern):
 def test_the_option_is_accepted_with_the_mean_based_strategies(strategy):
     s = from_run_config(_cfg(strategy=strategy, **{"update-norm-multiple": 0.0}))
     assert s.secure_aggregation and from_run_config(_cfg(strategy=strategy)).secure_aggregation
+
+
+def test_a_site_never_reveals_both_secrets_of_one_node():
+    """An unmask request listing a node as active and dropped (a server after both its mask seed
+    and its key, i.e. its update) is refused at the site, before Flower's mod answers it."""
+    updates, weights = _updates(3)
+    sites = Sites(updates, weights)
+    sa = SecAggRound(sites.send, list(updates), PARAMS)
+    sa.setup()
+    sa.share_keys()
+    msgs = {n: Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=n, message_type="train") for n in updates}
+    sa.collect(msgs, [(1,), (500,)])
+    ask = ConfigRecord({Key.STAGE: Stage.UNMASK, Key.ACTIVE_NODE_ID_LIST: [100, 101, 102],
+                        Key.DEAD_NODE_ID_LIST: [101]})
+    reply = secure_aggregation_mod(Message(RecordDict({RECORD_KEY_CONFIGS: ask}), dst_node_id=100,
+                                           message_type="train"), sites.ctx[100], sites.handler(100))
+    assert reply.content.config_records["site"]["code"] == "secure-aggregation"
+    assert RECORD_KEY_CONFIGS not in reply.content.config_records
