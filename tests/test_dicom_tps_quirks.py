@@ -110,6 +110,28 @@ def test_raystation_numbered_srs_targets_take_their_doses_from_the_rtplan(tmp_pa
     assert "    note: prescription 70 Gy (dose reference 'Brain mets', VOLUME) is tied to no structure: ignored" in notes
 
 
+@pytest.mark.parametrize("kind,expected", [("VOLUME", {"Boost": 70.0}), ("SITE", None)])
+def test_a_dose_reference_without_roi_names_its_structure_only_as_a_volume(tmp_path, exported, kind, expected):
+    """Without a plan dose to tell which target receives it, a VOLUME reference's description names
+    its structure; a SITE's names the treated site (Eclipse's "Breast" is not the ROI "Breast")."""
+    src = _copy(exported, tmp_path)
+    (src / "rtdose.dcm").unlink()
+    edit(src / "rtstruct.dcm", _rename({"PTV70": "Boost"}))
+
+    def unlink(ds):
+        ds.DoseReferenceSequence = Sequence([ds.DoseReferenceSequence[0]])
+        dr = ds.DoseReferenceSequence[0]
+        del dr.ReferencedROINumber
+        dr.DoseReferenceStructureType, dr.DoseReferenceDescription = kind, "Boost"
+    edit(src / "rtplan.dcm", unlink)
+    summary, out = _import(src.parent, tmp_path / "out")
+    if expected is None:
+        assert not summary.imported and "70 Gy 'Boost' (SITE)" in out and "--map" in out
+    else:
+        assert load_case(summary.imported[0].case_dir).plan.prescriptions == expected
+        assert "prescription 70 Gy (dose reference 'Boost', VOLUME) assigned to Boost (its name)" in out
+
+
 # ---- 3: setup and imaging fields are not treatment beams ----------------------------------------
 def test_setup_and_imaging_fields_without_meterset_are_not_beams(tmp_path, exported):
     src = _copy(exported, tmp_path)

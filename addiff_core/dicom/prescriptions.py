@@ -6,9 +6,9 @@ In this order, the first source that gives a prescription wins:
 2. its dose references tied to no ROI (Eclipse's site reference "Breast", 14 Gy): with a plan
    dose, the targets (PTV/CTV/GTV by name or interpreted type) that receive it (median dose within
    :data:`RECEIVES` of it: Eclipse's breast boost gives 14 Gy to "Tumor Bed", not to the whole
-   "Breast" its site is named after); without one, the structure its description names; else the
-   one target whose name carries that dose, else the only PTV when nothing else is prescribed.
-   Point references ("CALC POINT") never by name;
+   "Breast" its site is named after); without one, the structure a VOLUME reference's description
+   names (a SITE's description names the treated site, not a structure); else the one target whose
+   name carries that dose, else the only PTV when nothing else is prescribed;
 3. the mapping file's ``prescriptions``, keyed by the TPS's name (``Tumor Bed``) or the imported
    one (``Tumor_Bed``);
 4. target names with a dose unit (``PTV_70Gy``);
@@ -69,7 +69,8 @@ def _place(u: UnlinkedDose, rois: list[Roi], rx: dict[str, float],
         hit = [r for r in free if r.is_target and abs(median(r.name) - u.dose) <= RECEIVES * u.dose]
         if hit:
             return hit, f"median dose within {RECEIVES:.0%} of it in the plan dose"
-    named = resolve_name(u.description, free) if u.description and not u.is_point and median is None else None
+    by_name = u.structure_type not in ("SITE", "POINT", "COORDINATES")  # a site's name is no structure's
+    named = resolve_name(u.description, free) if u.description and by_name and median is None else None
     if named is not None:
         return [named], "its name"
     by_dose = [r for r in free if r.is_target
