@@ -8,12 +8,17 @@
 * deployment: ``addiff server start`` (TLS, on 127.0.0.1) and one ``addiff client start`` per
   site (each message a ClientApp process, as in production), the tiny U-Net, 1 round.
 
+* main (``--modes main``): the main job (``addiff simulate`` as README runs it: 3 demo
+  hospitals x 8 cases, configs/demo.yaml, 8 VAE + 14 diffusion rounds) with and without: its
+  held-out metrics (the issue's "within noise of the plain run").
+
 Per round: seconds (server side, from metrics.jsonl) and bytes down / up (the arrays of the train
 messages, plus, with the option, the protocol's keys, shares and masked vectors). Processes are
 stopped by PID.
 
     python bench/secagg_bench.py                       # 3 and 10 sites, both modes
     python bench/secagg_bench.py --sites 3 --modes sim # a part
+    python bench/secagg_bench.py --modes main --name secagg_main   # the main job, ~2 x 2-6 min
 
 Writes bench/results/secagg_bench.json and .md.
 """
@@ -32,6 +37,7 @@ import common  # noqa: E402
 
 TINY = common.REPO / "configs" / "tiny.yaml"
 MAE = "mae_gy"
+KEYS = (MAE, "openkbp_dose_score", "openkbp_dvh_score", "mean_isodose_dice", "gamma_pass_rate")
 
 
 def _cli(*args) -> list[str]:
@@ -56,19 +62,26 @@ def _summary(run_dir: Path, wall: float) -> dict:
     folder = RunFolder(run_dir)
     rounds = [r for r in folder.read_metrics() if r["kind"] == "round"]
     final = [r for r in json.loads(folder.final_json.read_text()) if not is_overall(r)]
-    keep = ("round", "stage", "seconds", "bytes_down", "bytes_up", "secagg_error_bound", "secagg_max_weight")
+    keep = ("round", "stage", "seconds", "bytes_down", "bytes_up", "secagg_error_bound", "secagg_max_weight",
+            "secagg_stage_seconds")
+    overall = overall_row(final, KEYS)  # case-weighted over the sites, as the run's own table
     return {"wall_seconds": wall, "rounds": [{k: r.get(k) for k in keep} for r in rounds],
-            "heldout_mae_gy": overall_row(final, (MAE,)).get(MAE), "run_dir": str(run_dir)}
+            "heldout_mae_gy": overall.get(MAE), "heldout": {k: overall.get(k) for k in KEYS}, "run_dir": str(run_dir)}
 
 
-def simulate(work: Path, n: int, secure: bool) -> dict:
+def simulate(work: Path, n: int, secure: bool, main_job: bool = False) -> dict:
+    """``addiff simulate``: the tiny model on ``n`` synthetic sites, or (``main_job``) the main job
+    exactly as README runs it (demo hospitals, configs/demo.yaml, its default schedule)."""
     from client.launch import DescendantTracker, flower_env, start, stop
 
-    run_dir = work / f"sim_{n}_{'secure' if secure else 'plain'}"
-    files = _sites(work, n)
-    cmd = _cli("simulate", "--site-files", ",".join(map(str, files)), "--config", TINY, "--rounds", "1,1",
-               "--local-epochs", 1, "--eval-steps", 2, "--no-gamma", "--backend", "serial", "--run-dir", run_dir,
-               "--set", "report-figures=false", "--set", f"secure-aggregation={str(secure).lower()}")
+    run_dir = work / f"{'main' if main_job else 'sim'}_{n}_{'secure' if secure else 'plain'}"
+    if main_job:
+        cmd = _cli("simulate", "--data-dir", work / "demo_data", "--run-dir", run_dir, "--set", "report-figures=false")
+    else:
+        cmd = _cli("simulate", "--site-files", ",".join(map(str, _sites(work, n))), "--config", TINY, "--rounds",
+                   "1,1", "--local-epochs", 1, "--eval-steps", 2, "--no-gamma", "--backend", "serial",
+                   "--run-dir", run_dir, "--set", "report-figures=false")
+    cmd += ["--set", f"secure-aggregation={str(secure).lower()}"]
     t0 = time.perf_counter()
     with DescendantTracker() as tracker:
         proc = start(cmd, env=flower_env(work / "flwr-home-sim"), log_file=work / f"{run_dir.name}.log",
@@ -136,15 +149,25 @@ def _rows(results: list[dict]) -> list[list]:
     rows = []
     for r in results:
         for rnd in r["rounds"]:
+            stages = rnd.get("secagg_stage_seconds") or {}
+            split = " / ".join(f"{stages[k]:.1f}" for k in ("setup", "share_keys", "collect_masked_vectors", "unmask")
+                               if k in stages) or "–"
             rows.append([r["mode"], r["sites"], "on" if r["secure"] else "off", f"{rnd['round']} {rnd['stage']}",
-                         rnd["seconds"], rnd["bytes_down"] / 1e6, rnd["bytes_up"] / 1e6, r["heldout_mae_gy"]])
+                         rnd["seconds"], split, rnd["bytes_down"] / 1e6, rnd["bytes_up"] / 1e6, r["heldout_mae_gy"]])
     return rows
 
 
 def markdown(doc: dict) -> str:
     lines = ["# Secure aggregation: cost (bench/secagg_bench.py)", "", doc["machine_line"], "",
-             common.md_table(["mode", "sites", "secure", "round", "seconds", "MB down", "MB up", "held-out MAE (Gy)"],
+             common.md_table(["mode", "sites", "secure", "round", "seconds", "of which setup / keys / train+mask / unmask",
+                              "MB down", "MB up", "held-out MAE (Gy)"],
                              _rows(doc["results"]), nd=3), ""]
+    main = [r for r in doc["results"] if r["mode"] == "main"]
+    if main:
+        lines += ["Main job, held-out metrics over all sites (case-weighted):", "",
+                  common.md_table(["secure", *KEYS, "wall s"], [["on" if r["secure"] else "off",
+                                                                 *[r["heldout"][k] for k in KEYS], r["wall_seconds"]]
+                                                                for r in main], nd=3), ""]
     if doc["weight_gaps"]:
         lines += ["Final weights, secure vs plain (same sites, seeds, schedule):", "",
                   common.md_table(["mode", "sites", "max |difference|", "max |weight|"],
@@ -156,20 +179,22 @@ def markdown(doc: dict) -> str:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sites", default="3,10", help="site counts (default 3,10)")
-    ap.add_argument("--modes", default="sim,deploy", help="sim, deploy or both (default)")
+    ap.add_argument("--modes", default="sim,deploy", help="sim, deploy (default both); main: the main job "
+                    "(addiff simulate as README runs it, 3 demo hospitals; --sites is ignored)")
     ap.add_argument("--work", type=Path, help="work folder (default: a temporary one)")
     ap.add_argument("--out", type=Path, default=common.DEFAULT_OUT)
+    ap.add_argument("--name", default="secagg_bench", help="result file name (default secagg_bench)")
     args = ap.parse_args(argv)
     work = args.work or Path(tempfile.mkdtemp(prefix="secagg_bench_"))
     machine = common.machine_info("cpu")
     machine["loadavg_start"] = common.loadavg()
     results, gaps = [], []
     for mode in common.parse_list(args.modes, str):
-        for n in common.parse_list(args.sites):
+        for n in ([3] if mode == "main" else common.parse_list(args.sites)):
             pair = {}
             for secure in (False, True):
                 common.progress(f"{mode}, {n} sites, secure aggregation {'on' if secure else 'off'} ...")
-                r = (simulate if mode == "sim" else deploy)(work, n, secure)
+                r = deploy(work, n, secure) if mode == "deploy" else simulate(work, n, secure, mode == "main")
                 pair[secure] = r
                 results.append({"mode": mode, "sites": n, "secure": secure, **r})
                 common.progress(f"  {r['wall_seconds']:.0f} s; rounds {[x['seconds'] for x in r['rounds']]}")
@@ -177,8 +202,8 @@ def main(argv: list[str] | None = None) -> dict:
     machine["loadavg_end"] = common.loadavg()
     doc = {"created": common.now_iso(), "machine": machine, "machine_line": common.machine_line(machine),
            "results": results, "weight_gaps": gaps}
-    common.write_json(args.out / "secagg_bench.json", doc)
-    common.write_text(args.out / "secagg_bench.md", markdown(doc))
+    common.write_json(args.out / f"{args.name}.json", doc)
+    common.write_text(args.out / f"{args.name}.md", markdown(doc))
     print(markdown(doc))
     return doc
 

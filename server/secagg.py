@@ -23,6 +23,7 @@ colludes with ``threshold`` sites or more (docs/PRIVACY.md).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -94,6 +95,7 @@ class _State:
     dropped: dict[int, str] = field(default_factory=dict)  # node -> protocol stage it dropped at
     bytes_up: dict[int, int] = field(default_factory=dict)
     bytes_down: dict[int, int] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)  # per stage: messages out to replies in
 
 
 def _config_bytes(record: ConfigRecord | None) -> int:
@@ -125,6 +127,13 @@ class SecAggRound:
 
     # -- messaging ------------------------------------------------------------------------------
     def _exchange(self, contents: dict[int, RecordDict], stage: str) -> dict[int, Message]:
+        t0 = time.perf_counter()
+        try:
+            return self._exchange_timed(contents, stage)
+        finally:
+            self.state.seconds[stage] = self.state.seconds.get(stage, 0.0) + time.perf_counter() - t0
+
+    def _exchange_timed(self, contents: dict[int, RecordDict], stage: str) -> dict[int, Message]:
         msgs = [Message(content=c, dst_node_id=nid, message_type=MessageType.TRAIN, group_id=self.group_id)
                 for nid, c in contents.items()]
         for m in msgs:
@@ -320,3 +329,7 @@ class SecAggRound:
     @property
     def bytes_down(self) -> dict[int, int]:
         return dict(self.state.bytes_down)
+
+    @property
+    def seconds(self) -> dict[str, float]:
+        return dict(self.state.seconds)

@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
-from client.protocol import (ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, NUM_EXAMPLES, PACKED, decode, encode, record_nbytes,
-                             to_record, widen)
+from client.protocol import (ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, NUM_EXAMPLES, PACKED, SITE_KEY, STATUS_NEED_VAE,
+                             decode, encode, record_nbytes, to_record, widen)
 
 from client.secagg_mod import unflatten
 
@@ -54,8 +54,8 @@ def protocol_params(fed: Any, nodes: list[int]) -> SecAggParams:
     threshold = int(s["secagg-threshold"]) or majority(len(nodes))
     threshold = max(threshold, int(fed.settings.min_sites), 2)
     if threshold > len(nodes):
-        raise SecureRoundFailed(f"secure aggregation needs {threshold} site(s) (secagg-threshold / min-sites), "
-                                f"{len(nodes)} connected", [])
+        raise SecAggError(f"secure aggregation needs {threshold} site(s) (secagg-threshold / min-sites), "
+                          f"{len(nodes)} connected")
     return SecAggParams(clip=float(s["secagg-clip"]), quantization=int(s["secagg-quantization"]),
                         max_weight=float(max_weight), threshold=threshold)
 
@@ -88,6 +88,8 @@ def _screen(fed: Any, replies: dict[int, Message], sa: SecAggRound, base: dict, 
     good, rows = [], []
     for who in fed.sites.identify(list(replies.values()), {}, set(down)):
         frame = {**base, "site": who.site, "node_id": who.node}
+        if _asks_for_vae(who.reply):  # its cached VAE is not the global one: sent with its next round
+            fed.vae_nodes.discard(who.node)
         if who.refusal is not None or who.node not in sa.state.vectors:
             row = fed.sites._reply_row(who, base, down)
             if row["kind"] == "error" and who.node not in sa.state.vectors and who.refusal is None:
@@ -110,6 +112,11 @@ def _screen(fed: Any, replies: dict[int, Message], sa: SecAggRound, base: dict, 
         rows.append(row)
         good.append(who.reply)
     return good, rows
+
+
+def _asks_for_vae(reply: Message) -> bool:
+    site = reply.content.config_records.get(SITE_KEY, {})
+    return str(site.get("status", "")) == STATUS_NEED_VAE
 
 
 def _mean_reply(fed: Any, out, good: list[Message], mean: np.ndarray, template: Message) -> Message:
@@ -135,11 +142,14 @@ def train(fed: Any, rnd, attempt: int) -> tuple[float, Any, list[dict], list[Mes
     out = fed._train_messages(rnd)
     nodes = sorted(m.metadata.dst_node_id for m in out.msgs)
     base = {"round": rnd.number, "stage": rnd.stage, "attempt": attempt}
-    params = protocol_params(fed, nodes)
-    msgs = _site_messages(fed, rnd, out, params)
     size = int(sum(np.asarray(v).size for v in out.stage_arrays.values()))
-    sa = SecAggRound(fed._send_and_receive, nodes, params, group_id=str(rnd.number))
     rows: list[dict] = []
+    try:
+        params = protocol_params(fed, nodes)
+        msgs = _site_messages(fed, rnd, out, params)
+        sa = SecAggRound(fed._send_and_receive, nodes, params, group_id=str(rnd.number))
+    except SecAggError as e:
+        raise SecureRoundFailed(str(e), fed.sites.absent([], base)) from None
     try:
         sa.setup()
         sa.share_keys()
@@ -154,12 +164,13 @@ def train(fed: Any, rnd, attempt: int) -> tuple[float, Any, list[dict], list[Mes
     except SecAggError as e:
         raise SecureRoundFailed(str(e), _with_dropouts(fed, rows, sa, base, discard=True)) from None
     if rnd.stage == "diffusion":
-        fed.vae_nodes.update(nodes)
+        fed.vae_nodes.update(sa.state.sharing)  # the nodes its train message (with the VAE, if due) reached
     rows = _with_dropouts(fed, rows, sa, base, discard=False)
     names = {r.get("node_id"): r["site"] for r in rows}
     extra = {"secure_aggregation": True, "secagg_threshold": params.threshold, "secagg_max_weight": params.max_weight,
              "secagg_error_bound": error_bound(params, ratios),
              "bytes_down": int(sum(out.down.values()) + sum(sa.bytes_down.values())),
+             "secagg_stage_seconds": sa.seconds,
              "secagg_dropped": {names.get(n, f"node-{n}"): st for n, st in sa.dropped.items()}}
     template = next(iter(msgs.values()))
     return t0, out, rows, [_mean_reply(fed, out, good, mean, template)], extra

@@ -300,3 +300,31 @@ def test_below_the_threshold_the_round_fails_in_one_line_and_the_run_resumes(sit
     out = Federation(FakeGrid(len(sites)), settings(run_dir, sites, resume=True, **{"secure-aggregation": True}),
                      send_site_files=True).run()
     assert out["status"] == "complete" and len(out["final"]) == 3
+
+
+def test_a_site_without_the_global_vae_gets_it_with_its_next_attempt(sites, tmp_path):
+    """Mid-protocol a site cannot be sent the round again with the VAE (the stages have moved on):
+    a site whose cached VAE is not the global one answers without a masked vector, and the next
+    attempt carries the VAE to it. Here every node is wrongly believed to hold it."""
+    run_dir = tmp_path / "vae"
+    kw = {"secure-aggregation": True, "round-retries": 1}
+    Federation(FakeGrid(len(sites)), settings(run_dir, sites, **kw, **{"stop-after-round": 1}),
+               send_site_files=True).run()
+    grid = FakeGrid(len(sites))
+    fed = Federation(grid, settings(run_dir, sites, resume=True, **kw), send_site_files=True)
+    fed.vae_nodes = set(grid.node_ids)
+    assert fed.run()["status"] == "complete"
+    discarded = [r for r in _rows(run_dir) if r["round"] == 2 and r.get("attempt") == 0 and r["kind"] == "error"]
+    assert len(discarded) == 3  # all three asked for the VAE; the attempt failed below the threshold
+    (second,) = [r for r in _rows(run_dir, "round") if r["round"] == 2]
+    assert second["attempt"] == 1 and second["vae_sent"] and len(second["sites"]) == 3
+
+
+def test_a_threshold_above_the_connected_sites_fails_in_one_line(sites, tmp_path):
+    fed = Federation(FakeGrid(len(sites)), settings(tmp_path / "t", sites, **{"secure-aggregation": True,
+                                                                            "secagg-threshold": 5}),
+                     send_site_files=True)
+    with pytest.raises(FederationError, match=r"secure aggregation needs 5 site\(s\) \(secagg-threshold / "
+                                              r"min-sites\), 3 connected") as e:
+        fed.run()
+    assert "\n" not in str(e.value)
