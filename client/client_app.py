@@ -22,6 +22,7 @@ from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
 from addiff_core.case_io import CaseError
 from addiff_core.checkpoint import CheckpointError
@@ -34,8 +35,6 @@ from .protocol import (
     STATUS_FAILED, STATUS_NEED_VAE, STATUS_REFUSED, decode, encode, fingerprint, from_record, layout_from_json,
     model_config_from_json, parse_stage_plan, resolve_path, split_list, to_record,
 )
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
-
 from .secagg_mod import check_update, flat_update, secure_aggregation_mod, secure_reply
 
 log = logging.getLogger("flwr.addiff.client")
@@ -239,6 +238,8 @@ def train(msg: Message, context: Context, where: dict) -> Message:
     if stage == "diffusion" and not _has_global_vae(task, arrays, cfg.get("vae-fingerprint")):
         log.info("site %s: no matching global VAE cached; asking the server for it", task.site.name)
         return Message(RecordDict({SITE_KEY: _site_record(task, status=STATUS_NEED_VAE)}), reply_to=msg)
+    if cfg.get("secure-aggregation", False) and RECORD_KEY_CONFIGS not in msg.content.config_records:
+        raise UpdateNotMasked("secure-aggregation")  # never an update in the clear: only Flower's mod masks it
     epochs = stage_epochs(task, stage, int(cfg.get("local-epochs", 0)))
     stage_round, stage_rounds = int(cfg.get("stage-round", 1)), int(cfg.get("stage-rounds", 1))
     t0 = time.perf_counter()
@@ -276,10 +277,8 @@ def _secure_content(task: SiteTask, content: RecordDict, stage: str, received: d
     plain reply's count (``secagg-weight-cap``: the site's first declaration).
 
     Raises:
-        UpdateNotMasked: the message did not come through Flower's mod, or the check failed.
+        UpdateNotMasked: the site's check of its update failed.
     """
-    if RECORD_KEY_CONFIGS not in content.config_records:  # never an update in the clear: only the mod masks it
-        raise UpdateNotMasked("secure-aggregation")
     received = {k: v for k, v in received.items() if k.startswith(stage + ".")}
     buffers = {k for k in content[ARRAYS_KEY].keys() if not k.startswith(PACKED)}  # sent unpacked
     update = flat_update(trained, received, buffers)
