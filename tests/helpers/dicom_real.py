@@ -2,29 +2,15 @@
 project; tests read them, or copy them into a temporary folder)."""
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
 import pydicom
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from helpers.shared_data import shared_folder
 
-
-def dicom_real() -> Path:
-    """``$ADDIFF_DICOM_REAL``, else ``../shared/dicom-real`` next to the project, else
-    ``/work/shared/dicom-real``."""
-    env = os.environ.get("ADDIFF_DICOM_REAL")
-    if env:
-        return Path(env)
-    for p in (ROOT.parent / "shared" / "dicom-real", Path("/work/shared/dicom-real")):
-        if p.is_dir():
-            return p
-    return ROOT.parent / "shared" / "dicom-real"
-
-
-DICOM_REAL = dicom_real()
+DICOM_REAL = shared_folder("dicom-real", "ADDIFF_DICOM_REAL")
 
 
 def need(name: str) -> Path:

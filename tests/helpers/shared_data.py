@@ -9,14 +9,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def openkbp_sample() -> Path:
-    env = os.environ.get("ADDIFF_OPENKBP_SAMPLE")
-    if env:
-        return Path(env)
-    for p in (ROOT.parent / "shared" / "openkbp-sample", Path("/work/shared/openkbp-sample")):
+def shared_folder(name: str, env: str) -> Path:
+    """``$env``, else ``../shared/<name>`` next to the project, else ``/work/shared/<name>``."""
+    value = os.environ.get(env)
+    if value:
+        return Path(value)
+    for p in (ROOT.parent / "shared" / name, Path("/work/shared") / name):
         if p.is_dir():
             return p
-    return ROOT.parent / "shared" / "openkbp-sample"
+    return ROOT.parent / "shared" / name
+
+
+def openkbp_sample() -> Path:
+    return shared_folder("openkbp-sample", "ADDIFF_OPENKBP_SAMPLE")
 
 
 OPENKBP_SAMPLE = openkbp_sample()
