@@ -328,6 +328,23 @@ class SiteConfig:
     # SHA-256 of the app bundles (Flower FABs) `addiff client start` lets run here; None (the key
     # absent): any; () (present but empty): none
     approved_bundles: tuple[str, ...] | None = None
+    # after a federated run (issue #25, docs/FEDERATION.md "Cross-site evaluation"): may this site's own
+    # models (local, personalized) go to the other sites to be evaluated there; the most fine-tuning epochs
+    # it accepts (None: as the run asks, 0: none); does it train a local model for the matrix
+    share_models_for_evaluation: bool = False
+    personalize_max_epochs: int | None = None
+    train_local_model: bool = True
+
+
+def _personalize(f: _Fields) -> int | None:
+    """``personalize``: true (default: the run's personalize-epochs), false (none) or an integer
+    (at most that many epochs)."""
+    v = f.get("personalize", True)
+    if isinstance(v, bool):
+        return None if v else 0
+    if isinstance(v, int) and 0 <= v <= MAX_EPOCHS:
+        return v
+    raise f.fail("personalize", f"must be true, false or a number of epochs 0-{MAX_EPOCHS}, got {str(v)[:40]!r}")
 
 
 def _resolve(base: Path, value: str) -> Path:
@@ -394,10 +411,13 @@ def site_config_from_dict(data: Any, source: str | Path, base_dir: Path | None =
 
     model = _model_config(f.sub("model"))
     bundles = _approved_bundles(f)
+    share, local = f.boolean("share_models_for_evaluation", False), f.boolean("train_local_model", True)
+    personalize = _personalize(f)
     f.finish()
     return SiteConfig(name=name, data_dir=data_dir, state_dir=state_dir, source=Path(source),
                       heldout=heldout, device=device, training=training, privacy=privacy, model=model,
-                      approved_bundles=bundles)
+                      approved_bundles=bundles, share_models_for_evaluation=share,
+                      personalize_max_epochs=personalize, train_local_model=local)
 
 
 def _approved_bundles(f: _Fields) -> tuple[str, ...] | None:

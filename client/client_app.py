@@ -36,6 +36,7 @@ from .protocol import (
     model_config_from_json, parse_stage_plan, resolve_path, split_list, to_record,
 )
 from .secagg_mod import check_update, flat_update, secure_aggregation_mod, secure_reply
+from .site_models import ADAPT_ACTION, adapt_reply, planned_extra
 
 log = logging.getLogger("flwr.addiff.client")
 
@@ -226,6 +227,12 @@ def planned_epochs(task: SiteTask, plan: str, local_epochs: int = 0) -> int:
     return sum(n * stage_epochs(task, stage, local_epochs) for stage, n in parse_stage_plan(plan).items())
 
 
+def _personalize_epochs(task: SiteTask, cfg) -> int:
+    """Fine-tuning epochs after the last round (issue #25): a DP site's noise covers them too."""
+    return planned_extra(task.site, task.cfg.kind, int(cfg.get("personalize-epochs", 0)),
+                         str(cfg.get("personalize-stages", "both")))
+
+
 @app.train(mods=[secure_aggregation_mod])
 @_never_raises
 def train(msg: Message, context: Context, where: dict) -> Message:
@@ -249,8 +256,9 @@ def train(msg: Message, context: Context, where: dict) -> Message:
                          proximal_mu=float(cfg.get("proximal-mu", 0.0)), total_epochs=epochs * stage_rounds,
                          epoch_offset=epochs * (stage_round - 1), stage_round=stage_round,
                          run_tag=str(cfg.get("run-tag", "")),
-                         planned_epochs=planned_epochs(task, str(cfg.get("stage-plan", "")),
-                                                       int(cfg.get("local-epochs", 0))) or None)
+                         planned_epochs=(planned_epochs(task, str(cfg.get("stage-plan", "")),
+                                                        int(cfg.get("local-epochs", 0)))
+                                         + _personalize_epochs(task, cfg)) or None)
     except PrivacyBudgetExhausted as e:  # a clear refusal, no weights
         log.warning("site %s: refusing round %s: %s", task.site.name, cfg["server-round"], e)
         return Message(RecordDict({SITE_KEY: _site_record(task, status=STATUS_REFUSED, reason=str(e)),
@@ -305,3 +313,13 @@ def evaluate(msg: Message, context: Context, where: dict) -> Message:
     metrics = {NUM_EXAMPLES: int(res.get("num_cases", 0)),
                **{k: float(v) for k, v in res.items() if k != "num_cases"}, **task.privacy_spent()}
     return Message(RecordDict({METRICS_KEY: MetricRecord(metrics), SITE_KEY: _site_record(task)}), reply_to=msg)
+
+
+@app.train(ADAPT_ACTION)
+@_never_raises
+def adapt(msg: Message, context: Context, where: dict) -> Message:
+    """After the last round: personalization and the local model (``client.site_models``)."""
+    cfg = msg.content[CONFIG_KEY]
+    task = task_for(site_file_for(context, cfg), str(cfg["model-config"]), where, context.run_id)
+    with site_log(task.site):
+        return adapt_reply(msg, task, where)

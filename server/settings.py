@@ -59,6 +59,11 @@ DEFAULTS: dict[str, Any] = {
     "secagg-quantization": 67108864,  # 2^26 integer levels over [-clip, clip] (sites x levels < 2^32)
     "secagg-threshold": 0,  # shares that unmask a site's secret; 0: a strict majority of the round's sites (>= 2)
     "secagg-max-weight": 1000,  # example counts are divided by it until every site has declared its count
+    # after the last round (issue #25, server/cross_site.py): every site's models on every site's held-out cases,
+    # and each site's fine-tuned copy of the global model (never sent)
+    "cross-site": False,
+    "personalize-epochs": 0,
+    "personalize-stages": "both",  # both | diffusion (the diffusion model; the unet has one stage)
 }
 
 
@@ -229,7 +234,7 @@ def _check(cfg: Mapping[str, Any]) -> dict[str, Any]:
 
 # upper bounds: a typo (an extra zero) must not start a run that never ends or fills the memory
 UPPER = {"grid-size": 512, "local-epochs": 10000, "vae-rounds": 10000, "diffusion-rounds": 10000,
-         "unet-rounds": 10000, "round-retries": 100}
+         "unet-rounds": 10000, "round-retries": 100, "personalize-epochs": 10000}
 
 
 def from_run_config(run_config: Mapping[str, Any]) -> RunSettings:
@@ -261,6 +266,8 @@ def from_run_config(run_config: Mapping[str, Any]) -> RunSettings:
         raise ConfigError(f"run config: trim-beta: must be in [0, 0.5), got {c['trim-beta']!r}")
     check_central_dp(strategy, c["central-dp-noise"])
     check_secure_aggregation(c, strategy)
+    if c["personalize-stages"] not in ("both", "diffusion"):
+        raise ConfigError(f"run config: personalize-stages: must be both or diffusion, got {c['personalize-stages']!r}")
     if c["wire-dtype"] not in WIRE_DTYPES:
         raise ConfigError(f"run config: wire-dtype: must be one of {', '.join(WIRE_DTYPES)}, got {c['wire-dtype']!r}")
     if c["central-dp-noise"] > 0:

@@ -1,0 +1,109 @@
+"""A site's answer to the server's ``train.adapt`` message after the last round (issue #25).
+
+Request: ``{"arrays": the final global model (packed, ``config["layout"]``), "config"}`` with
+``personalize-epochs``, ``personalize-stages``, ``cross-site``, ``stage-plan``,
+``local-epochs``, ``eval-steps``, ``seed``, ``run-tag``.
+
+The site fine-tunes the global model (:func:`addiff_core.personalize.fine_tune`, as many epochs
+as the run asks and its site file allows) and, with ``cross-site``, trains its local model
+(unless its site file says ``train_local_model: false``); it evaluates each on its own held-out
+cases. Reply: ``{"metrics": MetricRecord, "site": ConfigRecord}``:
+
+* ``metrics``: ``personalized.<metric>`` / ``local.<metric>`` (held-out means, numbers only; the
+  held-out case count as ``<model>.num-cases``) and what the site's accountant has spent
+  (``dp_enabled``, ``epsilon``, ``delta``);
+* ``site``: ``name``, ``personalized`` / ``local``: a status from :data:`MODEL_STATUSES`,
+  ``shared``: whether the weights come along.
+
+Only with ``share_models_for_evaluation: true`` in the site file does the reply also hold
+``personalized-arrays`` / ``local-arrays`` (packed exactly like the request), for the server to
+have the other sites evaluate them. Without it no weights leave the site.
+"""
+from __future__ import annotations
+
+import logging
+
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+
+from addiff_core.fl_task import SiteTask, initial_arrays
+from addiff_core.personalize import evaluate_at_home, fine_tune, planned_extra, site_epochs, train_local  # noqa: F401
+from addiff_core.privacy import PrivacyBudgetExhausted
+
+from .protocol import (ARRAYS_KEY, CONFIG_KEY, LAYOUT_KEY, METRICS_KEY, PACKED, SITE_KEY, decode, encode,
+                       from_record, layout_from_json, parse_stage_plan, to_record)
+
+log = logging.getLogger("flwr.addiff.client")
+
+ADAPT_ACTION = "adapt"  # message type "train.adapt"
+MODELS = ("personalized", "local")
+# what a site says of each of its models: done (metrics sent), off (not asked, or its site file
+# refuses it), refused (its privacy budget does not cover the training)
+MODEL_STATUSES = ("done", "off", "refused")
+
+
+def arrays_key(model: str) -> str:
+    return f"{model}-arrays"
+
+
+def _epochs_per_round(task: SiteTask, stage: str, local_epochs: int) -> int:
+    t = task.site.training
+    return local_epochs or (t.vae_epochs if stage == "vae" else t.diffusion_epochs)
+
+
+def run_epochs(task: SiteTask, cfg) -> dict[str, int]:
+    """Local epochs per stage this site trained in the federation (the local model's budget)."""
+    local = int(cfg.get("local-epochs", 0))
+    return {st: n * _epochs_per_round(task, st, local) for st, n in parse_stage_plan(str(cfg.get("stage-plan", ""))).items()}
+
+
+def planned_epochs(task: SiteTask, cfg) -> int:
+    """The run's epochs at this site, fine-tuning included (a DP site's noise covers them all)."""
+    return sum(run_epochs(task, cfg).values()) + planned_extra(
+        task.site, task.cfg.kind, int(cfg.get("personalize-epochs", 0)), str(cfg.get("personalize-stages", "both")))
+
+
+def adapt_reply(msg: Message, task: SiteTask, where: dict) -> Message:
+    """Fine-tune / train locally, evaluate at home, reply with numbers (and weights if shared)."""
+    cfg = msg.content[CONFIG_KEY]
+    where["phase"] = "weights"
+    layout = layout_from_json(str(cfg.get(LAYOUT_KEY, "")))
+    global_arrays = decode(from_record(msg.content[ARRAYS_KEY]), layout)
+    seed, run_tag = int(cfg.get("seed", 0)), str(cfg.get("run-tag", ""))
+    steps = int(cfg.get("eval-steps", 0)) or None
+    plan = planned_epochs(task, cfg)
+    status = {m: "off" for m in MODELS}
+    arrays: dict[str, dict] = {}
+    where["phase"] = "train"
+    epochs = site_epochs(task.site, int(cfg.get("personalize-epochs", 0)))
+    try:
+        if epochs > 0:
+            arrays["personalized"] = fine_tune(task, global_arrays, epochs=epochs, seed=seed, run_tag=run_tag,
+                                               which=str(cfg.get("personalize-stages", "both")), planned_epochs=plan)
+            status["personalized"] = "done"
+    except PrivacyBudgetExhausted as e:
+        log.warning("site %s: no personalization: %s", task.site.name, e)
+        status["personalized"] = "refused"
+    try:
+        if bool(cfg.get("cross-site", False)) and task.site.train_local_model:
+            arrays["local"] = train_local(task, initial_arrays(task.cfg, seed), run_epochs(task, cfg), seed=seed,
+                                          run_tag=run_tag, planned_epochs=plan)
+            status["local"] = "done"
+    except PrivacyBudgetExhausted as e:
+        log.warning("site %s: no local model: %s", task.site.name, e)
+        status["local"] = "refused"
+    where["phase"] = "evaluate"
+    metrics: dict[str, float] = {}
+    for model, a in arrays.items():
+        res = evaluate_at_home(task, a, seed=seed, steps=steps, gamma=False)
+        metrics[f"{model}.num-cases"] = float(res.pop("num_cases"))
+        metrics.update({f"{model}.{k}": float(v) for k, v in res.items()})
+    metrics.update(task.privacy_spent())
+    shared = task.site.share_models_for_evaluation
+    content = RecordDict({METRICS_KEY: MetricRecord(metrics),
+                          SITE_KEY: ConfigRecord({"name": task.site.name, **status, "shared": bool(shared)})})
+    if shared:  # the site file allows its models to be evaluated elsewhere: packed like the request
+        separate = {k for k in msg.content[ARRAYS_KEY].keys() if not k.startswith(PACKED)}
+        for model, a in arrays.items():
+            wire, _ = encode(a, list(layout), separate, order=layout)
+            content[arrays_key(model)] = to_record(wire)
+    return Message(content, reply_to=msg)
