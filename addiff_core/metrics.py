@@ -118,8 +118,9 @@ def openkbp_dose_score(pred: np.ndarray, ref: np.ndarray, possible_dose_mask: np
 
 
 def openkbp_dvh_errors(pred: np.ndarray, ref: np.ndarray, structures: Mapping[str, np.ndarray],
-                       voxel_volume_cc: float, target_names: Iterable[str]) -> dict[str, float]:
-    """Absolute DVH-point errors ``|point(pred) - point(ref)|`` (Gy) of one patient, OpenKBP style.
+                       voxel_volume_cc: float, target_names: Iterable[str], signed: bool = False) -> dict[str, float]:
+    """Absolute DVH-point errors ``|point(pred) - point(ref)|`` (Gy) of one patient, OpenKBP style
+    (``signed``: ``point(pred) - point(ref)``, negative where the prediction is colder).
 
     Structures named in ``target_names`` are targets (points ``D99``, ``D95``, ``D1``); all others
     are OARs (``D_0.1cc`` and ``mean``). Keys are ``"<structure>/<point>"``, e.g.
@@ -136,13 +137,13 @@ def openkbp_dvh_errors(pred: np.ndarray, ref: np.ndarray, structures: Mapping[st
             continue
         if name in targets:
             q = [100.0 - x for x in OPENKBP_TARGET_POINTS]
-            err = np.abs(np.percentile(p, q) - np.percentile(r, q))
+            err = np.percentile(p, q) - np.percentile(r, q)
             out.update({f"{name}/D{x}": float(e) for x, e in zip(OPENKBP_TARGET_POINTS, err)})
         else:
             ones = np.ones(r.shape, bool)
-            out[f"{name}/D_0.1cc"] = abs(d_cc(p, ones, 0.1, voxel_volume_cc) - d_cc(r, ones, 0.1, voxel_volume_cc))
-            out[f"{name}/mean"] = float(abs(p.mean() - r.mean()))
-    return out
+            out[f"{name}/D_0.1cc"] = d_cc(p, ones, 0.1, voxel_volume_cc) - d_cc(r, ones, 0.1, voxel_volume_cc)
+            out[f"{name}/mean"] = float(p.mean() - r.mean())
+    return out if signed else {k: abs(v) for k, v in out.items()}
 
 
 def openkbp_dvh_score(pred: np.ndarray, ref: np.ndarray, structures: Mapping[str, np.ndarray],

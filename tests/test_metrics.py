@@ -161,6 +161,8 @@ def test_openkbp_scores_by_hand():
     score = M.openkbp_dvh_score(pred, ref, {"Cord": oar, "PTV": ptv}, 1.0, ["PTV"])
     assert score == pytest.approx((0 + 0 + 2 + 2 + 2) / 5)
     assert math.isnan(M.openkbp_dvh_score(pred, ref, {}, 1.0, []))
+    cold = M.openkbp_dvh_errors(ref - np.where(ptv, 3.0, 0.0), ref, {"PTV": ptv}, 1.0, ["PTV"], signed=True)
+    assert all(cold[f"PTV/{k}"] == pytest.approx(-3.0) for k in ("D99", "D95", "D1"))  # colder: negative
 
 
 def test_openkbp_dose_score_counts_every_voxel_by_hand():
