@@ -75,6 +75,7 @@ def _put(task: SiteTask, arrays: dict[str, np.ndarray]) -> None:
 
 def _train_stages(task: SiteTask, plan: list[tuple[str, int]], *, seed: int, tag: str,
                   planned_epochs: int | None) -> None:
+    task.model.train()  # after an evaluation the model is in eval mode, which Opacus refuses to wrap
     for i, (stage, epochs) in enumerate(plan):
         if epochs > 0:  # each stage one "round" numbered in stage order, its optimiser fresh
             task.train(None, stage, epochs=epochs, round_number=i + 1, stage_round=1, seed=seed, run_tag=tag,

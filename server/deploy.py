@@ -147,6 +147,8 @@ def build_run_config(args, run_dir: Path) -> dict[str, Any]:
             rc[key] = val
     if args.no_gamma:
         rc["eval-gamma"] = False
+    if args.cross_site:
+        rc["cross-site"] = True
     rc.update(parse_sets(args.set))
     return rc
 
@@ -317,6 +319,8 @@ def add_parser(sub) -> None:
     s.add_argument("--local-epochs", type=int, help="local epochs per round (default: each site file's)")
     s.add_argument("--eval-steps", type=int)
     s.add_argument("--no-gamma", action="store_true")
+    s.add_argument("--cross-site", action="store_true",
+                   help="after the last round, every site's models on every site's held-out cases (docs/FEDERATION.md)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--round-timeout", type=float, default=3600.0, help="seconds to wait for the sites each round")
     s.add_argument("--run-dir", help="run folder (default runs/federation-<date>-<time>)")

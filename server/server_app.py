@@ -9,14 +9,16 @@ from typing import Any, Mapping
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from .federation import Federation, FederationError, StopSignal
+from .cross_site import CrossSiteFederation
+from .federation import FederationError, StopSignal
 from .settings import DEFAULTS, from_run_config
 
 
 def _main(grid: Grid, run_config: Mapping[str, Any], send_site_files: bool, stop: StopSignal | None = None) -> dict:
     settings = from_run_config({k: v for k, v in run_config.items() if k in DEFAULTS})
     try:
-        return Federation(grid, settings, send_site_files=send_site_files, stop=stop).run()
+        # the federation, and after its last round personalization / the cross-site matrix when asked (#25)
+        return CrossSiteFederation(grid, settings, send_site_files=send_site_files, stop=stop).run()
     except FederationError as e:
         # a clean stop (e.g. "gave up after N attempts"): already logged in one line and recorded in
         # run.json (status "failed"), which the launchers read; no Flower traceback, no exit code 201

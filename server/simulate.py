@@ -290,6 +290,8 @@ def cmd_simulate(args) -> int:
             run_config["eval-gamma"] = False
         if args.min_sites is not None:
             run_config["min-sites"] = args.min_sites
+        if args.cross_site:
+            run_config["cross-site"] = True
     run_config.update(parse_sets(args.set))
     from .settings import from_run_config
 
@@ -434,6 +436,9 @@ def add_parser(sub) -> None:
     s.add_argument("--local-epochs", type=int, help="local epochs per round (default: each site file's)")
     s.add_argument("--eval-steps", type=int, help="DDIM steps in the final evaluation (default: model config)")
     s.add_argument("--no-gamma", action="store_true", help="skip the gamma pass rate in the final evaluation")
+    s.add_argument("--cross-site", action="store_true",
+                   help="after the last round, every site's models on every site's held-out cases (cross_site.md; "
+                        "docs/FEDERATION.md); personalization: --set personalize-epochs=N")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--run-dir", help="run folder (default runs/simulation-<date>-<time>)")
     s.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped/crashed run from its last complete round")

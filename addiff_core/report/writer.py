@@ -9,6 +9,7 @@ from typing import Callable, Iterable
 
 from ..run_folder import REPORT_HTML, REPORT_MD, RunFolder, resolve_path
 from .context import ReportContext
+from .cross_site_section import cross_site
 from .document import Doc
 from .run_data import RunData, load_run
 from .sections import comparison, heldout, summary, training
@@ -19,7 +20,7 @@ log = logging.getLogger("addiff_core.report")
 # the sections in the order they appear; (name, section(ctx))
 SECTIONS: tuple[tuple[str, Callable[[ReportContext], None]], ...] = (
     ("summary", summary), ("training", training), ("heldout", heldout), ("comparison", comparison),
-    ("site_sections", site_sections))
+    ("cross_site", cross_site), ("site_sections", site_sections))
 
 
 def write_report_safely(run_dir: str | Path, figures: bool = True) -> Path | None:
