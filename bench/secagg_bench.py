@@ -69,19 +69,19 @@ def _summary(run_dir: Path, wall: float) -> dict:
             "heldout_mae_gy": overall.get(MAE), "heldout": {k: overall.get(k) for k in KEYS}, "run_dir": str(run_dir)}
 
 
-def simulate(work: Path, n: int, secure: bool, main_job: bool = False) -> dict:
+def simulate(work: Path, n: int, secure: bool, main_job: bool = False, seed: int = 0) -> dict:
     """``addiff simulate``: the tiny model on ``n`` synthetic sites, or (``main_job``) the main job
     exactly as README runs it (demo hospitals, configs/demo.yaml, its default schedule)."""
     from client.launch import DescendantTracker, flower_env, start, stop
 
-    run_dir = work / f"{'main' if main_job else 'sim'}_{n}_{'secure' if secure else 'plain'}"
+    run_dir = work / f"{'main' if main_job else 'sim'}_{n}_{'secure' if secure else 'plain'}_seed{seed}"
     if main_job:
         cmd = _cli("simulate", "--data-dir", work / "demo_data", "--run-dir", run_dir, "--set", "report-figures=false")
     else:
         cmd = _cli("simulate", "--site-files", ",".join(map(str, _sites(work, n))), "--config", TINY, "--rounds",
                    "1,1", "--local-epochs", 1, "--eval-steps", 2, "--no-gamma", "--backend", "serial",
                    "--run-dir", run_dir, "--set", "report-figures=false")
-    cmd += ["--set", f"secure-aggregation={str(secure).lower()}"]
+    cmd += ["--seed", str(seed), "--set", f"secure-aggregation={str(secure).lower()}"]
     t0 = time.perf_counter()
     with DescendantTracker() as tracker:
         proc = start(cmd, env=flower_env(work / "flwr-home-sim"), log_file=work / f"{run_dir.name}.log",
@@ -184,6 +184,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--work", type=Path, help="work folder (default: a temporary one)")
     ap.add_argument("--out", type=Path, default=common.DEFAULT_OUT)
     ap.add_argument("--name", default="secagg_bench", help="result file name (default secagg_bench)")
+    ap.add_argument("--secure", default="off,on", help="which runs: off, on or both (default)")
+    ap.add_argument("--seed", type=int, default=0, help="the runs' seed (simulations; default 0)")
     args = ap.parse_args(argv)
     work = args.work or Path(tempfile.mkdtemp(prefix="secagg_bench_"))
     machine = common.machine_info("cpu")
@@ -192,13 +194,14 @@ def main(argv: list[str] | None = None) -> dict:
     for mode in common.parse_list(args.modes, str):
         for n in ([3] if mode == "main" else common.parse_list(args.sites)):
             pair = {}
-            for secure in (False, True):
+            for secure in [x == "on" for x in common.parse_list(args.secure, str)]:
                 common.progress(f"{mode}, {n} sites, secure aggregation {'on' if secure else 'off'} ...")
-                r = deploy(work, n, secure) if mode == "deploy" else simulate(work, n, secure, mode == "main")
+                r = deploy(work, n, secure) if mode == "deploy" else simulate(work, n, secure, mode == "main", args.seed)
                 pair[secure] = r
-                results.append({"mode": mode, "sites": n, "secure": secure, **r})
+                results.append({"mode": mode, "sites": n, "secure": secure, "seed": args.seed, **r})
                 common.progress(f"  {r['wall_seconds']:.0f} s; rounds {[x['seconds'] for x in r['rounds']]}")
-            gaps.append({"mode": mode, "sites": n, **weight_gap(pair[False]["run_dir"], pair[True]["run_dir"])})
+            if len(pair) == 2:
+                gaps.append({"mode": mode, "sites": n, **weight_gap(pair[False]["run_dir"], pair[True]["run_dir"])})
     machine["loadavg_end"] = common.loadavg()
     doc = {"created": common.now_iso(), "machine": machine, "machine_line": common.machine_line(machine),
            "results": results, "weight_gaps": gaps}
