@@ -82,15 +82,16 @@ class SiteModels:
         self.personalized: dict[str, dict] = {}  # site -> bounded personalized cell
         self.epsilon: dict[str, float] = {}  # site -> epsilon after the fine-tuning (DP sites)
 
-    def _config(self) -> dict:
+    def _config(self, **extra) -> dict:
         s = self.fed.settings
-        return {**self.fed._base_config(), "stage-plan": _stage_plan(self.fed), "local-epochs": int(s.local_epochs),
+        return {**self.fed._base_config(), **extra, "stage-plan": _stage_plan(self.fed), "local-epochs": int(s.local_epochs),
                 "eval-steps": int(s.eval_steps), "eval-gamma": False, LAYOUT_KEY: layout_to_json(self.layout)}
 
-    def _messages(self, nodes, message_type: str, wire: dict) -> list:
+    def _messages(self, nodes, message_type: str, wire: dict, **extra) -> list:
         from flwr.app import ConfigRecord, Message, RecordDict
 
-        return [Message(content=RecordDict({ARRAYS_KEY: to_record(wire), CONFIG_KEY: ConfigRecord(self._config())}),
+        config = self._config(**extra)
+        return [Message(content=RecordDict({ARRAYS_KEY: to_record(wire), CONFIG_KEY: ConfigRecord(config)}),
                         dst_node_id=int(n), message_type=message_type) for n in nodes]
 
     # -- 1. at each site -------------------------------------------------------------------
@@ -191,7 +192,8 @@ class SiteModels:
             if not nodes:
                 continue
             log.info("cross-site: %s at %d other site(s) ...", name, len(nodes))
-            msgs = self._messages(nodes, "evaluate", wire)
+            # "cross-site-model": the site evaluates it without keeping its VAE as the global one
+            msgs = self._messages(nodes, "evaluate", wire, **{"cross-site-model": True})
             replies = fed._send_and_receive(msgs)
             sent = sent_to(msgs)
             got, errors = fed.sites.evaluation(replies, sent, set(nodes), {"round": s.num_rounds, "stage": "cross-site"},
