@@ -36,7 +36,7 @@ from .protocol import (
     model_config_from_json, parse_stage_plan, resolve_path, split_list, to_record,
 )
 from .secagg_mod import check_update, flat_update, secure_aggregation_mod, secure_reply
-from .site_models import ADAPT_ACTION, adapt_reply, evaluate_at_home, planned_extra
+from .site_models import ADAPT_ACTION, CROSS_ACTION, adapt_reply, cross_reply, planned_extra
 
 log = logging.getLogger("flwr.addiff.client")
 
@@ -308,11 +308,8 @@ def evaluate(msg: Message, context: Context, where: dict) -> Message:
     where["phase"] = "weights"
     arrays = decode(from_record(msg.content[ARRAYS_KEY]), layout_from_json(str(cfg.get(LAYOUT_KEY, ""))))
     where["phase"] = "evaluate"
-    if cfg.get("cross-site-model", False):  # another site's model (#25): evaluated, never cached as the global VAE
-        res = evaluate_at_home(task, arrays, seed=int(cfg.get("seed", 0)), steps=steps, gamma=False)
-    else:
-        res = task.evaluate(arrays, seed=int(cfg.get("seed", 0)), steps=steps,
-                            gamma=bool(cfg.get("eval-gamma", True)))
+    res = task.evaluate(arrays, seed=int(cfg.get("seed", 0)), steps=steps,
+                        gamma=bool(cfg.get("eval-gamma", True)))
     metrics = {NUM_EXAMPLES: int(res.get("num_cases", 0)),
                **{k: float(v) for k, v in res.items() if k != "num_cases"}, **task.privacy_spent()}
     return Message(RecordDict({METRICS_KEY: MetricRecord(metrics), SITE_KEY: _site_record(task)}), reply_to=msg)
@@ -326,3 +323,13 @@ def adapt(msg: Message, context: Context, where: dict) -> Message:
     task = task_for(site_file_for(context, cfg), str(cfg["model-config"]), where, context.run_id)
     with site_log(task.site):
         return adapt_reply(msg, task, where)
+
+
+@app.evaluate(CROSS_ACTION)
+@_never_raises
+def cross(msg: Message, context: Context, where: dict) -> Message:
+    """Other sites' shared models on this site's held-out cases (``client.site_models``)."""
+    cfg = msg.content[CONFIG_KEY]
+    task = task_for(site_file_for(context, cfg), str(cfg["model-config"]), where, context.run_id)
+    with site_log(task.site):
+        return cross_reply(msg, task, where)

@@ -35,6 +35,7 @@ from .protocol import (ARRAYS_KEY, CONFIG_KEY, LAYOUT_KEY, METRICS_KEY, PACKED, 
 log = logging.getLogger("flwr.addiff.client")
 
 ADAPT_ACTION = "adapt"  # message type "train.adapt"
+CROSS_ACTION = "cross"  # message type "evaluate.cross": other sites' shared models, all in one message
 MODELS = ("personalized", "local")
 # what a site says of each of its models: done (metrics sent), off (not asked, or its site file
 # refuses it), refused (its privacy budget does not cover the training)
@@ -43,6 +44,11 @@ MODEL_STATUSES = ("done", "off", "refused")
 
 def arrays_key(model: str) -> str:
     return f"{model}-arrays"
+
+
+def shared_key(i: int) -> str:
+    """The ArrayRecord of the i-th model of an ``evaluate.cross`` message (metrics: ``m<i>.<metric>``)."""
+    return f"m{int(i)}"
 
 
 def _epochs_per_round(task: SiteTask, stage: str, local_epochs: int) -> int:
@@ -107,3 +113,22 @@ def adapt_reply(msg: Message, task: SiteTask, where: dict) -> Message:
             wire, _ = encode(a, list(layout), separate, order=layout)
             content[arrays_key(model)] = to_record(wire)
     return Message(content, reply_to=msg)
+
+
+def cross_reply(msg: Message, task: SiteTask, where: dict) -> Message:
+    """``evaluate.cross``: each model of the message (``m0``, ``m1``, ... packed like the request's
+    layout) on this site's held-out cases, numbers back (``m<i>.<metric>``, ``m<i>.num-cases``).
+    The models are put into the site's model directly: none becomes its cached global VAE."""
+    cfg = msg.content[CONFIG_KEY]
+    layout = layout_from_json(str(cfg.get(LAYOUT_KEY, "")))
+    seed, steps = int(cfg.get("seed", 0)), int(cfg.get("eval-steps", 0)) or None
+    metrics: dict[str, float] = {}
+    for i in range(int(cfg.get("models", 0))):
+        where["phase"] = "weights"
+        arrays = decode(from_record(msg.content[shared_key(i)]), layout)
+        where["phase"] = "evaluate"
+        res = evaluate_at_home(task, arrays, seed=seed, steps=steps, gamma=False)
+        metrics[f"{shared_key(i)}.num-cases"] = float(res.pop("num_cases"))
+        metrics.update({f"{shared_key(i)}.{k}": float(v) for k, v in res.items()})
+    return Message(RecordDict({METRICS_KEY: MetricRecord(metrics), SITE_KEY: ConfigRecord({"name": task.site.name})}),
+                   reply_to=msg)

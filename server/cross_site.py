@@ -9,8 +9,8 @@ evaluation of the global model, when the run config asks (``personalize-epochs``
    with ``cross-site``, trains its local model, evaluates them on its own held-out cases and
    replies with numbers; weights only from a site whose file says
    ``share_models_for_evaluation: true``;
-2. with ``cross-site``, every shared model in one ``evaluate`` message to each other site (the
-   ClientApp's ordinary evaluate handler: numbers back);
+2. with ``cross-site``, the shared models in one ``evaluate.cross`` message to each other site
+   (numbers back; the models never become a site's cached global VAE);
 3. the global model's row of the matrix is the final evaluation itself; the matrix goes to
    ``cross_site.csv/.json/.md`` (:mod:`addiff_core.cross_site`), the personalized numbers into
    the final table beside the global ones.
@@ -30,7 +30,7 @@ from addiff_core.cross_site import MATRIX_METRICS, Matrix, ModelRow, bounded, ce
 
 from client.protocol import (ARRAYS_KEY, CONFIG_KEY, LAYOUT_KEY, METRICS_KEY, SITE_KEY, decode, encode, from_record,
                              layout_to_json, to_record)
-from client.site_models import ADAPT_ACTION, MODEL_STATUSES, MODELS, arrays_key
+from client.site_models import ADAPT_ACTION, CROSS_ACTION, MODEL_STATUSES, MODELS, arrays_key, shared_key
 
 from .federation import Federation
 from .final_table import expected_sites, final_notes, write_tables
@@ -87,10 +87,10 @@ class SiteModels:
         return {**self.fed._base_config(), **extra, "stage-plan": _stage_plan(self.fed), "local-epochs": int(s.local_epochs),
                 "eval-steps": int(s.eval_steps), "eval-gamma": False, LAYOUT_KEY: layout_to_json(self.layout)}
 
-    def _messages(self, nodes, message_type: str, wire: dict, **extra) -> list:
+    def _messages(self, nodes, message_type: str, wire: dict) -> list:
         from flwr.app import ConfigRecord, Message, RecordDict
 
-        config = self._config(**extra)
+        config = self._config()
         return [Message(content=RecordDict({ARRAYS_KEY: to_record(wire), CONFIG_KEY: ConfigRecord(config)}),
                         dst_node_id=int(n), message_type=message_type) for n in nodes]
 
@@ -184,25 +184,43 @@ class SiteModels:
 
     # -- 2. shared models at the other sites -----------------------------------------------
     def _evaluate_elsewhere(self, shared: dict[str, tuple[int, dict]], matrix: Matrix) -> None:
+        """One ``evaluate.cross`` message per site with every shared model but its own (in a
+        deployment each message costs a site a ClientApp process)."""
+        from flwr.app import ConfigRecord, Message, RecordDict
+
         fed = self.fed
-        s = fed.settings
-        for name, (owner, arrays) in shared.items():
-            wire, layout = encode(arrays, fed.groups, fed.buffers, order=self.layout)
-            nodes = [n for n in fed.grid.get_node_ids() if int(n) != owner]
-            if not nodes:
+        packed = {name: encode(arrays, fed.groups, fed.buffers, order=self.layout)[0]
+                  for name, (_, arrays) in shared.items()}
+        msgs, names = [], {}
+        for node in fed.grid.get_node_ids():
+            mine = [n for n, (owner, _) in shared.items() if owner != int(node)]
+            if not mine:
                 continue
-            log.info("cross-site: %s at %d other site(s) ...", name, len(nodes))
-            # "cross-site-model": the site evaluates it without keeping its VAE as the global one
-            msgs = self._messages(nodes, "evaluate", wire, **{"cross-site-model": True})
-            replies = fed._send_and_receive(msgs)
-            sent = sent_to(msgs)
-            got, errors = fed.sites.evaluation(replies, sent, set(nodes), {"round": s.num_rounds, "stage": "cross-site"},
-                                               s.max_num_examples)
-            for row in got:
-                if row["site"] in matrix.sites:
-                    matrix.put(name, row["site"], cell_of(row, int(row["cases"])))
-            for e in errors:
-                log.warning("cross-site: %s at %s: %s", name, e["site"], e.get("reason", ""))
+            content = RecordDict({CONFIG_KEY: ConfigRecord(self._config(models=len(mine)))})
+            for i, name in enumerate(mine):
+                content[shared_key(i)] = to_record(packed[name])
+            msgs.append(Message(content=content, dst_node_id=int(node), message_type=f"evaluate.{CROSS_ACTION}"))
+            names[int(node)] = mine
+        if not msgs:
+            return
+        log.info("cross-site: %d shared model(s) at the other sites ...", len(shared))
+        replies = fed._send_and_receive(msgs)
+        sent = sent_to(msgs)
+        for who in fed.sites.identify(replies, sent, set(names)):
+            r = who.reply
+            if who.refusal is not None or r.has_error() or METRICS_KEY not in r.content.metric_records:
+                log.warning("cross-site: %s: %s", who.site, who.refusal or failure_reason(r, "reply without metrics"))
+                continue
+            if who.site not in matrix.sites:
+                continue
+            m = dict(r.content[METRICS_KEY])
+            for i, name in enumerate(names.get(who.node, [])):
+                bad = check_count(m.get(f"{shared_key(i)}.num-cases"), self.fed.settings.max_num_examples, minimum=0)
+                if bad is None:
+                    matrix.put(name, who.site, cell_of({k: m.get(f"{shared_key(i)}.{k}") for k, _ in MATRIX_METRICS},
+                                                       int(m[f"{shared_key(i)}.num-cases"])))
+                else:
+                    log.warning("cross-site: %s at %s: %s", name, who.site, bad)
 
     def _matrix_notes(self, matrix: Matrix) -> list[str]:
         home = [r.model for r in matrix.rows if r.kind != "global" and not r.shared and r.status == "ok"]

@@ -220,7 +220,7 @@ def test_a_site_without_sharing_never_sends_its_own_weights(cross_run):
             assert len(stages) == 1, stages
         else:
             assert arrays == [], (mtype, node, arrays)
-    assert kinds == {"train", "evaluate", "train.adapt"}
+    assert kinds == {"train", "evaluate", "train.adapt", "evaluate.cross"}
 
 
 @pytest.mark.slow
