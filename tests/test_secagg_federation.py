@@ -308,14 +308,20 @@ def test_below_the_threshold_the_round_fails_in_one_line_and_the_run_resumes(sit
 def test_a_site_without_the_global_vae_gets_it_with_its_next_attempt(sites, tmp_path):
     """Mid-protocol a site cannot be sent the round again with the VAE (the stages have moved on):
     a site whose cached VAE is not the global one answers without a masked vector, and the next
-    attempt carries the VAE to it. Here every node is wrongly believed to hold it."""
+    attempt carries the VAE to it. Here every node is wrongly believed to hold it and none does."""
     run_dir = tmp_path / "vae"
     kw = {"secure-aggregation": True, "round-retries": 1}
     Federation(FakeGrid(len(sites)), settings(run_dir, sites, **kw, **{"stop-after-round": 1}),
                send_site_files=True).run()
+    import client.client_app as ca
+
+    ca._TASKS.clear()  # fresh site processes, whose VAE caches are gone
+    for site in sites:
+        for f in (site.parent / "state" / site.stem).glob("global_vae.pt*"):
+            f.unlink()
     grid = FakeGrid(len(sites))
     fed = Federation(grid, settings(run_dir, sites, resume=True, **kw), send_site_files=True)
-    fed.vae_nodes = set(grid.node_ids)
+    fed.vae_sent, fed.vae_nodes = True, set(grid.node_ids)
     assert fed.run()["status"] == "complete"
     discarded = [r for r in _rows(run_dir) if r["round"] == 2 and r.get("attempt") == 0 and r["kind"] == "error"]
     assert len(discarded) == 3  # all three asked for the VAE; the attempt failed below the threshold
