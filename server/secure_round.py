@@ -93,7 +93,8 @@ def _screen(fed: Any, replies: dict[int, Message], sa: SecAggRound, base: dict, 
         if who.refusal is not None or who.node not in sa.state.vectors:
             row = fed.sites._reply_row(who, base, down)
             if row["kind"] == "error" and who.node not in sa.state.vectors and who.refusal is None:
-                row["reason"] = row["reason"].replace("reply without weights/metrics", "no usable masked update")
+                row["reason"] = ("asked for the global VAE (sent with its next round)" if _asks_for_vae(who.reply)
+                                 else row["reason"].replace("reply without weights/metrics", "no usable masked update"))
             rows.append(row)
             continue
         metrics = dict(who.reply.content[METRICS_KEY]) if METRICS_KEY in who.reply.content.metric_records else {}
