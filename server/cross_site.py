@@ -113,6 +113,9 @@ class SiteModels:
         shared: dict[str, tuple[int, dict]] = {}  # model name -> (owner node, arrays)
         for who in fed.sites.identify(replies, sent, {m.metadata.dst_node_id for m in msgs}):
             shared.update(self._read_reply(who, matrix, s.max_num_examples))
+        for row in fed.sites.unanswered(msgs, replies, sent, {"round": s.num_rounds}, s.round_timeout):
+            for model in MODELS:
+                self._add(matrix, row["site"], model, False, f"failed: {row['reason']}")
         if fed.cross_site:
             self._evaluate_elsewhere(shared, matrix)
             matrix.notes = self._matrix_notes(matrix)
