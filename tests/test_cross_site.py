@@ -263,3 +263,13 @@ def test_addiff_predict_uses_the_personalized_model(cross_run, tmp_path, capsys)
     code, err = run_cli(capsys, "predict", "--checkpoint", str(base / "st_a" / "personalized.pt"), "--case", str(case),
                       "--out", str(tmp_path / "pred"), "--steps", "2", "--force")  # a 2-round model: implausible
     assert code == 0 and any((tmp_path / "pred").iterdir()), err
+
+
+def test_the_report_shows_the_matrix_and_its_heat_map(tmp_path):
+    from addiff_core.report import write_report
+
+    _matrix().write(tmp_path)
+    md = write_report(tmp_path, figures=True).read_text()
+    assert "## Cross-site evaluation" in md and "figures/cross_site_heatmap.png" in md
+    assert "| a | 3 | 2 | - | yes | n/a |" in md and "| b | 4 | - | 6 | n/a | yes |" in md  # the verdicts
+    assert (tmp_path / "report" / "figures" / "cross_site_heatmap.png").stat().st_size > 5000
