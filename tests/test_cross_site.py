@@ -250,6 +250,8 @@ def test_final_table_global_vs_personalized_and_dp_spends_the_same_budget(cross_
     assert c["epsilon_after_personalization"] > c["epsilon"] > 0  # the same accountant, charged again
     ledger = json.loads((base / "st_c" / "privacy_accountant.json").read_text())
     assert ledger["history"] and c["epsilon_after_personalization"] <= ledger["target_epsilon"]
+    # the noise was calibrated from round 1 for the rounds (1 + 1 epochs) and the fine-tuning (1 epoch x 2 stages)
+    assert ledger["planned_steps"] == round(4 / ledger["sample_rate"])
     md = (run_dir / "final_metrics.md").read_text()
     assert "personalized_mae_gy" in md and "same privacy budget" in md
 
