@@ -275,3 +275,22 @@ def test_the_report_shows_the_matrix_and_its_heat_map(tmp_path):
     assert "## Cross-site evaluation" in md and "figures/cross_site_heatmap.png" in md
     assert "| a | 3 | 2 | - | yes | n/a |" in md and "| b | 4 | - | 6 | n/a | yes |" in md  # the verdicts
     assert (tmp_path / "report" / "figures" / "cross_site_heatmap.png").stat().st_size > 5000
+
+
+def test_the_cross_site_bench_adds_pooled_and_other_personalizations_and_says_who_wins():
+    import sys
+
+    sys.path.insert(0, str(TINY.parents[1] / "bench"))
+    import cross_site_bench as cb
+
+    doc = _matrix().to_json()
+    out = cb.assemble(doc, {"diffusion": {"a": cell_of({"openkbp_dose_score": 2.5}, 2)}},
+                      {"a": {"cases": 2, "openkbp_dose_score": 1.0}, "b": {"cases": 1, "openkbp_dose_score": 9.0}})
+    doc["models"][0]["model"] = "changed"  # assemble copies
+    names = [m["model"] for m in out["models"]]
+    assert names[-2:] == ["a personalized (diffusion)", "pooled"] and names[0] == "global"
+    for v in out["cells"]:  # the verdicts read the dose score; _matrix() gives MAEs
+        v["openkbp_dose_score"] = v["openkbp_dose_score"] if v["openkbp_dose_score"] is not None else v["mae_gy"]
+    verdict = {v["site"]: v for v in cb.verdict_rows(out)}
+    assert verdict["a"]["pooled_beats_global"] is True and verdict["b"]["pooled_beats_global"] is False
+    assert cb.split_by_key({"p1": 3.0, "p2": 1.0, "p3": 2.0}, 0) == [["p2"], ["p3"], ["p1"]]
