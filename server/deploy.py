@@ -132,6 +132,8 @@ def build_run_config(args, run_dir: Path) -> dict[str, Any]:
         stored = RunFolder(run_dir).stored_run_config()
         rc = {**stored, "run-dir": str(run_dir), "resume": True, "stop-after-round": int(args.stop_after_round or 0),
               "min-sites": args.min_sites, "wait-sites": args.wait_sites or 0, **parse_sets(args.set)}
+        if args.cross_site:
+            rc["cross-site"] = True
         return rc
     model_config = resolve_path(args.config, Path.cwd()) if args.config else resolve_path(DEFAULTS["model-config"])
     rc = {**DEFAULTS, "run-dir": str(run_dir), "site-files": "", "model-config": str(model_config),

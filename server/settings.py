@@ -136,7 +136,7 @@ def check_secure_aggregation(c: Mapping[str, Any], strategy: str) -> None:
 
 # keys a resumed run may change; everything else comes from the run folder's run.json
 RESUME_MAY_CHANGE = ("resume", "stop-after-round", "round-timeout", "min-sites", "wait-sites", "round-retries", "eval-steps",
-                     "eval-gamma", "report-figures")
+                     "eval-gamma", "report-figures", "cross-site")
 
 
 @dataclass(frozen=True)

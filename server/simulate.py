@@ -263,6 +263,8 @@ def cmd_simulate(args) -> int:
                                       "stop-after-round": int(args.stop_after_round or 0)}
         if args.eval_steps is not None:
             run_config["eval-steps"] = args.eval_steps
+        if args.cross_site:
+            run_config["cross-site"] = True
     else:
         if args.site_files:
             site_files = [resolve_path(p, Path.cwd()) for p in split_list(args.site_files)]

@@ -294,3 +294,17 @@ def test_the_cross_site_bench_adds_pooled_and_other_personalizations_and_says_wh
     verdict = {v["site"]: v for v in cb.verdict_rows(out)}
     assert verdict["a"]["pooled_beats_global"] is True and verdict["b"]["pooled_beats_global"] is False
     assert cb.split_by_key({"p1": 3.0, "p2": 1.0, "p3": 2.0}, 0) == [["p2"], ["p3"], ["p1"]]
+
+
+def test_a_resumed_run_may_ask_for_the_matrix(tmp_path):
+    from addiff_core.run_folder import RunFolder
+    from server import global_model
+    from server.settings import from_run_config, settings_for_resume
+
+    files = synthetic_sites(tmp_path / "s", n_sites=1, cases_per_site=2)
+    cfg = {"run-dir": str(tmp_path / "run"), "site-files": str(files[0]), "model-config": str(TINY)}
+    first = from_run_config(cfg)
+    global_model.start(RunFolder(first.run_dir), first)
+    again = settings_for_resume(from_run_config({**cfg, "resume": True, "cross-site": True, "personalize-epochs": 3}))
+    assert again.raw["cross-site"] is True
+    assert again.raw["personalize-epochs"] == 0  # the DP sites' noise was planned without it: the stored value
