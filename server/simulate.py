@@ -343,7 +343,9 @@ def cmd_simulate(args) -> int:
           f"  round metrics  : {folder.metrics}\n"
           f"  checkpoints    : {folder.checkpoints}\n"
           f"  final model    : {folder.final_model}"
-          + (f"\n  report         : {folder.report_md} (+ .html, figures/)" if folder.report_md.is_file() else ""))
+          + (f"\n  report         : {folder.report_md} (+ .html, figures/)" if folder.report_md.is_file() else "")
+          + (f"\n  cross-site     : {folder.path / 'cross_site.md'} (+ .csv, .json)"
+             if (folder.path / "cross_site.md").is_file() else ""))
     return 0
 
 

@@ -252,6 +252,9 @@ def test_final_table_global_vs_personalized_and_dp_spends_the_same_budget(cross_
     assert ledger["history"] and c["epsilon_after_personalization"] <= ledger["target_epsilon"]
     # the noise was calibrated from round 1 for the rounds (1 + 1 epochs) and the fine-tuning (1 epoch x 2 stages)
     assert ledger["planned_steps"] == round(4 / ledger["sample_rate"])
+    # the local model is not in the plan: the accountant refuses it, and the matrix says so
+    status = {m["model"]: m["status"] for m in read_matrix(run_dir)["models"]}
+    assert status["hospital_c local"] == "refused (privacy budget)" and status["hospital_c personalized"] == "ok"
     md = (run_dir / "final_metrics.md").read_text()
     assert "personalized_mae_gy" in md and "same privacy budget" in md
 
