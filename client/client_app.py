@@ -91,6 +91,11 @@ def task_for(site_file: Path, model_json: str, where: dict | None = None, run_id
     return task
 
 
+def message_task(context: Context, cfg, where: dict) -> SiteTask:
+    """The task of the site this node serves, for a message's config (:func:`task_for`)."""
+    return task_for(site_file_for(context, cfg), str(cfg["model-config"]), where, context.run_id)
+
+
 # ------------------------------------------------------------------------------------------
 # failures stay at the site
 # ------------------------------------------------------------------------------------------
@@ -237,7 +242,7 @@ def _personalize_epochs(task: SiteTask, cfg) -> int:
 @_never_raises
 def train(msg: Message, context: Context, where: dict) -> Message:
     cfg = msg.content[CONFIG_KEY]
-    task = task_for(site_file_for(context, cfg), str(cfg["model-config"]), where, context.run_id)
+    task = message_task(context, cfg, where)
     where["phase"] = "weights"
     layout = layout_from_json(str(cfg.get(LAYOUT_KEY, "")))
     arrays = decode(from_record(msg.content[ARRAYS_KEY]), layout)
@@ -303,7 +308,7 @@ def _secure_content(task: SiteTask, content: RecordDict, stage: str, received: d
 @_never_raises
 def evaluate(msg: Message, context: Context, where: dict) -> Message:
     cfg = msg.content[CONFIG_KEY]
-    task = task_for(site_file_for(context, cfg), str(cfg["model-config"]), where, context.run_id)
+    task = message_task(context, cfg, where)
     steps = int(cfg.get("eval-steps", 0)) or None
     where["phase"] = "weights"
     arrays = decode(from_record(msg.content[ARRAYS_KEY]), layout_from_json(str(cfg.get(LAYOUT_KEY, ""))))
@@ -320,7 +325,7 @@ def evaluate(msg: Message, context: Context, where: dict) -> Message:
 def adapt(msg: Message, context: Context, where: dict) -> Message:
     """After the last round: personalization and the local model (``client.site_models``)."""
     cfg = msg.content[CONFIG_KEY]
-    task = task_for(site_file_for(context, cfg), str(cfg["model-config"]), where, context.run_id)
+    task = message_task(context, cfg, where)
     with site_log(task.site):
         return adapt_reply(msg, task, where)
 
@@ -330,6 +335,6 @@ def adapt(msg: Message, context: Context, where: dict) -> Message:
 def cross(msg: Message, context: Context, where: dict) -> Message:
     """Other sites' shared models on this site's held-out cases (``client.site_models``)."""
     cfg = msg.content[CONFIG_KEY]
-    task = task_for(site_file_for(context, cfg), str(cfg["model-config"]), where, context.run_id)
+    task = message_task(context, cfg, where)
     with site_log(task.site):
         return cross_reply(msg, task, where)
