@@ -116,6 +116,17 @@ def central_dp_text(rc: Mapping[str, Any], epsilon: float | None = None, rounds:
             + (f", epsilon {eps:.3g}" + (f" after {rounds} round(s)" if rounds else "") if eps is not None else ""))
 
 
+def secure_aggregation_text(rc: Mapping[str, Any]) -> str | None:
+    """The secure-aggregation line's text when the run config turns it on (None when off)."""
+    if rc.get("secure-aggregation") is not True:
+        return None
+    threshold = _num(rc.get("secagg-threshold")) or 0
+    levels = _num(rc.get("secagg-quantization"))
+    return ("on (Flower SecAgg+: the server unmasks only the weighted sum of the sites' updates; "
+            f"clip {_g(rc.get('secagg-clip'))}, {int(levels) if levels else 'n/a'} quantization levels, "
+            f"threshold {'a majority' if threshold == 0 else _g(threshold)} of the sites)")
+
+
 def site_dp_text(privacy: Mapping[str, Mapping[str, Any]]) -> str:
     """Per-site DP-SGD from ``site -> {dp_enabled, epsilon (spent), delta, target_epsilon (budget)}``."""
     if not privacy:
@@ -140,9 +151,12 @@ def privacy_of_rows(rows: Iterable[Mapping[str, Any]]) -> dict[str, dict]:
 def run_lines(rc: Mapping[str, Any], *, n_sites: int | None = None, central_epsilon: float | None = None,
               rounds: int | None = None, privacy: Mapping[str, Mapping[str, Any]] | None = None) -> list[str]:
     """The lines the console header, final table and report show: aggregation, central DP,
-    per-site DP (when known), and the robustness warning."""
+    secure aggregation (when on), per-site DP (when known), and the robustness warning."""
     lines = [f"Aggregation: {strategy_text(rc, n_sites)}",
              f"Central DP: {central_dp_text(rc, central_epsilon, rounds)}"]
+    secure = secure_aggregation_text(rc)
+    if secure:
+        lines.append(f"Secure aggregation: {secure}")
     if privacy is not None:
         lines.append(f"Per-site DP (DP-SGD): {site_dp_text(privacy)}")
     w = robustness_warning(rc, n_sites)

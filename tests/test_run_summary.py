@@ -63,6 +63,12 @@ def test_strategy_and_privacy_lines_carry_the_parameters():
                      "Per-site DP (DP-SGD): on at a epsilon 2 (delta 0.0001); off at b"]
     assert rs.run_lines({"strategy": "fedavg"}, privacy={"a": {"dp_enabled": 0.0}})[1:] == [
         "Central DP: off", "Per-site DP (DP-SGD): off at every site"]
+    secure = {"strategy": "fedprox", "proximal-mu": 0.01, "secure-aggregation": True, "secagg-clip": 8.0,
+              "secagg-quantization": 2 ** 26, "secagg-threshold": 0}
+    assert rs.run_lines(secure)[2] == (
+        "Secure aggregation: on (Flower SecAgg+: the server unmasks only the weighted sum of the sites' updates; "
+        "clip 8, 67108864 quantization levels, threshold a majority of the sites)")
+    assert not any(x.startswith("Secure") for x in rs.run_lines({**secure, "secure-aggregation": False}))
 
 
 def rows(mae_a: float) -> list[dict]:
