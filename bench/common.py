@@ -351,12 +351,13 @@ def run_child(script: Path, payload: dict, timeout: float = 3600.0) -> dict:
 DVH_CELLS = "dvh_cells"
 
 
-def openkbp_case_scores(case: Any, pred_img: Any) -> tuple[float, dict[str, float]]:
+def openkbp_case_scores(case: Any, pred_img: Any, signed: bool = False) -> tuple[float, dict[str, float]]:
     """``(dose score, DVH errors)`` of a predicted dose (SimpleITK image, Gy, on the case's CT
     grid) for a loaded case: the prediction is first set to 0 outside the case's evaluation
     region (``addiff_core.regions``, OpenKBP's ``pred * possible_dose_mask``), then scored with
     ``metrics.openkbp_dose_score`` over that region and ``metrics.openkbp_dvh_errors`` (one
-    error per DVH cell; the cohort score is ``metrics.cohort_dvh_score`` of these)."""
+    error per DVH cell; the cohort score is ``metrics.cohort_dvh_score`` of these; ``signed``:
+    prediction minus reference)."""
     import SimpleITK as sitk
 
     from addiff_core.metrics import BODY_NAMES, openkbp_dose_score, openkbp_dvh_errors
@@ -366,7 +367,7 @@ def openkbp_case_scores(case: Any, pred_img: Any) -> tuple[float, dict[str, floa
     pred = sitk.GetArrayFromImage(zero_outside(pred_img, region)).astype("float64")
     ref = case.array("dose")
     masks = {k: case.array(k) for k in case.masks if k not in BODY_NAMES}
-    errs = openkbp_dvh_errors(pred, ref, masks, case.voxel_volume_cc, case.plan.prescriptions.keys())
+    errs = openkbp_dvh_errors(pred, ref, masks, case.voxel_volume_cc, case.plan.prescriptions.keys(), signed=signed)
     return openkbp_dose_score(pred, ref, sitk.GetArrayFromImage(region) > 0), errs
 
 

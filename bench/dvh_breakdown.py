@@ -2,7 +2,7 @@
 
 For each checkpoint and each held-out case of the site files: ``addiff predict`` (one sample,
 seed 0), the prediction set to 0 outside the evaluation region (as the official scores do), then
-the *signed* OpenKBP DVH-point errors (``metrics.openkbp_dvh_errors(..., signed=True)``: prediction
+the *signed* OpenKBP DVH-point errors (``common.openkbp_case_scores(..., signed=True)``: prediction
 minus reference, Gy; targets D99 / D95 / D1, OARs D_0.1cc / mean). Per point kind: cells, mean
 |error|, mean signed error, and its share of the DVH score (sum |error| / all cells), so a gap
 between two models can be read as "cold targets" or "hot OARs".
@@ -22,22 +22,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-from addiff_core.case_io import list_cases, load_case  # noqa: E402
-from addiff_core.config import load_site_config  # noqa: E402
-from addiff_core.data import split_case_ids  # noqa: E402
-from addiff_core.metrics import BODY_NAMES, openkbp_dvh_errors  # noqa: E402
+from addiff_core.case_io import load_case  # noqa: E402
 from addiff_core.predict import predict_case  # noqa: E402
-from addiff_core.regions import evaluation_region, zero_outside  # noqa: E402
+from latent_probe import site_case_dirs  # noqa: E402  (bench/latent_probe.py)
 
 KINDS = ("D99", "D95", "D1", "D_0.1cc", "mean")
-
-
-def heldout_dirs(site_file: Path) -> list[Path]:
-    """The held-out case folders of a site file, split as the site splits them."""
-    site = load_site_config(site_file)
-    by_id = {d.name: d for d in list_cases(site.data_dir)}
-    _, held = split_case_ids(list(by_id), site.heldout)
-    return [by_id[i] for i in held]
 
 
 def signed_errors(checkpoint: Path, case_dir: Path, work: Path) -> dict[str, float]:
@@ -46,11 +35,7 @@ def signed_errors(checkpoint: Path, case_dir: Path, work: Path) -> dict[str, flo
 
     written = predict_case(checkpoint, case_dir, work / case_dir.name, samples=1, seed=0, device="cpu",
                            overwrite=True, force=True)
-    case = load_case(case_dir)
-    pred = sitk.GetArrayFromImage(zero_outside(sitk.ReadImage(written["dose"]), evaluation_region(case)))
-    masks = {k: case.array(k) for k in case.masks if k not in BODY_NAMES}
-    return openkbp_dvh_errors(pred.astype("float64"), case.array("dose"), masks, case.voxel_volume_cc,
-                              case.plan.prescriptions.keys(), signed=True)
+    return common.openkbp_case_scores(load_case(case_dir), sitk.ReadImage(written["dose"]), signed=True)[1]
 
 
 def breakdown(errors: list[float], kinds: list[str]) -> dict[str, dict[str, float]]:
@@ -75,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     common.quiet_warnings()
     models = dict(m.split("=", 1) for m in args.models)
-    cases = [d for s in args.sites for d in heldout_dirs(s)]
+    cases = [d for s in args.sites for d in site_case_dirs(s)[1]]
     results, rows = {}, []
     with tempfile.TemporaryDirectory(prefix="addiff-dvh-") as tmp:
         for label, ckpt in models.items():

@@ -35,16 +35,21 @@ from addiff_core.data import load_samples, split_case_ids  # noqa: E402
 from addiff_core.predict import load_model  # noqa: E402
 
 
-def site_samples(site_file: Path, grid, split: str = "heldout") -> tuple[list[dict], list[str]]:
-    """The samples of one site file's ``split`` (heldout, train or all: train then held-out) and
-    their ids (``SITE/CASE``), split as the site splits them (``data.split_case_ids``), loading
-    only the cases asked for."""
+def site_case_dirs(site_file: Path, split: str = "heldout") -> tuple[str, list[Path]]:
+    """The site's name and the case folders of its ``split`` (heldout, train or all: train then
+    held-out), split as the site splits them (``data.split_case_ids``)."""
     site = load_site_config(site_file)
     by_id = {d.name: d for d in list_cases(site.data_dir)}
     train, held = split_case_ids(list(by_id), site.heldout)
-    ids = {"heldout": held, "train": train, "all": train + held}[split]
-    ds = load_samples([by_id[i] for i in ids], grid, True, {})
-    return [ds[i] for i in range(len(ds))], [f"{site.name}/{c}" for c in ds.case_ids]
+    return site.name, [by_id[i] for i in {"heldout": held, "train": train, "all": train + held}[split]]
+
+
+def site_samples(site_file: Path, grid, split: str = "heldout") -> tuple[list[dict], list[str]]:
+    """The samples of one site file's ``split`` (:func:`site_case_dirs`) and their ids
+    (``SITE/CASE``), loading only the cases asked for."""
+    name, dirs = site_case_dirs(site_file, split)
+    ds = load_samples(dirs, grid, True, {})
+    return [ds[i] for i in range(len(ds))], [f"{name}/{c}" for c in ds.case_ids]
 
 
 def load_probe_cases(sources: list[Path], grid, split: str) -> tuple[list[dict], list[str]]:
