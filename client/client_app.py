@@ -33,10 +33,10 @@ from addiff_core.privacy import PrivacyBudgetExhausted
 from .protocol import (
     ARRAYS_KEY, CONFIG_KEY, LAYOUT_KEY, METRICS_KEY, NUM_EXAMPLES, PACKED, SITE_ERROR_CLASSES, SITE_KEY,
     STATUS_FAILED, STATUS_NEED_VAE, STATUS_REFUSED, decode, encode, fingerprint, from_record, layout_from_json,
-    model_config_from_json, parse_stage_plan, resolve_path, split_list, to_record,
+    model_config_from_json, resolve_path, split_list, to_record,
 )
 from .secagg_mod import check_update, flat_update, secure_aggregation_mod, secure_reply
-from .site_models import ADAPT_ACTION, CROSS_ACTION, adapt_reply, cross_reply, planned_extra
+from .site_models import ADAPT_ACTION, CROSS_ACTION, adapt_reply, cross_reply, planned_epochs, stage_epochs
 
 log = logging.getLogger("flwr.addiff.client")
 
@@ -221,23 +221,6 @@ def _has_global_vae(task: SiteTask, arrays: dict, want: str | None) -> bool:
     return not want or fingerprint(state_to_arrays(task.model.state_dict(), "vae.")) == want
 
 
-def stage_epochs(task: SiteTask, stage: str, local_epochs: int = 0) -> int:
-    t = task.site.training
-    return local_epochs or (t.vae_epochs if stage == "vae" else t.diffusion_epochs)
-
-
-def planned_epochs(task: SiteTask, plan: str, local_epochs: int = 0) -> int:
-    """Local epochs this site trains over the whole run ("vae:3,diffusion:4" -> 3*e_vae + 4*e_diff),
-    for calibrating DP noise once for the run."""
-    return sum(n * stage_epochs(task, stage, local_epochs) for stage, n in parse_stage_plan(plan).items())
-
-
-def _personalize_epochs(task: SiteTask, cfg) -> int:
-    """Fine-tuning epochs after the last round (issue #25): a DP site's noise covers them too."""
-    return planned_extra(task.site, task.cfg.kind, int(cfg.get("personalize-epochs", 0)),
-                         str(cfg.get("personalize-stages", "both")))
-
-
 @app.train(mods=[secure_aggregation_mod])
 @_never_raises
 def train(msg: Message, context: Context, where: dict) -> Message:
@@ -261,9 +244,7 @@ def train(msg: Message, context: Context, where: dict) -> Message:
                          proximal_mu=float(cfg.get("proximal-mu", 0.0)), total_epochs=epochs * stage_rounds,
                          epoch_offset=epochs * (stage_round - 1), stage_round=stage_round,
                          run_tag=str(cfg.get("run-tag", "")),
-                         planned_epochs=(planned_epochs(task, str(cfg.get("stage-plan", "")),
-                                                        int(cfg.get("local-epochs", 0)))
-                                         + _personalize_epochs(task, cfg)) or None)
+                         planned_epochs=planned_epochs(task, cfg) or None)  # DP noise: the whole run, fine-tuning too
     except PrivacyBudgetExhausted as e:  # a clear refusal, no weights
         log.warning("site %s: refusing round %s: %s", task.site.name, cfg["server-round"], e)
         return Message(RecordDict({SITE_KEY: _site_record(task, status=STATUS_REFUSED, reason=str(e)),

@@ -26,7 +26,7 @@ import logging
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
 from addiff_core.fl_task import SiteTask, initial_arrays
-from addiff_core.personalize import evaluate_at_home, fine_tune, planned_extra, site_epochs, train_local  # noqa: F401
+from addiff_core.personalize import evaluate_at_home, fine_tune, planned_extra, site_epochs, train_local
 from addiff_core.privacy import PrivacyBudgetExhausted
 
 from .protocol import (ARRAYS_KEY, CONFIG_KEY, LAYOUT_KEY, METRICS_KEY, PACKED, SITE_KEY, decode, encode,
@@ -51,15 +51,17 @@ def shared_key(i: int) -> str:
     return f"m{int(i)}"
 
 
-def _epochs_per_round(task: SiteTask, stage: str, local_epochs: int) -> int:
+def stage_epochs(task: SiteTask, stage: str, local_epochs: int = 0) -> int:
+    """Local epochs of one round of ``stage``: the run's ``local-epochs``, else the site file's."""
     t = task.site.training
     return local_epochs or (t.vae_epochs if stage == "vae" else t.diffusion_epochs)
 
 
 def run_epochs(task: SiteTask, cfg) -> dict[str, int]:
-    """Local epochs per stage this site trained in the federation (the local model's budget)."""
+    """Local epochs per stage this site trains in the federation ("vae:3,diffusion:4" ->
+    {vae: 3 e_vae, diffusion: 4 e_diff}; the local model's budget)."""
     local = int(cfg.get("local-epochs", 0))
-    return {st: n * _epochs_per_round(task, st, local) for st, n in parse_stage_plan(str(cfg.get("stage-plan", ""))).items()}
+    return {st: n * stage_epochs(task, st, local) for st, n in parse_stage_plan(str(cfg.get("stage-plan", ""))).items()}
 
 
 def planned_epochs(task: SiteTask, cfg) -> int:

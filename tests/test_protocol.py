@@ -31,7 +31,10 @@ def test_stage_plan_cannot_write_what_it_cannot_read(plan):
 def test_a_site_plans_its_epochs_from_the_stage_plan():
     from types import SimpleNamespace
 
-    from client.client_app import planned_epochs
+    from client.site_models import run_epochs
+
+    def planned_epochs(task, plan, local_epochs=0):
+        return sum(run_epochs(task, {"stage-plan": plan, "local-epochs": local_epochs}).values())
 
     task = SimpleNamespace(site=SimpleNamespace(training=SimpleNamespace(vae_epochs=2, diffusion_epochs=5)))
     assert planned_epochs(task, format_stage_plan({"vae": 3, "diffusion": 4})) == 3 * 2 + 4 * 5
