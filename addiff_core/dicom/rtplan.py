@@ -27,11 +27,11 @@ from pathlib import Path
 from pydicom.dataset import Dataset
 
 from ..case_io import Beam
+from .scan import ION_PLAN_SOP_CLASS
 from .volumes import DicomDataError
 
 __all__ = ["PlanInfo", "UnlinkedDose", "read_rtplan", "refusal"]
 
-ION_PLAN_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.481.8"
 _GAMMA_KNIFE = re.compile(r"gamma\s*knife|gammaplan|leksell|perfexion|elekta instrument|\bicon\b|\bpfx\b", re.I)
 
 

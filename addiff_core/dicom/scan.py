@@ -30,8 +30,9 @@ SOP_CLASSES = {
     "RTSTRUCT": "1.2.840.10008.5.1.4.1.1.481.3",
     "RTPLAN": "1.2.840.10008.5.1.4.1.1.481.5",
 }
+ION_PLAN_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.481.8"  # RT Ion Plan
 KIND_OF = {uid: kind for kind, uid in SOP_CLASSES.items()}
-KIND_OF["1.2.840.10008.5.1.4.1.1.481.8"] = "RTPLAN"  # RT Ion Plan: read so that it is refused by name (rtplan)
+KIND_OF[ION_PLAN_SOP_CLASS] = "RTPLAN"  # read so that it is refused by name (rtplan.refusal)
 
 
 @dataclass

@@ -197,11 +197,11 @@ def write_rtplan(case: Case, struct_uid: str, roi_numbers: dict[str, int], path:
     ref = Dataset()
     ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID = SOP_CLASSES["RTSTRUCT"], struct_uid
     ds.ReferencedStructureSetSequence = Sequence([ref])
-    refs = []
+    refs, names = [], roi_names(case)
     for i, target in enumerate(plan.targets, start=1):
         dr = Dataset()
         dr.DoseReferenceNumber, dr.DoseReferenceUID = i, new_uid(root)
-        dr.DoseReferenceStructureType, dr.DoseReferenceDescription = "VOLUME", roi_names(case).get(target, target)[:64]
+        dr.DoseReferenceStructureType, dr.DoseReferenceDescription = "VOLUME", names.get(target, target)[:64]
         if target in roi_numbers:
             dr.ReferencedROINumber = roi_numbers[target]
         dr.DoseReferenceType, dr.TargetPrescriptionDose = "TARGET", ds_number(plan.prescriptions[target])
