@@ -88,12 +88,13 @@ def _screen(fed: Any, replies: dict[int, Message], sa: SecAggRound, base: dict, 
     good, rows = [], []
     for who in fed.sites.identify(list(replies.values()), {}, set(down)):
         frame = {**base, "site": who.site, "node_id": who.node}
-        if _asks_for_vae(who.reply):  # its cached VAE is not the global one: sent with its next round
+        asks_vae = _asks_for_vae(who.reply)
+        if asks_vae:  # its cached VAE is not the global one: sent with its next round
             fed.vae_nodes.discard(who.node)
         if who.refusal is not None or who.node not in sa.state.vectors:
             row = fed.sites._reply_row(who, base, down)
-            if row["kind"] == "error" and who.node not in sa.state.vectors and who.refusal is None:
-                row["reason"] = ("asked for the global VAE (sent with its next round)" if _asks_for_vae(who.reply)
+            if row["kind"] == "error" and who.refusal is None:  # (so no masked vector came)
+                row["reason"] = ("asked for the global VAE (sent with its next round)" if asks_vae
                                  else row["reason"].replace("reply without weights/metrics", "no usable masked update"))
             rows.append(row)
             continue

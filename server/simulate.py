@@ -338,14 +338,16 @@ def cmd_simulate(args) -> int:
         why = out.get("error") or folder.read_run_json().get("error") or "the federated run did not complete"
         print(f"addiff: error: {why}; see {folder.metrics}", file=sys.stderr)
         return 1
+    from addiff_core.cross_site import CROSS_SITE_MD
+
+    cross_md = folder.path / CROSS_SITE_MD
     print(f"\nfederated run complete in {took:.0f} s\n"
           f"  per-site table : {folder.final_md} (also .csv, .json)\n"
           f"  round metrics  : {folder.metrics}\n"
           f"  checkpoints    : {folder.checkpoints}\n"
           f"  final model    : {folder.final_model}"
           + (f"\n  report         : {folder.report_md} (+ .html, figures/)" if folder.report_md.is_file() else "")
-          + (f"\n  cross-site     : {folder.path / 'cross_site.md'} (+ .csv, .json)"
-             if (folder.path / "cross_site.md").is_file() else ""))
+          + (f"\n  cross-site     : {cross_md} (+ .csv, .json)" if cross_md.is_file() else ""))
     return 0
 
 
