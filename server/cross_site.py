@@ -24,8 +24,6 @@ from __future__ import annotations
 import logging
 import math
 
-import numpy as np
-
 from addiff_core.cross_site import MATRIX_METRICS, Matrix, ModelRow, bounded, cell_of
 
 from client.protocol import (ARRAYS_KEY, CONFIG_KEY, LAYOUT_KEY, METRICS_KEY, SITE_KEY, decode, encode, from_record,
@@ -35,7 +33,7 @@ from client.site_models import ADAPT_ACTION, CROSS_ACTION, MODEL_STATUSES, MODEL
 from .federation import Federation
 from .final_table import expected_sites, final_notes, write_tables
 from .replies import failure_reason, sent_to
-from .validation import check_count
+from .validation import check_arrays, check_count, spec_of
 
 log = logging.getLogger("flwr.addiff")
 
@@ -178,12 +176,10 @@ class SiteModels:
         except (ValueError, TypeError, KeyError) as e:
             log.warning("%s %s: shared weights unusable (%s): evaluated at home only", site, model, type(e).__name__)
             return None
-        ok = set(got) == set(self.fed.arrays) and all(
-            np.asarray(got[k]).shape == self.fed.shapes[k] and np.asarray(got[k]).dtype == self.fed.dtypes[k]
-            and np.isfinite(np.asarray(got[k])).all() for k in got)
-        if not ok:
-            log.warning("%s %s: shared weights do not fit the model: evaluated at home only", site, model)
-        return got if ok else None
+        reason = check_arrays(got, spec_of(self.fed.arrays))
+        if reason:
+            log.warning("%s %s: shared weights do not fit the model (%s): evaluated at home only", site, model, reason)
+        return None if reason else got
 
     # -- 2. shared models at the other sites -----------------------------------------------
     def _evaluate_elsewhere(self, shared: dict[str, tuple[int, dict]], matrix: Matrix) -> None:

@@ -33,6 +33,11 @@ def spec_of(arrays: dict[str, np.ndarray]) -> dict[str, ArraySpec]:
 def check_reply(arrays: dict[str, np.ndarray], num_examples, spec: dict[str, ArraySpec],
                 max_num_examples: int) -> str | None:
     """None if the reply may be aggregated, else the reason it may not (one line)."""
+    return check_arrays(arrays, spec) or check_count(num_examples, max_num_examples)
+
+
+def check_arrays(arrays: dict[str, np.ndarray], spec: dict[str, ArraySpec]) -> str | None:
+    """None if ``arrays`` are exactly the model's (names, shapes, dtypes, finite), else why not."""
     missing = sorted(set(spec) - set(arrays))
     extra = sorted(set(arrays) - set(spec))
     if missing or extra:
@@ -48,7 +53,7 @@ def check_reply(arrays: dict[str, np.ndarray], num_examples, spec: dict[str, Arr
         if v.dtype.kind in "fc" and not np.isfinite(v).all():
             bad = int(v.size - np.isfinite(v).sum())
             return f"{k}: {bad} non-finite value(s) (NaN/inf)"
-    return check_count(num_examples, max_num_examples)
+    return None
 
 
 def check_count(num_examples, max_num_examples: int, minimum: int = 1, key: str = "num-examples") -> str | None:
