@@ -21,7 +21,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 import SimpleITK as sitk
@@ -391,6 +391,17 @@ def is_case_dir(p: str | Path) -> bool:
     training, predict and the output checks all ask this."""
     p = Path(p)
     return p.is_dir() and any((p / m).exists() for m in CASE_MARKERS)
+
+
+CASE_ENTRIES = frozenset({"ct.nii.gz", "dose.nii.gz", "possible_dose_mask.nii.gz", "plan.yaml", "masks"})
+"""What :func:`save_case` writes into a case folder."""
+
+
+def only_case_entries(folder: str | Path, extra: Iterable[str] = ()) -> bool:
+    """Is ``folder`` a directory holding nothing but what an importer writes into a case
+    (:data:`CASE_ENTRIES` and its own ``extra`` files)? Only such a folder may be replaced."""
+    folder, allowed = Path(folder), CASE_ENTRIES | set(extra)
+    return folder.is_dir() and all(p.name in allowed for p in folder.iterdir())
 
 
 def list_cases(data_dir: str | Path) -> list[Path]:

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .case_io import Beam, CaseError, Plan, plan_from_dict, save_case, staged_case_dir
+from .case_io import Beam, CaseError, Plan, only_case_entries, plan_from_dict, save_case, staged_case_dir
 
 GRID_SHAPE = (128, 128, 128)  # OpenKBP (row, column, slice)
 TARGETS = {"PTV70": 70.0, "PTV63": 63.0, "PTV56": 56.0}
@@ -47,7 +47,6 @@ STRUCTURES = tuple(TARGETS) + OARS
 FRACTIONS = 35
 GANTRY_ANGLES = tuple(range(0, 360, 40))  # nine equispaced coplanar 6 MV fields
 CT_OFFSET = 1024
-_CASE_FILES = {"ct.nii.gz", "dose.nii.gz", "possible_dose_mask.nii.gz", "plan.yaml", "masks"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -177,7 +176,7 @@ def import_openkbp_patient(src_dir: str | Path, out_dir: str | Path) -> Path:
         raise CaseError(src_dir, ".", "OpenKBP patient folder not found")
     if not (src_dir / "ct.csv").is_file():
         raise CaseError(src_dir, "ct.csv", "missing (every OpenKBP patient has a CT)")
-    if out_dir.exists() and (not out_dir.is_dir() or any(p.name not in _CASE_FILES for p in out_dir.iterdir())):
+    if out_dir.exists() and not only_case_entries(out_dir):
         raise FileExistsError(f"{out_dir}: exists and is not a case folder; not overwriting")
     shape = GRID_SHAPE
     vd = read_voxel_dimensions(src_dir)

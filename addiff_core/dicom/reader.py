@@ -30,7 +30,8 @@ import numpy as np
 import SimpleITK as sitk
 import yaml
 
-from ..case_io import BODY_NAME, OAR_NAMES, TUMOUR_SITES, CaseError, plan_from_dict, save_case, staged_case_dir
+from ..case_io import (BODY_NAME, OAR_NAMES, TUMOUR_SITES, CaseError, only_case_entries, plan_from_dict, save_case,
+                       staged_case_dir)
 from .contours import contours_to_mask
 from .mapping import ImportMapping
 from .names import NameMapper, infer_tumour_site, site_from_text, unsupported_site
@@ -42,7 +43,6 @@ from .volumes import DicomDataError, dose_on_grid, read_ct_series, read_rtdose
 __all__ = ["PatientResult", "ImportSummary", "import_patient", "import_dicom", "DICOM_INFO_FILE"]
 
 DICOM_INFO_FILE = "dicom.yaml"
-_CASE_ENTRIES = {"ct.nii.gz", "dose.nii.gz", "possible_dose_mask.nii.gz", "plan.yaml", "masks", DICOM_INFO_FILE}
 
 
 @dataclass
@@ -243,8 +243,7 @@ def _same_patient(case_dir: Path, patient_id: str, plan_uid: str) -> bool:
     the same PatientID and RTPLAN): only then may a new import replace it."""
     from ..config import ConfigError, load_yaml  # the one safe loader
 
-    if not patient_id or not plan_uid or case_dir.is_symlink() or not case_dir.is_dir() \
-            or any(p.name not in _CASE_ENTRIES for p in case_dir.iterdir()):
+    if not patient_id or not plan_uid or case_dir.is_symlink() or not only_case_entries(case_dir, {DICOM_INFO_FILE}):
         return False
     try:
         info = load_yaml(case_dir / DICOM_INFO_FILE)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from ..case_io import CaseError, save_case, staged_case_dir
+from ..case_io import CaseError, only_case_entries, save_case, staged_case_dir
 from ..errors import UserError
 from .convert import convert
 from .metric import INFO_FILE
@@ -32,7 +32,6 @@ from .sources import HELDOUT_PHASES, MetaRow, find_beside, levels, patient_id, r
 SITES_BY = ("cohort", "site", "none")
 SITE_FILE_HEADER = "# GDP-HMM import"  # the first line of every site file written here
 ALL_GROUP = "gdp_hmm"
-_CASE_ENTRIES = {"ct.nii.gz", "dose.nii.gz", "possible_dose_mask.nii.gz", "plan.yaml", "masks", INFO_FILE}
 _SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}")
 
 
@@ -118,7 +117,7 @@ def _write_site_file(out: Path, name: str, phases: dict[str, str | None], by: st
 def _import_one(npz: Path, dest: Path, ptv_dict: dict, row: MetaRow | None, normalise_d97: bool) -> Path:
     plan_id = npz.name[: -len(".npz")]
     pid = patient_id(plan_id)
-    if dest.exists() and (not dest.is_dir() or any(p.name not in _CASE_ENTRIES for p in dest.iterdir())):
+    if dest.exists() and not only_case_entries(dest, {INFO_FILE}):
         raise FileExistsError(f"{dest}: exists and is not a case folder; not overwriting")
     lv = levels(ptv_dict, pid)
     c = convert(load_plan_dict(npz), plan_id, pid, lv, row, normalise_d97)
