@@ -1,17 +1,10 @@
 """Beam geometry on a voxel grid: directions, beam's-eye-view apertures, radiological depth and
-the GDP-HMM style "beam plate". Pure numpy/scipy; used by the phantom dose engine (``synth``)
-and by the model's preprocessing.
+the GDP-HMM style "beam plate", for the phantom dose engine (``synth``) and the preprocessing.
 
-Conventions
------------
-* Arrays are (z, y, x) (SimpleITK numpy order); ``spacing`` is (x, y, z) in mm.
-* Patient coordinates are LPS: +x = patient left, +y = posterior, +z = superior. The image
-  direction matrix is assumed to be the identity (axial, head-first supine), which is what every
-  case in this project uses. Positions inside this module are *grid millimetres*: voxel (k, j, i)
-  sits at (x, y, z) = (i * sx, j * sy, k * sz), i.e. LPS minus the image origin. Only differences
-  of positions matter here, so the origin never enters.
-* Angles follow IEC 61217 for a head-first supine patient (see :func:`beam_direction`).
-* The isocentre defaults to the centroid of the target mask (the volume centre if it is empty).
+Arrays are (z, y, x), ``spacing`` (x, y, z) mm. Positions are LPS *grid millimetres*: voxel
+(k, j, i) sits at (i * sx, j * sy, k * sz) (identity direction matrix, head-first supine, as every
+case here; only differences matter, so the origin never enters). Angles follow IEC 61217. The
+isocentre defaults to the target's centroid (the volume centre if the target is empty).
 """
 from __future__ import annotations
 
@@ -35,21 +28,11 @@ __all__ = [
 # directions
 # --------------------------------------------------------------------------------------------
 def beam_direction(gantry_deg: float, couch_deg: float = 0.0) -> np.ndarray:
-    """Unit vector of beam *travel* (source -> isocentre) in LPS (x, y, z) patient coordinates.
-
-    IEC 61217, head-first supine patient. In the IEC fixed system X_f points to the patient's left,
-    Y_f towards the gantry (= patient superior) and Z_f up (= anterior), so LPS = (X, -Z, Y). The
-    source sits at (sin g, 0, cos g) * SAD in the gantry frame: gantry 0 = source anterior, the
-    beam travels posterior (+y); gantry 90 = source at the patient's left, the beam travels
-    towards the patient's right (-x); gantry 180 -> -y (anterior); gantry 270 -> +x.
-    The couch (patient support) rotates about the vertical axis Z_f, positive counter-clockwise
-    seen from above; in patient coordinates the source direction becomes
-    (sin g cos c, -sin g sin c, cos g) (IEC patient-support frame), hence
-
-        direction_LPS = (-sin g cos c, cos g, sin g sin c).
-
-    E.g. gantry 90, couch 90: the source is at the patient's feet and the beam travels superior.
-    """
+    """Unit vector of beam *travel* (source -> isocentre) in LPS (x, y, z), IEC 61217, head-first
+    supine: IEC fixed (X, Y, Z) = (left, superior, anterior), so LPS = (X, -Z, Y); the source sits
+    at (sin g cos c, -sin g sin c, cos g) (couch counter-clockwise seen from above), hence
+    ``(-sin g cos c, cos g, sin g sin c)``. Gantry 0 travels +y (posterior), 90 -x; gantry 90 with
+    couch 90 travels superior."""
     g = math.radians(float(gantry_deg))
     c = math.radians(float(couch_deg))
     d = np.array([-math.sin(g) * math.cos(c), math.cos(g), math.sin(g) * math.sin(c)], dtype=np.float64)
@@ -58,10 +41,8 @@ def beam_direction(gantry_deg: float, couch_deg: float = 0.0) -> np.ndarray:
 
 
 def bev_basis(direction: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
-    """Two unit vectors (u, v) spanning the plane perpendicular to ``direction`` (BEV axes).
-
-    For a coplanar beam (couch 0) v is +-z (superior-inferior) and u lies in the axial plane.
-    """
+    """Two unit vectors (u, v) spanning the plane perpendicular to ``direction`` (BEV axes); for a
+    coplanar beam v is +-z and u lies in the axial plane."""
     d = np.asarray(direction, dtype=np.float64)
     d = d / np.linalg.norm(d)
     ref = np.array([0.0, 0.0, 1.0]) if abs(d[2]) < 0.9 else np.array([0.0, 1.0, 0.0])
@@ -109,21 +90,16 @@ def source_position(isocentre: Sequence[float], direction: Sequence[float], sad_
 
 
 def hu_to_density(hu: np.ndarray) -> np.ndarray:
-    """Relative electron density (water = 1) from HU; a bilinear CT calibration curve.
-
-    Air -1000 -> 0, water 0 -> 1, dense bone 1000 -> ~1.6 (float32, clipped to [0, 3]).
-    """
+    """Relative electron density (water = 1) from HU, bilinear: -1000 -> 0, 0 -> 1, 1000 -> 1.6
+    (float32, clipped to [0, 3])."""
     hu = np.asarray(hu, dtype=np.float32)
     rho = np.where(hu <= 0, 1.0 + hu / 1000.0, 1.0 + hu * 0.0006)
     return np.clip(rho, 0.0, 3.0).astype(np.float32)
 
 
 class VoxelCoords:
-    """Voxel-centre positions relative to an isocentre, for the full grid or a subset of voxels.
-
-    ``index``: optional flat indices (into the (z, y, x) grid) of the voxels wanted; then every
-    result is a 1-D array over those voxels, else a (z, y, x) array built by broadcasting.
-    """
+    """Voxel-centre positions relative to an isocentre: of the flat (z, y, x) indices ``index``
+    (1-D results), or of the whole grid (broadcast (z, y, x) results)."""
 
     def __init__(self, shape: Sequence[int], spacing: Sequence[float], isocentre: Sequence[float],
                  index: np.ndarray | None = None):
@@ -161,12 +137,9 @@ class VoxelCoords:
 
 def bev_coordinates(coords: VoxelCoords, direction: Sequence[float], sad_mm: float | None = 1000.0
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Beam's-eye-view coordinates of voxels: ``(pu, pv, r2)``.
-
-    ``pu, pv``: coordinates (mm) perpendicular to the beam axis, projected to the isocentre plane
-    along the diverging ray from the source (``sad_mm=None``: parallel projection); ``r2``:
-    squared distance (mm^2) from the source (``inf`` when ``sad_mm`` is None).
-    """
+    """Beam's-eye-view ``(pu, pv, r2)``: mm across the beam axis, projected to the isocentre plane
+    along the ray from the source (``sad_mm=None``: parallel), and the squared distance (mm^2)
+    from the source (``inf`` when parallel)."""
     d = np.asarray(direction, dtype=np.float64)
     d = d / np.linalg.norm(d)
     u, v = bev_basis(d)
@@ -232,10 +205,8 @@ def _default_pixel(spacing: Sequence[float]) -> float:
 def aperture_from_points(pu: np.ndarray, pv: np.ndarray, spacing: Sequence[float], margin_mm: float = 5.0,
                          pad_mm: float = 0.0, pixel_mm: float | None = None, grid: BEVGrid | None = None
                          ) -> tuple[BEVGrid, np.ndarray]:
-    """Field shape from the BEV coordinates of a target's voxels (see :func:`target_bev`).
-
-    ``grid``: draw on this grid instead of a new one fitted to the points (+ margin + ``pad_mm``).
-    """
+    """Field shape ``(grid, aperture)`` from the BEV coordinates of a target's voxels; the
+    arguments as :func:`target_bev`'s, and ``grid`` to draw on instead of one fitted to the points."""
     pu = np.asarray(pu, dtype=np.float32).ravel()
     pv = np.asarray(pv, dtype=np.float32).ravel()
     pixel = float(pixel_mm) if pixel_mm else (grid.pixel if grid is not None else _default_pixel(spacing))
@@ -260,12 +231,17 @@ def aperture_from_points(pu: np.ndarray, pv: np.ndarray, spacing: Sequence[float
 def target_bev(target_mask: np.ndarray, spacing: Sequence[float], direction: Sequence[float],
                isocentre: Sequence[float] | None = None, sad_mm: float | None = 1000.0, margin_mm: float = 5.0,
                pad_mm: float = 0.0, pixel_mm: float | None = None) -> tuple[BEVGrid, np.ndarray]:
-    """The target's projection in the beam's-eye view, dilated by ``margin_mm``: the field shape.
+    """The field shape: the target's beam's-eye-view projection dilated by ``margin_mm``, each voxel
+    a disk of half its largest spacing (no gaps), holes filled.
 
-    Returns ``(grid, aperture)``: a :class:`BEVGrid` covering the aperture plus ``pad_mm`` on every
-    side and a bool image on it. Each target voxel is taken as a disk of half its largest spacing
-    (so a solid target projects without gaps); interior holes are filled.
-    An empty target gives a 1x1 grid with an empty aperture.
+    Args:
+        target_mask: (z, y, x); spacing: (x, y, z) mm; direction: LPS unit vector of travel.
+        isocentre: grid mm (None: the target's centroid); sad_mm: None for a parallel projection.
+        margin_mm, pad_mm: dilation, and extra grid on every side; pixel_mm: None for the default.
+
+    Returns:
+        ``(grid, aperture)``: a :class:`BEVGrid` and a bool image on it (1x1 and empty for an
+        empty target).
     """
     m = np.asarray(target_mask) > 0
     iso = target_centroid(m, spacing) if isocentre is None else np.asarray(isocentre, dtype=np.float64)
@@ -279,10 +255,8 @@ def target_bev(target_mask: np.ndarray, spacing: Sequence[float], direction: Seq
 def aperture_mask(target_mask: np.ndarray, spacing: Sequence[float], gantry: float, couch: float = 0.0,
                   margin_mm: float = 5.0, isocentre: Sequence[float] | None = None,
                   sad_mm: float | None = 1000.0) -> np.ndarray:
-    """Bool (z, y, x) mask of the voxels inside the field of one beam: those whose beam's-eye-view
-    coordinates (diverging from the source at ``sad_mm``; None = parallel) fall inside the
-    target's projection dilated by ``margin_mm``. The whole ray is included, in front of and
-    behind the target."""
+    """Bool (z, y, x) mask of the voxels in one beam's field (:func:`target_bev`, same arguments),
+    the whole ray, in front of and behind the target."""
     m = np.asarray(target_mask) > 0
     iso = target_centroid(m, spacing) if isocentre is None else np.asarray(isocentre, dtype=np.float64)
     d = beam_direction(gantry, couch)
@@ -311,14 +285,9 @@ def _shift_bilinear(padded: np.ndarray, fl: tuple[int, int], w: tuple[float, flo
 
 
 def radiological_depth(density: np.ndarray, spacing: Sequence[float], direction: Sequence[float]) -> np.ndarray:
-    """Water-equivalent depth (mm) of every voxel centre along a beam travelling along ``direction``
-    (LPS unit vector), measured from where the ray enters the volume (outside = vacuum).
-
-    Slice march along the grid axis closest to the beam: the depth of a voxel is the depth at the
-    point one slice upstream on its ray (bilinear interpolation in that slice, zero where the ray
-    comes from outside the volume) plus the path length times the mean density of the two
-    points. O(voxels), vectorised per slice; lateral numerical diffusion of about a voxel.
-    """
+    """Water-equivalent depth (mm) of every voxel centre along ``direction`` (LPS unit vector),
+    from where the ray enters the volume (outside = vacuum). A slice march along the axis closest
+    to the beam, bilinear one slice upstream: O(voxels), about a voxel of lateral blur."""
     rho = np.asarray(density, dtype=np.float32)
     d = np.asarray(direction, dtype=np.float64)
     d = d / np.linalg.norm(d)
@@ -357,14 +326,9 @@ def radiological_depth(density: np.ndarray, spacing: Sequence[float], direction:
 def beam_plate(target_mask: np.ndarray, spacing: Sequence[float], beams: Sequence[Beam], sad_mm: float = 1000.0,
                margin_mm: float = 5.0, isocentre: Sequence[float] | None = None,
                arc_step_deg: float = 10.0) -> np.ndarray:
-    """GDP-HMM style beam-geometry volume (float32, (z, y, x)).
-
-    For every static beam: the voxels on rays from the source (isocentre - SAD * direction)
-    through the target, i.e. the target's beam's-eye-view projection dilated by ``margin_mm``,
-    weighted by the inverse square law (SAD / distance from the source)^2; summed over beams.
-    Pass static beams (``Plan.expanded_beams()``); arcs given anyway are sampled every
-    ``arc_step_deg``. An empty target gives zeros.
-    """
+    """GDP-HMM style beam-geometry volume (float32, (z, y, x); zeros for an empty target): per
+    static beam, its field (:func:`aperture_mask`, same arguments) weighted by (SAD / distance from
+    the source)^2, summed; arcs are sampled every ``arc_step_deg``."""
     m = np.asarray(target_mask) > 0
     out = np.zeros(m.shape, np.float32)
     if not m.any():

@@ -144,36 +144,32 @@ class ModelConfig:
     train_timesteps: int = 1000
     beta_start: float = 1e-4
     beta_end: float = 0.02
-    sample_steps: int = 1  # DDIM steps; x0 prediction: 1 step scored as well as 10 (BENCHMARKS.md)
-    # Training timesteps t / (T - 1) ~ Beta(timestep_bias, 1): 1 uniform, 3 density rising as t^2
-    # towards the high noise levels where a few-step sampler decides the prediction.
+    # DDIM steps: an x0 model's first step lands on the conditional mean
+    # (BENCHMARKS.md, "DDIM steps (x0 model) and the uncertainty map")
+    sample_steps: int = 1
+    # training t / (T - 1) ~ Beta(timestep_bias, 1): weight on the high noise levels where a
+    # few-step sampler decides the prediction (1: uniform)
     timestep_bias: float = 3.0
-    # Weight of the clinical-constraint squared hinge in the loss: of ADDiff's diffusion stage
-    # (on the decoded x0 estimate) and of the U-Net baseline. Measured at equal CPU-seconds
-    # (BENCHMARKS.md): off was better for ADDiff on every metric, constraint compliance included,
-    # while it helped the U-Net; hence one weight per model.
+    # clinical-constraint squared hinge in the loss (ADDiff: on the decoded x0 estimate), one weight
+    # per model (BENCHMARKS.md, "ADDiff-Dose design ablation")
     constraint_weight: float = 0.0
     unet_constraint_weight: float = 0.5
     kl_weight: float = 1e-6
-    # Diffusion stage: weight of the L1 between the decoded x0 estimate and the dose (inside the
-    # evaluation region), beside the latent MSE: the error that the metrics measure.
+    # diffusion stage: L1 of the decoded x0 estimate vs the dose in the evaluation region, beside
+    # the latent MSE (the error the metrics measure)
     dose_l1_weight: float = 20.0
-    # What the denoiser predicts: x0 (the clean latent), v, or epsilon (the noise). Measured on
-    # synthetic 32^3 (BENCHMARKS.md, ablation): x0 is the only one that samples well at these budgets.
+    # what the denoiser predicts: "x0", "v" or "epsilon" (BENCHMARKS.md, "ADDiff-Dose design ablation")
     prediction_type: str = "x0"
-    # What the VAE decoder reads besides its latent: "none" (the latent alone, so the diffusion
-    # decides the dose), "ct" (the CT too) or "planning" (CT, targets, OARs, beam plate: it can
-    # then predict the dose without its latent; issue #24).
+    # what the VAE decoder reads besides its latent: "none" (so the diffusion decides the dose),
+    # "ct", or "planning" (CT, targets, OARs, beam plate); issue #24
     decoder_anatomy: str = "none"
-    # Residual autoencoding (DC-AE, Chen et al. 2025): each latent channel holds the mean dose of
-    # its share of the latent cell plus what the encoder learns, and the decoder adds the share's
-    # value back, so an untrained VAE is a block-average codec and training learns the residual.
+    # residual autoencoding (DC-AE, Chen et al.): a latent channel starts as its block's mean dose,
+    # so training learns only the residual
     residual_latent: bool = True
-    # Probability that the VAE decodes z = 0 in training (per case): with an anatomy-aware decoder
-    # it made z = 0 decode to a plausible dose, and the latent useless (issue #24).
+    # P(the VAE decodes z = 0) per training case; with an anatomy-aware decoder it made the latent
+    # useless (issue #24)
     latent_dropout: float = 0.0
-    # Region of the VAE's reconstruction L1: "body" (the evaluation region, as the metrics and the
-    # U-Net's loss) or "grid" (every voxel, the old design).
+    # VAE reconstruction L1 over "body" (the evaluation region) or "grid" (every voxel)
     vae_loss_region: str = "body"
 
     @property
@@ -307,10 +303,9 @@ class PrivacyConfig:
     max_grad_norm: float = 1.0
     noise_multiplier: float | None = None  # used instead of target_epsilon when set
     accountant: str = "rdp"  # rdp | prv
-    # how per-sample gradients are computed: microbatch (default: one backward pass per sample,
-    # privacy.per_sample_backward; with models.cpu_conv 1.4-2.3x a plain step on a 2-core CPU, vs
-    # 2.0-3.0x for functorch: bench/results/dp_step_time), functorch (Opacus, torch.func.vmap),
-    # hooks (Opacus' per-layer grad samplers); Opacus' "ew" leaves some parameters without them
+    # per-sample gradients: microbatch (one backward per sample, privacy.per_sample_backward; the
+    # cheapest on CPU: BENCHMARKS.md, "Differential privacy"), functorch (Opacus' vmap) or hooks
+    # (Opacus' per-layer grad samplers); Opacus' "ew" leaves some parameters without them
     grad_sample_mode: str = "microbatch"
 
 

@@ -100,18 +100,10 @@ def sample_uncertainty(mean: np.ndarray, std: np.ndarray, ref: np.ndarray, mask:
 # OpenKBP scores (patient level; cohorts and sites combine them below)
 # --------------------------------------------------------------------------------------------
 def openkbp_dose_score(pred: np.ndarray, ref: np.ndarray, possible_dose_mask: np.ndarray | None) -> float:
-    """OpenKBP dose score of one patient, as the official evaluation code computes it (Gy):
-    ``sum |pred - ref|`` over ALL voxels of the grid, divided by the number of possible-dose-mask
-    voxels.
-
-    The official pipeline multiplies every prediction by the possible-dose mask before it is saved
-    and scored (here :func:`addiff_core.regions.zero_outside` does that for every prediction the
-    project writes or scores). This function does not mask: dose predicted outside the mask is
-    counted against the prediction, as the official evaluator counts it. For a masked prediction
-    and a reference that is 0 outside the mask (OpenKBP's) the score equals the MAE inside the
-    mask. ``None``: every voxel is in the mask. nan for an empty mask. The cohort score is the
-    mean over patients.
-    """
+    """OpenKBP dose score of one patient as the official code computes it (Gy): ``sum |pred - ref|``
+    over ALL voxels / the number of possible-dose-mask voxels (None: every voxel; nan if empty).
+    It does not mask: the pipeline zeroes predictions outside the mask first
+    (:func:`addiff_core.regions.zero_outside`), so the score is then the MAE inside it."""
     pred, ref = _check_pair(pred, ref)
     n = int(as_mask(possible_dose_mask, ref.shape).sum())
     return float(np.abs(pred - ref).sum() / n) if n else math.nan
@@ -119,13 +111,18 @@ def openkbp_dose_score(pred: np.ndarray, ref: np.ndarray, possible_dose_mask: np
 
 def openkbp_dvh_errors(pred: np.ndarray, ref: np.ndarray, structures: Mapping[str, np.ndarray],
                        voxel_volume_cc: float, target_names: Iterable[str], signed: bool = False) -> dict[str, float]:
-    """Absolute DVH-point errors ``|point(pred) - point(ref)|`` (Gy) of one patient, OpenKBP style
-    (``signed``: ``point(pred) - point(ref)``, negative where the prediction is colder).
+    """DVH-point errors ``|point(pred) - point(ref)|`` (Gy) of one patient, OpenKBP style: targets
+    ``D99``/``D95``/``D1``, OARs ``D_0.1cc``/``mean``, whole structures (not clipped to the mask).
 
-    Structures named in ``target_names`` are targets (points ``D99``, ``D95``, ``D1``); all others
-    are OARs (``D_0.1cc`` and ``mean``). Keys are ``"<structure>/<point>"``, e.g.
-    ``"PTV70/D95"``, ``"SpinalCord/D_0.1cc"``, ``"SpinalCord/mean"``. As in OpenKBP, the whole
-    structure is used (it is not clipped to the possible-dose mask); empty structures are skipped.
+    Args:
+        pred, ref: doses (z, y, x) in Gy.
+        structures: name -> mask; empty structures are skipped.
+        voxel_volume_cc: one voxel's volume in cm^3.
+        target_names: the structures scored as targets.
+        signed: ``point(pred) - point(ref)`` instead (negative where the prediction is colder).
+
+    Returns:
+        ``{"<structure>/<point>": error}``, e.g. ``"PTV70/D95"``, ``"SpinalCord/D_0.1cc"``.
     """
     pred, ref = _check_pair(pred, ref)
     targets = set(target_names)
@@ -148,8 +145,8 @@ def openkbp_dvh_errors(pred: np.ndarray, ref: np.ndarray, structures: Mapping[st
 
 def openkbp_dvh_score(pred: np.ndarray, ref: np.ndarray, structures: Mapping[str, np.ndarray],
                       voxel_volume_cc: float, target_names: Iterable[str]) -> float:
-    """OpenKBP DVH score of one patient: the mean of :func:`openkbp_dvh_errors` (Gy); nan if no
-    structure is non-empty."""
+    """OpenKBP DVH score of one patient: the mean of :func:`openkbp_dvh_errors` (same arguments; Gy);
+    nan if every structure is empty."""
     errs = openkbp_dvh_errors(pred, ref, structures, voxel_volume_cc, target_names)
     return float(np.mean(list(errs.values()))) if errs else math.nan
 
@@ -167,13 +164,9 @@ def _finite(v: Any) -> float | None:
 
 
 def cohort_dvh_score(errors: Iterable[Mapping[str, float]]) -> float:
-    """OpenKBP DVH score of a cohort (Gy): ONE mean over every (patient, structure, metric) cell
-    that exists, as OpenKBP's ``nanmean`` over its patients x (metric, structure) table; not the
-    mean of per-patient means (patients have different numbers of structures).
-
-    ``errors``: one :func:`openkbp_dvh_errors` mapping per patient. Non-finite cells are left out
-    (OpenKBP's nanmean). nan when there is no cell.
-    """
+    """OpenKBP DVH score of a cohort (Gy) from one :func:`openkbp_dvh_errors` mapping per patient:
+    ONE mean over every finite cell, as OpenKBP's ``nanmean``, not a mean of per-patient means
+    (patients have different numbers of structures). nan when there is no cell."""
     cells = [x for e in errors for x in (_finite(v) for v in e.values()) if x is not None]
     return float(np.mean(cells)) if cells else math.nan
 
@@ -216,12 +209,9 @@ def cohort_means(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
 
 def combine_site_means(rows: Sequence[Mapping[str, Any]], keys: Iterable[str],
                        cases_key: str = "cases") -> dict[str, float]:
-    """The all-sites value of each of ``keys`` from per-site rows of cohort values: the mean
-    weighted by each site's number of cases (``row[cases_key]``), except ``openkbp_dvh_score``,
-    weighted by the site's ``dvh_cells`` (so that it is one mean over every DVH cell of all
-    sites, as OpenKBP scores a cohort), and ``dvh_cells``, summed. Sites without a finite value or
-    with no weight are left out (nan if none is left). Rows from before ``dvh_cells`` existed:
-    the DVH score falls back to the case weights when a site with a score lacks ``dvh_cells``."""
+    """All-sites value of each of ``keys`` from per-site cohort rows: weighted by ``row[cases_key]``,
+    except ``openkbp_dvh_score`` (by ``dvh_cells``, one mean over all cells; by cases for rows
+    written before ``dvh_cells`` existed) and ``dvh_cells`` (summed). nan if no site has a value."""
     cases = [r.get(cases_key) for r in rows]
     out: dict[str, float] = {}
     for k in keys:
@@ -280,8 +270,8 @@ def paddick_ci(dose: np.ndarray, target: np.ndarray, rx: float) -> float:
 # --------------------------------------------------------------------------------------------
 def isodose_dice(pred: np.ndarray, ref: np.ndarray, rx: float, levels: Sequence[float] = ISODOSE_LEVELS,
                  mask: np.ndarray | None = None) -> dict[float, float]:
-    """Dice of ``{pred >= L * rx}`` and ``{ref >= L * rx}`` (within ``mask``) for each level ``L``
-    (a fraction of the prescription). Dice is 1.0 when both isodose volumes are empty."""
+    """Dice of ``{pred >= L * rx}`` and ``{ref >= L * rx}`` within ``mask`` (None: all voxels) per
+    level ``L`` (a fraction of the prescription ``rx`` in Gy); 1.0 when both volumes are empty."""
     pred, ref = _check_pair(pred, ref)
     m = as_mask(mask, ref.shape)
     p, r = pred[m], ref[m]
@@ -337,23 +327,24 @@ def constraint_compliance(dose: np.ndarray, masks: Mapping[str, np.ndarray], pla
 
 def case_metrics(pred: np.ndarray, ref: np.ndarray, masks: Mapping[str, np.ndarray], plan: Plan,
                  spacing: Sequence[float], eval_mask: np.ndarray | None, gamma: bool = True) -> dict[str, float]:
-    """One-stop summary of a predicted dose against the reference (all values plain floats).
+    """Every metric of a predicted dose against the reference (plain floats).
 
-    ``masks`` maps structure names to boolean arrays; names in ``plan.prescriptions`` are targets,
-    the rest OARs; a body mask (``Body``/``External``) is ignored for DVH scoring. ``eval_mask``
-    is the evaluation region (:func:`addiff_core.regions.evaluation_region`; None = every voxel)
-    used for MAE, the dose score, isodose Dice and gamma. ``pred`` is scored as given: the
-    pipeline zeroes it outside the region first, as OpenKBP's does (see
-    :func:`openkbp_dose_score`). Keys:
+    Args:
+        pred, ref: doses (z, y, x) in Gy; ``pred`` is scored as given (the pipeline zeroes it
+            outside the region first, as OpenKBP's does).
+        masks: structure -> mask; ``plan.prescriptions`` names the targets, a body mask
+            (``Body``/``External``) is not DVH-scored.
+        plan: prescriptions and tumour site (the constraints).
+        spacing: (x, y, z) mm.
+        eval_mask: the evaluation region for MAE, dose score, isodose Dice and gamma (None: all).
+        gamma: False skips the gamma pass rate (nan).
 
-    ``mae_gy``, ``mae_pct_rx`` (100 * MAE / highest Rx), ``openkbp_dose_score``,
-    ``openkbp_dvh_score`` (mean of this case's DVH cells), ``dvh_cells`` (their number, the
-    weight of this case in a cohort's DVH score: :func:`cohort_means`), ``hi_pred``, ``hi_ref``,
-    ``ci_rtog_pred``, ``ci_rtog_ref``,
-    ``paddick_ci_pred``, ``paddick_ci_ref`` (primary = highest-Rx target; nan if absent),
-    ``mean_isodose_dice`` (10..100 % Rx), ``spinal_cord_dmax_err_gy`` (nan without a SpinalCord
-    of > 5 voxels), ``gamma_pass_rate`` (percent, 3 %/2 mm global, 10 % cutoff),
-    ``constraint_compliance_pred``, ``constraint_compliance_ref`` (fractions; nan if none apply).
+    Returns:
+        ``mae_gy``, ``mae_pct_rx``, ``openkbp_dose_score``, ``openkbp_dvh_score``, ``dvh_cells``
+        (its weight in a cohort: :func:`cohort_means`), ``hi_*``, ``ci_rtog_*``, ``paddick_ci_*``
+        (``*`` = pred/ref, of the highest-Rx target), ``mean_isodose_dice`` (10..100 % Rx),
+        ``spinal_cord_dmax_err_gy``, ``gamma_pass_rate`` (%, 3 %/2 mm global, 10 % cutoff),
+        ``constraint_compliance_pred``/``_ref``; nan where not applicable.
     """
     pred, ref = _check_pair(pred, ref)
     rx = float(plan.max_prescription)

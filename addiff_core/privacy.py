@@ -1,23 +1,10 @@
 """Sample-level differential privacy for one site (Opacus DP-SGD), budgeted over the whole run.
 
-The noise multiplier for a target epsilon is computed once, for every step the site will take in
-the whole planned federated run (all rounds x local epochs x steps, both stages), and stored in the
-site's own state directory together with the accountant's history. Every round restores that
-history, so the epsilon a site reports covers everything it has released so far, also after a
-restart. A round that would push epsilon past the target is refused before any training.
-
-The ledger holds whatever the site does between runs (issue #29.3-5):
-
-* the site file's ``target_epsilon`` is the ceiling, not the one stored when the ledger began: a
-  site already above a lowered target does not train again;
-* the steps and the sampling rate a round is charged for are those of the cases loaded now
-  (``steps_per_epoch`` = ceil(cases / batch), q = 1 / steps_per_epoch, what the Poisson loader
-  runs); the noise multiplier calibrated at the start stays;
-* the ledger is keyed to the data as well as the name (:func:`ledger_key`): a site whose state
-  folder has no ledger continues one kept for the same data folder or training cases in a
-  sibling state folder (a renamed site: the default ``state/NAME`` follows the name).
-
-Nothing in this module talks to the server: the state file stays at the site.
+The noise multiplier is calibrated once for every step of the planned run and stored with the
+accountant's history in the site's state folder; every round restores it and is refused if it
+would push epsilon past the site file's current ``target_epsilon``. A round is charged the steps
+and sampling rate of the cases loaded now; a ledger is keyed to the data as well as the name
+(:func:`ledger_key`), so a renamed site continues it (issue #29.3-5). Nothing here talks to the server.
 """
 from __future__ import annotations
 
@@ -41,9 +28,8 @@ from .errors import UserError
 
 log = logging.getLogger(__name__)
 
-# Opacus is imported where it is used, not here: importing it costs ~1 CPU-s (it pulls in
-# torch.distributed.tensor and SymPy), and every ClientApp process imports this module
-# (Flower starts one per message) while most sites train without DP.
+# Opacus is imported where it is used: every ClientApp process imports this module and most sites
+# train without DP (BENCHMARKS.md, "Test suite time").
 
 STATE_FILE = "privacy_accountant.json"
 EPS_TOLERANCE = 1e-6
@@ -52,11 +38,9 @@ MICROBATCH = "microbatch"  # grad_sample_mode: one backward pass per sample (per
 
 def per_sample_backward(loss_fn, params: list[torch.nn.Parameter], batch: dict) -> tuple[torch.Tensor, dict]:
     """Exact per-sample gradients by one forward/backward pass per sample ("microbatches" of 1,
-    as TF Privacy does): each parameter gets ``grad_sample`` (N, *shape) for Opacus' DPOptimizer,
-    which clips them per sample, sums them and adds the noise. Written by hand because Opacus'
-    own modes (hooks: im2col of every 3D conv input; functorch: vmap over the conv backward)
-    cost ~3x a plain step on a CPU, while N batch-1 passes cost about one batch-N pass.
-    Returns the mean loss over the samples and the mean of the loss parts (for logging)."""
+    as TF Privacy does): each parameter gets ``grad_sample`` (N, *shape) for Opacus' DPOptimizer
+    to clip, sum and noise. Opacus' own modes are slower on a CPU (BENCHMARKS.md, "Differential
+    privacy"). Returns the mean loss over the samples and the mean of the loss parts (for logging)."""
     n = int(batch["dose"].shape[0])
     grads: list[list[torch.Tensor]] = [[] for _ in params]
     loss_sum, parts_sum = 0.0, {}
@@ -139,8 +123,8 @@ def default_delta(num_train: int) -> float:
 
 @functools.lru_cache(maxsize=256)
 def _rdp_of_one_step(noise_multiplier: float, sample_rate: float) -> tuple[float, ...]:
-    """RDP of one subsampled Gaussian step at Opacus' default orders (the slow part of an epsilon:
-    ~0.5-2 s on a CPU; a site's history repeats the same (sigma, q) every round, so it is cached)."""
+    """RDP of one subsampled Gaussian step at Opacus' default orders; cached, as the slow part of
+    an epsilon and the same (sigma, q) every round."""
     from opacus.accountants import RDPAccountant
     from opacus.accountants.analysis.rdp import compute_rdp
 

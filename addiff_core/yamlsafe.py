@@ -1,14 +1,9 @@
 """YAML for files a hospital or a coordinator hands us: bounded, plain, unambiguous.
 
-``yaml.safe_load`` never runs code, but it keeps anchors and aliases: a few hundred bytes of
-nested aliases ("billion laughs") expand into gigabytes as soon as something walks or repr()s
-the value (an error message did: > 120 s and 5 GB for one site file). Our files never need
-aliases, so :func:`load` refuses them while composing (before anything is expanded), refuses
-duplicate mapping keys (YAML says they are an error; PyYAML silently keeps the last one), and
-refuses files larger than :data:`MAX_BYTES`.
-
-Every YAML file the project reads goes through here (``config.load_yaml`` for configuration
-files; ``tests/test_hostile_input.py`` greps the source for any other ``yaml.*load`` call).
+``yaml.safe_load`` keeps aliases, and a few hundred bytes of nested ones ("billion laughs") expand
+into gigabytes once the value is walked or repr()ed. :func:`load` refuses aliases while composing,
+duplicate keys (PyYAML silently keeps the last) and files over :data:`MAX_BYTES`. Every YAML the
+project reads goes through here (``tests/test_hostile_input.py`` greps for other ``yaml.*load``).
 """
 from __future__ import annotations
 
