@@ -1,19 +1,10 @@
 """Clinical dose-volume constraints per tumour site (pure numpy, no I/O).
 
-A :class:`Constraint` is one line of a planning protocol. Kinds (as in docs/ARCHITECTURE.md):
-
-* ``Dmax``: maximum dose in the structure ``<= threshold_gy`` (``limit`` unused, 0).
-* ``Dmean``: mean dose in the structure ``<= threshold_gy``.
-* ``Vx``: fraction of the structure receiving ``>= threshold_gy`` must be ``<= limit`` (0..1).
-* ``Dmin_pct``: dose received by ``limit`` fraction of the structure (D95: ``limit`` 0.95) must be
-  ``>= threshold_gy``; evaluated with :func:`addiff_core.dvh.dose_at_volume_pct`, i.e. the
-  ``100 * (1 - limit)``-th percentile of the structure's voxel doses (linear interpolation).
-
-Structure names are the canonical :data:`addiff_core.contract.OAR_NAMES`, or :data:`TARGET`
-(``"__target__"``) for the highest-prescription target of the plan.
-
-Default values follow published guidance: QUANTEC (Marks et al., IJROBP 2010) and RTOG head and
-neck (0615/0920), lung (0617) and prostate (0415) protocols, conventional fractionation.
+A :class:`Constraint` is one line of a planning protocol: ``Dmax``/``Dmean`` <= threshold_gy;
+``Vx``: the fraction receiving >= threshold_gy <= limit; ``Dmin_pct``: the dose ``limit`` of the
+structure receives (:func:`addiff_core.dvh.dose_at_volume_pct`) >= threshold_gy. Structures are
+:data:`addiff_core.contract.OAR_NAMES` or :data:`TARGET`. Defaults follow QUANTEC (Marks et al.,
+IJROBP 2010) and RTOG head and neck (0615/0920), lung (0617) and prostate (0415), conventional.
 """
 from __future__ import annotations
 
@@ -46,11 +37,8 @@ TARGET_ALIASES = ("PTV", "Target", TARGET)
 
 @dataclass(frozen=True)
 class Constraint:
-    """One dose-volume constraint; ``label`` is generated when left empty.
-
-    ``threshold_gy`` is a dose in Gy; ``limit`` is a volume fraction (0..1) for ``Vx`` and
-    ``Dmin_pct`` and 0 for ``Dmax``/``Dmean``.
-    """
+    """One dose-volume constraint: ``threshold_gy`` in Gy, ``limit`` a volume fraction (0..1; 0 for
+    ``Dmax``/``Dmean``); ``label`` is generated when left empty."""
 
     structure: str
     kind: str  # "Dmax" | "Dmean" | "Vx" | "Dmin_pct"
@@ -99,16 +87,8 @@ def _target_d95(rx: float) -> Constraint:
 
 
 def default_constraints(tumour_site: str, prescriptions: Mapping[str, float]) -> list[Constraint]:
-    """Protocol constraints for a tumour site; ``prescriptions`` maps target names to Gy.
-
-    * head_neck: SpinalCord Dmax <= 45, Brainstem Dmax <= 54, each parotid Dmean <= 26,
-      Mandible Dmax <= 73.5, Larynx Dmean <= 45, Esophagus Dmean <= 45 Gy.
-    * lung: SpinalCord Dmax <= 50, each lung V20 <= 30 %, Heart Dmean <= 26 Gy and V30 <= 46 %,
-      Esophagus Dmean <= 34 Gy.
-    * prostate: Rectum V50 <= 50 % and V70 <= 20 %, Bladder V65 <= 50 % and V70 <= 35 % (these
-      V_x doses scaled by Rx / 78 Gy, rounded to 0.1 Gy), each femoral head Dmax <= 50 Gy.
-    * every site: highest-prescription target D95 >= 95 % of its prescription (last entry).
-    """
+    """Protocol constraints for a tumour site (``prescriptions``: target -> Gy), the target's
+    D95 >= 95 % Rx last; prostate V_x doses are scaled by Rx / 78 Gy, rounded to 0.1 Gy."""
     if tumour_site not in TUMOUR_SITES:
         raise ValueError(f"tumour_site must be one of {', '.join(TUMOUR_SITES)}; got {tumour_site!r}")
     if not prescriptions:
@@ -223,25 +203,12 @@ def _override(key: Any, value: Any, plan: Plan) -> tuple[str, Constraint | None]
 
 
 def constraints_for_plan(plan: Plan) -> list[Constraint]:
-    """The site's :func:`default_constraints` with the plan's overrides applied.
-
-    ``plan.constraints`` (the ``constraints:`` mapping of plan.yaml) maps keys
-    ``"<structure> <metric>"`` to values; structure is a canonical OAR name (case-insensitive)
-    or ``PTV`` / ``__target__`` / the highest-prescription target's name. Metrics and values:
-
-    * ``Dmax`` / ``Dmean``: the maximum allowed dose in Gy (``SpinalCord Dmax: 40``);
-    * ``V<x>`` (x in Gy): the maximum fraction 0..1 of the structure receiving >= x Gy
-      (``LeftLung V20: 0.25``);
-    * ``D<x>`` (target only): the minimum dose in Gy that x % of the target must receive
-      (``PTV D95: 66.5``);
-    * a value of ``null`` removes the matching default (``Mandible Dmax: null``).
-
-    A key matching a default constraint (same :attr:`Constraint.key`) replaces it in place;
-    otherwise a new constraint is appended. The default keys are
-    ``[c.key for c in default_constraints(site, prescriptions)]``; note that prostate V_x keys
-    carry the Rx-scaled dose (``Rectum V53.8`` for a 60 Gy prescription). Raises ValueError with the offending key on a bad
-    key or value, or when the result would exceed C_MAX (16) constraints.
-    """
+    """The site's :func:`default_constraints` with plan.yaml's ``constraints:`` applied: keys
+    ``"<structure> <metric>"`` (an OAR name, case-insensitive, or ``PTV``/the top target), values
+    ``Dmax``/``Dmean`` in Gy (``SpinalCord Dmax: 40``), ``V<x Gy>`` a fraction (``LeftLung V20:
+    0.25``), target ``D<x %>`` in Gy (``PTV D95: 66.5``), ``null`` to remove a default. A key equal
+    to a default's :attr:`Constraint.key` replaces it (prostate V_x keys carry the Rx-scaled dose:
+    ``Rectum V53.8`` at 60 Gy), others are appended. ValueError naming the key, or past C_MAX."""
     cs = default_constraints(plan.tumour_site, plan.prescriptions)
     overrides = plan.constraints or {}
     if not isinstance(overrides, Mapping):
@@ -267,11 +234,8 @@ def constraints_for_plan(plan: Plan) -> list[Constraint]:
 
 
 def evaluate_constraint(dose: np.ndarray, mask: np.ndarray, c: Constraint) -> tuple[float, bool]:
-    """``(value, met)`` of constraint ``c`` for ``dose`` in the structure ``mask``.
-
-    value: Dmax / Dmean / D_x in Gy, or the V_x fraction. An empty mask gives ``(nan, False)``.
-    Comparisons allow a floating-point slack of 1e-6 Gy (1e-9 for fractions).
-    """
+    """``(value, met)`` of ``c`` for ``dose`` in ``mask``: Gy, or the V_x fraction; ``(nan, False)``
+    for an empty mask; comparisons allow :data:`TOLERANCE_GY` / :data:`TOLERANCE_FRACTION`."""
     if c.kind == "Dmax":
         value = dmax(dose, mask)
         met = value <= c.threshold_gy + TOLERANCE_GY

@@ -1,16 +1,10 @@
 """Schedulers, stage losses and DDIM sampling for ADDiff-Dose (and the U-Net baseline loss).
 
-Schedulers are plain objects made on demand (never module buffers, so they never enter a
-state_dict that travels). Both are built with ``clip_sample=False``: MONAI's default clamps the
-x0 estimate to [-1, 1], which would cut unit-variance latents.
-
-DDIM: MONAI 1.6's ``DDIMScheduler.set_timesteps`` spaces the steps with ``linspace(T-1, 0, n).round()``
-while ``DDIMScheduler.step`` assumes the previous timestep is ``t - T // n``; for T=1000, n=25 these
-disagree (999 -> 959 vs the next scheduled 957, ..., last alpha from t=2 instead of the final 1).
-``sample`` therefore uses the scheduler's timesteps and ``alphas_cumprod`` but does the eta=0 DDIM
-update itself with the true next timestep (alpha_prev = 1 after the last step).
-
-Every function accepts the bare model or an Opacus ``GradSampleModule`` wrapping it.
+Schedulers are made on demand (never buffers of a state_dict that travels), with
+``clip_sample=False`` (MONAI's default clamps x0 to [-1, 1], cutting unit-variance latents).
+MONAI 1.6's DDIM ``set_timesteps`` (``linspace(...).round()``) and ``step`` (``t - T // n``) disagree
+on the previous timestep, so ``sample`` does the eta=0 update itself with the true next timestep.
+Every function accepts the bare model or an Opacus ``GradSampleModule`` around it.
 """
 from __future__ import annotations
 
@@ -173,9 +167,8 @@ def calibrate_latent_scale(model: nn.Module, batches: Iterable[dict], force: boo
 # ------------------------------------------------------------------------------------------
 def draw_timesteps(cfg: ModelConfig, n: int, generator: torch.Generator | None = None,
                    device: torch.device | str = "cpu") -> torch.Tensor:
-    """Training timesteps: t / (T - 1) ~ Beta(cfg.timestep_bias, 1), i.e. t = (T - 1) u^(1 / bias)
-    with u uniform. 1: every step alike; > 1: more draws at high noise, where the few-step
-    sampler decides the prediction (every level is still trained)."""
+    """Training timesteps: t = (T - 1) u^(1 / cfg.timestep_bias), u uniform (t / (T - 1) ~ Beta(bias, 1);
+    bias > 1 draws more at high noise, where the few-step sampler decides)."""
     if cfg.timestep_bias == 1.0:
         return torch.randint(0, cfg.train_timesteps, (n,), generator=generator, device=device)
     u = torch.rand(n, generator=generator, device=device)
@@ -185,17 +178,19 @@ def draw_timesteps(cfg: ModelConfig, n: int, generator: torch.Generator | None =
 def diffusion_loss(model: nn.Module, batch: dict, cfg: ModelConfig,
                    generator: torch.Generator | None = None, timesteps: torch.Tensor | None = None,
                    noise: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
-    """MSE to the cfg.prediction_type target + w_t * (cfg.dose_l1_weight * L1(decoded x0 estimate,
-    dose) inside the evaluation region + cfg.constraint_weight * constraint_hinge(decoded x0 estimate)).
+    """Diffusion-stage loss: MSE to the cfg.prediction_type target + w_t * (dose_l1_weight * L1 +
+    constraint_weight * hinge) of the decoded x0 estimate, per sample, sum / max(N, 1).
 
-    The dose latent comes from the (frozen) VAE under no_grad. The x0 estimate is decoded by the
-    VAE decoder *with* autograd, so the L1 and constraint gradients reach the denoiser and
-    condition encoder; the caller freezes the VAE (requires_grad False). With epsilon prediction
-    the decoded terms are weighted by w_t = alpha_bar_t, cancelling the 1/alpha_bar_t blow-up of
-    the x0 estimate at high noise levels; x0 and v estimates stay bounded (w_t = 1). Per-sample
-    terms, sum / max(N, 1). ``timesteps`` (N,) long and ``noise`` (latent shape) may be given
-    (tests, fixed evaluation); otherwise they are drawn (``draw_timesteps``) from ``generator``
-    (or the global RNG).
+    The x0 estimate is decoded *with* autograd so these gradients reach the denoiser (the caller
+    freezes the VAE); w_t = alpha_bar_t for epsilon prediction cancels its 1/alpha_bar_t blow-up.
+
+    Args:
+        model: the ADDiff model (or its Opacus wrapper); batch: a collated batch.
+        cfg: the model config; generator: draws ``timesteps`` and ``noise`` when not given.
+        timesteps: (N,) long; noise: latent-shaped (tests, fixed evaluation).
+
+    Returns:
+        (loss, {"loss", "mse", "constraint", "dose_l1"} as floats).
     """
     m = unwrap(model)
     dose = batch["dose"]
@@ -249,13 +244,9 @@ def _make_generator(device: torch.device, seed: int) -> torch.Generator:
 @torch.no_grad()
 def sample(model: nn.Module, batch: dict, cfg: ModelConfig, steps: int | None = None, seed: int = 0,
            num_samples: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """DDIM (eta=0) sampling -> (mean normalised dose (N,1,S,S,S) clamped >= 0, std or None).
-
-    Deterministic for a given seed (generator seeded on the model's device; CPU fallback).
-    With num_samples > 1 the std over samples (per voxel) is returned as well. The denoiser's
-    output is read according to cfg.prediction_type. Doses (and std) are zero outside the
-    batch's evaluation region (``body``). The samples themselves: :func:`sample_doses`.
-    """
+    """DDIM (eta=0) sampling, deterministic per ``seed``: (mean normalised dose (N,1,S,S,S) >= 0,
+    the per-voxel std over ``num_samples`` or None), zero outside ``body`` (:func:`sample_doses`,
+    same arguments; ``steps`` None: cfg.sample_steps)."""
     stack = sample_doses(model, batch, cfg, steps=steps, seed=seed, num_samples=num_samples)
     std = stack.std(0, unbiased=False) if stack.shape[0] > 1 else None
     return stack.mean(0), std

@@ -1,19 +1,8 @@
 """Dose-volume primitives of one structure: pure numpy, no I/O, nothing else of the project.
 
-Shared by :mod:`addiff_core.metrics` (scores) and :mod:`addiff_core.constraints` (clinical
-constraints), which therefore need not import each other for them.
-
-Conventions (as in :mod:`addiff_core.metrics`): arrays in SimpleITK order ``(z, y, x)``, doses
-in Gy, masks boolean (any array is cast with ``!= 0``).
-
-* ``D_x`` (:func:`dose_at_volume_pct`) is the dose received by at least ``x`` % of a structure:
-  the ``(100 - x)``-th percentile of the structure's voxel doses, ``numpy.percentile`` with its
-  default linear interpolation. D95 is the 5th percentile, D2 the 98th (OpenKBP's convention).
-* ``D_0.1cc`` (:func:`d_cc`): the percentile ``100 - n / N * 100`` where ``n = max(1, round(0.1 cc
-  / voxel volume))`` and ``N`` is the number of structure voxels (OpenKBP's definition; clipped
-  at 0 when the structure is smaller than 0.1 cc).
-* ``V_x`` (:func:`v_x`) is a *fraction* (0..1) of the structure receiving ``>= x`` Gy.
-* Every function returns ``nan`` for an empty structure instead of raising.
+Shared by :mod:`addiff_core.metrics` and :mod:`addiff_core.constraints`, so neither imports the
+other. Arrays (z, y, x), doses in Gy, masks cast with ``!= 0``; OpenKBP's percentile conventions;
+``V_x`` is a fraction (0..1); every function gives ``nan`` for an empty structure.
 """
 from __future__ import annotations
 
@@ -49,11 +38,8 @@ def structure_doses(dose: np.ndarray, mask: np.ndarray) -> np.ndarray:
 # DVH points
 # --------------------------------------------------------------------------------------------
 def dose_at_volume_pct(dose: np.ndarray, mask: np.ndarray, pct: float) -> float:
-    """``D_pct``: the dose received by at least ``pct`` % of the structure, in Gy.
-
-    Equals ``numpy.percentile(dose[mask], 100 - pct)`` with linear interpolation (D95 = 5th
-    percentile, D2 = 98th percentile). ``nan`` for an empty structure.
-    """
+    """``D_pct`` (Gy): the dose at least ``pct`` % of the structure receives, the linear
+    ``(100 - pct)``-th percentile (D95 = 5th, D2 = 98th)."""
     if not 0.0 <= pct <= 100.0:
         raise ValueError(f"volume percentage must be in [0, 100], got {pct!r}")
     d = structure_doses(dose, mask)
@@ -63,12 +49,8 @@ def dose_at_volume_pct(dose: np.ndarray, mask: np.ndarray, pct: float) -> float:
 
 
 def d_cc(dose: np.ndarray, mask: np.ndarray, cc: float, voxel_volume_cc: float) -> float:
-    """``D_cc``: the minimum dose to the hottest ``cc`` cm^3 of the structure (OpenKBP convention).
-
-    ``n = max(1, round(cc / voxel_volume_cc))`` voxels; the value is the percentile
-    ``100 - n / N * 100`` (clipped to 0) of the ``N`` structure voxel doses, linear
-    interpolation. ``nan`` for an empty structure.
-    """
+    """``D_cc``: the minimum dose to the hottest ``cc`` cm^3 (OpenKBP's): the percentile
+    ``100 - n / N * 100`` (clipped to 0) of the ``N`` voxel doses, ``n = max(1, round(cc / voxel_volume_cc))``."""
     if not voxel_volume_cc > 0 or not cc > 0:
         raise ValueError("cc and voxel_volume_cc must be positive")
     d = structure_doses(dose, mask)
@@ -102,12 +84,8 @@ def _vx_key(x_gy: float) -> str:
 
 def dvh_points(dose: np.ndarray, mask: np.ndarray, voxel_volume_cc: float, is_target: bool,
                v_x_gy: Sequence[float] = ()) -> dict[str, float]:
-    """The usual DVH points of one structure, in Gy.
-
-    Keys: ``D99, D98, D95, D50, D2, D1`` (see :func:`dose_at_volume_pct`), ``Dmean``, ``D_0.1cc``
-    (:func:`d_cc`), ``Dmax``. For an OAR (``is_target=False``) also ``V{x}Gy`` (a fraction) for
-    each ``x`` in ``v_x_gy``, e.g. ``V20Gy``; targets ignore ``v_x_gy``. All nan if empty.
-    """
+    """The usual DVH points of one structure (Gy): :data:`DVH_PERCENT_POINTS`, ``Dmean``,
+    ``D_0.1cc``, ``Dmax``, and for an OAR ``V{x}Gy`` (a fraction) per ``x`` in ``v_x_gy``."""
     d = structure_doses(dose, mask)
     out: dict[str, float] = {}
     if d.size == 0:
@@ -126,13 +104,8 @@ def dvh_points(dose: np.ndarray, mask: np.ndarray, voxel_volume_cc: float, is_ta
 
 
 def dvh_curve(dose: np.ndarray, mask: np.ndarray, bins: int | np.ndarray = 200) -> tuple[np.ndarray, np.ndarray]:
-    """Cumulative DVH: ``(dose_axis, volume_fraction)`` with ``volume_fraction[i]`` the fraction
-    of the structure receiving ``>= dose_axis[i]``.
-
-    ``bins`` is either the number of equally spaced dose points from 0 to the structure's Dmax
-    (inclusive) or an explicit increasing dose axis in Gy (pass the same axis for prediction and
-    reference to compare curves). An empty structure gives a volume fraction of zeros.
-    """
+    """Cumulative DVH ``(dose_axis, fraction receiving >= dose_axis[i])``; ``bins``: a number of
+    points from 0 to Dmax, or an explicit dose axis in Gy (the same one to compare two curves)."""
     d = np.sort(structure_doses(dose, mask))
     if np.ndim(bins) == 0:
         nb = int(bins)

@@ -1,31 +1,14 @@
 """Importer for the OpenKBP grand-challenge sparse-CSV format (Babier et al., Med. Phys. 2021).
 
-One OpenKBP patient folder holds ``ct.csv``, ``dose.csv``, ``possible_dose_mask.csv``, one CSV per
-structure present and ``voxel_dimensions.csv``. Every CSV has the header ``,data``; its first
-column is a flat C-order index into a 128^3 array and its second the value (empty for masks).
+A patient folder holds ``ct.csv``, ``dose.csv``, ``possible_dose_mask.csv``, ``voxel_dimensions.csv``
+and one CSV per structure: header ``,data``, a flat C-order index into 128^3 and the value.
 
-Axis mapping (verified on the real sample by looking at rendered slices and at structure
-centroids, see ``tests/test_openkbp.py::test_anatomy_orientation``):
-
-* OpenKBP's array is indexed ``(row, column, slice)``. Rows run anterior -> posterior (the
-  mandible has small row indices, the spinal cord large ones), columns run patient right ->
-  patient left (LeftParotid has the larger column index) and slices run superior -> inferior
-  (Brainstem at small slice indices, Esophagus at large ones).
-* ``voxel_dimensions.csv`` is in the same order: (row spacing, column spacing, slice spacing),
-  i.e. (dy, dx, dz), in-plane first.
-* The case format wants SimpleITK's ``(z, y, x)`` array order with spacing ``(x, y, z)`` in LPS
-  (+x = patient left, +y = posterior, +z = superior) and an identity direction, so::
-
-      case_array = openkbp_array.transpose(2, 0, 1)[::-1]   # (slice, row, col), slice flipped
-      spacing    = (vd[1], vd[0], vd[2])                    # (dx, dy, dz)
-
-  i.e. OpenKBP voxel ``(r, c, s)`` becomes case voxel ``(z, y, x) = (S - 1 - s, r, c)``.
-* Origin: the grid is centred on 0 mm: ``origin[i] = -(size[i] - 1) / 2 * spacing[i]``, so the
-  centre of the 128^3 grid (voxel 63.5) lies at (0, 0, 0). OpenKBP carries no patient
-  coordinates, so nothing better is available.
-
-CT values are stored as HU + 1024 (0 = air, omitted): the importer writes ``value - 1024`` as
-int16 HU, with omitted voxels at -1024 HU. Dose is written as float32 Gy.
+Axes (checked on the real sample: ``tests/test_openkbp.py::test_anatomy_orientation``): OpenKBP
+indexes ``(row, column, slice)`` = (anterior->posterior, right->left, superior->inferior), and
+``voxel_dimensions.csv`` is (dy, dx, dz). The case's LPS ``(z, y, x)`` is therefore
+``transpose(2, 0, 1)[::-1]`` (voxel (r, c, s) -> (S - 1 - s, r, c)), spacing (vd[1], vd[0], vd[2]).
+OpenKBP has no patient coordinates: the grid is centred on 0 mm. CT is stored as HU + 1024
+(0 = omitted): written as int16 HU, omitted voxels -1024; dose as float32 Gy.
 """
 from __future__ import annotations
 
@@ -54,11 +37,8 @@ CT_OFFSET = 1024
 # --------------------------------------------------------------------------------------------
 def read_sparse_csv(path: Path, case: str | Path, with_values: bool,
                     shape: tuple[int, int, int] = GRID_SHAPE) -> tuple[np.ndarray, np.ndarray | None]:
-    """Read an OpenKBP sparse CSV -> (flat int64 indices, float64 values or None).
-
-    Raises CaseError naming the file for unparsable rows, non-integral or out-of-range indices
-    and non-finite values.
-    """
+    """An OpenKBP sparse CSV -> (flat int64 indices, float64 values or None); CaseError naming the
+    file for unparsable rows, bad indices or non-finite values."""
     rel = path.name
     try:
         with open(path, "r", encoding="utf-8") as fh:
@@ -159,18 +139,10 @@ def _is_patient_dir(p: Path) -> bool:
 
 
 def import_openkbp_patient(src_dir: str | Path, out_dir: str | Path) -> Path:
-    """Convert one OpenKBP patient folder into a case folder ``out_dir`` (the case itself).
-
-    Writes ct.nii.gz (int16 HU), dose.nii.gz (float32 Gy, if dose.csv exists),
-    possible_dose_mask.nii.gz (if present), masks/<name>.nii.gz for every non-empty structure CSV
-    (PTV70/63/56 and the seven OpenKBP OARs, whose names are already canonical) and plan.yaml.
-    The case is written to a temporary sibling folder and moved into place at the end, so a
-    failed import leaves nothing half-written. An existing case folder at ``out_dir`` is
-    replaced; any other non-empty folder there is refused (FileExistsError).
-
-    Raises CaseError (a ValueError) naming the offending CSV: missing ct.csv, bad
-    voxel_dimensions.csv, unparsable rows, indices out of range, no PTV.
-    """
+    """Convert one OpenKBP patient folder into the case folder ``out_dir`` (ct, dose, possible-dose
+    mask, every non-empty structure, whose names are already canonical, and plan.yaml), written
+    beside it and moved into place, so a failed import leaves nothing. An existing case folder is
+    replaced, any other non-empty folder refused (FileExistsError); CaseError names a bad CSV."""
     src_dir, out_dir = Path(src_dir), Path(out_dir)
     if not src_dir.is_dir():
         raise CaseError(src_dir, ".", "OpenKBP patient folder not found")
@@ -220,10 +192,8 @@ def _natural_key(p: Path) -> list:
 
 
 def find_patients(src: Path, max_depth: int = MAX_DEPTH) -> list[Path]:
-    """OpenKBP patient folders in ``src``: ``src`` itself when it is one, else every patient folder
-    up to ``max_depth`` levels below it (not below a patient folder; hidden folders skipped), in
-    natural order per level. Covers one patient, a flat folder of patients and the dataset's own
-    layout (``provided-data/train-pats/pt_1``, ``validation-pats/``, ``test-pats/``)."""
+    """OpenKBP patient folders in ``src``: itself, or every one up to ``max_depth`` below it (not
+    inside a patient, hidden skipped), in natural order; covers ``provided-data/train-pats/pt_1``."""
     if _is_patient_dir(src):
         return [src]
     found: list[Path] = []
@@ -261,16 +231,10 @@ class ImportSummary:
 
 
 def import_openkbp(src: str | Path, out: str | Path, progress: bool = True) -> ImportSummary:
-    """Import OpenKBP patients into ``out``, one case folder per patient, at the patient's path
-    relative to ``src`` (``out/pt_11`` for a flat folder of patients; ``out/train-pats/pt_1``,
-    ``out/validation-pats/...`` for the dataset's split folders, so that each split stays a data
-    folder of its own; ``out/pt_11`` for a single patient folder). See :func:`find_patients`.
-
-    A patient that cannot be imported (missing or malformed CSV, no target, ...) is skipped with
-    its reason and the others are imported; nothing of it is left half-written. Raises CaseError
-    when ``src`` holds no patient folder and FileExistsError when a destination exists and is not
-    a case folder (nothing is overwritten). Returns an :class:`ImportSummary`.
-    """
+    """Import every patient of ``src`` (:func:`find_patients`) into ``out`` at its relative path, so
+    each dataset split stays a data folder of its own (``out/train-pats/pt_1``). A patient that
+    fails is skipped with its reason. Raises CaseError when ``src`` holds no patient and
+    FileExistsError when a destination is not a case folder (nothing is overwritten)."""
     src, out = Path(src), Path(out)
     if not src.is_dir():
         raise CaseError(src, ".", "OpenKBP folder not found")
