@@ -1,20 +1,13 @@
-"""A site's optimiser state across federated rounds, kept in its own state directory.
+"""A site's optimiser state across federated rounds, kept in its own state folder (never sent).
 
-Rebuilding AdamW every round resets its moment estimates after a handful of local steps. The
-site therefore keeps the optimiser state of each stage on disk (like the privacy accountant) and
-starts round r from the state it saved after its latest earlier round of that stage. The state
-never leaves the site.
-
-Files: ``STATE_DIR/optimizer/<run tag>/<stage>_round<r>.pt`` written atomically with
-``torch.save`` and read with ``torch.load(weights_only=True)``. The run tag (:func:`new_run_tag`,
-kept in the server's run.json) keeps each federated run's states apart: a run and its
-resumptions share one, another run in the same state folder never starts from its states. The
-newest two rounds of a stage up to the one just saved are kept (later ones, left by an aborted
-attempt, are removed), so a server that is killed and resumed re-runs round r from the same state
-as an uninterrupted run would; the states of the newest three runs are kept. Without
-a tag (local training, a run begun before run tags) the files sit in ``STATE_DIR/optimizer/``
-itself. A state saved before the current run's stage began, or for parameters of other shapes,
-was left by another run (or another model) and is not used.
+Rebuilding AdamW every round would reset its moments after a handful of steps, so round r starts
+from the state saved after the site's latest earlier round of that stage:
+``STATE_DIR/optimizer/<run tag>/<stage>_round<r>.pt`` (atomic ``torch.save``, ``weights_only``
+load; no tag: local training or older runs). The run tag (:func:`new_run_tag`, in run.json) keeps
+runs apart while a resumed run shares its own. The newest two rounds up to the one saved are kept
+(later ones, left by an aborted attempt, removed), so a resumed server re-runs round r from the
+same state; the newest three runs are kept. A state from before the stage began, or of other
+shapes, is another run's and is not used.
 """
 from __future__ import annotations
 

@@ -1,18 +1,12 @@
 """A site's own models after a federated run (issue #25), Flower-free.
 
-* ``personalized``: the final global model fine-tuned on the site's own training cases
-  (:func:`fine_tune`), kept in the site's state folder as ``personalized.pt`` (a checkpoint
-  hashed like every other, :mod:`addiff_core.checkpoint`); it is never sent unless the site file
-  says ``share_models_for_evaluation: true``.
-* ``local``: the site trained alone from the federation's initial model with the same local
-  budget it had in the federation (each stage: its rounds x its local epochs), kept as
-  ``cross_site_local.pt`` (:func:`train_local`).
-
-Both train through :meth:`fl_task.SiteTask.train`, so a DP site spends from its one accountant
-(``PrivacyBudgetExhausted`` when the budget does not cover them) and its stored
-optimiser states of the federated rounds are never touched (a run tag of their own).
-Neither touches the site's cached global VAE nor the run's ``final_model.pt``: the weights are
-put into the model directly, never through ``SiteTask.load_global``.
+``personalized.pt``: the final global model fine-tuned on the site's training cases
+(:func:`fine_tune`), sent only if the site file says ``share_models_for_evaluation: true``;
+``cross_site_local.pt``: the site trained alone from the initial model with its federated budget
+(:func:`train_local`). Both train through :meth:`fl_task.SiteTask.train`, so a DP site spends from
+its one accountant, under a run tag of their own (the federated optimiser states stay untouched),
+and load weights directly, never through ``SiteTask.load_global`` (the cached global VAE and
+``final_model.pt`` stay as they are).
 """
 from __future__ import annotations
 
@@ -24,10 +18,10 @@ import numpy as np
 from .checkpoint import save_checkpoint
 from .config import SiteConfig
 from .fl_task import SiteTask, arrays_to_state, state_to_arrays
+from .round_plan import RoundPlan, stages_of
 
 PERSONALIZED_FILE = "personalized.pt"
 LOCAL_FILE = "cross_site_local.pt"
-STAGE_CHOICES = ("both", "diffusion")
 
 
 def personalized_path(site: SiteConfig) -> Path:
@@ -36,26 +30,6 @@ def personalized_path(site: SiteConfig) -> Path:
 
 def local_path(site: SiteConfig) -> Path:
     return site.state_dir / LOCAL_FILE
-
-
-def site_epochs(site: SiteConfig, asked: int) -> int:
-    """The fine-tuning epochs this site runs: the run's ``personalize-epochs``, lowered (or
-    refused: 0) by the site file's ``personalize``."""
-    asked = max(0, int(asked))
-    cap = site.personalize_max_epochs
-    return asked if cap is None else min(asked, cap)
-
-
-def stages_of(kind: str, which: str) -> list[str]:
-    """Stages fine-tuned: ``unet`` for the U-Net; for ADDiff-Dose both stages or the diffusion one."""
-    if kind == "unet":
-        return ["unet"]
-    return ["diffusion"] if which == "diffusion" else ["vae", "diffusion"]
-
-
-def planned_extra(site: SiteConfig, kind: str, asked: int, which: str) -> int:
-    """Local epochs personalization adds to a DP site's plan (its noise is calibrated once for all)."""
-    return site_epochs(site, asked) * len(stages_of(kind, which))
 
 
 def _tag(run_tag: str, what: str) -> str:
@@ -78,8 +52,8 @@ def _train_stages(task: SiteTask, plan: list[tuple[str, int]], *, seed: int, tag
     task.model.train()  # after an evaluation the model is in eval mode, which Opacus refuses to wrap
     for i, (stage, epochs) in enumerate(plan):
         if epochs > 0:  # each stage one "round" numbered in stage order, its optimiser fresh
-            task.train(None, stage, epochs=epochs, round_number=i + 1, stage_round=1, seed=seed, run_tag=tag,
-                       planned_epochs=planned_epochs)
+            task.train(None, RoundPlan(stage, i + 1, epochs=epochs, stage_round=1, seed=seed, run_tag=tag,
+                                       planned_epochs=planned_epochs or 0))
 
 
 def fine_tune(task: SiteTask, global_arrays: dict[str, np.ndarray], *, epochs: int, which: str = "both",

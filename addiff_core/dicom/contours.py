@@ -1,20 +1,11 @@
-"""Structure masks <-> RTSTRUCT contours, on the CT grid, in any (also oblique) slice orientation.
+"""Structure masks <-> RTSTRUCT contours on the CT grid, in any (also oblique) orientation.
 
-Both directions work slice by slice in the CT's voxel-index space (column, row) and map to
-patient coordinates with the CT's origin, spacing and direction cosines, so oblique series need
-nothing special. Library code does the polygon work:
-
-* mask -> contours: ``contourpy`` (the contouring engine of matplotlib) traces the 0.5 iso-line
-  of each binary slice: one closed polygon per connected region and one per hole, through the
-  midpoints between voxels inside and outside, so a voxel centre is never on a polygon edge (it
-  stays at least 0.35 voxel away); points in the middle of a straight run are dropped (the same
-  polygon with fewer points: a 512x512 body contour would otherwise need > 64 KB of ContourData).
-* contours -> mask: ``dicompylercore.dvhcalc.get_contour_mask`` (matplotlib point-in-polygon of the
-  voxel centres), combined per slice by exclusive or, the rule dicompyler-core and most planning
-  systems use: several contours on a slice are separate regions, a contour inside another is a
-  hole (and one inside a hole an island).
-
-Writing then reading gives back the same mask voxel for voxel.
+Both directions work per slice in voxel-index space and map through the CT's origin, spacing and
+direction cosines. mask -> contours: ``contourpy`` traces the 0.5 iso-line (voxel centres never
+on an edge), collinear points dropped (else a 512^2 body needs > 64 KB of ContourData). contours -> mask:
+``dicompylercore.dvhcalc.get_contour_mask``, combined per slice by exclusive or (a contour inside
+another is a hole), as dicompyler-core and most planning systems do. A round trip gives back the
+same mask voxel for voxel.
 """
 from __future__ import annotations
 

@@ -1,19 +1,15 @@
 """Which target of an imported patient gets which prescription, and from where (said in a note).
 
-In this order, the first source that gives a prescription wins:
+The first source that gives one wins:
 
-1. the RTPLAN's target dose references tied to an ROI (``ReferencedROINumber``);
-2. its dose references tied to no ROI (Eclipse's site reference "Breast", 14 Gy): with a plan
-   dose, the targets (PTV/CTV/GTV by name or interpreted type) that receive it (median dose within
-   :data:`RECEIVES` of it: Eclipse's breast boost gives 14 Gy to "Tumor Bed", not to the whole
-   "Breast" its site is named after); without one, the structure a VOLUME reference's description
-   names (a SITE's description names the treated site, not a structure); else the one target whose
-   name carries that dose, else the only PTV when nothing else is prescribed;
-3. the mapping file's ``prescriptions``, keyed by the TPS's name (``Tumor Bed``) or the imported
-   one (``Tumor_Bed``);
+1. the RTPLAN's target dose references tied to an ROI;
+2. those tied to no ROI (Eclipse's site reference "Breast", 14 Gy): with a plan dose, the targets
+   whose median dose is within :data:`RECEIVES` of it (the boost goes to "Tumor Bed", not to the
+   whole "Breast"); else the structure a VOLUME reference's description names; else the one
+   target whose name carries that dose, else the only PTV;
+3. the mapping file's ``prescriptions`` (TPS name ``Tumor Bed`` or imported ``Tumor_Bed``);
 4. target names with a dose unit (``PTV_70Gy``);
-5. the plan's dose at its dose specification point (fraction group ``BeamDose`` x fractions) for
-   the only target.
+5. for the only target, the dose at the plan's dose specification point.
 
 Otherwise the patient is refused with one line saying what was found and asking for a mapping.
 """

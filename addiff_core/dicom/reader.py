@@ -1,23 +1,12 @@
 """``addiff data import-dicom SRC OUT``: DICOM-RT exports -> case folders, one per patient.
 
-For each patient (see :mod:`.scan`) the importer picks one consistent set of objects: the RTPLAN
-(the one an RTDOSE refers to when there are several), the RTSTRUCT that plan refers to, the CT
-series that structure set refers to, and the plan dose (``DoseSummationType`` PLAN) on the same
-frame of reference. It writes, with :func:`case_io.save_case`:
-
-* ``ct.nii.gz``: the CT in HU (rescale slope/intercept applied), DICOM geometry kept;
-* ``masks/<name>.nii.gz``: every closed-planar ROI rasterised on the CT grid (:mod:`.contours`),
-  named through :class:`.names.NameMapper`;
-* ``dose.nii.gz``: the RTDOSE in Gy resampled onto the CT grid (linear, 0 outside its grid);
-* ``plan.yaml``: beams from the RTPLAN, prescriptions and fractions from the RTPLAN or else the
-  mapping file (:mod:`.mapping`), tumour site from the mapping file or else the structures;
-* ``dicom.yaml``: the identifiers needed to send results back (patient, StudyInstanceUID,
-  FrameOfReferenceUID, the CT series and its SOP instances, the RTSTRUCT/RTPLAN/RTDOSE
-  instances, original ROI names). It stays at the hospital like the images.
-
-A patient that cannot be imported is skipped with one line naming the file and the problem;
-the others go on. A case is written to a temporary sibling folder and moved into place at the
-end, so nothing is left half-written.
+Per patient (:mod:`.scan`) one consistent set: the RTPLAN (the one an RTDOSE refers to), its
+RTSTRUCT, that structure set's CT series and the PLAN dose on the same frame of reference. Written
+with :func:`case_io.save_case`: the CT in HU, every closed-planar ROI as a mask (names through
+:class:`.names.NameMapper`), the dose in Gy on the CT grid (linear, 0 outside its grid), plan.yaml
+(RTPLAN, else the mapping file) and ``dicom.yaml``, the identifiers needed to send results back,
+which stays at the hospital like the images. A patient that fails is skipped with one line naming
+the file; a case is written beside its folder and moved into place, so nothing is half-written.
 """
 from __future__ import annotations
 

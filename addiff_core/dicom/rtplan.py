@@ -1,22 +1,12 @@
-"""Reading an RTPLAN: beams (gantry, couch, nominal energy; arcs from the control points),
-prescriptions (DoseReferenceSequence) and fractions (FractionGroupSequence).
+"""Reading an RTPLAN: beams, prescriptions (DoseReferenceSequence) and fractions.
 
-* What the model cannot represent is refused with one line: ion (proton) plans, brachytherapy
-  (``ApplicationSetupSequence``), Gamma Knife (its machine or manufacturer: Leksell, Elekta
-  Instrument AB, Perfexion, Icon), plans without a photon beam (electrons).
-* Beams: treatment photon beams only. A beam counts when it is not ``TreatmentDeliveryType``
-  SETUP/verification and has a non-zero ``BeamMeterset`` in the fraction group: Eclipse marks
-  setup and imaging fields ("AP SETUP", "CBCT") TREATMENT with no meterset. Only a plan whose
-  fraction group gives no meterset at all (a geometry-only plan such as ``export-dicom`` writes)
-  counts every treatment beam. The beams left out are listed in the notes. Gantry, couch (``PatientSupportAngle``) and
-  ``NominalBeamEnergy`` come from the first control point; a beam whose gantry rotates
-  (``GantryRotationDirection`` CW/CC) is an arc covering the angles its control points sweep.
-  The case format writes arcs clockwise (``gantry_start`` -> ``gantry_stop``, increasing angle), so
-  a counter-clockwise arc from a to b is stored as the clockwise arc b -> a (same angles).
-* Prescriptions: target dose references (``DoseReferenceType`` TARGET) with a
-  ``TargetPrescriptionDose`` in Gy, either tied to an ROI (``ReferencedROINumber``) or to a point
-  or site (no ROI: its description and structure type are kept); and the plan's dose at the beam
-  dose specification point (sum of the fraction group's ``BeamDose`` x fractions).
+* Refused in one line: ion, brachytherapy and Gamma Knife plans, plans without a photon beam.
+* Beams: photon treatment beams with a non-zero ``BeamMeterset`` (Eclipse marks setup and
+  imaging fields TREATMENT with no meterset); a plan with no meterset at all (``export-dicom``'s)
+  keeps every treatment beam; the beams left out go to the notes. Gantry, couch and energy from
+  the first control point; a rotating gantry is an arc, stored clockwise (a CC arc a -> b as b -> a).
+* Prescriptions: TARGET dose references in Gy, tied to an ROI or not (then description and
+  structure type are kept), and the dose at the beam dose specification point (BeamDose x fractions).
 """
 from __future__ import annotations
 

@@ -1,24 +1,12 @@
 """Writing DICOM-RT: a case -> CT series, RTSTRUCT, RTPLAN and RTDOSE; a predicted dose -> RTDOSE.
 
-Files are written with pydicom as DICOM Part 10 files (128-byte preamble, file meta, Explicit VR
-Little Endian, or Implicit VR when an element is too long for Explicit VR; each checked by
-:mod:`.validate`) of the standard storage SOP classes: CT Image (1.2.840.10008.5.1.4.1.1.2), RT
-Structure Set (...481.3), RT Plan (...481.5) and RT Dose (...481.2). All objects of one export
-share one study and one frame of reference; the RTSTRUCT refers to every CT slice, the RTPLAN to
-the RTSTRUCT, the RTDOSE to the RTPLAN. ROIs keep the TPS's names of an imported case; contours
-keep their corner points only, at 0.01 mm (:func:`_mm`).
-
-UIDs: every new UID (study, series, SOP instance, frame of reference) comes from
-``pydicom.uid.generate_uid`` under a root (:mod:`.objects`). The default root is ``2.25.``: the UID
-is a random UUID written as a decimal number (ISO/IEC 9834-8, DICOM PS3.5 B.2), unique without a
-registered root. A hospital with its own registered root passes it (``--uid-root 1.2.3.4.``, ending in a dot,
-or the environment variable ``ADDIFF_UID_ROOT``, which ``predict --rtdose`` also uses);
-UIDs are then that root followed by a random suffix (pydicom's scheme), at most 64 characters.
-
-The RTPLAN carries geometry only (beams with gantry, couch, energy, arcs as control points;
-prescriptions; fractions; ``TreatmentSite`` = the case's tumour site), no MLC or monitor units:
-it is for the importer and for viewers, not for delivery. ``possible_dose_mask.nii.gz`` has no
-DICOM-RT counterpart and is not written.
+Part 10 files of the standard storage SOP classes (Explicit VR Little Endian, Implicit where an
+element is too long; each checked by :mod:`.validate`), one study and frame of reference per
+export; RTSTRUCT -> every CT slice, RTPLAN -> RTSTRUCT, RTDOSE -> RTPLAN. ROIs keep the TPS's names,
+contours their corner points at 0.01 mm. UIDs: :mod:`.objects` (root ``2.25.`` unless a hospital
+passes its own, ``--uid-root`` or ``ADDIFF_UID_ROOT``). The RTPLAN carries geometry only (no MLC,
+no monitor units): for the importer and viewers, not for delivery. ``possible_dose_mask.nii.gz``
+has no DICOM-RT counterpart and is not written.
 """
 from __future__ import annotations
 

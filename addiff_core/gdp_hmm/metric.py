@@ -1,12 +1,9 @@
 """Metric 1 of the GDP-HMM challenge (AAPM 2025): the MAE in the 5 Gy isodose and the body.
 
-Transcribed from the challenge's evaluation code, the "MAE for a batch of data (Metric 1 on
-challenge leaderboard)" cell of ``evaluation.ipynb``. That cell is in the repository's later
-versions (stored here as the fork sunyu0410/GDP-HMM_AAPMChallenge, evaluation.ipynb at commit
-72ef3f01, lines of the cell "common code for Phase 1 and 2"); the version of RiqiangGao/
-GDP-HMM_AAPMChallenge that is stored (commit 2e3b1c42) is the first one, ``ref_dose > 5`` alone,
-which its README (commit be990a67, "Evaluation Methods") replaced by "masked by the 5 Gy isodose
-lines and body mask". Per plan::
+Transcribed from the challenge's ``evaluation.ipynb`` cell "MAE for a batch of data (Metric 1 on
+challenge leaderboard)" (fork sunyu0410/GDP-HMM_AAPMChallenge at 72ef3f01; the README of
+RiqiangGao/GDP-HMM_AAPMChallenge at be990a67, "Evaluation Methods", replaced its first
+``ref_dose > 5`` by this mask). Per plan::
 
     ref_dose   = data_dict['dose'] * data_dict['dose_scale']
     norm_scale = PDose(PTV_High) / (np.percentile(ref_dose[PTVHigh.astype('bool')], 3) + 1e-5)
@@ -15,9 +12,8 @@ lines and body mask". Per plan::
     isodose_ref_5Gy_mask = (ref_dose > 5) & (Body > 0)
     error = np.sum(np.abs(ref_dose - prediction)[isodose_5Gy_mask > 0]) / np.sum(isodose_ref_5Gy_mask)
 
-and the leaderboard value is the mean of ``error`` over the plans. ``PTVHigh`` is
-``PTVHighOPT`` for head-and-neck plans (meta_data.csv ``site`` 1) and ``PTV`` for lung plans;
-the importer records which structure a case uses (``CASE/gdp_hmm.yaml``, ``normalisation``).
+The leaderboard value is the mean over plans. ``PTVHigh`` is ``PTVHighOPT`` for head-and-neck
+plans and ``PTV`` for lung (recorded per case in ``CASE/gdp_hmm.yaml``, ``normalisation``).
 """
 from __future__ import annotations
 
