@@ -1,11 +1,7 @@
-"""What each part of ADDiff-Dose contributes: decode the latent the diffusion sampled, a zero
-latent, the reference dose's own latent (the oracle) and another case's latent (shuffled).
-
-If the decoder could predict the dose without its latent, decoding z = 0 or another case's latent
-would score like the sampled one, and the diffusion weights would not matter (issue #24). If
-the VAE were not an autoencoder, the oracle would score no better than a prediction. Every MAE
-is on the model grid, inside the evaluation region (``body``), in units of the prescription
-(normalised dose), so it compares parts of the model, not the mapping back to the CT grid.
+"""What each part of ADDiff-Dose contributes (issue #24): the MAE of decoding the sampled latent,
+z = 0, the reference dose's own latent (oracle) and another case's (shuffled). If the decoder
+ignored its latent, z = 0 would score like the sample; if the VAE were no autoencoder, the oracle
+would not beat it. MAEs are on the model grid in the ``body``, in units of the prescription.
 """
 from __future__ import annotations
 

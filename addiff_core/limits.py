@@ -1,16 +1,12 @@
 """What a hospital's files may be before we read them: hostile input stays cheap.
 
-* Only regular files inside the folder they belong to are read (:func:`file_problem`,
-  :func:`open_regular`): a FIFO or a device (``/dev/zero``) would block or never end, and a
-  symbolic link out of a case or DICOM folder would read someone else's file.
-* An image may declare at most :func:`max_voxels` voxels (CT, dose, mask, possible-dose mask, an
-  RTDOSE or a whole CT series): a 1.4 MB ``.nii.gz`` or a 2 MB deflated RTDOSE can declare
-  gigabytes, so the declared size is checked from the header before any voxel is decompressed.
-  Default :data:`DEFAULT_MAX_VOXELS` (512^3, above any planning CT: 512 x 512 x 512 slices); the
-  environment variable :data:`MAX_VOXELS_ENV` (``ADDIFF_MAX_VOXELS``) sets another.
-* A deflated DICOM data set is inflated only as far as it is read: its header (everything
-  before the pixel data) at most :data:`DICOM_HEADER_BYTES` and :data:`DICOM_INFLATED_READS`
-  reads, then at most the pixel bytes its header declares (``dicom/files.py``).
+* Only regular files inside their folder are read (:func:`file_problem`, :func:`open_regular`):
+  a FIFO or ``/dev/zero`` never ends, a link out of a case reads someone else's file.
+* An image may declare at most :func:`max_voxels` voxels (default :data:`DEFAULT_MAX_VOXELS`,
+  512^3; ``ADDIFF_MAX_VOXELS`` sets another), checked from the header before decompressing: a
+  small ``.nii.gz`` or deflated RTDOSE can declare gigabytes.
+* A deflated DICOM data set is inflated only as far as read: :data:`DICOM_HEADER_BYTES` and
+  :data:`DICOM_INFLATED_READS` for the header, then the pixel bytes it declares (``dicom/files.py``).
 """
 from __future__ import annotations
 

@@ -1,17 +1,10 @@
-"""Where local commands may write: never into a case folder or a data folder, never over an
-existing result unless asked (``--overwrite``), and never through a link.
+"""Where local commands may write: never into a case or data folder, never over an existing
+result unless ``--overwrite``, never through a link (issue #29: ``predict --out CASE`` replaced a
+reference dose, a planted ``rtdose.dcm`` link got a case's dose overwritten).
 
-``addiff predict --out CASE`` once replaced the case's reference ``dose.nii.gz`` with a
-prediction; ``addiff train --out RUN`` silently replaced a trained ``model.pt``; a planted
-``OUT/rtdose.dcm`` link to a case's dose got the case's dose overwritten (#29). So:
-
-* :func:`check_output_dir` / :func:`check_output_file` resolve the output (links followed, a
-  dangling one too) and refuse one that is, or lands in, a case or data folder, and one that
-  already holds a result (a dangling link counts) unless ``overwrite``;
-* :func:`write_output` writes every file into a temporary file beside it and renames it into
-  place: an existing link at the name is replaced, never written through; without
-  ``overwrite`` the rename is exclusive (a file that appeared since the check is kept);
-* :func:`output_lock` lets one command at a time write into a folder (``addiff train --out``).
+:func:`check_output_dir` / :func:`check_output_file` resolve the output (dangling links too) and
+refuse those; :func:`write_output` writes beside and renames into place (exclusively without
+``overwrite``); :func:`output_lock`: one command at a time per folder.
 """
 from __future__ import annotations
 

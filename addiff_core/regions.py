@@ -1,17 +1,9 @@
 """The evaluation region of a case: the one rule for where a prediction may hold dose.
 
-OpenKBP multiplies every prediction by the patient's possible-dose mask before it is saved and
-scored; this project does the same with the evaluation region of each case, chosen here and
-nowhere else:
-
-1. the case's possible-dose mask (``possible_dose_mask.nii.gz``) when it has one;
-2. else its body structure (``masks/Body.nii.gz``, ``case_io.BODY_NAME``; or another body name
-   in ``metrics.BODY_NAMES`` such as ``External``);
-3. else the voxels with CT > -500 HU.
-
-Every prediction the project writes or scores is zero outside this region
-(:func:`zero_outside`); scores use it as the possible-dose mask. ``preprocessing.case_to_sample``
-resamples it onto the model grid as the ``body`` sample tensor.
+As OpenKBP masks every prediction with the possible-dose mask, every prediction here is zero
+outside (:func:`zero_outside`) the first of: the case's ``possible_dose_mask.nii.gz``, its body
+structure (``case_io.BODY_NAME`` or another of ``metrics.BODY_NAMES``), the voxels with CT > -500
+HU. Scores use it as the possible-dose mask; the model sees it as the ``body`` tensor.
 """
 from __future__ import annotations
 

@@ -1,17 +1,11 @@
 """ConditionEncoder: planning inputs -> spatial map on the latent grid + context tokens.
 
-(a) structure encoder: Conv3d stack over [ct, targets, oars(14), beam_plate] (17 channels),
-    strided down to the latent grid -> spatial map (N, cond_channels, L, L, L) that the denoiser
-    takes by concatenation; the same features, average-pooled to a G^3 grid, give G^3 tokens.
-(b) beam tokens: MLP on the 6 beam features + technique embedding (72, masked by beam_mask).
-(c) a plan token: tumour-site embedding + technique embedding + number of beams.
-(d) constraint tokens: MLP on the 6 constraint features + embedding of constraint_struct
-    (16, masked by constraint_mask).
-All tokens are fused by a small pre-LN transformer (Linear q/k/v attention with a key padding
-mask, no nn.MultiheadAttention). The context handed to the denoiser is only the always-valid
-tokens (plan + register tokens + structure tokens), which have read the beams/constraints
-through the masked attention; padded rows are zeroed before projection and never used as keys,
-so they cannot change the output, and every query has valid keys (no NaN with zero beams).
+A Conv3d stack over the 17-channel planning volume gives the spatial map (concatenated by the
+denoiser) and, pooled, structure tokens; MLPs give beam, plan and constraint tokens; a small
+pre-LN transformer (hand-written q/k/v with a key padding mask, Opacus-friendly) fuses them. The
+denoiser gets only the always-valid tokens (plan, register, structure), which read the masked
+beams/constraints: padded rows never act as keys, so they cannot change the output, and zero
+beams give no NaN.
 """
 from __future__ import annotations
 

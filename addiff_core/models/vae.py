@@ -1,11 +1,9 @@
 """LightweightVAE3D: the first stage of ADDiff-Dose (dose volume <-> small latent grid).
 
-Opacus-friendly by construction: Conv3d + GroupNorm + SiLU only, strided Conv3d to go down and
-``nn.Upsample`` (nearest) + Conv3d to go up (no ConvTranspose, no BatchNorm).
-
-The decoder output is left linear (no softplus): the dose is mostly exactly 0 outside the beams
-and a softplus can only approach 0 with vanishing gradient there, which blurs the low-dose
-region; non-negativity is enforced where it matters (``diffusion.sample`` clamps at 0).
+Opacus-friendly: Conv3d + GroupNorm + SiLU, strided convs down, nearest upsampling + conv up (no
+ConvTranspose, no BatchNorm). The decoder output stays linear: a softplus only approaches the
+exact zeros outside the beams with a vanishing gradient, blurring the low dose;
+``diffusion.sample`` clamps at 0 instead.
 """
 from __future__ import annotations
 
@@ -68,20 +66,11 @@ def channel_to_space(x: torch.Tensor, r: int) -> torch.Tensor:
 class LightweightVAE3D(nn.Module):
     """Dose (N, in_channels, S, S, S) <-> latent (N, cfg.latent_channels, S/d, S/d, S/d), d = cfg.downsample.
 
-    Encoder (dose only): stem conv at full resolution, then one stride-2 conv (+ one residual
-    block) per extra entry of ``cfg.vae_channels``; 1x1 conv to (mu, logvar). Decoder: the
-    mirror image, nearest up-sampling + conv at every level.
-
-    ``cfg.residual_latent`` (DC-AE's residual autoencoding): mu adds, per latent channel, the
-    mean dose of that channel's share of the cell's voxels, and the decoder adds that value back
-    to each voxel of the share; the learned paths start at zero, so training learns only what a
-    block average misses. The latent then carries the dose by construction.
-
-    ``cfg.decoder_anatomy``: "none" (the default: the decoder reads its latent only, so that what
-    the diffusion samples decides the dose); "ct" or "planning" add an anatomy encoder whose
-    features join the decoder at every level (concatenated skips): with the whole planning volume
-    such a decoder predicts the dose without its latent (issue #24). ``cfg.latent_dropout``:
-    each training case decodes z = 0 with this probability.
+    One stride-2 conv (+ residual block) per extra ``cfg.vae_channels`` entry, mirrored up.
+    ``cfg.residual_latent`` (DC-AE): each latent channel starts as its share's mean dose and the
+    decoder adds it back, the learned paths zero-initialised, so the latent carries the dose.
+    ``cfg.decoder_anatomy`` "ct"/"planning" add anatomy skips to the decoder (which then ignores
+    its latent, issue #24); ``cfg.latent_dropout``: P(decode z = 0) per training case.
     """
 
     def __init__(self, cfg: ModelConfig, in_channels: int = 1, condition_channels: int = 0):
