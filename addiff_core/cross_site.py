@@ -1,16 +1,11 @@
 """The cross-site matrix of a run (issue #25): every model on every site's held-out cases.
 
-Models (rows): ``global`` (the final global model), ``<site> local`` (the site trained alone with
-its federation budget) and ``<site> personalized`` (the global model fine-tuned at the site).
-Sites (columns): where the model was evaluated. A cell holds the site's held-out means of
-:data:`MATRIX_METRICS` and its case count. A site's own model is evaluated elsewhere only if its
-site file shares it (``share_models_for_evaluation: true``); otherwise its row has its home cell
-only, and the row says "at home only".
-
-Flower-free: the server fills a :class:`Matrix` from the sites' replies (``server.cross_site``),
-this module checks each number against :data:`BOUNDS` (a number a site sends can be a lie: an
-implausible one becomes an empty cell), writes ``cross_site.csv/.json/.md`` and draws the heat
-map the report shows.
+Rows: ``global``, ``<site> local`` (trained alone), ``<site> personalized`` (fine-tuned there);
+columns: where it was evaluated; a cell: that site's held-out means of :data:`MATRIX_METRICS` and
+its case count. A site's own model leaves home only if its site file says
+``share_models_for_evaluation: true`` (else "at home only"). Flower-free: the server fills a
+:class:`Matrix` from the replies; every number is checked against :data:`BOUNDS` (a site may lie:
+an implausible one becomes an empty cell); writes ``cross_site.csv/.json/.md`` and the heat map.
 """
 from __future__ import annotations
 

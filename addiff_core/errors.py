@@ -1,13 +1,9 @@
-"""Errors every layer may raise for a problem the user must fix (printed as one line by the
-command line, exit status 2).
+"""Errors for a problem the user must fix (one line on the command line, exit status 2).
 
-Here, not in :mod:`addiff_core.cli`, so that the Flower glue (``server/``, ``client/``) can raise
-it without importing the command line, and so that ``python -m addiff_core.cli`` (which loads
-the command line a second time, as ``__main__``) still has one class to catch.
-
-The data and checkpoint errors live here too (re-exported by ``case_io`` and ``checkpoint``), so
-that the command line can catch them without importing SimpleITK or torch: a launcher such as
-``addiff client start`` then starts in a fraction of a second.
+Here, not in :mod:`addiff_core.cli`: ``server/`` and ``client/`` raise them without importing the
+command line, ``python -m addiff_core.cli`` (loaded twice) still has one class to catch, and the
+command line catches the data and checkpoint errors without importing SimpleITK or torch (a
+launcher starts in a fraction of a second).
 """
 from __future__ import annotations
 

@@ -1,12 +1,8 @@
-"""Pure loss functions (no modules, no state): KL, masked L1, clinical dose-volume hinge.
+"""Pure loss functions: KL, masked L1, clinical dose-volume hinge, on normalised dose (Gy / rx).
 
-All doses are normalised (Gy / rx). Reductions never divide by zero: Opacus Poisson sampling can
-produce empty batches, so every mean is ``sum / max(n, 1)``.
-
-DP note: with ``reduction="sample"`` / per-sample terms a batch loss is ``sum_i loss_i / max(N, 1)``,
-i.e. each sample's gradient depends on its own data only (what Opacus' ``loss_reduction="mean"``
-assumes). ``masked_l1(..., reduction="global")`` normalises by the voxel count of the whole batch,
-which couples samples: fine without DP.
+Every mean is ``sum / max(n, 1)`` (Opacus' Poisson sampling makes empty batches). Per-sample
+reductions keep each sample's gradient its own (what Opacus' ``loss_reduction="mean"`` assumes);
+``masked_l1(..., reduction="global")`` couples samples: fine without DP only.
 """
 from __future__ import annotations
 

@@ -1,12 +1,10 @@
 """A NIfTI file read with Python alone, for what SimpleITK does not say.
 
-SimpleITK (2.5, ITK 5.4) silently reads a truncated ``.nii.gz`` (the missing voxels come back as
-zeros) and turns stored NaN/inf voxels into 0. So ``addiff data check`` first reads every NIfTI
-image here: the gzip stream must be complete and hold every voxel its header announces
-(:func:`nifti_gz_problem`), and NaN/inf are counted in the raw float voxels
-(:func:`nifti_nonfinite_count`). The header's size is checked against ``limits.max_voxels()``
-before any voxel is decompressed, and no more than the announced voxels (plus
-:data:`TRAILING_BYTES`) is ever decompressed.
+SimpleITK 2.5 silently reads a truncated ``.nii.gz`` (zeros) and turns NaN/inf into 0, so
+``addiff data check`` reads every image here first: a complete gzip stream with every announced
+voxel (:func:`nifti_gz_problem`), non-finite voxels counted (:func:`nifti_nonfinite_count`); the
+header's size is checked against ``limits.max_voxels()`` before decompressing, and no more than
+the announced voxels (plus :data:`TRAILING_BYTES`) is decompressed.
 """
 from __future__ import annotations
 

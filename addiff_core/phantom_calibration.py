@@ -1,12 +1,9 @@
 """Statistics a DP site may compute without touching its private cases: on synthetic phantoms.
 
-The diffusion stage scales VAE latents to unit variance (``diffusion.latent_scale``). A site
-without DP calibrates that scale on its own training cases; a site with DP must not (an
-un-noised statistic of its cases would be released with its weights, outside epsilon). It
-calibrates instead on a few deterministic synthetic phantoms (``addiff_core.synth``: one per
-tumour site, the same for every site and run) encoded by the global VAE it received: the scale
-then depends only on public model weights and on data that belongs to no patient. It is an
-approximation when real doses differ from the phantoms; see docs/PRIVACY.md.
+``diffusion.latent_scale`` scales latents to unit variance. A DP site must not compute it on its
+cases (an un-noised statistic would leave with its weights, outside epsilon), so it encodes a few
+deterministic phantoms (one per tumour site, the same everywhere) with the global VAE it received;
+an approximation when real doses differ (docs/PRIVACY.md).
 """
 from __future__ import annotations
 
@@ -16,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .case_io import TUMOUR_SITES, load_case, save_case
+from .case_io import load_case, save_case
+from .contract import TUMOUR_SITES
 from .config import GridConfig
 from .preprocessing import case_to_sample
 

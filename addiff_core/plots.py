@@ -1,12 +1,9 @@
-"""Figures a physicist reads at a glance: dose slices, sample uncertainty beside the error, DVH curves,
-per-site bars, training curves.
+"""Figures a physicist reads at a glance: dose slices, uncertainty beside the error, DVH curves,
+per-site bars, training curves. Arrays in, a PNG out (matplotlib Agg).
 
-Pure functions: arrays and numbers in, a PNG file out (matplotlib's Agg backend, no display).
-Arrays are (z, y, x) as everywhere in addiff-fl; spacing is (x, y, z) in mm. The slice views
-assume LPS-ordered arrays (+x patient left, +y posterior, +z superior; reorient with
-``SimpleITK.DICOMOrient(img, "LPS")`` first) and follow the radiological convention: axial
-with anterior up and the patient's left on the right, coronal and sagittal with superior up
-(sagittal: anterior on the left).
+Arrays (z, y, x) in LPS (``SimpleITK.DICOMOrient(img, "LPS")`` first), spacing (x, y, z) mm. Slices
+follow the radiological convention: axial anterior up, patient's left on the right; coronal and
+sagittal superior up (sagittal anterior left).
 """
 from __future__ import annotations
 
@@ -21,7 +18,7 @@ import numpy as np  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from .metrics import dvh_curve  # noqa: E402
+from .dvh import dvh_curve  # noqa: E402
 
 ISODOSE_FRACTIONS = (0.3, 0.5, 0.8, 0.95)
 ISODOSE_COLOURS = {0.3: "#1f4fff", 0.5: "#00c000", 0.8: "#ffd000", 0.95: "#ff2020", 1.0: "#ffffff",

@@ -1,15 +1,10 @@
 """Reading one DICOM file at a bounded cost, whatever the file says.
 
-* Only a regular file is opened (``limits.open_regular``): a FIFO would block, ``/dev/zero``
-  never ends. (:mod:`.scan` also keeps to files inside the source folder.)
-* A header is read up to the pixel data, values over :data:`DEFER_BYTES` deferred (read when
-  used). A Deflated Explicit VR Little Endian file (its whole data set deflated) is inflated only
-  as far as it is read, and at most ``limits.DICOM_HEADER_BYTES`` (and ``DICOM_INFLATED_READS``
-  reads) for the header: pydicom would inflate it whole first, and 2 MB of deflated zeros are 2 GB.
-* :func:`declared_size_problem` compares Columns x Rows x NumberOfFrames x SamplesPerPixel with
-  ``limits.max_voxels()``; the pixel data is read (:func:`read_dataset_file` with ``pixels``)
-  only after that, and a deflated file then inflates at most its declared pixel bytes beyond the
-  header bound.
+Only regular files (``limits.open_regular``); the header up to the pixel data, values over
+:data:`DEFER_BYTES` deferred. A deflated data set is inflated only as far as read (pydicom would
+inflate it whole, and 2 MB of deflated zeros are 2 GB): at most ``limits.DICOM_HEADER_BYTES`` for
+the header, then, once :func:`declared_size_problem` has checked the declared size against
+``limits.max_voxels()``, the pixel bytes it declares.
 """
 from __future__ import annotations
 

@@ -1,22 +1,18 @@
-"""Structure names: a TPS's ROI names -> the project's names (``case_io.OAR_NAMES``, ``Body``, ``PTV<Gy>``).
+"""Structure names: a TPS's ROI names -> the project's (``case_io.OAR_NAMES``, ``Body``, ``PTV<Gy>``).
 
-Lookup is by a normalised key (lower case, everything but letters and digits removed), so
-``Parotid_L``, ``parotid l`` and ``PAROTID-L`` are the same name. The defaults cover the TG-263
-spellings (``Parotid_L``, ``SpinalCord``, ``Bone_Mandible``, ``Femur_Head_L``, ``Lung_L``, ...)
-and common variants (``L Parotid``, ``Cord``, ``Oesophagus``, ``External``). Targets that carry
-their dose in the name become ``PTV70`` / ``PTV50p4``; a number in a target's name is a dose only
-when a unit follows or precedes it (``PTV_70Gy``, ``PTV 5040cGy``, ``PTV_Gy60``) or when it matches
-a prescription of the plan or the mapping file (``PTV_70``, ``PTV_7000`` in cGy, ``PTV_50.4``):
-RayStation's numbered SRS targets ``PTV_1 ... PTV_5`` are not 1-5 Gy. A site's mapping file adds to or overrides the defaults (its keys are
-normalised the same way); a name mapped to ``None`` is dropped. Any other name is kept, made a
-valid file name (letters, digits, ``_`` and ``-``), and reported as not used by the model.
+Looked up by a normalised key (lower case, letters and digits only: ``Parotid_L`` = ``PAROTID-L``);
+defaults cover TG-263 and common variants. A number in a target's name is a dose only next to a
+unit (``PTV_70Gy``, ``PTV 5040cGy``) or when it matches a prescription (``PTV_70``, ``PTV_7000``
+cGy): RayStation's ``PTV_1 ... PTV_5`` are not 1-5 Gy. A mapping file adds to or overrides the
+defaults (``None`` drops a name); other names are kept as valid file names and reported as unused.
 """
 from __future__ import annotations
 
 import re
 from typing import Iterable, Mapping
 
-from ..case_io import BODY_NAME, OAR_NAMES
+from ..case_io import BODY_NAME
+from ..contract import OAR_NAMES
 
 __all__ = ["DEFAULT_NAME_MAP", "normalise", "target_dose_from_name", "NameMapper", "infer_tumour_site",
            "unsupported_site", "site_from_text", "safe_structure_name"]

@@ -1,13 +1,10 @@
 """Find DICOM files by content (never by name) and group them by patient.
 
-Every regular file inside the source folder is opened with pydicom (headers only, at a bounded
-cost: :mod:`.files`). Hidden entries (names starting with '.'), FIFOs, devices and symbolic links
-out of the folder are not read, and listed (``Scan.skipped``). Files that are not DICOM are
-listed and left alone; DICOM objects the importer does not use (MR, RT images,
-DICOMDIR, ...) are listed with their modality. The rest is grouped by PatientID, and each
-patient gets a case name: the top-level sub-folder of the source that holds all of its files and
-no other patient's, else the source folder itself when it holds one patient only, else the
-PatientID (made a valid folder name).
+Every regular file in the source folder is opened, headers only (:mod:`.files`); hidden entries,
+FIFOs, devices, links out of the folder, non-DICOM files and objects the importer does not use are
+listed (``Scan.skipped``). Files are grouped by PatientID; a patient's case name is the top-level
+sub-folder holding all its files and no other patient's, else the source folder (one patient),
+else the PatientID.
 """
 from __future__ import annotations
 

@@ -1,16 +1,10 @@
 """Checks of every DICOM object the project writes, before and after it is written.
 
-No maintained, offline dciodvfy-like Python tool is available (``dicom-validator`` downloads the
-standard on first use), so the checks are pydicom's own value validation plus the encoding rules a
-reader depends on:
-
-* :func:`value_problems`: every element's value against its VR (``pydicom.valuerep.validate_value``
-  in RAISE mode: characters and maximum lengths, e.g. 16 characters per DS value, 64 per LO);
-* :func:`needs_implicit_vr`: whether an element is too long for Explicit VR Little Endian, where
-  most VRs (DS among them) have a 2-byte length field: a body contour's ContourData can exceed
-  64 KB, and pydicom would then silently write it as VR UN, which readers cannot parse;
-* :func:`file_problems`: the written file read back with pydicom: it parses, no element is UN,
-  every value is valid, and it holds the same elements as the data set that was written.
+No maintained offline dciodvfy-like Python tool exists (``dicom-validator`` downloads the
+standard), so: :func:`value_problems` (every value against its VR, pydicom's RAISE mode);
+:func:`needs_implicit_vr` (an element over Explicit VR's 2-byte length, e.g. a body's ContourData,
+which pydicom would silently write as unreadable VR UN); :func:`file_problems` (the file read back:
+it parses, no UN, every value valid, the same elements as written).
 """
 from __future__ import annotations
 

@@ -1,12 +1,9 @@
 """Image grids from DICOM: a CT series -> a SimpleITK image in HU; an RTDOSE -> Gy on the CT grid.
 
-Geometry follows DICOM exactly: ``ImageOrientationPatient`` gives the row (x) and column (y)
-directions, their cross product the slice normal (z); slices are sorted by their position along
-the normal and the first one's ``ImagePositionPatient`` is the origin. Spacing is
-(PixelSpacing[1], PixelSpacing[0], slice step). A series is refused when its slices are not all
-alike (size, spacing, orientation), when positions do not advance along the normal (gantry tilt),
-or when the slice step is not uniform (a missing slice). Pixels are decoded only after the size
-the headers declare (one object, a whole CT series) passed ``limits.max_voxels()``.
+Geometry as DICOM says: rows/columns from ``ImageOrientationPatient``, slices sorted along their
+normal, the first one's position the origin, spacing (PixelSpacing[1], PixelSpacing[0], step). A
+series whose slices differ, do not advance along the normal (gantry tilt) or skip one is refused.
+Pixels are decoded only after the declared size passed ``limits.max_voxels()``.
 """
 from __future__ import annotations
 

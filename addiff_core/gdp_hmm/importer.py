@@ -1,16 +1,10 @@
 """``addiff data import-gdp-hmm``: GDP-HMM plans (``.npz``) -> case folders and one site file per
 institution (``cohort``), tumour site (``site``) or for all (``none``).
 
-Layout written (as ``addiff data synth``'s)::
-
-    OUT/<group>.yaml                 a site file: `addiff simulate --site-files OUT/*.yaml`
-    OUT/<group>/cases/<plan id>/     one case per plan (case_io.save_case) + gdp_hmm.yaml
-
-Like ``import-openkbp``, the volumes are written on their own grid (no resampling or cropping
-here: preprocessing resamples to the model grid) and a plan that cannot be imported is skipped
-with its reason while the others are imported. The held-out cases of a site file are its plans
-whose meta_data.csv phase is valid/test (data_loader.py's evaluation phases) when it has both
-kinds, else a random quarter.
+Layout as ``addiff data synth``'s: ``OUT/<group>.yaml`` (a site file) and
+``OUT/<group>/cases/<plan id>/`` (a case + gdp_hmm.yaml). As ``import-openkbp``: volumes on their
+own grid, a failing plan skipped with its reason. Held out: the plans whose meta_data.csv phase is
+valid/test (data_loader.py's evaluation phases) when a site has both kinds, else a random quarter.
 """
 from __future__ import annotations
 
@@ -22,7 +16,8 @@ from pathlib import Path
 
 import yaml
 
-from ..case_io import CaseError, only_case_entries, save_case, staged_case_dir
+from ..case_io import only_case_entries, save_case, staged_case_dir
+from ..errors import CaseError
 from ..errors import UserError
 from .convert import convert
 from .metric import INFO_FILE

@@ -1,14 +1,10 @@
 """Batch-1 3D convolutions on the CPU at oneDNN speed.
 
-PyTorch's CPU backend choice (``ConvParams::use_mkldnn`` in ATen's Convolution.cpp) sends a 3D
-convolution with batch 1 to the im2col ``Slow3d`` kernel whenever ``C * D * H <= 20480`` (and the
-kernel is at most 3 wide, groups 1): every layer below full resolution in our models. On the
-2-core CPU of this project that kernel is ~4x slower than oneDNN for forward and backward, and
-batch 1 is common here: ``addiff predict``, evaluation, OpenKBP sites (batch_size 1) and DP-SGD
-in the microbatch mode (one backward per sample). Giving such a layer a batch of 2 (the sample
-and a stride-0 copy of it) selects oneDNN; the first output is the batch-1 result and gradients
-flow only through it, so results are the convolution's own (up to float rounding). Nothing in
-torch, MONAI or Opacus exposes the backend choice, hence this small patch per layer.
+ATen (``ConvParams::use_mkldnn``) sends a batch-1 3D convolution with ``C * D * H <= 20480`` to
+its slow im2col kernel: every layer below full resolution here, and batch 1 is common (predict,
+evaluation, OpenKBP sites, DP microbatches; the cost: BENCHMARKS.md, "Differential privacy").
+A batch of 2 (the sample and a stride-0 copy) selects oneDNN; only the first output is used, so
+results are the convolution's own. Nothing in torch, MONAI or Opacus exposes the choice.
 """
 from __future__ import annotations
 

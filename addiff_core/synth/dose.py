@@ -1,13 +1,9 @@
 """The phantom's dose: a physics-inspired model of a plan's beams on the CT (:func:`phantom_dose`).
 
-Per static beam / arc control point: the field is the BEV projection of the targets dilated by
-a margin; its initial fluence is painted with each target's prescription (relative to the
-highest), lowered for beamlets crossing OARs, and the beam weight is lowered for beams whose path
-crosses OARs (both scaled by the hospital's ``sparing``). A few multiplicative (MLEM-like)
-beamlet updates then push target voxels towards their prescription and OAR voxels under their
-goals. Dose = sum over beams of penumbra-blurred fluence x depth dose (build-up,
-exp(-mu * radiological depth through the CT)) x inverse square, plus a low scatter term. Finally
-the primary target's D95 is scaled to its prescription exactly.
+Per beam / control point: the targets' BEV field plus margin, fluence painted with each target's
+prescription and lowered for beamlets and beams crossing OARs (the hospital's ``sparing``); a few
+MLEM-like beamlet updates; dose = penumbra-blurred fluence x depth dose x inverse square + a low
+scatter term, the primary target's D95 scaled to its prescription.
 """
 from __future__ import annotations
 
