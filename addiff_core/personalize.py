@@ -58,8 +58,16 @@ def _train_stages(task: SiteTask, plan: list[tuple[str, int]], *, seed: int, tag
 
 def fine_tune(task: SiteTask, global_arrays: dict[str, np.ndarray], *, epochs: int, which: str = "both",
               seed: int = 0, run_tag: str = "", planned_epochs: int | None = None) -> dict[str, np.ndarray]:
-    """The global model fine-tuned for ``epochs`` per stage on the site's training cases, saved as
-    ``personalized.pt``; returns its arrays.
+    """The global model fine-tuned on the site's training cases, saved as ``personalized.pt``.
+
+    Args:
+        task: the site; global_arrays: the final global model; epochs: per stage.
+        which: "diffusion" (that stage only) or "both"; seed: training seed.
+        run_tag: the run's tag (the fine-tuning's optimiser states get one of their own).
+        planned_epochs: the run's epochs at this site, for the DP noise (None: the round's).
+
+    Returns:
+        the fine-tuned model's arrays.
 
     Raises:
         PrivacyBudgetExhausted: a DP site's budget does not cover the fine-tuning (nothing saved).
@@ -76,7 +84,8 @@ def fine_tune(task: SiteTask, global_arrays: dict[str, np.ndarray], *, epochs: i
 def train_local(task: SiteTask, initial: dict[str, np.ndarray], stage_epochs: dict[str, int], *, seed: int = 0,
                 run_tag: str = "", planned_epochs: int | None = None) -> dict[str, np.ndarray]:
     """The site alone: from the federation's ``initial`` model, each stage for ``stage_epochs[stage]``
-    epochs in one go; saved as ``cross_site_local.pt``; returns its arrays.
+    epochs in one go, saved as ``cross_site_local.pt``; returns its arrays. Other arguments as
+    :func:`fine_tune`'s.
 
     Raises:
         PrivacyBudgetExhausted: a DP site's budget does not cover it (nothing saved).

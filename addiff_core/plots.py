@@ -89,12 +89,16 @@ def dose_slices_figure(path: Path, ct_hu: np.ndarray, ref: np.ndarray | None, pr
                        rx: float, title: str = "", target: np.ndarray | None = None, target_name: str | None = None,
                        isodose_fractions: Sequence[float] = ISODOSE_FRACTIONS,
                        eval_mask: np.ndarray | None = None) -> Path:
-    """Axial/coronal/sagittal slices through the target centre (else the dose maximum): the CT
-    with the reference dose, the predicted dose (colourwash from ``WASH_FROM`` x Rx) and their
-    difference (colourwash where it is at least ``DIFF_FROM`` x Rx), one colour
-    bar in Gy per row, isodose lines at ``isodose_fractions`` of ``rx`` (legend in Gy) and the
-    target outline. The difference is shown inside ``eval_mask`` (e.g. the body) when given.
-    Arrays (z, y, x) in LPS order, doses in Gy, spacing (x, y, z) mm."""
+    """Axial/coronal/sagittal slices through the target centre (else the dose maximum): reference,
+    predicted (colourwash from ``WASH_FROM`` x Rx) and their difference (from ``DIFF_FROM`` x Rx)
+    over the CT, isodose lines and the target outline; writes ``path``.
+
+    Args:
+        ct_hu, ref, pred: (z, y, x) in LPS, doses in Gy (``ref`` None: the prediction alone).
+        spacing: (x, y, z) mm; rx: prescription (Gy); title: above the figure.
+        target, target_name: the outline drawn and its legend; isodose_fractions: of ``rx``.
+        eval_mask: the difference is shown inside it (e.g. the body) when given.
+    """
     pred = np.asarray(pred, dtype=np.float32)
     ref = None if ref is None else np.asarray(ref, dtype=np.float32)
     centre = _slice_centre(target, ref if ref is not None and ref.max() > 0 else pred)
@@ -165,17 +169,15 @@ def uncertainty_slices_figure(path: Path, ct_hu: np.ndarray, std: np.ndarray, ab
                               spacing: Sequence[float], title: str = "", samples: int | None = None,
                               target: np.ndarray | None = None, target_name: str | None = None,
                               dose: np.ndarray | None = None, eval_mask: np.ndarray | None = None) -> Path:
-    """Where a sampled prediction is unsure next to where it is wrong: the voxel-wise std of the
-    samples (row 1) and ``|mean - reference|`` (row 2), in Gy, each row on its own colour scale
-    (the 99.5th percentile of that row inside ``eval_mask``, with its own colour bar: on one
-    shared scale a std far below the error is invisible, and then the picture cannot say where
-    the model is unsure; each row's title gives its maximum, so the magnitudes still compare),
-    over the CT, in the axial/coronal/sagittal slices of :func:`dose_slices_figure` (through the
-    target centre, else the maximum of ``dose``), shown inside ``eval_mask`` when given, from
-    ``UNCERTAINTY_FROM`` of the row's top. Arrays (z, y, x) in LPS order, spacing (x, y, z) mm.
+    """Where a sampled prediction is unsure beside where it is wrong: the samples' std (row 1) and
+    ``|mean - reference|`` (row 2) in Gy over the CT, in :func:`dose_slices_figure`'s slices. Each
+    row has its own colour scale (99.5th percentile in ``eval_mask``): on one scale a std far
+    below the error is invisible; the titles give each maximum.
 
     Args:
         samples: the number of samples behind the std, named in its row's titles.
+        dose: picks the slices when there is no target (its maximum); other arguments as
+            :func:`dose_slices_figure`'s.
     """
     std = np.asarray(std, dtype=np.float32)
     err = np.asarray(abs_error, dtype=np.float32)
@@ -217,8 +219,8 @@ def uncertainty_slices_figure(path: Path, ct_hu: np.ndarray, std: np.ndarray, ab
 
 def dvh_figure(path: Path, ref: np.ndarray | None, pred: np.ndarray, structures: Mapping[str, np.ndarray],
                title: str = "", rx: float | None = None, targets: Sequence[str] = ()) -> Path:
-    """Cumulative DVH per structure: reference solid, prediction dashed, same colour per structure;
-    ``targets`` (names in ``structures``) drawn thicker; a dotted line at ``rx``."""
+    """Cumulative DVH per structure (reference solid, prediction dashed, one colour each) written to
+    ``path``; ``targets`` (names in ``structures``) thicker; a dotted line at ``rx`` (Gy)."""
     fig, ax = plt.subplots(figsize=(8.5, 4.8), layout="constrained")
     top = float(max(pred.max(), ref.max() if ref is not None else 0.0, rx or 0.0)) * 1.05 + 1e-6
     bins = np.linspace(0.0, top, 300)

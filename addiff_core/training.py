@@ -162,7 +162,17 @@ def _run_epoch(loss_fn: Callable[[dict], tuple[torch.Tensor, dict]], module: nn.
 def train_vae_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, cfg: ModelConfig,
                     device: torch.device, *, grad_clip: float = 1.0, prox: Proximal | None = None,
                     desc: str = "vae", progress: bool = True, per_sample_grads: bool = False) -> dict[str, float]:
-    """One epoch of stage 1: L1 reconstruction + beta KL."""
+    """One epoch of stage 1 (L1 reconstruction + beta KL); the caller has run :func:`set_trainable`.
+
+    Args:
+        model: the ADDiff model (its ``vae`` trains); loader: training batches.
+        optimizer: over the stage's parameters; cfg: the model config; device: where to train.
+        grad_clip: max gradient norm; prox: FedProx term, or None.
+        desc, progress: the progress bar; per_sample_grads: DP microbatch mode (privacy.py).
+
+    Returns:
+        mean loss parts per batch, ``steps``, ``samples`` and ``seconds``.
+    """
     vae = model.vae
     model.train()
     return _run_epoch(lambda b: diff.vae_loss(vae, b, cfg), vae, loader, optimizer, device, grad_clip, prox,
@@ -173,7 +183,9 @@ def train_diffusion_epoch(model: nn.Module, loader: DataLoader, optimizer: torch
                           device: torch.device, *, generator: torch.Generator | None = None, grad_clip: float = 1.0,
                           prox: Proximal | None = None, desc: str = "diffusion", progress: bool = True,
                           per_sample_grads: bool = False) -> dict[str, float]:
-    """One epoch of stage 2 (``diffusion.diffusion_loss``); the VAE stays frozen."""
+    """One epoch of stage 2 (``diffusion.diffusion_loss``), the VAE frozen; calibrates the latent
+    scale first if unset. Arguments and result as :func:`train_vae_epoch`'s, plus ``generator``
+    (timesteps and noise)."""
     model.train()
     model.vae.eval()
     if float(model.diffusion.latent_scale) == 0.0:
@@ -186,6 +198,7 @@ def train_diffusion_epoch(model: nn.Module, loader: DataLoader, optimizer: torch
 def train_unet_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, cfg: ModelConfig,
                      device: torch.device, *, grad_clip: float = 1.0, prox: Proximal | None = None,
                      desc: str = "unet", progress: bool = True, per_sample_grads: bool = False) -> dict[str, float]:
+    """One epoch of the U-Net baseline; arguments and result as :func:`train_vae_epoch`'s."""
     model.train()
     return _run_epoch(lambda b: diff.unet_loss(model, b, cfg), model.unet, loader, optimizer, device, grad_clip,
                       prox, desc, progress, per_sample_grads)
@@ -193,6 +206,7 @@ def train_unet_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.opti
 
 def train_stage_epoch(stage: str, model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
                       cfg: ModelConfig, device: torch.device, **kw) -> dict[str, float]:
+    """The epoch function of ``stage`` ("vae", "diffusion", "unet") with these arguments."""
     fn = {"vae": train_vae_epoch, "diffusion": train_diffusion_epoch, "unet": train_unet_epoch}[stage]
     if stage != "diffusion":
         kw.pop("generator", None)
@@ -215,15 +229,19 @@ def predict_normalised(model: nn.Module, batch: dict[str, torch.Tensor], cfg: Mo
 
 def evaluate(model: nn.Module, dataset: SampleDataset, cfg: ModelConfig, device: torch.device, *, seed: int = 0,
              steps: int | None = None, gamma: bool = True, progress: bool = True) -> dict:
-    """Metrics of ``model`` on every case of ``dataset``, on each case's own CT grid, in Gy.
+    """Metrics of ``model`` on every case of ``dataset``, each on its own CT grid in Gy, the
+    prediction zeroed outside ``regions.evaluation_region`` as OpenKBP masks it.
 
-    Each prediction is set to 0 outside the case's evaluation region (possible-dose mask, else
-    body, else CT > -500 HU: ``regions.evaluation_region``), as OpenKBP masks every prediction
-    before scoring, and scored there. Returns ``{"num_cases", "mean": {metric: value},
-    "cases": [{"case_id", metric: value}]}``; ``mean`` is ``metrics.cohort_means`` of the cases:
-    the mean over cases, except ``openkbp_dvh_score`` (one mean over every DVH cell of the cohort,
-    as OpenKBP) and ``dvh_cells`` (the cohort's number of DVH cells, the weight of this cohort's
-    DVH score when sites are combined).
+    Args:
+        model, dataset, cfg, device: what to score, on which cases, with which config, where.
+        seed: case i is sampled with ``seed + i``; steps: DDIM steps (None: cfg.sample_steps).
+        gamma: False skips the gamma pass rate; progress: show a progress bar.
+
+    Returns:
+        ``{"num_cases", "mean": metrics.cohort_means(cases), "cases": [{"case_id", metric: value}]}``.
+
+    Raises:
+        FloatingPointError: the model's output for a case is not finite.
     """
     from SimpleITK import GetArrayFromImage
 

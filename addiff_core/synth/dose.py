@@ -306,9 +306,16 @@ def phantom_dose(ct_hu: np.ndarray, masks: Mapping[str, np.ndarray], plan: Plan,
                  body: np.ndarray | None = None, *, margin_mm: float = 5.0, sparing: float = 1.0,
                  penumbra_mm: float = 3.5, scatter_fraction: float = 0.08, scatter_mm: float = 20.0,
                  sad_mm: float = 1000.0, arc_step_deg: float = 10.0, iterations: int = 10) -> np.ndarray:
-    """Physics-inspired dose (Gy, float32, (z, y, x)) of ``plan`` on a CT; zero outside ``body``
-    (the module docstring says how). ``scatter_fraction`` x a 3-D Gaussian of ``scatter_mm`` is
-    the scatter term."""
+    """Physics-inspired dose (Gy, float32, (z, y, x)) of ``plan`` on a CT (the module docstring says how).
+
+    Args:
+        ct_hu: CT (z, y, x) in HU; masks: structure -> mask; plan: beams and prescriptions.
+        spacing: (x, y, z) mm; body: where dose may be (None: ``Body``, else CT > -500 HU).
+        margin_mm: field margin around the targets; sparing: how hard OARs are spared (0: not).
+        penumbra_mm: fluence blur; scatter_fraction, scatter_mm: the scatter term's weight and
+            Gaussian width; sad_mm: source-axis distance; arc_step_deg: arc sampling.
+        iterations: fluence-optimisation updates.
+    """
     hu = np.asarray(ct_hu, dtype=np.float32)
     shape = hu.shape
     if body is None:
