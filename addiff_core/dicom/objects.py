@@ -100,7 +100,12 @@ class Identity:
 def base_dataset(kind: str, ident: Identity, series_uid: str, series_number: int, description: str, root: str | None,
                  instance: int = 1) -> FileDataset:
     """A new object of ``kind`` (CT | RTSTRUCT | RTPLAN | RTDOSE) with its file meta and the patient,
-    study, series, equipment, frame of reference and SOP common modules filled in."""
+    study, series, equipment, frame of reference and SOP common modules filled in.
+
+    Args:
+        kind: the object; ident: patient/study identity; series_uid, series_number, description:
+            its series; root: UID root (None: ``2.25.``); instance: InstanceNumber.
+    """
     sop_uid = new_uid(root)
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = SOP_CLASSES[kind]
@@ -136,12 +141,9 @@ def base_dataset(kind: str, ident: Identity, series_uid: str, series_number: int
 
 
 def save(ds: FileDataset, path: Path) -> Path:
-    """Write a DICOM Part 10 file (preamble, file meta) and check it (:mod:`.validate`).
-
-    Explicit VR Little Endian, unless an element is too long for its 2-byte length field (a body
-    contour's ContourData over 64 KB): then Implicit VR Little Endian, the DICOM default transfer
-    syntax every reader supports, where lengths have 4 bytes (Explicit VR would turn the element
-    into VR UN, which readers cannot parse).
+    """Write a DICOM Part 10 file and check it (:mod:`.validate`): Explicit VR Little Endian, or
+    Implicit VR (4-byte lengths, readable by every reader) when an element is too long for
+    Explicit VR, where pydicom would write an unparsable VR UN.
 
     Raises:
         DicomWriteError: a value breaks its VR (nothing written), or the written file does not

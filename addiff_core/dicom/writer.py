@@ -237,7 +237,16 @@ def write_rtplan(case: Case, struct_uid: str, roi_numbers: dict[str, int], path:
 
 def write_rtdose(dose: sitk.Image, path: Path, ident: Identity, root: str | None, *, plan_uid: str | None,
                  description: str, comment: str = "") -> Path:
-    """A dose in Gy on its own grid -> an RTDOSE (uint32, DoseGridScaling; GY, PHYSICAL, PLAN)."""
+    """A dose in Gy on its own grid -> an RTDOSE (uint32, DoseGridScaling; GY, PHYSICAL, PLAN).
+
+    Args:
+        dose: the dose image; path: the file; ident: patient/study identity; root: UID root.
+        plan_uid: the RTPLAN referred to (None: none); description: SeriesDescription;
+        comment: DoseComment (64 characters at most).
+
+    Raises:
+        ValueError: the dose holds NaN/inf (nothing written).
+    """
     dose = right_handed(dose)
     gy = np.maximum(sitk.GetArrayFromImage(dose).astype(np.float64), 0.0)
     if not np.all(np.isfinite(gy)):
@@ -331,14 +340,16 @@ def clinical_dose_grid(dose: sitk.Image, spacing_mm: float) -> sitk.Image:
 
 def write_predicted_rtdose(dose: sitk.Image, case_dir: str | Path, path: str | Path, uid_root: str | None = None,
                            grid_mm: float | None = RTDOSE_GRID_MM) -> Path:
-    """A predicted dose (Gy, on the case's CT grid) as an RTDOSE on the CT's frame of reference,
-    on a clinical dose grid (``grid_mm`` isotropic over the dose, :func:`clinical_dose_grid`) or,
-    with ``grid_mm`` None, on the CT's own grid.
+    """A predicted dose as an RTDOSE on the case's frame of reference. A case imported from DICOM
+    (``dicom.yaml``) is referred to (patient, study, frame, RTPLAN), so a viewer places it on the
+    original CT; other cases get a new study and frame (matching ``export-dicom`` by geometry only).
 
-    For a case imported from DICOM (``dicom.yaml``) it refers to the case's patient, study, frame
-    of reference and RTPLAN, so a planning system or viewer places it on the original CT; for
-    other cases the study and frame of reference are new (they match an ``export-dicom`` of the
-    case only by geometry)."""
+    Args:
+        dose: Gy on the case's CT grid; case_dir: the case folder; path: the file to write.
+        uid_root: the hospital's UID root (None: ``2.25.``).
+        grid_mm: isotropic clinical dose grid over the dose (:func:`clinical_dose_grid`); None:
+            the CT's own grid.
+    """
     case = load_case(case_dir)
     ident = Identity.for_case(case, uid_root, keep_study=True)
     if grid_mm is not None:
