@@ -22,9 +22,8 @@ from .errors import UserError
 DEFAULT_MAX_VOXELS = 512 ** 3  # 134,217,728 voxels: 256 MiB as int16, 1 GiB as float64
 MAX_VOXELS_ENV = "ADDIFF_MAX_VOXELS"
 DICOM_HEADER_BYTES = 128 * 2 ** 20  # a large RTSTRUCT (contours are header, not pixels) is tens of MB
-# pydicom reads of one deflated data set (about two per element; real RTSTRUCTs hold hundreds of
-# bytes per element): inflated zeros parse as empty elements at ~4 us each, so a bound in bytes alone
-# would let 128 KB of deflated zeros cost a minute of CPU; this one, a second or two
+# pydicom reads of one deflated data set (about two per element): inflated zeros parse as empty
+# elements, so a bound in bytes alone is not enough (BENCHMARKS.md, "Hostile input: cost bounds")
 DICOM_INFLATED_READS = 500_000
 
 

@@ -14,8 +14,7 @@ import torch
 from torch import nn
 
 SLOW3D_MAX_CDH = 20480  # ATen: N * C * D * H > 20480 selects oneDNN for batch 1
-# Measured per layer (3^3 kernel, forward + backward, 1 thread): the copy pays off from 8^3 voxels
-# and 16 channels (1.3-5.5x faster); on 4^3 inputs or 8 channels at 8^3 im2col is faster.
+# the copy pays off only from these sizes on (BENCHMARKS.md, "Differential privacy")
 MIN_VOXELS, MIN_CHANNEL_VOXELS = 512, 8192
 
 
