@@ -4,25 +4,49 @@ Thin: parse the run config, then :class:`server.federation.Federation` does the 
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Mapping
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from addiff_core.config import ConfigError
+from addiff_core.run_folder import RunFolder, timestamp
+
 from .cross_site import CrossSiteFederation
-from .federation import FederationError, StopSignal
+from .demo_data import ensure_demo_data
+from .federation import FederationError, StopSignal, log
 from .settings import DEFAULTS, from_run_config
 
 
 def _main(grid: Grid, run_config: Mapping[str, Any], send_site_files: bool, stop: StopSignal | None = None) -> dict:
     settings = from_run_config({k: v for k, v in run_config.items() if k in DEFAULTS})
     try:
+        # `flwr run .` on a fresh clone: the default site files' demo data, written before round 1
+        # here, in the one ServerApp (the ClientApps may be other processes, and never import server/)
+        ensure_demo_data(settings.site_files, DEFAULTS["site-files"].split(","))
+    except ConfigError as e:  # stops before any run folder is written
+        return {"status": "failed", "run_dir": str(settings.run_dir), "error": str(e), "run_json": None}
+    try:
         # the federation, and after its last round personalization / the cross-site matrix when asked (#25)
         return CrossSiteFederation(grid, settings, send_site_files=send_site_files, stop=stop).run()
     except FederationError as e:
-        # a clean stop (e.g. "gave up after N attempts"): already logged in one line and recorded in
-        # run.json (status "failed"), which the launchers read; no Flower traceback, no exit code 201
-        return {"status": "failed", "run_dir": str(settings.run_dir), "error": str(e)}
+        # a clean stop (e.g. "gave up after N attempts"): logged in one line and recorded in run.json
+        # (status "failed"), which the launchers read; no Flower traceback, no exit code 201
+        return {"status": "failed", "run_dir": str(settings.run_dir), "error": str(e),
+                "run_json": _record_failed(settings.run_dir, str(e))}
+
+
+def _record_failed(run_dir: Path, error: str) -> str | None:
+    """run.json of a run that stopped: status "failed" unless it already says how it ended
+    (not every FederationError comes through ``Federation._fail``); its path, None if absent."""
+    folder = RunFolder(run_dir)
+    doc = folder.read_run_json()
+    if not doc:
+        return None
+    if doc.get("status") == "running":
+        folder.update_run_json(status="failed", error=error, finished=timestamp())
+    return str(folder.run_json)
 
 
 app = ServerApp()
@@ -30,7 +54,11 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    _main(grid, dict(context.run_config), send_site_files=False)
+    out = _main(grid, dict(context.run_config), send_site_files=False)
+    if out.get("status") == "failed":
+        # the stream's last line; `flwr run` still exits 0 (Flower 1.42's CLI only prints the logs)
+        where = f"status \"failed\" in {out['run_json']}" if out.get("run_json") else "no round was run"
+        log.error("the run FAILED (%s): %s", where, out.get("error", ""))
 
 
 def make_server_app(run_config: Mapping[str, Any], results: list | None = None,
