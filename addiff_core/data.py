@@ -14,7 +14,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .case_io import CaseError, hidden_case_dirs, list_cases, load_case
+from .case_io import hidden_case_dirs, list_cases, load_case
+from .errors import CaseError
 from .checks import HIDDEN_CASE, check_case
 from .config import ConfigError, GridConfig, HeldOutConfig, SiteConfig
 from .preprocessing import GridSpec, case_to_sample
@@ -71,6 +72,15 @@ class SiteData:
 
 def load_samples(case_dirs: list[Path], grid: GridConfig, require_dose: bool = True,
                  skipped: dict[str, str] | None = None) -> SampleDataset:
+    """The cases of ``case_dirs`` as samples on ``grid`` (each checked first, ``checks.check_case``).
+
+    Args:
+        require_dose: a case without ``dose.nii.gz`` is a problem (False: prediction inputs).
+        skipped: a failing case goes here (case id -> "file: problem") instead of raising.
+
+    Raises:
+        CaseError: a case fails its check or load and ``skipped`` is None.
+    """
     samples, specs, ids, dirs = [], [], [], []
     for d in case_dirs:
         images: dict = {}  # what the check reads, the loader takes instead of reading it again

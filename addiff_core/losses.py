@@ -80,14 +80,18 @@ def _quantile(d: torch.Tensor, m: torch.Tensor, nvox: torch.Tensor, q: torch.Ten
 
 def constraint_hinge(dose_norm: torch.Tensor, batch: dict, reduction: str = "mean",
                      temperature: float = 0.02, top_frac: float = 0.02) -> torch.Tensor:
-    """Squared hinge on violated dose-volume constraints of a normalised dose (N, 1, S, S, S).
+    """Squared hinge on the violated dose-volume constraints of a normalised dose, averaged per
+    sample over its active ones (``constraint_mask`` rows whose structure is present; 0 if none).
+    Dmax: mean of the top ``top_frac`` voxels - thr; Dmean: mean - thr; Vx: sigmoid((d - thr) /
+    ``temperature``) fraction - limit; Dmin_pct: thr - the (1 - limit)-quantile.
 
-    Only rows with ``constraint_mask`` and a present structure count (OAR: ``oar_present``;
-    target: non-empty ``target_primary``). Per kind (threshold/limit from batch["constraints"]):
-    Dmax: mean of the top 2% voxels (smooth max) - thr; Dmean: mean - thr;
-    Vx: soft fraction sigmoid((d - thr) / temperature) - limit; Dmin_pct: thr - (1 - limit)-quantile.
-    Each sample averages over its active constraints (0 if none); reduction "mean": sum / max(N, 1),
-    "none": (N,). Always has a grad_fn when ``dose_norm`` has (zero when nothing is active).
+    Args:
+        dose_norm: (N, 1, S, S, S); batch: a collated batch (``constraints``, masks).
+        reduction: "mean" (sum / max(N, 1)) or "none" ((N,)).
+        temperature, top_frac: the soft V_x and the smooth maximum.
+
+    Returns:
+        the loss, with a grad_fn whenever ``dose_norm`` has one (zero when nothing is active).
     """
     n = dose_norm.shape[0]
     zero = dose_norm.sum() * 0.0

@@ -151,7 +151,13 @@ def privacy_of_rows(rows: Iterable[Mapping[str, Any]]) -> dict[str, dict]:
 def run_lines(rc: Mapping[str, Any], *, n_sites: int | None = None, central_epsilon: float | None = None,
               rounds: int | None = None, privacy: Mapping[str, Mapping[str, Any]] | None = None) -> list[str]:
     """The lines the console header, final table and report show: aggregation, central DP,
-    secure aggregation (when on), per-site DP (when known), and the robustness warning."""
+    secure aggregation (when on), per-site DP (when known), and the robustness warning.
+
+    Args:
+        rc: the run config; n_sites: sites in the federation (None: unknown).
+        central_epsilon, rounds: central DP's epsilon so far and over how many rounds.
+        privacy: site -> its DP report (:func:`site_dp_text`); None leaves the line out.
+    """
     lines = [f"Aggregation: {strategy_text(rc, n_sites)}",
              f"Central DP: {central_dp_text(rc, central_epsilon, rounds)}"]
     secure = secure_aggregation_text(rc)

@@ -19,8 +19,9 @@ import numpy as np
 import SimpleITK as sitk
 import yaml
 
-from ..case_io import (BODY_NAME, OAR_NAMES, TUMOUR_SITES, CaseError, only_case_entries, plan_from_dict, save_case,
-                       staged_case_dir)
+from ..case_io import BODY_NAME, only_case_entries, plan_from_dict, save_case, staged_case_dir
+from ..contract import OAR_NAMES, TUMOUR_SITES
+from ..errors import CaseError
 from .contours import contours_to_mask
 from .mapping import ImportMapping
 from .names import NameMapper, infer_tumour_site, site_from_text, unsupported_site
@@ -378,7 +379,8 @@ def import_patient(pf: PatientFiles, out_root: Path, mapping: ImportMapping,
 
 def import_dicom(src: str | Path, out: str | Path, mapping: ImportMapping | None = None,
                  echo: Callable[[str], None] | None = print) -> ImportSummary:
-    """Import every patient under ``src`` into ``out``; a bad patient is skipped with its reason."""
+    """Import every patient under ``src`` into ``out``; a bad patient is skipped with its reason.
+    ``mapping``: the site's mapping file (None: defaults); ``echo``: progress lines (None: quiet)."""
     from ..checks import check_case
 
     src, out = Path(src), Path(out)

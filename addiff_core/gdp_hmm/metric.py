@@ -44,10 +44,14 @@ def d97_scale(dose_gy: np.ndarray, ptv_high: np.ndarray, pdose_gy: float) -> flo
 
 def challenge_mae(pred_gy: np.ndarray, ref_gy: np.ndarray, body: np.ndarray,
                   ptv_high: np.ndarray | None = None, pdose_gy: float | None = None) -> float:
-    """One plan's leaderboard MAE (Gy): the reference normalised to D97(PTV-High) = PDose when
-    ``ptv_high`` and ``pdose_gy`` are given (as the challenge does to ``dose * dose_scale``), then
-    the summed absolute error where either dose exceeds 5 Gy inside the body, divided by the
-    voxels where the reference does. nan when no body voxel of the reference exceeds 5 Gy."""
+    """One plan's leaderboard MAE (Gy), the module docstring's formula; nan when no body voxel of
+    the reference exceeds 5 Gy.
+
+    Args:
+        pred_gy, ref_gy, body: prediction, reference dose and body mask on one grid.
+        ptv_high, pdose_gy: normalise the reference to D97(PTV-High) = PDose first, as the
+            challenge does to ``dose * dose_scale`` (None: as given).
+    """
     pred = np.asarray(pred_gy, dtype=np.float64)
     ref = np.asarray(ref_gy, dtype=np.float64)
     if pred.shape != ref.shape or np.shape(body) != ref.shape:
@@ -85,7 +89,8 @@ def case_challenge_metrics(case: Any, pred_gy: np.ndarray) -> dict[str, float]:
     """
     import os
 
-    from ..case_io import BODY_NAME, CaseError, read_case_yaml
+    from ..case_io import BODY_NAME, read_case_yaml
+    from ..errors import CaseError
 
     if not os.path.lexists(case.path / INFO_FILE):
         return {}

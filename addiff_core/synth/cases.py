@@ -12,7 +12,8 @@ import numpy as np
 import yaml
 from scipy import ndimage
 
-from ..case_io import TUMOUR_SITES, Plan, save_case
+from ..case_io import Plan, save_case
+from ..contract import TUMOUR_SITES
 from .body import HU, Anatomy
 from .canvas import Canvas
 from .dose import phantom_dose
@@ -135,14 +136,18 @@ def _refuse_existing(out_dir: Path, names: list[str]) -> None:
 
 def write_synthetic_sites(out_dir: str | Path, n_sites: int = 3, cases_per_site: int = 4, size: int = 32,
                           seed: int = 0) -> list[Path]:
-    """Write ``n_sites`` phantom hospitals under ``out_dir`` and return their site files.
+    """Write ``n_sites`` phantom hospitals under ``out_dir``, deterministic for ``seed``:
+    ``<site>.yaml``, ``<site>/cases/<site>_NNN/``, ``<site>/profile.yaml`` and
+    ``<site>/addiff-synth.json`` (:data:`SYNTH_MARKER`).
 
-    Layout: ``out_dir/<site>.yaml`` (loads with ``config.load_site_config``),
-    ``out_dir/<site>/cases/<site>_NNN/`` case folders (``case_io.save_case``),
-    ``out_dir/<site>/profile.yaml`` describing the hospital and ``out_dir/<site>/addiff-synth.json``
-    (:data:`SYNTH_MARKER`: this folder was written by the generator). Deterministic for ``seed``.
-    An existing site folder or site file is never written over (ConfigError before anything is
-    written).
+    Args:
+        out_dir: the folder; n_sites, cases_per_site: how many; size: cube edge in voxels; seed: RNG.
+
+    Returns:
+        the site files.
+
+    Raises:
+        ConfigError: a site folder or file exists already (nothing is written).
     """
     out_dir = Path(out_dir)
     names = [site_name(si) for si in range(int(n_sites))]

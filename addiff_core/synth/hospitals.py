@@ -8,7 +8,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from ..case_io import TUMOUR_SITES, Beam, Plan
+from ..case_io import Beam, Plan
+from ..contract import TUMOUR_SITES
 
 # --------------------------------------------------------------------------------------------
 # hospitals
@@ -145,8 +146,12 @@ def make_plan(rng: np.random.Generator, tumour_site: str, prof: HospitalProfile,
               scheme: Scheme | None = None, targets: Mapping[str, float] | None = None) -> Plan:
     """The hospital's plan for a case: technique, beam arrangement, energy, prescription.
 
-    Lung beams favour the tumour side (``target_x_mm`` > 0: patient left): IMRT fields spread over
-    a 200 degree sector, VMAT partial arcs; other sites use equispaced fields / full arcs.
+    Args:
+        rng: the case's generator; tumour_site, prof: what is planned, by which hospital.
+        target_x_mm: the target's side (> 0: patient left): lung beams favour it (a 200 degree
+            sector, partial arcs); other sites get equispaced fields / full arcs.
+        scheme: (fractions, primary Gy, secondary Gy) (None: drawn from the profile);
+        targets: target -> Gy, overriding the scheme's.
     """
     if scheme is None:
         opts = prof.schemes.get(tumour_site) or DEFAULT_SCHEMES[tumour_site]
