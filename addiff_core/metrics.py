@@ -23,10 +23,8 @@ import numpy as np
 
 from .constraints import TARGET, constraints_for_plan, evaluate_constraint
 from .contract import MIN_STRUCTURE_VOXELS
-from .dvh import (  # noqa: F401  (dose_at_volume_pct, v_x, dmean, dvh_*: re-exported, metrics.dvh_points etc.)
-    DVH_PERCENT_POINTS, as_mask, d_cc, dmax, dmean, dose_at_volume_pct, dvh_curve, dvh_points, structure_doses, v_x,
-)
-from .gamma import gamma_index, gamma_pass_rate  # noqa: F401  (re-exported: metrics.gamma_*)
+from .dvh import as_mask, d_cc, dmax, dmean, dose_at_volume_pct, dvh_points, structure_doses, v_x
+from .gamma import gamma_pass_rate
 
 if TYPE_CHECKING:  # pragma: no cover
     from addiff_core.case_io import Plan
@@ -73,11 +71,15 @@ def mae_normalised(pred: np.ndarray, ref: np.ndarray, rx: float, mask: np.ndarra
 
 def sample_uncertainty(mean: np.ndarray, std: np.ndarray, ref: np.ndarray, mask: np.ndarray | None = None,
                        k: float = 2.0) -> dict[str, float]:
-    """How well a sampled prediction's voxel-wise std (Gy) tells where its mean is wrong, over
-    ``mask`` (all voxels if None). Keys: ``spearman`` (Spearman's rho between std and
-    ``|mean - ref|``; nan with fewer than 2 voxels or a constant std or error), ``mean_std_gy``
-    and ``coverage`` (the fraction of voxels whose reference lies within ``mean +- k std``,
-    ends included); nan everywhere for an empty mask.
+    """How well a sampled prediction's voxel-wise std tells where its mean is wrong.
+
+    Args:
+        mean, std, ref: (z, y, x) in Gy; mask: the voxels scored (None: all).
+        k: the coverage interval is ``mean +- k std`` (ends included).
+
+    Returns:
+        ``spearman`` (rho between std and ``|mean - ref|``; nan for < 2 voxels or a constant),
+        ``mean_std_gy``, ``coverage`` (fraction of voxels within the interval); nan if empty.
 
     Raises:
         ValueError: arrays of different shapes.
@@ -270,8 +272,15 @@ def paddick_ci(dose: np.ndarray, target: np.ndarray, rx: float) -> float:
 # --------------------------------------------------------------------------------------------
 def isodose_dice(pred: np.ndarray, ref: np.ndarray, rx: float, levels: Sequence[float] = ISODOSE_LEVELS,
                  mask: np.ndarray | None = None) -> dict[float, float]:
-    """Dice of ``{pred >= L * rx}`` and ``{ref >= L * rx}`` within ``mask`` (None: all voxels) per
-    level ``L`` (a fraction of the prescription ``rx`` in Gy); 1.0 when both volumes are empty."""
+    """Dice of ``{pred >= L * rx}`` and ``{ref >= L * rx}`` per level ``L`` in ``levels``.
+
+    Args:
+        pred, ref: (z, y, x) in Gy; rx: prescription (Gy); levels: fractions of ``rx``.
+        mask: the voxels compared (None: all).
+
+    Returns:
+        level -> Dice (1.0 when both isodose volumes are empty).
+    """
     pred, ref = _check_pair(pred, ref)
     m = as_mask(mask, ref.shape)
     p, r = pred[m], ref[m]
@@ -286,7 +295,7 @@ def isodose_dice(pred: np.ndarray, ref: np.ndarray, rx: float, levels: Sequence[
 
 def mean_isodose_dice(pred: np.ndarray, ref: np.ndarray, rx: float, levels: Sequence[float] = ISODOSE_LEVELS,
                       mask: np.ndarray | None = None) -> float:
-    """Mean of :func:`isodose_dice` over ``levels``."""
+    """Mean of :func:`isodose_dice` (same arguments) over ``levels``."""
     return float(np.mean(list(isodose_dice(pred, ref, rx, levels, mask).values())))
 
 

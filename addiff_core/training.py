@@ -37,6 +37,7 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
 
 
 def make_loader(dataset: SampleDataset, batch_size: int, shuffle: bool, seed: int) -> DataLoader:
+    """A single-process loader whose shuffling is seeded by ``seed``."""
     g = torch.Generator()
     g.manual_seed(seed)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=g, num_workers=0)
@@ -216,9 +217,9 @@ def train_stage_epoch(stage: str, model: nn.Module, loader: DataLoader, optimize
 @torch.no_grad()
 def predict_normalised(model: nn.Module, batch: dict[str, torch.Tensor], cfg: ModelConfig, *, steps: int | None = None,
                        seed: int = 0, num_samples: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Normalised dose (N,1,S,S,S) >= 0 (x rx = Gy) of either model kind, zero outside the
-    batch's evaluation region (``body``), and, with several samples of the diffusion model, its
-    voxel-wise std (the U-Net's std is None). The one prediction every command uses."""
+    """The one prediction every command uses: (normalised dose (N,1,S,S,S) >= 0, x rx = Gy, zero
+    outside ``body``; the voxel-wise std over ``num_samples`` of the diffusion model, else None).
+    ``steps``, ``seed``: as :func:`diffusion.sample`'s."""
     model.eval()
     m = diff.unwrap(model)
     if hasattr(m, "diffusion"):
