@@ -18,7 +18,7 @@ from .run_data import RunData
 
 log = logging.getLogger("addiff_core.report")
 MAX_OARS_IN_DVH = 6
-# samples behind the std map: each one more DDIM pass (the 32^3 demo: about 1 CPU-second more per site, figure included)
+# samples behind the std map, each one more DDIM pass (BENCHMARKS.md, "DDIM steps (x0 model) and the uncertainty map")
 UNCERTAINTY_SAMPLES = 8
 
 
