@@ -24,9 +24,7 @@ __all__ = [
 ]
 
 
-# --------------------------------------------------------------------------------------------
-# directions
-# --------------------------------------------------------------------------------------------
+# -- directions ------------------------------------------------------------------------------------
 def beam_direction(gantry_deg: float, couch_deg: float = 0.0) -> np.ndarray:
     """Unit vector of beam *travel* (source -> isocentre) in LPS (x, y, z), IEC 61217, head-first
     supine: IEC fixed (X, Y, Z) = (left, superior, anterior), so LPS = (X, -Z, Y); the source sits
@@ -63,9 +61,7 @@ def expand_beams(beams: Iterable[Beam], arc_step_deg: float = 10.0) -> list[Beam
     return plan.expanded_beams(arc_step_deg)
 
 
-# --------------------------------------------------------------------------------------------
-# grid helpers
-# --------------------------------------------------------------------------------------------
+# -- grid helpers ----------------------------------------------------------------------------------
 def grid_axes(shape: Sequence[int], spacing: Sequence[float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Voxel-centre coordinates (grid mm) along x, y and z for a (z, y, x) ``shape``."""
     nz, ny, nx = (int(s) for s in shape)
@@ -154,9 +150,7 @@ def bev_coordinates(coords: VoxelCoords, direction: Sequence[float], sad_mm: flo
     return pu * scale, pv * scale, r2
 
 
-# --------------------------------------------------------------------------------------------
-# beam's-eye-view maps
-# --------------------------------------------------------------------------------------------
+# -- beam's-eye-view maps --------------------------------------------------------------------------
 @dataclass(frozen=True)
 class BEVGrid:
     """A 2-D pixel grid in the beam's-eye view (isocentre plane): pixel (a, b) is centred at
@@ -265,9 +259,7 @@ def aperture_mask(target_mask: np.ndarray, spacing: Sequence[float], gantry: flo
     return grid.sample(ap, grid.flat_index(pu, pv)) > 0.5
 
 
-# --------------------------------------------------------------------------------------------
-# radiological depth
-# --------------------------------------------------------------------------------------------
+# -- radiological depth ----------------------------------------------------------------------------
 def _shift_bilinear(padded: np.ndarray, fl: tuple[int, int], w: tuple[float, float], n1: int, n2: int,
                     pad: int) -> np.ndarray:
     """Bilinear sample of the last two axes of a zero-padded array at q + fl + w (per axis)."""
@@ -320,9 +312,7 @@ def radiological_depth(density: np.ndarray, spacing: Sequence[float], direction:
     return np.ascontiguousarray(np.moveaxis(out, 0, a))
 
 
-# --------------------------------------------------------------------------------------------
-# beam plate
-# --------------------------------------------------------------------------------------------
+# -- beam plate ------------------------------------------------------------------------------------
 def beam_plate(target_mask: np.ndarray, spacing: Sequence[float], beams: Sequence[Beam], sad_mm: float = 1000.0,
                margin_mm: float = 5.0, isocentre: Sequence[float] | None = None,
                arc_step_deg: float = 10.0) -> np.ndarray:

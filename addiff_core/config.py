@@ -33,9 +33,7 @@ def is_site_name(name: object) -> bool:
     return isinstance(name, str) and SITE_NAME_RE.fullmatch(name) is not None
 
 
-# --------------------------------------------------------------------------------------------
-# small validation helpers
-# --------------------------------------------------------------------------------------------
+# -- small validation helpers ----------------------------------------------------------------------
 class _Fields:
     """Reads fields out of one YAML mapping, collecting a precise error per wrong field."""
 
@@ -116,9 +114,7 @@ class _Fields:
             raise self.fail(unknown[0], "unknown field (check the spelling; see sites/TEMPLATE.yaml)")
 
 
-# --------------------------------------------------------------------------------------------
-# model / grid settings (shared by every site of a federation)
-# --------------------------------------------------------------------------------------------
+# -- model / grid settings (shared by every site of a federation) ----------------------------------
 @dataclass(frozen=True)
 class GridConfig:
     """The fixed grid the model sees: ``size``^3 voxels at ``spacing`` mm (None: the CT's own)."""
@@ -270,9 +266,7 @@ def model_config_from_dict(data: Mapping | None, source: str = "<model config>")
     return _model_config(_Fields(data, "", source))
 
 
-# --------------------------------------------------------------------------------------------
-# site files
-# --------------------------------------------------------------------------------------------
+# -- site files ------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class HeldOutConfig:
     """Held-out cohort: explicit case ids, or a fraction drawn with a seed. Never trained on."""

@@ -19,9 +19,7 @@ from .losses import constraint_hinge, kl_divergence, masked_l1
 from .models.conditioning import decoder_anatomy_volume
 
 
-# ------------------------------------------------------------------------------------------
-# helpers
-# ------------------------------------------------------------------------------------------
+# -- helpers ---------------------------------------------------------------------------------------
 def unwrap(model: nn.Module) -> nn.Module:
     """The bare model behind an Opacus GradSampleModule (or the model itself)."""
     return getattr(model, "_module", model)
@@ -48,9 +46,7 @@ def _latent_scale(model: nn.Module) -> torch.Tensor:
     return torch.where(s > 0, s, torch.ones_like(s))
 
 
-# ------------------------------------------------------------------------------------------
-# schedulers
-# ------------------------------------------------------------------------------------------
+# -- schedulers ------------------------------------------------------------------------------------
 def make_train_scheduler(cfg: ModelConfig) -> DDPMScheduler:
     return DDPMScheduler(num_train_timesteps=cfg.train_timesteps, schedule="linear_beta",
                          beta_start=cfg.beta_start, beta_end=cfg.beta_end, clip_sample=False)
@@ -64,9 +60,7 @@ def make_sampler(cfg: ModelConfig, steps: int | None = None) -> DDIMScheduler:
     return sched
 
 
-# ------------------------------------------------------------------------------------------
-# VAE stage
-# ------------------------------------------------------------------------------------------
+# -- VAE stage -------------------------------------------------------------------------------------
 def _anatomy(vae: nn.Module, batch: dict) -> torch.Tensor | None:
     """What the VAE decoder reads besides its latent (None for a decoder without anatomy)."""
     return decoder_anatomy_volume(batch, unwrap(vae).anatomy_mode)
@@ -89,9 +83,7 @@ def vae_loss(vae: nn.Module, batch: dict, cfg: ModelConfig) -> tuple[torch.Tenso
     return loss, parts
 
 
-# ------------------------------------------------------------------------------------------
-# latent space
-# ------------------------------------------------------------------------------------------
+# -- latent space ----------------------------------------------------------------------------------
 def encode_dose(model: nn.Module, dose: torch.Tensor) -> torch.Tensor:
     """Scaled latent: VAE mu * diffusion.latent_scale (scale 1 while uncalibrated)."""
     m = unwrap(model)
@@ -162,9 +154,7 @@ def calibrate_latent_scale(model: nn.Module, batches: Iterable[dict], force: boo
     return float(buf)
 
 
-# ------------------------------------------------------------------------------------------
-# diffusion stage
-# ------------------------------------------------------------------------------------------
+# -- diffusion stage -------------------------------------------------------------------------------
 def draw_timesteps(cfg: ModelConfig, n: int, generator: torch.Generator | None = None,
                    device: torch.device | str = "cpu") -> torch.Tensor:
     """Training timesteps: t = (T - 1) u^(1 / cfg.timestep_bias), u uniform (t / (T - 1) ~ Beta(bias, 1);
@@ -280,9 +270,7 @@ def sample_doses(model: nn.Module, batch: dict, cfg: ModelConfig, steps: int | N
     return torch.stack(doses)
 
 
-# ------------------------------------------------------------------------------------------
-# U-Net baseline (one prediction for either kind: training.predict_normalised)
-# ------------------------------------------------------------------------------------------
+# -- U-Net baseline (one prediction for either kind: training.predict_normalised) ------------------
 def unet_loss(model: nn.Module, batch: dict, cfg: ModelConfig | None = None) -> tuple[torch.Tensor, dict]:
     """Masked L1 over ``body`` (per sample) + cfg.unet_constraint_weight * constraint hinge."""
     cw = (cfg or ModelConfig()).unet_constraint_weight

@@ -15,9 +15,7 @@ DVH_PERCENT_POINTS: tuple[int, ...] = (99, 98, 95, 50, 2, 1)
 """The ``D_x`` points reported by :func:`dvh_points`."""
 
 
-# --------------------------------------------------------------------------------------------
-# masks
-# --------------------------------------------------------------------------------------------
+# -- masks -----------------------------------------------------------------------------------------
 def as_mask(mask: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray:
     """``mask`` as a boolean array of ``shape`` (every voxel when None)."""
     if mask is None:
@@ -34,9 +32,7 @@ def structure_doses(dose: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return np.asarray(dose[as_mask(mask, dose.shape)], dtype=np.float64)
 
 
-# --------------------------------------------------------------------------------------------
-# DVH points
-# --------------------------------------------------------------------------------------------
+# -- DVH points ------------------------------------------------------------------------------------
 def dose_at_volume_pct(dose: np.ndarray, mask: np.ndarray, pct: float) -> float:
     """``D_pct`` (Gy): the dose at least ``pct`` % of the structure receives, the linear
     ``(100 - pct)``-th percentile (D95 = 5th, D2 = 98th)."""

@@ -38,9 +38,7 @@ OPENKBP_TARGET_POINTS: tuple[int, ...] = (99, 95, 1)
 BODY_NAMES = frozenset({"Body", "BODY", "body", "External", "EXTERNAL"})
 
 
-# --------------------------------------------------------------------------------------------
-# helpers
-# --------------------------------------------------------------------------------------------
+# -- helpers ---------------------------------------------------------------------------------------
 def _check_pair(pred: np.ndarray, ref: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     pred = np.asarray(pred, dtype=np.float64)
     ref = np.asarray(ref, dtype=np.float64)
@@ -49,9 +47,7 @@ def _check_pair(pred: np.ndarray, ref: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return pred, ref
 
 
-# --------------------------------------------------------------------------------------------
-# voxel-wise errors
-# --------------------------------------------------------------------------------------------
+# -- voxel-wise errors -----------------------------------------------------------------------------
 def mae(pred: np.ndarray, ref: np.ndarray, mask: np.ndarray | None = None) -> float:
     """Mean absolute error in Gy over ``mask`` (all voxels if None); nan for an empty mask."""
     pred, ref = _check_pair(pred, ref)
@@ -98,9 +94,7 @@ def sample_uncertainty(mean: np.ndarray, std: np.ndarray, ref: np.ndarray, mask:
             "coverage": float(np.mean(err <= k * s))}
 
 
-# --------------------------------------------------------------------------------------------
-# OpenKBP scores (patient level; cohorts and sites combine them below)
-# --------------------------------------------------------------------------------------------
+# -- OpenKBP scores (patient level; cohorts and sites combine them below) --------------------------
 def openkbp_dose_score(pred: np.ndarray, ref: np.ndarray, possible_dose_mask: np.ndarray | None) -> float:
     """OpenKBP dose score of one patient as the official code computes it (Gy): ``sum |pred - ref|``
     over ALL voxels / the number of possible-dose-mask voxels (None: every voxel; nan if empty).
@@ -228,9 +222,7 @@ def combine_site_means(rows: Sequence[Mapping[str, Any]], keys: Iterable[str],
     return out
 
 
-# --------------------------------------------------------------------------------------------
-# target quality
-# --------------------------------------------------------------------------------------------
+# -- target quality --------------------------------------------------------------------------------
 def homogeneity_index(dose: np.ndarray, target: np.ndarray) -> float:
     """ICRU 83 homogeneity index ``(D2 - D98) / D50`` of the target (0 = perfectly uniform)."""
     d = structure_doses(dose, target)
@@ -267,9 +259,7 @@ def paddick_ci(dose: np.ndarray, target: np.ndarray, rx: float) -> float:
     return float(tv_piv * tv_piv / (tv * piv))
 
 
-# --------------------------------------------------------------------------------------------
-# isodose overlap and OAR error
-# --------------------------------------------------------------------------------------------
+# -- isodose overlap and OAR error -----------------------------------------------------------------
 def isodose_dice(pred: np.ndarray, ref: np.ndarray, rx: float, levels: Sequence[float] = ISODOSE_LEVELS,
                  mask: np.ndarray | None = None) -> dict[float, float]:
     """Dice of ``{pred >= L * rx}`` and ``{ref >= L * rx}`` per level ``L`` in ``levels``.
@@ -304,9 +294,7 @@ def oar_dmax_error(pred: np.ndarray, ref: np.ndarray, mask: np.ndarray) -> float
     return abs(dmax(pred, mask) - dmax(ref, mask))
 
 
-# --------------------------------------------------------------------------------------------
-# constraints and the one-stop summary
-# --------------------------------------------------------------------------------------------
+# -- constraints and the one-stop summary ----------------------------------------------------------
 def constraint_compliance(dose: np.ndarray, masks: Mapping[str, np.ndarray], plan: Plan) -> dict[str, Any]:
     """Clinical-constraint compliance of ``dose`` for ``plan`` (see :mod:`addiff_core.constraints`).
 

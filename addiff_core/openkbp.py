@@ -32,9 +32,7 @@ GANTRY_ANGLES = tuple(range(0, 360, 40))  # nine equispaced coplanar 6 MV fields
 CT_OFFSET = 1024
 
 
-# --------------------------------------------------------------------------------------------
-# CSV parsing
-# --------------------------------------------------------------------------------------------
+# -- CSV parsing -----------------------------------------------------------------------------------
 def read_sparse_csv(path: Path, case: str | Path, with_values: bool,
                     shape: tuple[int, int, int] = GRID_SHAPE) -> tuple[np.ndarray, np.ndarray | None]:
     """An OpenKBP sparse CSV -> (flat int64 indices, float64 values or None); CaseError naming the
@@ -113,9 +111,7 @@ def _dense(idx: np.ndarray, values: np.ndarray | float, fill: float, dtype, shap
     return to_case_array(a, shape)
 
 
-# --------------------------------------------------------------------------------------------
-# import
-# --------------------------------------------------------------------------------------------
+# -- import ----------------------------------------------------------------------------------------
 def openkbp_plan(targets: list[str]) -> Plan:
     """The OpenKBP plan: head and neck, 35 fractions, nine 6 MV IMRT fields, prescriptions for
     the given PTVs only."""

@@ -29,9 +29,7 @@ def _g(v: Any) -> str:
     return "n/a" if f is None else f"{f:g}"
 
 
-# ------------------------------------------------------------------------------------------
-# robust strategies: how many sites they cut
-# ------------------------------------------------------------------------------------------
+# -- robust strategies: how many sites they cut ----------------------------------------------------
 def trimmed_per_end(beta: float, n_sites: int) -> int:
     """Sites Flower's FedTrimmedAvg cuts at each end: ``int(beta * n)`` (scipy's trim_mean rule)."""
     return int(float(beta) * int(n_sites))
@@ -80,9 +78,7 @@ def robustness_warning(rc: Mapping[str, Any], n_sites: int | None) -> str | None
     return None
 
 
-# ------------------------------------------------------------------------------------------
-# what ran
-# ------------------------------------------------------------------------------------------
+# -- what ran --------------------------------------------------------------------------------------
 def central_dp_on(rc: Mapping[str, Any]) -> bool:
     return (_num(rc.get("central-dp-noise")) or 0.0) > 0
 
@@ -171,9 +167,7 @@ def run_lines(rc: Mapping[str, Any], *, n_sites: int | None = None, central_epsi
     return lines
 
 
-# ------------------------------------------------------------------------------------------
-# a final model worse than no prediction
-# ------------------------------------------------------------------------------------------
+# -- a final model worse than no prediction --------------------------------------------------------
 def worse_than_zero_dose(rows: Iterable[Mapping[str, Any]], rc: Mapping[str, Any] | None = None) -> list[str]:
     """One warning per site whose held-out MAE exceeds the MAE of predicting 0 Gy everywhere
     (``rc``: the run config, for a hint when central DP noise is the likely cause)."""

@@ -42,9 +42,7 @@ STAGE_WHAT = {"vae": "stage 1: the VAE (L1 reconstruction + beta KL)",
               "unet": "the direct-regression U-Net baseline (masked L1 + constraint hinge)"}
 
 
-# ------------------------------------------------------------------------------------------
-# run summary
-# ------------------------------------------------------------------------------------------
+# -- run summary -----------------------------------------------------------------------------------
 def summary(ctx: ReportContext) -> None:
     d = ctx.data
     ctx.doc.h(2, "Run summary")
@@ -177,9 +175,7 @@ def _site_row(d: RunData, s: str, dp_any: bool) -> list[str]:
     return row
 
 
-# ------------------------------------------------------------------------------------------
-# training
-# ------------------------------------------------------------------------------------------
+# -- training --------------------------------------------------------------------------------------
 def training(ctx: ReportContext) -> None:
     d, doc = ctx.data, ctx.doc
     doc.h(2, "Training")
@@ -246,9 +242,7 @@ def _wants_log(curves: dict[str, list[tuple[float, float]]]) -> bool:
     return bool(ys) and min(ys) > 0 and max(ys) / min(ys) > 30 and all(y > 0 for pts in curves.values() for _, y in pts)
 
 
-# ------------------------------------------------------------------------------------------
-# held-out results
-# ------------------------------------------------------------------------------------------
+# -- held-out results ------------------------------------------------------------------------------
 def heldout(ctx: ReportContext) -> None:
     d, doc = ctx.data, ctx.doc
     who = "the final global model" if d.kind == "federated" else "the trained model"
@@ -284,9 +278,7 @@ def heldout(ctx: ReportContext) -> None:
     doc.p(METRIC_LEGEND)
 
 
-# ------------------------------------------------------------------------------------------
-# comparison
-# ------------------------------------------------------------------------------------------
+# -- comparison ------------------------------------------------------------------------------------
 def _comparison_series(ctx: ReportContext) -> tuple[Any, str, dict[str, dict[str, float]]]:
     """(comparison.json, metric, series name -> site -> value); the run's own results first."""
     d = ctx.data

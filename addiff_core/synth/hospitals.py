@@ -11,9 +11,7 @@ import numpy as np
 from ..case_io import Beam, Plan
 from ..contract import TUMOUR_SITES
 
-# --------------------------------------------------------------------------------------------
-# hospitals
-# --------------------------------------------------------------------------------------------
+# -- hospitals -------------------------------------------------------------------------------------
 # A prescription scheme: (fractions, primary Gy, secondary Gy or None). Target names are PTV<Gy>.
 Scheme = tuple[int, float, "float | None"]
 
@@ -139,9 +137,7 @@ def grid_shape(size: int | Sequence[int]) -> tuple[int, int, int]:
     return s  # type: ignore[return-value]
 
 
-# --------------------------------------------------------------------------------------------
-# plans
-# --------------------------------------------------------------------------------------------
+# -- plans -----------------------------------------------------------------------------------------
 def make_plan(rng: np.random.Generator, tumour_site: str, prof: HospitalProfile, target_x_mm: float = 0.0,
               scheme: Scheme | None = None, targets: Mapping[str, float] | None = None) -> Plan:
     """The hospital's plan for a case: technique, beam arrangement, energy, prescription.
