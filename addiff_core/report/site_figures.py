@@ -22,9 +22,7 @@ MAX_OARS_IN_DVH = 6
 UNCERTAINTY_SAMPLES = 8
 
 
-# ------------------------------------------------------------------------------------------
-# the model
-# ------------------------------------------------------------------------------------------
+# -- the model -------------------------------------------------------------------------------------
 def _load_model_lenient(path: Path):
     """``predict.load_model`` on the CPU, tolerating weights whose shape differs only by size-1
     dimensions (e.g. a 0-d buffer stored as shape (1,) after a round trip through numpy)."""
@@ -62,9 +60,7 @@ def load_report_model(d: RunData):
                                               "no final_model.pt, model.pt or checkpoints/round_*.pt"))
 
 
-# ------------------------------------------------------------------------------------------
-# the section
-# ------------------------------------------------------------------------------------------
+# -- the section -----------------------------------------------------------------------------------
 def _hospital_note(site: str, run_dir: Path) -> str:
     return (f"run `addiff report {run_dir} --site sites/{site}.yaml` at the hospital to add its figures "
             "(they stay at the hospital)")
@@ -148,9 +144,7 @@ def _one_site_safely(ctx: ReportContext, site, bundle, show_ids: bool) -> bool:
         return False
 
 
-# ------------------------------------------------------------------------------------------
-# one site
-# ------------------------------------------------------------------------------------------
+# -- one site --------------------------------------------------------------------------------------
 def _first_heldout_case(ctx: ReportContext, site, show_ids: bool):
     """The first readable case of the site's held-out split (the evaluation's split), or None
     (a paragraph says why)."""
