@@ -1,9 +1,7 @@
-"""Plain output formats every writer shares: JSON-safe values, Markdown tables and CSV cells.
-
-One implementation each, so that a metrics file, a run description and a report agree on what a
-missing value looks like (JSON ``null``) and on how a table is laid out, and so that no CSV the
-project writes holds a cell a spreadsheet would run as a formula (:func:`csv_cell`; every CSV
-writer goes through :func:`csv_text`, tests/test_hostile_federation.py checks the sources).
+"""Plain output formats every writer shares: JSON-safe values, Markdown tables and CSV cells, so
+files agree on a missing value (JSON ``null``) and on layout, and no CSV holds a cell a
+spreadsheet would run as a formula (:func:`csv_cell` via :func:`csv_text`; the sources are checked
+by tests/test_hostile_federation.py).
 """
 from __future__ import annotations
 

@@ -63,13 +63,9 @@ def per_sample_backward(loss_fn, params: list[torch.nn.Parameter], batch: dict) 
 
 def poisson_loader(dataset, sample_rate: float, generator: torch.Generator | None = None,
                    steps: int | None = None) -> DataLoader:
-    """Poisson-sampled batches (each sample in with probability ``sample_rate``; ``steps`` an
-    epoch, default int(1/q)) whose empty batches keep the sample dict's structure with a batch
-    dimension of 0.
-
-    Opacus' own DPDataLoader builds an empty *first* batch from tuple-shaped samples only; our
-    samples are dicts of tensors, hence this loader (the same sampler underneath).
-    """
+    """Poisson-sampled batches (each sample in with probability ``sample_rate``, ``steps`` batches an
+    epoch, default int(1/q)), empty ones keeping the sample dict's structure with batch size 0:
+    Opacus' DPDataLoader (the same sampler) builds empty batches from tuple samples only."""
     template = dataset[0]
 
     def collate(items):

@@ -1,10 +1,7 @@
-"""What ran, in words: aggregation strategy and its parameters, central (client-level) DP, per-site
-DP, and warnings a reader must not miss (a robust strategy that protects nothing, a final model
-worse than predicting no dose at all).
-
-Pure functions of a run config (the ``[tool.flwr.app.config]`` keys, as ``run.json`` stores them)
-and of the final per-site rows, so that the console header, the final table (``final_metrics.md``)
-and the run report say the same thing. No Flower here.
+"""What ran, in words: aggregation, central and per-site DP, and the warnings a reader must not
+miss (a robust strategy that protects nothing, a model worse than predicting no dose). Pure
+functions of the run config (as ``run.json`` stores it) and the final rows, so the console, the
+final table and the report say the same thing. No Flower here.
 """
 from __future__ import annotations
 

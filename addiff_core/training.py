@@ -1,11 +1,9 @@
 """Local training and evaluation: the plain functions the command line and the federation call.
 
-Two stages for ADDiff-Dose: ``train_vae_epoch`` (VAE alone, L1 + beta KL), then
-``train_diffusion_epoch`` (condition encoder + latent denoiser, VAE frozen). ``train_unet_epoch``
-trains the direct-regression baseline. The caller freezes everything outside the stage once,
-with ``set_trainable``, before it builds the stage's optimiser; the epoch functions do not.
-``evaluate`` predicts every held-out case, maps the dose back to the case's CT grid in Gy and
-scores it with ``addiff_core.metrics``.
+ADDiff-Dose trains in two stages (``train_vae_epoch``, then ``train_diffusion_epoch`` with the VAE
+frozen), the baseline with ``train_unet_epoch``; the caller freezes what is outside the stage
+(``set_trainable``) before building the stage's optimiser. ``evaluate`` scores held-out cases on
+their CT grids in Gy.
 """
 from __future__ import annotations
 
