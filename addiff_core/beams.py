@@ -249,8 +249,8 @@ def target_bev(target_mask: np.ndarray, spacing: Sequence[float], direction: Seq
 def aperture_mask(target_mask: np.ndarray, spacing: Sequence[float], gantry: float, couch: float = 0.0,
                   margin_mm: float = 5.0, isocentre: Sequence[float] | None = None,
                   sad_mm: float | None = 1000.0) -> np.ndarray:
-    """Bool (z, y, x) mask of the voxels in one beam's field (:func:`target_bev`, same arguments),
-    the whole ray, in front of and behind the target."""
+    """Bool (z, y, x) mask of the voxels in the field of the beam at ``gantry``/``couch`` (degrees,
+    IEC 61217), the whole ray in front of and behind the target; the rest as :func:`target_bev`'s."""
     m = np.asarray(target_mask) > 0
     iso = target_centroid(m, spacing) if isocentre is None else np.asarray(isocentre, dtype=np.float64)
     d = beam_direction(gantry, couch)
@@ -317,8 +317,8 @@ def beam_plate(target_mask: np.ndarray, spacing: Sequence[float], beams: Sequenc
                margin_mm: float = 5.0, isocentre: Sequence[float] | None = None,
                arc_step_deg: float = 10.0) -> np.ndarray:
     """GDP-HMM style beam-geometry volume (float32, (z, y, x); zeros for an empty target): per
-    static beam, its field (:func:`aperture_mask`, same arguments) weighted by (SAD / distance from
-    the source)^2, summed; arcs are sampled every ``arc_step_deg``."""
+    static beam of ``beams`` its field (:func:`aperture_mask`) weighted by (SAD / distance from the
+    source)^2, summed; arcs are sampled every ``arc_step_deg``; the rest as :func:`target_bev`'s."""
     m = np.asarray(target_mask) > 0
     out = np.zeros(m.shape, np.float32)
     if not m.any():
