@@ -54,8 +54,8 @@ def gamma_index(ref: np.ndarray, pred: np.ndarray, spacing: Sequence[float], dos
                 dta_mm: float = 2.0, cutoff_pct: float = 10.0, global_norm: bool = True,
                 max_search_mm: float | None = None, mask: np.ndarray | None = None) -> np.ndarray:
     """Gamma map (``ref``'s shape, nan where not evaluated): :func:`gamma_pass_rate`'s arguments and
-    search without early exit, ball ``max_search_mm`` (default ``2 * dta_mm``; a larger value is
-    the ball's minimum, a lower bound)."""
+    search without early exit over the ball ``max_search_mm`` (default ``2 * dta_mm``); a value
+    above ``max_search_mm / dta_mm`` is the ball's minimum (the true gamma is at least that)."""
     search = 2.0 * dta_mm if max_search_mm is None else float(max_search_mm)
     flat, g2 = _gamma_squared(ref, pred, spacing, dose_pct, dta_mm, cutoff_pct, global_norm, search, None, mask)
     out = np.full(np.shape(ref), np.nan)
