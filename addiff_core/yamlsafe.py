@@ -2,9 +2,9 @@
 
 ``yaml.safe_load`` keeps aliases, and a few hundred bytes of nested ones ("billion laughs") expand
 into gigabytes once the value is walked or repr()ed (BENCHMARKS.md, "Hostile input: cost bounds").
-:func:`load` refuses aliases while composing,
-duplicate keys (PyYAML silently keeps the last) and files over :data:`MAX_BYTES`. Every YAML the
-project reads goes through here (``tests/test_hostile_input.py`` greps for other ``yaml.*load``).
+:func:`load` refuses aliases while composing, duplicate keys (PyYAML silently keeps the last) and
+files over :data:`MAX_BYTES`. Every YAML the project reads goes through here
+(``tests/test_hostile_input.py`` greps for other ``yaml.*load``).
 """
 from __future__ import annotations
 
