@@ -19,6 +19,7 @@ from pathlib import Path
 
 from .config import ConfigError
 from .errors import CaseError, CheckpointError, UserError
+from .options import DDIM_STEPS_FLAGS
 
 USER_ERRORS = (ConfigError, CaseError, CheckpointError, OSError)  # OSError: also ENOSPC, EROFS
 COMMAND_GROUP = "addiff.commands"  # entry points: a callable that adds subcommands to the parser
@@ -280,7 +281,7 @@ def _add_train_command(sub) -> None:
     s.add_argument("--config", help="model config YAML (default: the site file's model section)")
     s.add_argument("--vae-epochs", type=int, default=None)
     s.add_argument("--diffusion-epochs", type=int, default=None, help="epochs of stage 2 (or of the U-Net)")
-    s.add_argument("--steps", type=int, default=None, help="DDIM steps for evaluation")
+    s.add_argument(*DDIM_STEPS_FLAGS, dest="steps", type=int, default=None, help="DDIM steps for evaluation")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     s.add_argument("--overwrite", action="store_true", help="replace the model.pt of an earlier run in --out")
     s.set_defaults(func=cmd_train)
@@ -293,7 +294,8 @@ def _add_predict_command(sub) -> None:
                                                  "folders: each goes to OUT/<case>/, the model loaded once")
     s.add_argument("--out", required=True)
     s.add_argument("--samples", type=int, default=1, help="several samples (at most 100): mean dose + uncertainty map")
-    s.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the model config's)")
+    s.add_argument(*DDIM_STEPS_FLAGS, dest="steps", type=int, default=None,
+                   help="DDIM steps (default: the model config's)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", default="auto")
     s.add_argument("--overwrite", action="store_true", help="replace an earlier prediction in --out")
@@ -311,7 +313,8 @@ def _add_evaluate_command(sub) -> None:
     s = sub.add_parser("evaluate", help="metrics of a checkpoint on a site's held-out cohort")
     s.add_argument("--checkpoint", required=True)
     s.add_argument("--site", required=True)
-    s.add_argument("--steps", type=int, default=None)
+    s.add_argument(*DDIM_STEPS_FLAGS, dest="steps", type=int, default=None,
+                   help="DDIM steps (default: the model config's)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", help="write the full result (per case) as JSON")
     s.add_argument("--overwrite", action="store_true", help="replace an existing --out file")

@@ -15,20 +15,16 @@ MAX_SEED = 2**32 - 1  # numpy's and torch's generators take a seed in [0, 2^32)
 MAX_SAMPLES = 100  # each sample is a whole DDIM pass over the case
 MAX_STEPS = 10000  # before the model is known; then its train_timesteps
 MAX_SITES = 1000
+# the DDIM-steps override of every command: one spelling, the federation commands' old one kept as an alias
+DDIM_STEPS_FLAGS = ("--steps", "--eval-steps")
 SYNTH_BOUNDS = {"--sites": (1, 100), "--cases-per-site": (2, 10000), "--size": (16, 512)}
 # the other numeric options, by flag: (lowest, highest, why). A command checks its own with
-# check_options(args, flag, ...) before any work; None (not given) passes.
+# check_options(args, flag, ...) before any work; None (not given) passes. The run-config flags of
+# simulate and server start are bounded by their rows in server/run_config_schema.py.
 BOUNDS: dict[str, tuple[float, float, str]] = {
     "--seed": (0, MAX_SEED, ""),
     "--vae-epochs": (0, MAX_EPOCHS, ""),
     "--diffusion-epochs": (0, MAX_EPOCHS, ""),
-    "--local-epochs": (0, MAX_EPOCHS, "0: each site file's"),
-    "--eval-steps": (0, MAX_STEPS, "0: the model config's"),
-    "--min-sites": (0, MAX_SITES, "0: every site"),
-    "--wait-sites": (0, MAX_SITES, "0: --min-sites"),
-    "--proximal-mu": (0, 1000.0, ""),
-    "--stop-after-round": (0, 100000, "0: run to the end"),
-    "--round-timeout": (1, 7 * 86400, "seconds: at most a week"),
     "--size": SYNTH_BOUNDS["--size"] + ("grid voxels per axis",),
     "--port": (1, 65535, "a TCP port"),
     "--threads": (1, 1024, ""),

@@ -17,10 +17,11 @@ from typing import Any
 
 from addiff_core.errors import UserError
 from addiff_core.run_folder import RunFolder
-from client import launch
-from client.protocol import project_root, resolve_path
+from addiff_core import processes as launch
+from addiff_core.project import project_root, resolve_path
 
-from .settings import STRATEGIES, strategy_help
+from .run_config_cli import add_options, check_flags, run_config
+from .run_config_schema import SERVER
 
 PROFILE = "addiff"
 # what this command writes into the run folder besides the run's own files (RunFolder.guard)
@@ -125,46 +126,19 @@ def stop_stale_runs(env: dict, flwr_home: Path) -> list[str]:
 
 
 def build_run_config(args, run_dir: Path) -> dict[str, Any]:
-    from .settings import DEFAULTS
-    from .simulate import _kind_of, parse_rounds, parse_sets
-
-    if args.resume:
-        stored = RunFolder(run_dir).stored_run_config()
-        rc = {**stored, "run-dir": str(run_dir), "resume": True, "stop-after-round": int(args.stop_after_round or 0),
-              "min-sites": args.min_sites, "wait-sites": args.wait_sites or 0, **parse_sets(args.set)}
-        if args.cross_site:
-            rc["cross-site"] = True
-        return rc
-    model_config = resolve_path(args.config, Path.cwd()) if args.config else resolve_path(DEFAULTS["model-config"])
-    rc = {**DEFAULTS, "run-dir": str(run_dir), "site-files": "", "model-config": str(model_config),
-          "model-kind": args.model or "", "strategy": args.strategy, "seed": args.seed, "min-sites": args.min_sites,
-          "wait-sites": args.wait_sites or 0,
-          "round-timeout": float(args.round_timeout), "stop-after-round": int(args.stop_after_round or 0)}
-    if args.size:
-        rc["grid-size"] = args.size
-    rc.update(parse_rounds(args.rounds, args.model or _kind_of(model_config)))
-    for key, val in (("local-epochs", args.local_epochs), ("proximal-mu", args.proximal_mu),
-                     ("eval-steps", args.eval_steps)):
-        if val is not None:
-            rc[key] = val
-    if args.no_gamma:
-        rc["eval-gamma"] = False
-    if args.cross_site:
-        rc["cross-site"] = True
-    rc.update(parse_sets(args.set))
-    return rc
+    """The run config of this start (``--resume``: run.json's, with what a resume may change)."""
+    stored = RunFolder(run_dir).stored_run_config() if args.resume else None
+    return run_config(args, SERVER, run_dir, stored=stored)
 
 
 def cmd_server_start(args) -> int:
     from .settings import from_run_config
-    from .simulate import check_settings
 
     check_options(args)
     root = project_root()
     run_dir = _run_dir(args, root)
     run_config = build_run_config(args, run_dir)
     settings = from_run_config(run_config)
-    check_settings(settings)
     if not args.resume:
         RunFolder(run_dir).refuse_if_started()
     tls = _tls_files(args)
@@ -213,8 +187,8 @@ def check_options(args) -> None:
     70000 or a NaN round timeout failed deep inside Flower)."""
     from addiff_core.options import check_options as check_bounds
 
-    check_bounds(args, "--port", "--min-sites", "--wait-sites", "--size", "--local-epochs", "--proximal-mu",
-                 "--eval-steps", "--seed", "--round-timeout", "--stop-after-round")
+    check_bounds(args, "--port")
+    check_flags(args, SERVER)
 
 
 def _run_dir(args, root: Path) -> Path:
@@ -304,30 +278,7 @@ def add_parser(sub) -> None:
     s.add_argument("--authorized-keys", action="append", metavar="PUBKEY",
                    help="a hospital's public key (addiff certs node-key) to register; repeat per hospital")
     s.add_argument("--database", help="SuperLink state database (default RUN_DIR/superlink-state.db)")
-    s.add_argument("--min-sites", type=int, default=3,
-                   help="sites that must answer for a round to count; rounds wait for this many SuperNodes and "
-                        "use all connected (default 3)")
-    s.add_argument("--wait-sites", type=int,
-                   help="SuperNodes to wait for before the first round (default: --min-sites), e.g. all hospitals "
-                        "while --min-sites tolerates some failing later")
-    s.add_argument("--model", choices=("diffusion", "unet"))
-    s.add_argument("--config", help="model config YAML (default configs/demo.yaml)")
-    s.add_argument("--size", type=int, help="model grid size (default: the model config's)")
-    s.add_argument("--rounds", help="VAE,DIFFUSION rounds (e.g. 3,4); N for unet")
-    s.add_argument("--strategy", choices=list(STRATEGIES), default="fedavg", help=strategy_help())
-    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="any run-config key (docs/FEDERATION.md), e.g. round-retries=1 central-dp-noise=1.0")
-    s.add_argument("--proximal-mu", type=float)
-    s.add_argument("--local-epochs", type=int, help="local epochs per round (default: each site file's)")
-    s.add_argument("--eval-steps", type=int)
-    s.add_argument("--no-gamma", action="store_true")
-    s.add_argument("--cross-site", action="store_true",
-                   help="after the last round, every site's models on every site's held-out cases (docs/FEDERATION.md)")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--round-timeout", type=float, default=3600.0, help="seconds to wait for the sites each round")
-    s.add_argument("--run-dir", help="run folder (default runs/federation-<date>-<time>)")
-    s.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last complete round")
-    s.add_argument("--stop-after-round", type=int, default=0)
+    add_options(s, SERVER)  # the run config's flags, --rounds, --set, --resume (docs/RUN_CONFIG.md)
     s.add_argument("--no-run", action="store_true", help="only start the SuperLink (submit runs yourself)")
     s.add_argument("--keep-running", action="store_true", help="keep the SuperLink up after the run")
     s.set_defaults(func=cmd_server_start)

@@ -15,6 +15,7 @@ Two mechanisms, same ServerApp/ClientApp:
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
 import math
@@ -30,9 +31,11 @@ from typing import Any
 from addiff_core.config import ConfigError
 from addiff_core.run_folder import RunFolder
 
-from client.protocol import project_root, resolve_path, split_list
-from .demo_data import DEMO_STAMP, ensure_demo_sites  # noqa: F401  (bench/fl_overhead.py imports them from here)
-from .settings import DEFAULTS, STRATEGIES, strategy_help
+from addiff_core.project import project_root, resolve_path, split_list
+
+from .demo_data import ensure_demo_sites
+from .run_config_cli import add_options, check_flags, run_config as build_run_config
+from .run_config_schema import SIMULATE
 
 
 # ------------------------------------------------------------------------------------------
@@ -147,7 +150,7 @@ def run_inprocess(run_config: dict[str, Any], n_sites: int, resources: dict[str,
 
     from client.client_app import app as client_app
     from client.client_app import log as client_log
-    from client.launch import DescendantTracker
+    from addiff_core.processes import DescendantTracker
 
     from .federation import StopSignal
     from .serial_backend import serial_backend
@@ -191,7 +194,7 @@ def run_inprocess(run_config: dict[str, Any], n_sites: int, resources: dict[str,
 
 
 def run_via_flwr(run_config: dict[str, Any], n_sites: int, resources: dict[str, float], run_dir: Path) -> dict:
-    from client import launch
+    from addiff_core import processes as launch
 
     root = project_root()
     flwr_home = Path(tempfile.mkdtemp(prefix="addiff-flwr-home-"))
@@ -224,32 +227,7 @@ def run_via_flwr(run_config: dict[str, Any], n_sites: int, resources: dict[str, 
 # ------------------------------------------------------------------------------------------
 # the command
 # ------------------------------------------------------------------------------------------
-def parse_rounds(text: str | None, kind: str) -> dict[str, int]:
-    from addiff_core.config import ConfigError
-
-    if not text:
-        return {}
-    parts = [p for p in text.replace("/", ",").split(",") if p.strip()]
-    try:
-        nums = [int(p) for p in parts]
-    except ValueError:
-        raise ConfigError(f"--rounds: expected numbers, got {text!r}") from None
-    if any(n < 1 for n in nums):
-        raise ConfigError(f"--rounds: rounds must be >= 1, got {text!r}")
-    if kind == "unet":
-        if len(nums) != 1:
-            raise ConfigError(f"--rounds: the unet model has one stage; give one number, got {text!r}")
-        return {"unet-rounds": nums[0]}
-    if len(nums) != 2:
-        raise ConfigError(f"--rounds: give VAE,DIFFUSION rounds for the diffusion model (e.g. 3,4), got {text!r}")
-    return {"vae-rounds": nums[0], "diffusion-rounds": nums[1]}
-
-
 def cmd_simulate(args) -> int:
-    from addiff_core.config import ConfigError
-
-    from .settings import DEFAULTS
-
     root = project_root()
     t0 = time.perf_counter()
     check_options(args)
@@ -259,12 +237,7 @@ def cmd_simulate(args) -> int:
         run_dir = resolve_path(args.resume, Path.cwd())
         stored = RunFolder(run_dir).stored_run_config(require=("site-files",))
         n_sites = len(split_list(stored["site-files"]))
-        run_config: dict[str, Any] = {**stored, "run-dir": str(run_dir), "resume": True,
-                                      "stop-after-round": int(args.stop_after_round or 0)}
-        if args.eval_steps is not None:
-            run_config["eval-steps"] = args.eval_steps
-        if args.cross_site:
-            run_config["cross-site"] = True
+        run_config = build_run_config(args, SIMULATE, run_dir, stored=stored)
     else:
         if args.site_files:
             site_files = [resolve_path(p, Path.cwd()) for p in split_list(args.site_files)]
@@ -273,32 +246,15 @@ def cmd_simulate(args) -> int:
                 raise ConfigError(f"--site-files: not found: {', '.join(missing)}")
         else:
             data_dir = resolve_path(args.data_dir, Path.cwd()) if args.data_dir else root / "demo_data"
-            site_files = ensure_demo_sites(data_dir, args.sites, args.cases_per_site, args.size or 32, args.data_seed)
+            site_files = ensure_demo_sites(data_dir, args.sites, args.cases_per_site, args.grid_size or 32,
+                                           args.data_seed)
         n_sites = len(site_files)
         run_dir = (resolve_path(args.run_dir, Path.cwd()) if args.run_dir
                    else root / "runs" / f"simulation-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
-        model_config = resolve_path(args.config, Path.cwd()) if args.config else resolve_path(DEFAULTS["model-config"])
-        run_config = {**DEFAULTS, "run-dir": str(run_dir), "site-files": ",".join(str(p) for p in site_files),
-                      "model-config": str(model_config), "model-kind": args.model or "",
-                      "strategy": args.strategy, "seed": args.seed, "grid-size": args.size if args.size else 0,
-                      "stop-after-round": int(args.stop_after_round or 0)}
-        kind = args.model or _kind_of(model_config)
-        run_config.update(parse_rounds(args.rounds, kind))
-        for key, val in (("local-epochs", args.local_epochs), ("proximal-mu", args.proximal_mu),
-                         ("eval-steps", args.eval_steps)):
-            if val is not None:
-                run_config[key] = val
-        if args.no_gamma:
-            run_config["eval-gamma"] = False
-        if args.min_sites is not None:
-            run_config["min-sites"] = args.min_sites
-        if args.cross_site:
-            run_config["cross-site"] = True
-    run_config.update(parse_sets(args.set))
+        run_config = build_run_config(args, SIMULATE, run_dir, site_files=site_files)
     from .settings import from_run_config
 
     settings = from_run_config(run_config)  # fail early, with one clear line, on a bad setting
-    check_settings(settings)
     resources = client_resources(n_sites, args.cpus_per_site, whole_cpus=args.via == "flwr")
     backend = choose_backend(args.backend, n_sites, args.via, args.cpus_per_site)
     folder = RunFolder(settings.run_dir)
@@ -354,21 +310,11 @@ def cmd_simulate(args) -> int:
 def check_options(args) -> None:
     """Every number of the command line, before any work: one line naming the option (a
     negative --steps or a seed past 2^32 were tracebacks deep in a run)."""
-    from addiff_core.options import check_options as check_bounds, check_synth
+    from addiff_core.options import check_synth
 
     if not args.site_files and not args.resume:
-        check_synth(args.sites, args.cases_per_site, args.size or 32, args.data_seed, seed_flag="--data-seed")
-    check_bounds(args, "--size", "--seed", "--eval-steps", "--local-epochs", "--min-sites", "--proximal-mu",
-                 "--stop-after-round")
-
-
-def check_settings(settings) -> None:
-    """What only the validated run config knows (also set with --set): the seed, and DDIM steps
-    within the model's ``train_timesteps``."""
-    from addiff_core.options import check_seed, check_steps
-
-    check_seed("seed", settings.seed)
-    check_steps("eval-steps", settings.eval_steps or None, settings.model)
+        check_synth(args.sites, args.cases_per_site, args.grid_size or 32, args.data_seed, seed_flag="--data-seed")
+    check_flags(args, SIMULATE)
 
 
 def backend_line(backend: str, n_sites: int, resources: dict[str, float]) -> str:
@@ -379,24 +325,6 @@ def backend_line(backend: str, n_sites: int, resources: dict[str, float]) -> str
         return f"sites in turn in this process ({torch.get_num_threads()} torch threads; --backend serial)"
     return (f"Ray actors of {resources['num_cpus']} CPU / {resources['num_gpus']:.2f} GPU per site "
             f"({sites_at_once(n_sites, resources['num_cpus'])} training at once)")
-
-
-def parse_sets(items: list[str]) -> dict[str, Any]:
-    """``["min-sites=2", "eval-gamma=false"]`` -> typed run-config overrides (checked later)."""
-    from addiff_core import yamlsafe  # the one safe loader, for a value too
-
-    out: dict[str, Any] = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        key = key.strip()
-        if not sep or key not in DEFAULTS:
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE with KEY one of {', '.join(DEFAULTS)}")
-        try:
-            v = yamlsafe.load(value) if value.strip() else ""
-        except yamlsafe.YamlRefused as e:
-            raise ConfigError(f"--set {item[:80]!r}: {e}") from None
-        out[key] = value if isinstance(DEFAULTS[key], str) else v
-    return out
 
 
 def _site_privacy(site_files) -> dict[str, dict] | None:
@@ -416,39 +344,14 @@ def _site_privacy(site_files) -> dict[str, dict] | None:
     return out
 
 
-def _kind_of(model_config: Path) -> str:
-    from addiff_core.config import load_model_config
-
-    return load_model_config(model_config).kind if model_config.is_file() else "diffusion"
-
-
 def add_parser(sub) -> None:
     s = sub.add_parser("simulate", help="federated training of simulated hospitals on this machine "
                                         "(demo data generated if missing), then a per-site evaluation table")
     s.add_argument("--sites", type=int, default=3, help="number of demo hospitals (default 3)")
     s.add_argument("--cases-per-site", type=int, default=8, help="demo cases per hospital (default 8: 6 training, 2 held out)")
-    s.add_argument("--size", type=int, help="grid size of the demo data and the model (default 32 / the model config's)")
-    s.add_argument("--data-dir", help="where demo hospitals live (default ./demo_data in the project)")
-    s.add_argument("--data-seed", type=int, default=0, help=argparse_suppress())
-    s.add_argument("--site-files", help="comma-separated site files to use instead of demo hospitals")
-    s.add_argument("--model", choices=("diffusion", "unet"), help="model kind (default: the model config's)")
-    s.add_argument("--config", help="model config YAML (default configs/demo.yaml)")
-    s.add_argument("--rounds", help="VAE,DIFFUSION rounds for the diffusion model (e.g. 3,4); N for unet")
-    s.add_argument("--strategy", choices=list(STRATEGIES), default="fedavg", help=strategy_help())
-    s.add_argument("--min-sites", type=int, help="usable replies a round needs (default: every site)")
-    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="any run-config key (see [tool.flwr.app.config] in pyproject.toml), e.g. round-retries=1")
-    s.add_argument("--proximal-mu", type=float, help="FedProx mu (default 0.01)")
-    s.add_argument("--local-epochs", type=int, help="local epochs per round (default: each site file's)")
-    s.add_argument("--eval-steps", type=int, help="DDIM steps in the final evaluation (default: model config)")
-    s.add_argument("--no-gamma", action="store_true", help="skip the gamma pass rate in the final evaluation")
-    s.add_argument("--cross-site", action="store_true",
-                   help="after the last round, every site's models on every site's held-out cases (cross_site.md; "
-                        "docs/FEDERATION.md); personalization: --set personalize-epochs=N")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--run-dir", help="run folder (default runs/simulation-<date>-<time>)")
-    s.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped/crashed run from its last complete round")
-    s.add_argument("--stop-after-round", type=int, default=0, help="stop after this round (resume later)")
+    s.add_argument("--data-dir", help="where demo hospitals live (default ./demo_data in the project); --size sizes "
+                                      "them too (default 32)")
+    s.add_argument("--data-seed", type=int, default=0, help=argparse.SUPPRESS)
     s.add_argument("--via", choices=("inprocess", "flwr"), default="inprocess",
                    help="inprocess: flwr.simulation.run_simulation (default); flwr: a local SuperLink + flwr run")
     s.add_argument("--backend", choices=("auto", "serial", "ray"), default="auto",
@@ -458,10 +361,5 @@ def add_parser(sub) -> None:
     s.add_argument("--cpus-per-site", type=float,
                    help="Ray CPUs per simulated site (default: the cores shared by the sites that train at once); "
                         "with --backend auto it means ray")
+    add_options(s, SIMULATE)  # the run config's flags, --rounds, --set, --resume (docs/RUN_CONFIG.md)
     s.set_defaults(func=cmd_simulate)
-
-
-def argparse_suppress():
-    import argparse
-
-    return argparse.SUPPRESS
