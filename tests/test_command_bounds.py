@@ -83,8 +83,10 @@ def test_every_numeric_option_of_the_command_line_has_a_bound():
 
     from addiff_core.cli import build_parser
     from addiff_core.options import BOUNDS, SYNTH_BOUNDS
+    from server.run_config_schema import KEYS
 
     known = set(BOUNDS) | set(SYNTH_BOUNDS) | {"--steps", "--samples", "--data-seed", "--cpus-per-site"}
+    known |= {f for k in KEYS if k.type in (int, float) for f in k.flags}  # bounded by their run-config rows
     missing = []
 
     def walk(parser: argparse.ArgumentParser, path: str) -> None:

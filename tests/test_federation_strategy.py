@@ -196,7 +196,8 @@ def test_run_settings_defaults_are_the_run_config_defaults():
 
 def test_strategy_registry_builds_every_strategy_with_its_hyper_parameters():
     from addiff_core.config import ConfigError
-    from server.settings import DEFAULTS, STRATEGIES, check_central_dp, strategy_help
+    from server.run_config_schema import strategy_help
+    from server.settings import DEFAULTS, STRATEGIES, check_central_dp
 
     assert list(STRATEGIES) == ["fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg"]
     for name, info in STRATEGIES.items():
@@ -286,7 +287,8 @@ def test_model_configs_are_valid():
 def test_final_tables(tmp_path):
     import csv
 
-    from server.federation import markdown_table, write_tables
+    from addiff_core.site_table import markdown_table
+    from server.final_table import write_tables
 
     rows = [{"site": "hospital_a", "cases": 3, "mae_gy": 2.0, "gamma_pass_rate": float("nan")},
             {"site": "hospital_b", "cases": 1, "mae_gy": 6.0, "gamma_pass_rate": 90.0}]
@@ -336,7 +338,7 @@ def test_certificates_and_node_keys(tmp_path):
 
 def test_set_overrides_are_typed_and_checked():
     from addiff_core.config import ConfigError
-    from server.simulate import parse_sets
+    from server.run_config_cli import parse_sets
     from server.settings import from_run_config
 
     got = parse_sets(["min-sites=2", "eval-gamma=false", "update-norm-multiple=5", "strategy=fedmedian",

@@ -168,7 +168,7 @@ def test_an_alias_bomb_as_a_cases_dicom_yaml_is_one_line_at_once(tmp_path, make_
 
 def test_simulate_set_values_are_parsed_by_yamlsafe():
     from addiff_core.config import ConfigError
-    from server.simulate import parse_sets
+    from server.run_config_cli import parse_sets
 
     assert parse_sets(["min-sites=2"]) == {"min-sites": 2}
     with pytest.raises(ConfigError, match="aliases"):

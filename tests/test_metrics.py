@@ -241,7 +241,7 @@ def test_cohort_dvh_score_is_one_mean_over_every_cell():
 def test_sites_combine_the_dvh_score_by_cells_and_the_rest_by_cases():
     """All-sites row (server/federation.py, report.py, benches): metrics weighted by held-out
     cases, the DVH score by DVH cells (= one mean over every cell of all sites), cells summed."""
-    from server.federation import with_overall
+    from addiff_core.site_table import with_overall
 
     rows = [{"site": "a", "cases": 2, "mae_gy": 1.0, "openkbp_dvh_score": 2.2, "dvh_cells": 5.0},
             {"site": "b", "cases": 1, "mae_gy": 4.0, "openkbp_dvh_score": 0.0, "dvh_cells": 2.0}]

@@ -16,7 +16,8 @@ from addiff_core import run_summary as rs
 from addiff_core.report import write_report
 
 from client import protocol
-from server.federation import FederationError, write_tables
+from server.federation import FederationError
+from server.final_table import write_tables
 
 CENTRAL = {"strategy": "fedavg", "central-dp-noise": 1.0, "central-dp-clip": 0.5, "central-dp-delta": 1e-3}
 
