@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from addiff_core.run_folder import RunFolder
-from addiff_core.site_table import csv_text, markdown_document, markdown_table, with_overall  # noqa: F401
+from addiff_core.site_table import columns, covered, csv_text, is_overall, markdown_document, number, with_overall
 
 from .settings import RunSettings
 
@@ -105,3 +105,55 @@ def final_notes(settings: RunSettings, strategy, rows: list[dict]) -> list[str]:
 def write_tables(run_dir: Path, rows: list[dict], planned: int | None = None, notes: list[str] = ()) -> None:
     """``final_metrics.csv`` / ``.md`` (with the all-sites row and the notes) and ``.json`` (the rows)."""
     RunFolder(run_dir).write_final_tables(csv_text(rows, planned), markdown_document(rows, planned, notes), rows)
+
+
+# the terminal's columns (header, row key); final_metrics.csv/.md keep every column
+TERMINAL_COLUMNS = (("site", "site"), ("cases", "cases"), ("MAE Gy", "mae_gy"), ("dose score", "openkbp_dose_score"),
+                    ("DVH score", "openkbp_dvh_score"), ("isodose Dice", "mean_isodose_dice"),
+                    ("gamma %", "gamma_pass_rate"), ("constraints met", "constraint_compliance_pred"),
+                    ("DP", "dp_enabled"), ("status", "status"))
+
+
+def terminal_table(rows: list[dict], planned: int | None = None) -> str:
+    """The final table as the console shows it: the columns of :data:`TERMINAL_COLUMNS` (at most
+    120 characters for a few sites), a status in a word (``*``: in full below it), and where the
+    rest is."""
+    full = with_overall(rows, planned)
+    if not full:
+        return "(no site returned metrics)"
+    total = max(planned or 0, len(rows))
+    body = [[_terminal_cell(r, key, f"{len(covered(rows))} of {total}") for _, key in TERMINAL_COLUMNS] for r in full]
+    head = [h for h, _ in TERMINAL_COLUMNS]
+    widths = [max(len(x) for x in col) for col in zip(head, *body)]
+    lines = ["  ".join(c.rjust(w) if i not in (0, len(head) - 1) else c.ljust(w) for i, (c, w)
+                       in enumerate(zip(cells, widths))).rstrip() for cells in [head, *body]]
+    long = [f"  * {r['site']}: {r['status']}" for r in full if _short_status(r.get("status")).endswith("*")]
+    extra = len(set(columns(full)) - {key for _, key in TERMINAL_COLUMNS})
+    return "\n".join(lines + long + [f"{extra} more columns (all sites: case-weighted): final_metrics.csv / .md and "
+                                      "report/ in the run folder"])
+
+
+def _short_status(status: object) -> str:
+    """"final evaluation failed: CODE; left out in round 3" -> "failed *" (``*``: more below)."""
+    text = str(status or "ok")
+    short = text.split(";")[0].removeprefix("final evaluation ").split(":")[0]
+    return short if short == text else f"{short} *"
+
+
+def _terminal_cell(row: dict, key: str, share: str) -> str:
+    v = row.get(key)
+    if is_overall(row):
+        if key == "site":
+            return f"all sites ({share})"
+        if key in ("dp_enabled", "status"):
+            return ""
+    if key == "dp_enabled":
+        eps = number(row.get("epsilon"))
+        return "n/a" if v is None else "off" if not number(v) else f"eps {eps:.3g}" if eps is not None else "on"
+    if key == "status":
+        return _short_status(v)
+    if key in ("site", "cases"):
+        return str(v)
+    f = number(v)
+    return "n/a" if f is None else f"{f:.4g}"
+
