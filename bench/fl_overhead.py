@@ -190,7 +190,8 @@ def main() -> int:
     import torch
 
     from server.settings import DEFAULTS, from_run_config
-    from server.simulate import choose_backend, client_resources, ensure_demo_sites, sites_at_once
+    from server.demo_data import ensure_demo_sites
+    from server.simulate import choose_backend, client_resources, sites_at_once
 
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="addiff-fl-bench-"))
     work.mkdir(parents=True, exist_ok=True)

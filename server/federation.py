@@ -33,7 +33,7 @@ from client.protocol import (
 
 from . import global_model, secure_round
 from .connect import is_simulation, simulation_too_small, wait_for_sites
-from .final_table import expected_sites, final_notes, markdown_table, with_overall, with_status, write_tables  # noqa: F401
+from .final_table import expected_sites, final_notes, terminal_table, with_status, write_tables
 from .replies import Sites, common_metrics, sent_to
 from .settings import Round, RunSettings, settings_for_resume
 from .strategies import build_strategy, site_of
@@ -390,7 +390,7 @@ class Federation:
         global_model.save_final(self.folder, self.arrays, s)
         log.info("final evaluation of the global model on every site's held-out cases ...")
         rows = self.final_evaluation()
-        table = markdown_table(rows, expected_sites(rows, s))
+        table = terminal_table(rows, expected_sites(rows, s))
         notes = self.final_notes(rows)
         self.folder.update_run_json(
             status="complete", finished=timestamp(), train_seconds_this_process=time.perf_counter() - t0,
