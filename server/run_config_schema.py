@@ -3,12 +3,14 @@ what a ``--resume`` may change. Everything else is read from :data:`KEYS`: the d
 (:data:`DEFAULTS`, equal to pyproject.toml's ``[tool.flwr.app.config]``, which ``flwr run``
 needs; a test compares), the validation (:func:`read`), the options of ``addiff simulate`` and
 ``addiff server start`` (:mod:`server.run_config_cli`) and docs/RUN_CONFIG.md (:func:`markdown`).
-Adding a key is one row. Flower-free, so that the commands' help can read it.
+Adding a key is one row, then ``python -m server.run_config_schema`` writes the doc and
+pyproject's section. Flower-free, so that the commands' help can read it.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Mapping
 
 from addiff_core.config import MAX_EPOCHS, ConfigError
@@ -123,10 +125,10 @@ KEYS: tuple[Key, ...] = (
         "hospitals)",
         flags=("--site-files",), commands=(SIMULATE,), command_default={SERVER: ""}),
     Key("model-config", "configs/demo.yaml", "model config YAML", zero="ModelConfig() defaults", flags=("--config",)),
-    Key("model-kind", "", "model kind", zero="the model config's", choices=("", "diffusion", "unet"),
-        flags=("--model",)),
-    Key("grid-size", 0, "model grid size (--size: 16 to 512, also simulate's demo data)", hi=512, zero="the model config's", flags=("--size",),
-        flag_range=SYNTH_BOUNDS["--size"]),
+    Key("model-kind", "", "model kind, instead of the model config's", zero="the model config's",
+        choices=("", "diffusion", "unet"), flags=("--model",)),
+    Key("grid-size", 0, "model grid size (--size: 16 to 512, also simulate's demo data)", hi=512,
+        zero="the model config's", flags=("--size",), flag_range=SYNTH_BOUNDS["--size"]),
     Key("strategy", "fedavg", strategy_help(), choices=tuple(STRATEGIES), casefold=True, flags=("--strategy",)),
     Key("vae-rounds", 8, "rounds of the VAE stage (diffusion model; --rounds VAE,DIFFUSION)", hi=MAX_ROUNDS),
     Key("diffusion-rounds", 14, "rounds of the diffusion stage (diffusion model)", hi=MAX_ROUNDS),
@@ -166,7 +168,8 @@ KEYS: tuple[Key, ...] = (
         flag_help="skip the gamma pass rate in the final evaluation", resume=CHANGE),
     Key("report-figures", True, "the figures of the end-of-run report (false: text and tables; addiff report "
         "RUN_DIR draws them later)", resume=CHANGE),
-    Key("wire-dtype", "float32", "float16: stage weights travel at half the bytes (BENCHMARKS.md)",
+    Key("wire-dtype", "float32", "float16: stage weights travel rounded to half precision both ways (half the "
+        "bytes); sites train and the server aggregates in float32 (BENCHMARKS.md)",
         choices=WIRE_DTYPES),
     Key("secure-aggregation", False, "Flower's SecAgg+: the server unmasks only the weighted sum of the updates "
         "(docs/PRIVACY.md)"),
@@ -199,11 +202,11 @@ def read(cfg: Mapping[str, Any]) -> dict[str, Any]:
 
 def markdown() -> str:
     """docs/RUN_CONFIG.md (tests/test_run_config_schema.py compares the committed file)."""
-    lines = ["# Run config", "", "Generated from `server/run_config_schema.py` (`python -m server.run_config_schema "
-             "> docs/RUN_CONFIG.md`); the same keys are pyproject.toml's `[tool.flwr.app.config]` "
-             "(`flwr run --run-config`). `addiff simulate` and `addiff server start` take any key as "
-             "`--set KEY=VALUE`, some as the flag shown. On `--resume` a key is *kept* (run.json's), *may change* "
-             "(when given), or *this start's* (the given value, else the default).", "",
+    lines = ["# Run config", "", "Generated from `server/run_config_schema.py` with pyproject.toml's "
+             "`[tool.flwr.app.config]` (`python -m server.run_config_schema`; `flwr run` reads the keys there). "
+             "`addiff simulate` and `addiff server start` take any key as `--set KEY=VALUE`, some as the flag "
+             "shown. On `--resume` a key is *kept* (run.json's), *may change* (when given), or *this start's* "
+             "(the given value, else the default).", "",
              "| key | default | bounds | flag | on --resume | meaning |", "|---|---|---|---|---|---|"]
     for k in KEYS:
         lines.append(f"| `{k.name}` | {_default_text(k)} | {_bounds_text(k)} | {_flags_text(k)} | {k.resume} | "
@@ -241,5 +244,20 @@ def _flags_text(k: Key) -> str:
     return f"`{k.flags[0]}`{alias}{where}"
 
 
+def write_generated(root: Path) -> None:
+    """docs/RUN_CONFIG.md and pyproject.toml's ``[tool.flwr.app.config]`` from :data:`KEYS`
+    (``python -m server.run_config_schema``, after adding or changing a row)."""
+    import tomli_w
+
+    (root / "docs" / "RUN_CONFIG.md").write_text(markdown())
+    pyproject = root / "pyproject.toml"
+    text = pyproject.read_text()
+    start = text.index(CONFIG_SECTION) + len(CONFIG_SECTION)
+    end = text.find("\n[", start)
+    pyproject.write_text(text[:start] + tomli_w.dumps(DEFAULTS) + (text[end + 1:] if end >= 0 else ""))
+
+
+CONFIG_SECTION = "[tool.flwr.app.config]\n"
+
 if __name__ == "__main__":
-    print(markdown(), end="")
+    write_generated(Path(__file__).resolve().parents[1])

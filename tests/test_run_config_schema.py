@@ -31,13 +31,26 @@ def _args(command: str, *argv: str) -> argparse.Namespace:
 
 
 def test_the_committed_doc_is_the_generated_one():
-    assert (ROOT / "docs" / "RUN_CONFIG.md").read_text() == markdown(), \
-        "regenerate: python -m server.run_config_schema > docs/RUN_CONFIG.md"
+    assert (ROOT / "docs" / "RUN_CONFIG.md").read_text() == markdown(), "regenerate: python -m server.run_config_schema"
 
 
 def test_pyproject_holds_every_key_with_the_schema_default_in_order():
     cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
-    assert list(cfg) == list(DEFAULTS) and cfg == DEFAULTS
+    assert list(cfg) == list(DEFAULTS) and cfg == DEFAULTS, "regenerate: python -m server.run_config_schema"
+
+
+def test_the_generator_writes_the_doc_and_only_pyproject_s_config_section(tmp_path):
+    from server.run_config_schema import write_generated
+
+    (tmp_path / "docs").mkdir()
+    before = (ROOT / "pyproject.toml").read_text()
+    changed = before.replace("min-sites = 0", "min-sites = 9") + "\n[tool.after]\nx = 1\n"
+    (tmp_path / "pyproject.toml").write_text(changed)
+    write_generated(tmp_path)
+    doc = tomllib.loads((tmp_path / "pyproject.toml").read_text())
+    assert doc["tool"]["flwr"]["app"]["config"] == DEFAULTS and doc["tool"]["after"] == {"x": 1}
+    assert doc["project"] == tomllib.loads(before)["project"]
+    assert (tmp_path / "docs" / "RUN_CONFIG.md").read_text() == markdown()
 
 
 def test_every_flag_of_a_row_is_an_option_of_its_commands_with_the_row_dest():
