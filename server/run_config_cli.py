@@ -42,10 +42,11 @@ def _argument(key: Key, command: str) -> dict[str, Any]:
                 "help": key.flag_help or key.help}
     shown = key.zero if key.zero and not default else default
     kw: dict[str, Any] = {"dest": key.dest, "type": key.type, "default": None,
-                          "metavar": key.flags[0].lstrip("-").replace("-", "_").upper(),
                           "help": f"{key.flag_help or key.help} (default: {shown})"}
     if key.choices:
         kw["choices"] = [c for c in key.choices if c]
+    else:
+        kw["metavar"] = key.flags[0].lstrip("-").replace("-", "_").upper()
     return kw
 
 

@@ -145,8 +145,8 @@ KEYS: tuple[Key, ...] = (
     Key("central-dp-noise", 0.0, "client-level central DP: noise multiplier (needs fedavg)", zero="off"),
     Key("central-dp-clip", 1.0, f"{_DP}: L2 clipping norm of each site's update (> 0)"),
     Key("central-dp-delta", 1e-3, f"{_DP}: delta of the reported epsilon, in (0, 1)", hi=1.0),
-    Key("min-sites", 0, "usable replies a round needs; rounds wait for this many SuperNodes and use all connected",
-        hi=MAX_SITES, zero="every site file", flags=("--min-sites",), command_default={SERVER: 3},
+    Key("min-sites", 0, "usable replies a round needs; rounds wait for this many SuperNodes and use all connected "
+        "(a deployment cannot count its sites: server start's own default)", hi=MAX_SITES, zero="every site file", flags=("--min-sites",), command_default={SERVER: 3},
         resume=CHANGE),
     Key("wait-sites", 0, "SuperNodes to wait for before the first round (at most round-timeout), e.g. every "
         "hospital while min-sites tolerates some failing later", hi=MAX_SITES, zero="min-sites",
