@@ -27,15 +27,13 @@ import numpy as np
 import SimpleITK as sitk
 import yaml
 
-# The tumour sites, techniques and canonical OAR names (the order of the model's OAR channels;
-# other structures are kept on disk but not fed to the model) are the case format's vocabulary
-# and the model's: defined once in contract.py, re-exported here.
-from .contract import B_MAX, OAR_NAMES, TECHNIQUES, TUMOUR_SITES  # noqa: F401
-from .errors import CaseError  # noqa: F401  (defined with the other user errors)
+from .contract import B_MAX, TECHNIQUES, TUMOUR_SITES
+from .errors import CaseError
 from .limits import file_problem, image_size_problem
 
 BODY_NAME = "Body"
 CASE_MARKERS = ("plan.yaml", "ct.nii.gz")  # a folder holding either is a case folder (is_case_dir)
+CASE_DIR_RULE = "a folder holding " + " or ".join(CASE_MARKERS)  # is_case_dir in words, for messages
 DICOM_INFO_FILE = "dicom.yaml"  # written by data import-dicom (dicom/reader.py)
 _DICOM_INFO_PARTS = ("patient", "study", "rtplan")
 
@@ -387,8 +385,8 @@ def save_case(case_dir: str | Path, ct: np.ndarray, plan: Plan, masks: Mapping[s
 
 
 def is_case_dir(p: str | Path) -> bool:
-    """Is ``p`` a case folder (a folder holding plan.yaml or ct.nii.gz)? The one rule: data check,
-    training, predict and the output checks all ask this."""
+    """Is ``p`` a case folder (:data:`CASE_DIR_RULE`)? The one rule: data check, training,
+    predict and the output checks all ask this."""
     p = Path(p)
     return p.is_dir() and any((p / m).exists() for m in CASE_MARKERS)
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from .config import ConfigError, ModelConfig, model_config_from_dict
-from .errors import CheckpointError  # noqa: F401  (defined with the other user errors)
+from .errors import CheckpointError
 
 FORMAT = "addiff-fl/1"
 

@@ -24,10 +24,12 @@ from typing import Any, Mapping
 import numpy as np
 import SimpleITK as sitk
 
-from .case_io import (BODY_NAME, OAR_NAMES, CaseError, Plan, hidden_case_dirs, is_case_dir, plan_from_dict,
-                      read_case_yaml, read_dicom_info)
+from .case_io import (BODY_NAME, CASE_DIR_RULE, Plan, hidden_case_dirs, is_case_dir, plan_from_dict, read_case_yaml,
+                      read_dicom_info)
+from .contract import OAR_NAMES
+from .errors import CaseError
 from .limits import file_problem, image_size_problem
-from .nifti_raw import nifti_gz_problem, nifti_nonfinite_count, read_nifti_raw  # noqa: F401 (re-exported)
+from .nifti_raw import nifti_gz_problem, nifti_nonfinite_count, read_nifti_raw
 
 # A structure (mask file) name: a letter, then letters, digits, '_' or '-' (no spaces, no dots).
 STRUCTURE_NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")
@@ -433,7 +435,7 @@ def check_dataset(data_dir: str | Path) -> tuple[int, list[Problem]]:
         return 0, [Problem(str(root), ".", f"cannot list the data folder ({type(e).__name__}: {e})")]
     problems = [Problem(str(h), ".", HIDDEN_CASE) for h in hidden]
     if not cases:
-        return 0, problems + [Problem(str(root), ".", "no case folders found (folders holding plan.yaml or ct.nii.gz)")]
+        return 0, problems + [Problem(str(root), ".", f"no case folders found (each is {CASE_DIR_RULE})")]
     for c in cases:
         problems.extend(check_case(c))
     return len(cases), problems

@@ -16,13 +16,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, save_checkpoint
 from .config import ModelConfig, SiteConfig, resolve_device
 from .data import SiteData, load_site_data
+from .errors import CheckpointError
 from .models import build_model, stage_prefix
 from .optimizer_state import OptimizerStore
 from .phantom_calibration import calibrate_on_phantoms
 from .privacy import SitePrivacy, ledger_key
+from .round_plan import RoundPlan
 from .training import Proximal, evaluate, lr_at, make_loader, make_optimizer, set_lr, set_trainable, train_stage_epoch
 
 log = logging.getLogger(__name__)
@@ -130,39 +132,34 @@ class SiteTask:
             return {"dp_enabled": 1.0, "epsilon": 0.0}
         return {"dp_enabled": 1.0, "epsilon": state.epsilon(), "delta": state.delta}
 
-    def train(self, arrays: dict[str, np.ndarray] | None, stage: str, *, epochs: int, round_number: int,
-              seed: int = 0, proximal_mu: float = 0.0, total_epochs: int | None = None, epoch_offset: int = 0,
-              planned_epochs: int | None = None, stage_round: int | None = None, run_tag: str = "") -> TrainResult:
-        """Train ``stage`` for ``epochs`` local epochs from the global ``arrays`` (None: current weights).
+    def train(self, arrays: dict[str, np.ndarray] | None, plan: RoundPlan) -> TrainResult:
+        """Train ``plan.stage`` for the plan's local epochs from the global ``arrays`` (None: the
+        current weights).
 
-        ``round_number`` is this site's training round: the server's round in a federation, the
-        stage's index when one site trains alone. It seeds the data order and keys the stage's
-        stored optimiser state. ``stage_round`` is the round's index within its stage (default:
-        ``round_number``, as when one site trains alone): optimiser states saved before the stage
-        began belong to another run and are not restored. ``run_tag`` (from the server) keeps each
-        federated run's optimiser states apart (``optimizer_state.new_run_tag``).
+        The DP noise is calibrated once for the plan's ``planned_epochs`` (the whole run at this
+        site, both stages and fine-tuning).
 
-        ``planned_epochs`` is the number of local epochs this site will train over the whole run
-        (all rounds, both stages): the DP noise is calibrated once for all of them. Raises
-        PrivacyBudgetExhausted, before touching the model, when this round would exceed the budget.
+        Raises:
+            PrivacyBudgetExhausted: before touching the model, when this round would exceed the budget.
         """
+        plan = plan.at_site(self.site, self.cfg.kind)
+        stage, epochs, round_number = plan.stage, plan.epochs, plan.round_number
         tcfg = self.site.training
-        dp = self.privacy(planned_epochs or epochs)
+        dp = self.privacy(plan.planned_epochs)
         if dp is not None:
             dp.check_budget(dp.steps_for(epochs))  # the steps and sampling rate of the cases loaded now
         if arrays is not None:
             self.load_global(arrays, stage)
-        rs = round_seed(seed, round_number, self.site.name)
+        rs = round_seed(plan.seed, round_number, self.site.name)
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(rs)
             set_trainable(self.model, stage)
             module = getattr(self.model, stage)
             optimizer = make_optimizer(module.parameters(), tcfg)
-            optim_store = OptimizerStore(self.site.state_dir, run_tag)
-            optim_store.restore(optimizer, stage, round_number,
-                                stage_start=round_number - (stage_round or round_number) + 1)
+            optim_store = OptimizerStore(self.site.state_dir, plan.run_tag)
+            optim_store.restore(optimizer, stage, round_number, stage_start=plan.stage_start)
             loader = make_loader(self.data.train, tcfg.batch_size, shuffle=True, seed=rs)
-            prox = Proximal.from_module(proximal_mu, module) if proximal_mu > 0 else None
+            prox = Proximal.from_module(plan.proximal_mu, module) if plan.proximal_mu > 0 else None
             if dp is not None:  # Opacus hooks the module's layers; losses call the model as usual
                 if stage == "diffusion":
                     # calibrating on private data would release an un-noised statistic: public phantoms
@@ -173,7 +170,7 @@ class SiteTask:
             history = []
             try:
                 for e in range(epochs):
-                    set_lr(optimizer, lr_at(tcfg, epoch_offset + e, total_epochs or epochs))
+                    set_lr(optimizer, lr_at(tcfg, plan.epoch_offset + e, plan.total_epochs))
                     m = train_stage_epoch(
                         stage, self.model, loader, optimizer, self.cfg, self.device, generator=gen,
                         grad_clip=tcfg.grad_clip, prox=prox, progress=self.progress,

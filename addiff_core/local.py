@@ -7,13 +7,13 @@ import logging
 import time
 from pathlib import Path
 
-
 from .checkpoint import atomic_write_bytes, save_checkpoint
 from .config import ModelConfig, SiteConfig, load_model_config, load_site_config, resolve_device
 from .data import load_site_data
 from .fl_task import SiteTask
 from .outputs import ensure_writable_dir
-from .predict import load_model, predict_case  # noqa: F401  (addiff predict lives in predict.py)
+from .predict import load_model
+from .round_plan import RoundPlan
 from .training import evaluate
 
 log = logging.getLogger(__name__)
@@ -79,8 +79,7 @@ def _train(site: SiteConfig, cfg: ModelConfig, out_dir: Path, *, vae_epochs: int
     for round_number, (stage, epochs) in enumerate(stages):
         if epochs == 0:
             continue
-        res = task.train(None, stage, epochs=epochs, round_number=round_number, seed=tcfg.seed,
-                         planned_epochs=planned)
+        res = task.train(None, RoundPlan(stage, round_number, epochs=epochs, seed=tcfg.seed, planned_epochs=planned))
         history += [{"stage": stage, "epoch": e + 1, **m} for e, m in enumerate(res.history)]
     train_seconds = time.perf_counter() - t0
     heldout = evaluate(task.model, data.heldout, cfg, task.device, seed=tcfg.seed, steps=steps, progress=progress)

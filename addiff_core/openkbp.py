@@ -21,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .case_io import Beam, CaseError, Plan, only_case_entries, plan_from_dict, save_case, staged_case_dir
+from .case_io import Beam, Plan, only_case_entries, plan_from_dict, save_case, staged_case_dir
+from .errors import CaseError
 
 GRID_SHAPE = (128, 128, 128)  # OpenKBP (row, column, slice)
 TARGETS = {"PTV70": 70.0, "PTV63": 63.0, "PTV56": 56.0}

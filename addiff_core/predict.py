@@ -24,11 +24,12 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from .case_io import CaseError, hidden_case_dirs, list_cases, load_case
-from .checkpoint import CheckpointError, load_checkpoint, load_model_state
+from .case_io import CASE_DIR_RULE, hidden_case_dirs, list_cases, load_case
+from .checkpoint import load_checkpoint, load_model_state
 from .config import ConfigError, ModelConfig, resolve_device
+from .dvh import dvh_curve, dvh_points
+from .errors import CaseError, CheckpointError
 from .formats import csv_text
-from .metrics import dvh_curve, dvh_points
 from .models import build_model
 from .options import MAX_SAMPLES, check_device, check_range, check_seed, check_steps
 from .outputs import write_output
@@ -255,7 +256,7 @@ def predict_folder(checkpoint: Path, cases_root: Path, out_root: Path, *, sample
     check_device("--device", device)
     cases, hidden = list_cases(cases_root), [h.name for h in hidden_case_dirs(cases_root)]
     if not cases:
-        raise ConfigError(f"{cases_root}: no case folder (a folder with plan.yaml or ct.nii.gz) directly under it"
+        raise ConfigError(f"{cases_root}: no case folder ({CASE_DIR_RULE}) directly under it"
                           + (f"; {len(hidden)} hidden folder(s) skipped: {', '.join(hidden)}" if hidden else ""))
     if Path(out_root).resolve() == Path(cases_root).resolve() or Path(out_root).resolve().is_relative_to(Path(cases_root).resolve()):
         raise ConfigError(f"{out_root}: the output folder must not be inside the cases folder {cases_root}")

@@ -18,9 +18,7 @@ A single-site ``addiff train`` folder holds ``model.pt`` and ``metrics.json`` (a
 Every other module asks :class:`RunFolder` for these paths and goes through it to read or write
 them; JSON written here is made JSON-safe first (NaN/inf -> null) and written atomically.
 
-Paths *in* a run's configuration (site files, model config, run folder) are lists written as
-one string (:func:`split_list`) and resolve against the project folder (:func:`resolve_path`);
-the Flower glue adds what only it can know (an app bundle) in ``client.protocol.project_root``.
+Paths *in* a run's configuration resolve against the project folder: :mod:`addiff_core.project`.
 """
 from __future__ import annotations
 
@@ -263,7 +261,8 @@ class RunFolder:
     def latest_valid(self, warn: Callable[..., Any] | None = None) -> tuple[int, dict, Any, dict] | None:
         """(round, state_dict, model_cfg, meta) of the newest checkpoint that loads; corrupt
         ones (SHA-256 mismatch, truncated) are skipped with ``warn(...)`` (a logger's warning)."""
-        from .checkpoint import CheckpointError, load_checkpoint
+        from .checkpoint import load_checkpoint
+        from .errors import CheckpointError
 
         warn = warn or log.warning
         for rnd in reversed(self.rounds_on_disk()):
@@ -310,55 +309,6 @@ def _write_json(path: Path, obj: Any) -> None:
     from .checkpoint import atomic_write_bytes
 
     atomic_write_bytes(path, (json.dumps(_json_safe(obj), indent=2) + "\n").encode())
-
-
-# ------------------------------------------------------------------------------------------
-# where relative paths of a run point
-# ------------------------------------------------------------------------------------------
-PROJECT_ENV = "ADDIFF_PROJECT_DIR"
-
-
-def split_list(value: Any) -> list[str]:
-    """'a.yaml, b.yaml' or one per line (run config strings cannot be lists), or a list ->
-    ['a.yaml', 'b.yaml']; blanks dropped."""
-    if isinstance(value, (list, tuple)):
-        return [str(v).strip() for v in value if str(v).strip()]
-    return [v.strip() for v in str(value or "").replace("\n", ",").split(",") if v.strip()]
-
-
-def is_checkout(d: Path) -> bool:
-    """An addiff-fl project folder: its pyproject.toml, the ServerApp and the addiff_core sources."""
-    try:
-        return (d / "addiff_core").is_dir() and (d / "server" / "server_app.py").is_file() and \
-            'name = "addiff-fl"' in (d / "pyproject.toml").read_text(encoding="utf-8")
-    except OSError:
-        return False
-
-
-def enclosing_checkout(start: Path) -> Path | None:
-    return next((d for d in (start, *start.parents) if is_checkout(d)), None)
-
-
-def installed_checkout() -> Path | None:
-    root = Path(__file__).resolve().parents[1]
-    return root if is_checkout(root) else None
-
-
-def project_root() -> Path:
-    """The folder relative paths resolve against, outside an app bundle: ``$ADDIFF_PROJECT_DIR``,
-    else the addiff-fl folder the current directory is in, else the checkout ``addiff_core`` is
-    installed from, else the current directory."""
-    env = os.environ.get(PROJECT_ENV)
-    if env:
-        return Path(env).expanduser().resolve()
-    cwd = Path.cwd().resolve()
-    return enclosing_checkout(cwd) or installed_checkout() or cwd
-
-
-def resolve_path(value: str | os.PathLike, base: Path | None = None) -> Path:
-    """``value`` if absolute, else against ``base`` (default :func:`project_root`), resolved."""
-    p = Path(value).expanduser()
-    return p if p.is_absolute() else ((base or project_root()) / p).resolve()
 
 
 def timestamp() -> str:

@@ -72,6 +72,7 @@ def _stage_cfg(cfg, stage: str):
 def bench_step_time(args, device: str, work: Path) -> dict:
     from addiff_core.config import load_site_config
     from addiff_core.fl_task import SiteTask
+    from addiff_core.round_plan import RoundPlan
     from addiff_core.synth import write_synthetic_sites
 
     name, cfg = common.bench_model_config(args.timing_grid)
@@ -92,8 +93,8 @@ def bench_step_time(args, device: str, work: Path) -> dict:
         rows = {"dp": [], "no_dp": []}
 
         def epoch(label: str, rnd: int) -> dict:
-            res = tasks[label].train(None, stage, epochs=1, round_number=rnd, seed=args.seed,
-                                     planned_epochs=args.reps + 1)
+            res = tasks[label].train(None, RoundPlan(stage, rnd, epochs=1, seed=args.seed,
+                                                     planned_epochs=args.reps + 1))
             return res.history[0]
 
         for label in ("dp", "no_dp"):  # warm-up, untimed (also calibrates the latent scale)
@@ -153,6 +154,7 @@ def _child_memory(p: dict) -> dict:
     from addiff_core.case_io import list_cases
     from addiff_core.config import HeldOutConfig, load_site_config
     from addiff_core.fl_task import SiteTask
+    from addiff_core.round_plan import RoundPlan
     from addiff_core.models import count_parameters
 
     rss_imports = common.current_rss_mib()
@@ -175,7 +177,7 @@ def _child_memory(p: dict) -> dict:
     common.cuda_reset_peak(dev)
     cuda_before = torch.cuda.memory_allocated() / 2**20 if dev.type == "cuda" else None
     with common.Stopwatch(dev) as sw:
-        res = task.train(None, stage, epochs=1, round_number=0, seed=0, planned_epochs=1)
+        res = task.train(None, RoundPlan(stage, 0, epochs=1, seed=0, planned_epochs=1))
     h = res.history[0]
     return {"size": p["size"], "batch": b, "stage": stage, "dp": bool(p["dp"]), "device": str(dev),
             "train_cases": task.data.num_train, "steps": h["steps"], "samples": h["samples"],
@@ -254,6 +256,7 @@ def bench_utility(args, device: str, work: Path, checkpoint=None) -> dict:
 
     from addiff_core.config import load_site_config
     from addiff_core.fl_task import SiteTask
+    from addiff_core.round_plan import RoundPlan
     from addiff_core.synth import write_synthetic_sites
     from addiff_core.training import evaluate
 
@@ -284,8 +287,8 @@ def bench_utility(args, device: str, work: Path, checkpoint=None) -> dict:
                 for k, (stage, epochs) in enumerate(stages):
                     if epochs <= 0:
                         continue
-                    res = task.train(None, stage, epochs=epochs, round_number=k, seed=s.training.seed,
-                                     planned_epochs=planned)
+                    res = task.train(None, RoundPlan(stage, k, epochs=epochs, seed=s.training.seed,
+                                                     planned_epochs=planned))
                     metrics = res.metrics
                     t_train += sum(h["seconds"] for h in res.history)
                     t_cpu += sum(h.get("cpu_seconds", 0.0) for h in res.history)

@@ -65,6 +65,7 @@ def plain_loop(site_files: list[Path], settings, *, seed: int = 0, evaluate: boo
     """The federated schedule without Flower: same SiteTask.train calls, FedAvg by hand."""
     from addiff_core.config import load_site_config
     from addiff_core.fl_task import SiteTask, initial_arrays
+    from addiff_core.round_plan import RoundPlan
 
     cfg = settings.model
     t0 = time.perf_counter()
@@ -90,9 +91,8 @@ def plain_loop(site_files: list[Path], settings, *, seed: int = 0, evaluate: boo
         for task in tasks:
             e = epochs_of(task, r.stage)
             planned = sum(n * epochs_of(task, st) for st, n in plan.items())
-            results.append(task.train(sent, r.stage, epochs=e, round_number=r.number, seed=seed,
-                                      total_epochs=e * r.stage_rounds, epoch_offset=e * (r.stage_round - 1),
-                                      planned_epochs=planned, stage_round=r.stage_round))
+            results.append(task.train(sent, RoundPlan(r.stage, r.number, epochs=e, seed=seed, planned_epochs=planned,
+                                                      stage_round=r.stage_round, stage_rounds=r.stage_rounds)))
         total = sum(res.num_examples for res in results)
         for k in results[0].arrays:
             arrays[k] = sum(res.arrays[k] * (res.num_examples / total) for res in results).astype(dtypes[k])

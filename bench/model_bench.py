@@ -60,7 +60,7 @@ def _child_predict(p: dict) -> dict:
     from addiff_core.case_io import load_case
     from addiff_core.checks import check_case
     from addiff_core.config import resolve_device
-    from addiff_core.local import load_model, predict_case
+    from addiff_core.predict import load_model, predict_case
     from addiff_core.preprocessing import case_to_sample, dose_to_ct_grid
 
     rss_imports = common.current_rss_mib()

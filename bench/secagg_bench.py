@@ -72,7 +72,7 @@ def _summary(run_dir: Path, wall: float) -> dict:
 def simulate(work: Path, n: int, secure: bool, main_job: bool = False, seed: int = 0) -> dict:
     """``addiff simulate``: the tiny model on ``n`` synthetic sites, or (``main_job``) the main job
     exactly as README runs it (demo hospitals, configs/demo.yaml, its default schedule)."""
-    from client.launch import DescendantTracker, flower_env, start, stop
+    from addiff_core.processes import DescendantTracker, flower_env, start, stop
 
     run_dir = work / f"{'main' if main_job else 'sim'}_{n}_{'secure' if secure else 'plain'}_seed{seed}"
     if main_job:
@@ -98,7 +98,7 @@ def simulate(work: Path, n: int, secure: bool, main_job: bool = False, seed: int
 
 def deploy(work: Path, n: int, secure: bool) -> dict:
     """One TLS deployment: a SuperLink, ``n`` SuperNodes, the U-Net for one round."""
-    from client.launch import DescendantTracker, flower_env, free_port, start, stop
+    from addiff_core.processes import DescendantTracker, flower_env, free_port, start, stop
     from server.certs import create_certificates
 
     tag = f"deploy_{n}_{'secure' if secure else 'plain'}"

@@ -26,11 +26,14 @@ import logging
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
 from addiff_core.fl_task import SiteTask, initial_arrays
-from addiff_core.personalize import evaluate_at_home, fine_tune, planned_extra, site_epochs, train_local
+from addiff_core.personalize import evaluate_at_home, fine_tune, train_local
 from addiff_core.privacy import PrivacyBudgetExhausted
+from addiff_core.round_plan import RunPlan, site_epochs
+from addiff_core.wire import (ARRAYS_KEY, CONFIG_KEY, LAYOUT_KEY, METRICS_KEY, PACKED, SITE_KEY, decode, encode,
+                              layout_from_json)
 
-from .protocol import (ARRAYS_KEY, CONFIG_KEY, LAYOUT_KEY, METRICS_KEY, PACKED, SITE_KEY, decode, encode,
-                       from_record, layout_from_json, parse_stage_plan, to_record)
+from .records import from_record, to_record
+from .site_failures import phase
 
 log = logging.getLogger("flwr.addiff.client")
 
@@ -51,86 +54,76 @@ def shared_key(i: int) -> str:
     return f"m{int(i)}"
 
 
-def stage_epochs(task: SiteTask, stage: str, local_epochs: int = 0) -> int:
-    """Local epochs of one round of ``stage``: the run's ``local-epochs``, else the site file's."""
-    t = task.site.training
-    return local_epochs or (t.vae_epochs if stage == "vae" else t.diffusion_epochs)
-
-
-def run_epochs(task: SiteTask, cfg) -> dict[str, int]:
-    """Local epochs per stage this site trains in the federation ("vae:3,diffusion:4" ->
-    {vae: 3 e_vae, diffusion: 4 e_diff}; the local model's budget)."""
-    local = int(cfg.get("local-epochs", 0))
-    return {st: n * stage_epochs(task, st, local) for st, n in parse_stage_plan(str(cfg.get("stage-plan", ""))).items()}
-
-
-def planned_epochs(task: SiteTask, cfg) -> int:
-    """The run's epochs at this site, fine-tuning included (a DP site's noise covers them all)."""
-    return sum(run_epochs(task, cfg).values()) + planned_extra(
-        task.site, task.cfg.kind, int(cfg.get("personalize-epochs", 0)), str(cfg.get("personalize-stages", "both")))
-
-
-def adapt_reply(msg: Message, task: SiteTask, where: dict) -> Message:
+def adapt_reply(msg: Message, task: SiteTask) -> Message:
     """Fine-tune / train locally, evaluate at home, reply with numbers (and weights if shared)."""
     cfg = msg.content[CONFIG_KEY]
-    where["phase"] = "weights"
-    layout = layout_from_json(str(cfg.get(LAYOUT_KEY, "")))
-    global_arrays = decode(from_record(msg.content[ARRAYS_KEY]), layout)
-    seed, run_tag = int(cfg.get("seed", 0)), str(cfg.get("run-tag", ""))
-    steps = int(cfg.get("eval-steps", 0)) or None
-    plan = planned_epochs(task, cfg)
+    with phase("weights", task.site):
+        layout = layout_from_json(str(cfg.get(LAYOUT_KEY, "")))
+        global_arrays = decode(from_record(msg.content[ARRAYS_KEY]), layout)
+    with phase("train", task.site):
+        run = RunPlan.from_config(cfg)
+        seed, run_tag = int(cfg.get("seed", 0)), str(cfg.get("run-tag", ""))
+        planned = run.planned_epochs(task.site, task.cfg.kind)
+        arrays, status = _site_models(task, cfg, run, global_arrays, seed, run_tag, planned)
+    with phase("evaluate", task.site):
+        metrics: dict[str, float] = {}
+        for model, a in arrays.items():
+            res = evaluate_at_home(task, a, seed=seed, steps=int(cfg.get("eval-steps", 0)) or None, gamma=False)
+            metrics[f"{model}.num-cases"] = float(res.pop("num_cases"))
+            metrics.update({f"{model}.{k}": float(v) for k, v in res.items()})
+        metrics.update(task.privacy_spent())
+        shared = task.site.share_models_for_evaluation
+        content = RecordDict({METRICS_KEY: MetricRecord(metrics),
+                              SITE_KEY: ConfigRecord({"name": task.site.name, **status, "shared": bool(shared)})})
+        if shared:  # the site file allows its models to be evaluated elsewhere: packed like the request
+            separate = {k for k in msg.content[ARRAYS_KEY].keys() if not k.startswith(PACKED)}
+            for model, a in arrays.items():
+                wire, _ = encode(a, list(layout), separate, order=layout)
+                content[arrays_key(model)] = to_record(wire)
+    return Message(content, reply_to=msg)
+
+
+def _site_models(task: SiteTask, cfg, run: RunPlan, global_arrays: dict, seed: int, run_tag: str,
+                 planned: int) -> tuple[dict[str, dict], dict[str, str]]:
+    """The personalized and the local model as the run asks and the site file allows -> (arrays
+    per model, status per model); a DP budget that does not cover one: "refused"."""
     status = {m: "off" for m in MODELS}
     arrays: dict[str, dict] = {}
-    where["phase"] = "train"
-    epochs = site_epochs(task.site, int(cfg.get("personalize-epochs", 0)))
+    epochs = site_epochs(task.site, run.personalize_epochs)
     try:
         if epochs > 0:
             arrays["personalized"] = fine_tune(task, global_arrays, epochs=epochs, seed=seed, run_tag=run_tag,
-                                               which=str(cfg.get("personalize-stages", "both")), planned_epochs=plan)
+                                               which=run.personalize_stages, planned_epochs=planned)
             status["personalized"] = "done"
     except PrivacyBudgetExhausted as e:
         log.warning("site %s: no personalization: %s", task.site.name, e)
         status["personalized"] = "refused"
     try:
         if bool(cfg.get("cross-site", False)) and task.site.train_local_model:
-            arrays["local"] = train_local(task, initial_arrays(task.cfg, seed), run_epochs(task, cfg), seed=seed,
-                                          run_tag=run_tag, planned_epochs=plan)
+            arrays["local"] = train_local(task, initial_arrays(task.cfg, seed), run.run_epochs(task.site.training),
+                                          seed=seed, run_tag=run_tag, planned_epochs=planned)
             status["local"] = "done"
     except PrivacyBudgetExhausted as e:
         log.warning("site %s: no local model: %s", task.site.name, e)
         status["local"] = "refused"
-    where["phase"] = "evaluate"
-    metrics: dict[str, float] = {}
-    for model, a in arrays.items():
-        res = evaluate_at_home(task, a, seed=seed, steps=steps, gamma=False)
-        metrics[f"{model}.num-cases"] = float(res.pop("num_cases"))
-        metrics.update({f"{model}.{k}": float(v) for k, v in res.items()})
-    metrics.update(task.privacy_spent())
-    shared = task.site.share_models_for_evaluation
-    content = RecordDict({METRICS_KEY: MetricRecord(metrics),
-                          SITE_KEY: ConfigRecord({"name": task.site.name, **status, "shared": bool(shared)})})
-    if shared:  # the site file allows its models to be evaluated elsewhere: packed like the request
-        separate = {k for k in msg.content[ARRAYS_KEY].keys() if not k.startswith(PACKED)}
-        for model, a in arrays.items():
-            wire, _ = encode(a, list(layout), separate, order=layout)
-            content[arrays_key(model)] = to_record(wire)
-    return Message(content, reply_to=msg)
+    return arrays, status
 
 
-def cross_reply(msg: Message, task: SiteTask, where: dict) -> Message:
+def cross_reply(msg: Message, task: SiteTask) -> Message:
     """``evaluate.cross``: each model of the message (``m0``, ``m1``, ... packed like the request's
     layout) on this site's held-out cases, numbers back (``m<i>.<metric>``, ``m<i>.num-cases``).
     The models are put into the site's model directly: none becomes its cached global VAE."""
     cfg = msg.content[CONFIG_KEY]
-    layout = layout_from_json(str(cfg.get(LAYOUT_KEY, "")))
-    seed, steps = int(cfg.get("seed", 0)), int(cfg.get("eval-steps", 0)) or None
+    with phase("weights", task.site):
+        layout = layout_from_json(str(cfg.get(LAYOUT_KEY, "")))
+        seed, steps = int(cfg.get("seed", 0)), int(cfg.get("eval-steps", 0)) or None
     metrics: dict[str, float] = {}
     for i in range(int(cfg.get("models", 0))):
-        where["phase"] = "weights"
-        arrays = decode(from_record(msg.content[shared_key(i)]), layout)
-        where["phase"] = "evaluate"
-        res = evaluate_at_home(task, arrays, seed=seed, steps=steps, gamma=False)
-        metrics[f"{shared_key(i)}.num-cases"] = float(res.pop("num_cases"))
-        metrics.update({f"{shared_key(i)}.{k}": float(v) for k, v in res.items()})
+        with phase("weights", task.site):
+            arrays = decode(from_record(msg.content[shared_key(i)]), layout)
+        with phase("evaluate", task.site):
+            res = evaluate_at_home(task, arrays, seed=seed, steps=steps, gamma=False)
+            metrics[f"{shared_key(i)}.num-cases"] = float(res.pop("num_cases"))
+            metrics.update({f"{shared_key(i)}.{k}": float(v) for k, v in res.items()})
     return Message(RecordDict({METRICS_KEY: MetricRecord(metrics), SITE_KEY: ConfigRecord({"name": task.site.name})}),
                    reply_to=msg)

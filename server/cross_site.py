@@ -26,8 +26,9 @@ import math
 
 from addiff_core.cross_site import MATRIX_METRICS, Matrix, ModelRow, bounded, cell_of
 
-from client.protocol import (ARRAYS_KEY, CONFIG_KEY, LAYOUT_KEY, METRICS_KEY, SITE_KEY, decode, encode, from_record,
-                             layout_to_json, to_record)
+from addiff_core.wire import ARRAYS_KEY, CONFIG_KEY, LAYOUT_KEY, METRICS_KEY, SITE_KEY, decode, encode, layout_to_json
+
+from client.records import from_record, to_record
 from client.site_models import ADAPT_ACTION, CROSS_ACTION, MODEL_STATUSES, MODELS, arrays_key, shared_key
 
 from .federation import Federation
@@ -266,7 +267,7 @@ def bounded_epsilon(v) -> float | None:
 
 
 def _stage_plan(fed: Federation) -> str:
-    from client.protocol import format_stage_plan
+    from addiff_core.round_plan import format_stage_plan
 
     return format_stage_plan(fed.stage_plan())
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from addiff_core.checkpoint import CheckpointError, save_checkpoint
+from addiff_core.checkpoint import save_checkpoint
+from addiff_core.errors import CheckpointError
 from addiff_core.config import ConfigError
 from addiff_core.optimizer_state import new_run_tag
 from addiff_core.run_folder import RunFolder, timestamp

@@ -62,6 +62,7 @@ def make_case_dose_cgy():
 
 def test_skipped_cases_are_reported_in_round_metrics(make_case, tmp_path):
     from addiff_core.fl_task import SiteTask, initial_arrays
+    from addiff_core.round_plan import RoundPlan
 
     cases = tmp_path / "cases"
     for name in GOOD:
@@ -69,7 +70,7 @@ def test_skipped_cases_are_reported_in_round_metrics(make_case, tmp_path):
     make_case(cases, name="zz_bad", dose=make_case_dose_cgy())
     site = load_site_config(write_site(tmp_path))
     task = SiteTask(site, site.model)
-    res = task.train(initial_arrays(site.model), "vae", epochs=1, round_number=1)
+    res = task.train(initial_arrays(site.model), RoundPlan("vae", 1, epochs=1))
     assert res.metrics["skipped_cases"] == 1.0
     assert res.num_examples == 2
 
@@ -266,14 +267,13 @@ def test_nan_weights_with_a_valid_hash_are_refused(capsys, make_case, tmp_path):
 def test_non_finite_model_output_is_an_error_not_a_zero_dose(make_case, tmp_path, monkeypatch):
     import torch
 
-    import addiff_core.local as local
     import addiff_core.predict as predict
 
     case = make_case(tmp_path / "cases", name="good_0")
     monkeypatch.setattr(predict, "predict_normalised",
                         lambda *a, **k: (torch.full((1, 1, 16, 16, 16), float("nan")), None))
     with pytest.raises(Exception, match="not finite"):
-        local.predict_case(_ckpt(tmp_path), case, tmp_path / "p", steps=2)
+        predict.predict_case(_ckpt(tmp_path), case, tmp_path / "p", steps=2)
     assert not (tmp_path / "p" / "dose.nii.gz").exists()
 
 

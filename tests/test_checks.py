@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from addiff_core.checks import Problem, check_case, check_dataset, find_cases, nifti_gz_problem
+from addiff_core.checks import Problem, check_case, check_dataset, find_cases
+from addiff_core.nifti_raw import nifti_gz_problem
 from helpers.checks import BREAKERS, ct_truncated, truncate
 
 

@@ -17,7 +17,7 @@ from helpers.cli import assert_one_line, run_cli
 @pytest.fixture
 def no_processes(monkeypatch):
     """Starting a SuperLink or a SuperNode (any work past the checks) fails the test."""
-    from client import launch
+    from addiff_core import processes as launch
 
     def refuse(*a, **k):
         raise AssertionError(f"a process was started: {a[:1]}")

@@ -6,7 +6,8 @@ import math
 import numpy as np
 import pytest
 
-from addiff_core.case_io import OAR_NAMES, TUMOUR_SITES, Beam, Plan
+from addiff_core.case_io import Beam, Plan
+from addiff_core.contract import OAR_NAMES, TUMOUR_SITES
 from addiff_core.constraints import TARGET, Constraint, constraints_for_plan, default_constraints, evaluate_constraint
 from addiff_core.contract import C_MAX as MAX_CONSTRAINTS
 

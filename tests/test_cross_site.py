@@ -20,7 +20,7 @@ from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
 from addiff_core.config import ConfigError, load_site_config
 from addiff_core.cross_site import BOUNDS, Matrix, ModelRow, bounded, cell_of, heatmap, read_matrix, verdicts
-from addiff_core.personalize import site_epochs, stages_of
+from addiff_core.round_plan import site_epochs, stages_of
 from helpers.cli import run_cli
 from helpers.federation import TINY, FakeGrid, site_file_variant, synthetic_sites
 
@@ -105,7 +105,7 @@ def _adapt_reply(metrics: dict, site: dict, arrays=None) -> Message:
 def test_a_lying_adapt_reply_gives_no_number_and_no_model(tmp_path):
     """Implausible metrics are empty cells, a bad case count rejects the row, an unknown status is
     said so, weights that do not fit the model are not evaluated elsewhere."""
-    from client.protocol import to_record
+    from client.records import to_record
     from server.cross_site import CrossSiteFederation, SiteModels
     from server.replies import Who
     from server.settings import from_run_config
@@ -202,7 +202,7 @@ def test_matrix_entries_equal_addiff_evaluate_of_the_same_checkpoint(cross_run):
 def test_a_site_without_sharing_never_sends_its_own_weights(cross_run):
     """Every reply of hospital_b and hospital_c: weights only in a train reply (the round's stage);
     the adapt and evaluate replies hold numbers only. hospital_a (sharing) sends both models."""
-    from client.protocol import PACKED
+    from addiff_core.wire import PACKED
 
     _, _, grid, _, _ = cross_run
     kinds = set()

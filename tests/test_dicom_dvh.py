@@ -21,7 +21,7 @@ import pytest
 
 from addiff_core.case_io import load_case
 from addiff_core.dicom.writer import export_case
-from addiff_core.metrics import dvh_curve, dvh_points
+from addiff_core.dvh import dvh_curve, dvh_points
 from helpers.dicom import synth_case_dir
 
 

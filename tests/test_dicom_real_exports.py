@@ -26,7 +26,7 @@ from addiff_core.dicom.objects import Identity, new_uid, right_handed
 from addiff_core.dicom.reader import _rois, import_dicom
 from addiff_core.dicom.scan import DicomFile
 from addiff_core.dicom.writer import write_rtstruct
-from addiff_core.metrics import dvh_points
+from addiff_core.dvh import dvh_points
 from helpers.dicom_real import build_eclipse_breast, need
 
 MAPPING = {"tumour_site": "lung"}  # breast is no site of the model: the hospital says what to treat it as

@@ -44,7 +44,7 @@ from helpers.federation import (
 )
 from helpers.site_privacy import PATIENTS, broken_site, server_side_leaks, template_case
 from server.certs import create_certificates, create_node_key
-from client.launch import descendants, free_port
+from addiff_core.processes import descendants, free_port
 
 pytestmark = pytest.mark.slow
 

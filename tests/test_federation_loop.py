@@ -11,7 +11,7 @@ import torch
 from addiff_core.config import ConfigError
 from helpers.federation import TINY, FakeGrid, synthetic_sites
 from server.federation import Federation
-from client.protocol import layout_from_json
+from addiff_core.wire import layout_from_json
 from server.settings import from_run_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("federation_loop")]  # one `full_run` for its tests

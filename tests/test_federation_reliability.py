@@ -21,7 +21,8 @@ from addiff_core.checkpoint import load_checkpoint
 from addiff_core.config import load_model_config, load_site_config
 from addiff_core.models import build_model
 from server.federation import Federation, FederationError
-from client.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, SITE_KEY, decode, from_record, layout_from_json, to_record
+from addiff_core.wire import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, SITE_KEY, decode, layout_from_json
+from client.records import from_record, to_record
 from server.settings import from_run_config
 from server.validation import ArraySpec, check_reply, norm_outliers, spec_of, update_norm
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from addiff_core import metrics as M
+from addiff_core import gamma as G
 
 TOL = 0.5  # percentage points
 
@@ -79,7 +79,7 @@ def test_pass_rate_matches_exact_analytic_rate(grid, sigma, shift, scale, global
     ref, pred, dist, f = gauss_pair(shape, spacing, sigma, shift, scale)
     want = exact_rate(ref, dist, f, global_norm)
     assert 50.0 < want < 100.0 or not global_norm   # a real mix of passes and failures
-    got = M.gamma_pass_rate(ref, pred, spacing, 3.0, 2.0, 10.0, global_norm)
+    got = G.gamma_pass_rate(ref, pred, spacing, 3.0, 2.0, 10.0, global_norm)
     assert got == pytest.approx(want, abs=TOL)
 
 
@@ -89,9 +89,9 @@ def test_gamma_index_consistent_with_pass_rate_and_sphere():
     only the interpolation error adds to it (measured max 1.03; the edge-only search gave 1.34)."""
     (shape, spacing), shift = ISO, _obl(1.9)
     ref, pred, _, _ = gauss_pair(shape, spacing, 12.0, shift, 1.0)
-    g = M.gamma_index(ref, pred, spacing)
+    g = G.gamma_index(ref, pred, spacing)
     ok = ~np.isnan(g)
-    rate = M.gamma_pass_rate(ref, pred, spacing)
+    rate = G.gamma_pass_rate(ref, pred, spacing)
     assert rate == pytest.approx(100 * np.mean(g[ok] <= 1 + 1e-9))
     assert rate > 99.5
     assert np.nanmax(g) < 1.1
@@ -121,10 +121,10 @@ def pymedphys_gamma(ref, pred, spacing_xyz, mask=None, global_norm=True, interp_
 def _compare_with_pymedphys(ref, pred, spacing, mask=None, global_norm=True):
     g_pm = pymedphys_gamma(ref, pred, spacing, mask, global_norm)
     scored = ~np.isnan(g_pm)
-    g = M.gamma_index(ref, pred, spacing, 3.0, 2.0, 10.0, global_norm, mask=mask)
+    g = G.gamma_index(ref, pred, spacing, 3.0, 2.0, 10.0, global_norm, mask=mask)
     np.testing.assert_array_equal(~np.isnan(g), scored)          # the same voxels scored
     want = 100.0 * np.mean(g_pm[scored] <= 1.0)
-    got = M.gamma_pass_rate(ref, pred, spacing, 3.0, 2.0, 10.0, global_norm, mask=mask)
+    got = G.gamma_pass_rate(ref, pred, spacing, 3.0, 2.0, 10.0, global_norm, mask=mask)
     assert got == pytest.approx(want, abs=TOL)
     return got, want
 

@@ -26,7 +26,8 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
-from addiff_core.case_io import CaseError, load_case, read_plan
+from addiff_core.case_io import load_case, read_plan
+from addiff_core.errors import CaseError
 from addiff_core.cli import main
 from addiff_core.config import load_site_config
 from addiff_core.data import load_site_data

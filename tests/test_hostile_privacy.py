@@ -23,6 +23,7 @@ from addiff_core.config import PrivacyConfig, load_site_config
 from addiff_core.errors import UserError
 from addiff_core.fl_task import SiteTask, initial_arrays
 from addiff_core.privacy import PrivacyBudgetExhausted, SitePrivacy, epsilon_of, ledger_key
+from addiff_core.round_plan import RoundPlan
 from addiff_core.synth import write_synthetic_sites
 from helpers.models import TINY_MODEL
 
@@ -83,12 +84,12 @@ def test_a_lowered_target_is_the_ceiling_of_the_next_round(tmp_path):
 def test_a_site_that_lowers_its_target_after_training_does_not_train_again(tmp_path, site8):
     arrays = initial_arrays(UNET)
     task = SiteTask(_site(site8, tmp_path / "state", target_epsilon=8.0, noise_multiplier=SIGMA), UNET)
-    spent = task.train(arrays, "unet", epochs=1, round_number=1, planned_epochs=4).metrics["epsilon"]
+    spent = task.train(arrays, RoundPlan("unet", 1, epochs=1, planned_epochs=4)).metrics["epsilon"]
     task = SiteTask(_site(site8, tmp_path / "state", target_epsilon=round(spent * 0.5, 3), noise_multiplier=SIGMA),
                     UNET)
     before = task.stage_arrays("unet")
     with pytest.raises(PrivacyBudgetExhausted, match="already spent"):
-        task.train(arrays, "unet", epochs=1, round_number=2, planned_epochs=4)
+        task.train(arrays, RoundPlan("unet", 2, epochs=1, planned_epochs=4))
     assert all(np.array_equal(before[k], v) for k, v in task.stage_arrays("unet").items())
 
 
@@ -118,19 +119,19 @@ def test_removing_training_cases_keeps_the_accounting_true_and_never_a_nan(tmp_p
     arrays = initial_arrays(UNET)
     task = SiteTask(site, UNET)
     assert task.data.num_train == 6
-    first = task.train(arrays, "unet", epochs=1, round_number=1, planned_epochs=3).metrics
+    first = task.train(arrays, RoundPlan("unet", 1, epochs=1, planned_epochs=3)).metrics
     for cid in task.data.train.case_ids[:4]:
         (site.data_dir / cid / "ct.nii.gz").unlink()
     task = SiteTask(site, UNET)
     caplog.set_level(logging.WARNING, logger="addiff_core.privacy")
     dp = task.privacy(3)
     predicted = dp.state.epsilon_after(dp.steps_for(1))
-    res = task.train(arrays, "unet", epochs=1, round_number=2, planned_epochs=3)
+    res = task.train(arrays, RoundPlan("unet", 2, epochs=1, planned_epochs=3))
     assert res.metrics["dp_steps"] == first["dp_steps"] + 1
     assert res.metrics["epsilon"] == pytest.approx(predicted) and predicted < 2.7
     assert "sampling rate" in caplog.text
     with pytest.raises(PrivacyBudgetExhausted, match="would reach"):
-        task.train(arrays, "unet", epochs=1, round_number=3, planned_epochs=3)
+        task.train(arrays, RoundPlan("unet", 3, epochs=1, planned_epochs=3))
 
 
 # ------------------------------------------------------------------------------------------
@@ -158,9 +159,9 @@ def test_renaming_a_site_in_its_file_does_not_reset_its_spending(tmp_path, site8
     ledger of the same data in state/hospital_a and goes on from it."""
     arrays = initial_arrays(UNET)
     site = _site(site8, tmp_path / "state" / "hospital_a", target_epsilon=50.0, noise_multiplier=1.0)
-    spent = SiteTask(site, UNET).train(arrays, "unet", epochs=1, round_number=1, planned_epochs=4).metrics["epsilon"]
+    spent = SiteTask(site, UNET).train(arrays, RoundPlan("unet", 1, epochs=1, planned_epochs=4)).metrics["epsilon"]
     renamed = dataclasses.replace(site, name="hospital_z", state_dir=tmp_path / "state" / "hospital_z")
     task = SiteTask(renamed, UNET)
     assert spent > 0 and task.privacy(4).state.epsilon() == pytest.approx(spent)
-    res = task.train(arrays, "unet", epochs=1, round_number=2, planned_epochs=4)
+    res = task.train(arrays, RoundPlan("unet", 2, epochs=1, planned_epochs=4))
     assert res.metrics["epsilon"] > spent and res.metrics["dp_steps"] == 2 * task.steps_per_epoch()

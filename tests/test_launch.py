@@ -1,34 +1,34 @@
-"""client/launch.py: the processes a launcher starts are found (psutil) and stopped by PID, a
+"""addiff_core/processes.py: the processes a launcher starts are found (psutil) and stopped by PID, a
 reused PID never signalled; `addiff client start` starts from an empty unpacked-app cache."""
 from __future__ import annotations
 
 import os
 import sys
 
-from client import launch
+from addiff_core import processes
 
 
 def test_a_started_process_is_a_descendant_until_stopped(tmp_path):
-    proc = launch.start([sys.executable, "-c", "import time; time.sleep(60)"], env=dict(os.environ),
+    proc = processes.start([sys.executable, "-c", "import time; time.sleep(60)"], env=dict(os.environ),
                         log_file=tmp_path / "p.log")
     try:
-        me = launch.identity(proc.pid)
-        assert me is not None and me in launch.descendants()
-        assert launch.running(*me)
-        assert not launch.running(proc.pid, me[1] + 1.0)  # same PID, another process: never it
+        me = processes.identity(proc.pid)
+        assert me is not None and me in processes.descendants()
+        assert processes.running(*me)
+        assert not processes.running(proc.pid, me[1] + 1.0)  # same PID, another process: never it
     finally:
-        launch.stop(proc, timeout=5)
+        processes.stop(proc, timeout=5)
     assert proc.poll() is not None
-    assert not launch.running(*me) and me not in launch.descendants()
-    assert launch.identity(proc.pid) is None or launch.identity(proc.pid) != me
+    assert not processes.running(*me) and me not in processes.descendants()
+    assert processes.identity(proc.pid) is None or processes.identity(proc.pid) != me
 
 
 def test_the_tracker_remembers_orphans_and_ends_them(tmp_path):
     # a child that starts a grandchild and exits at once: the grandchild is orphaned
     code = ("import subprocess, sys; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], "
             "start_new_session=True)")
-    with launch.DescendantTracker(interval=0.05) as tracker:
-        proc = launch.start([sys.executable, "-c", code + "; import time; time.sleep(1.0)"], env=dict(os.environ),
+    with processes.DescendantTracker(interval=0.05) as tracker:
+        proc = processes.start([sys.executable, "-c", code + "; import time; time.sleep(1.0)"], env=dict(os.environ),
                             log_file=tmp_path / "p.log")
         proc.wait(timeout=30)
     orphans = tracker.alive()

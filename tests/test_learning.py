@@ -14,6 +14,7 @@ from addiff_core.case_io import load_case
 from addiff_core.config import load_model_config, load_site_config
 from addiff_core.fl_task import SiteTask
 from addiff_core.metrics import mae
+from addiff_core.round_plan import RoundPlan
 from addiff_core.synth import write_synthetic_sites
 from addiff_core.training import evaluate
 
@@ -63,14 +64,14 @@ def test_diffusion_learns_and_matches_the_unet(learning_site):
     task = SiteTask(learning_site, cfg)
     assert len(task.data.heldout) == 3
     untrained = _heldout(task, cfg)["mae_gy"]
-    task.train(None, "vae", epochs=VAE_EPOCHS, round_number=0)
-    task.train(None, "diffusion", epochs=DIFFUSION_EPOCHS, round_number=1)
+    task.train(None, RoundPlan("vae", 0, epochs=VAE_EPOCHS))
+    task.train(None, RoundPlan("diffusion", 1, epochs=DIFFUSION_EPOCHS))
     trained = _heldout(task, cfg)
     constant = constant_guess_mae(task)
 
     ucfg = dataclasses.replace(cfg, kind="unet")
     unet = SiteTask(dataclasses.replace(learning_site, state_dir=learning_site.state_dir / "unet"), ucfg)
-    unet.train(None, "unet", epochs=VAE_EPOCHS + DIFFUSION_EPOCHS, round_number=0)
+    unet.train(None, RoundPlan("unet", 0, epochs=VAE_EPOCHS + DIFFUSION_EPOCHS))
     baseline = _heldout(unet, ucfg)
     print(f"held-out MAE: ADDiff {trained['mae_gy']:.2f} Gy, U-Net {baseline['mae_gy']:.2f} Gy, "
           f"untrained {untrained:.2f} Gy, zero dose {constant_guess_mae(task, 0.0):.2f} Gy, constant {constant:.2f} Gy")

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from addiff_core import dvh
+from addiff_core import gamma as G
 from addiff_core import metrics as M
 from addiff_core.case_io import Beam, Plan
 from helpers.metrics import readme_dose_score
@@ -358,18 +359,18 @@ def dense_gamma(ref, pred, spacing, dose_pct, dta_mm, cutoff_pct, global_norm, q
 
 def test_gamma_identical_is_100():
     ref = np.random.default_rng(0).random((12, 10, 8)) * 60
-    assert M.gamma_pass_rate(ref, ref.copy(), (2.0, 2.0, 2.5)) == 100.0
-    g = M.gamma_index(ref, ref, (2.0, 2.0, 2.5))
+    assert G.gamma_pass_rate(ref, ref.copy(), (2.0, 2.0, 2.5)) == 100.0
+    g = G.gamma_index(ref, ref, (2.0, 2.0, 2.5))
     assert np.nanmax(g) == 0.0
 
 
 def test_gamma_uniform_offsets():
     ref = np.full((6, 7, 8), 50.0)
-    assert M.gamma_pass_rate(ref, ref * 1.02, (1.0, 1.0, 1.0), dose_pct=3.0) == 100.0
-    assert M.gamma_pass_rate(ref, ref * 1.05, (1.0, 1.0, 1.0), dose_pct=3.0) == 0.0
-    assert M.gamma_pass_rate(ref, ref * 1.05, (1.0, 1.0, 1.0), dose_pct=5.5) == 100.0
+    assert G.gamma_pass_rate(ref, ref * 1.02, (1.0, 1.0, 1.0), dose_pct=3.0) == 100.0
+    assert G.gamma_pass_rate(ref, ref * 1.05, (1.0, 1.0, 1.0), dose_pct=3.0) == 0.0
+    assert G.gamma_pass_rate(ref, ref * 1.05, (1.0, 1.0, 1.0), dose_pct=5.5) == 100.0
     # gamma of a uniform 5 % offset at 3 % is exactly 5/3 (no spatial shift helps)
-    np.testing.assert_allclose(M.gamma_index(ref, ref * 1.05, (1.0, 1.0, 1.0)), 5 / 3)
+    np.testing.assert_allclose(G.gamma_index(ref, ref * 1.05, (1.0, 1.0, 1.0)), 5 / 3)
 
 
 def test_gamma_shifted_sharp_edge():
@@ -377,16 +378,16 @@ def test_gamma_shifted_sharp_edge():
     ref[10:20] = 10.0
     pred = np.roll(ref, 1)                   # the 10 Gy plateau moved 1 mm
     # evaluated: the 10 plateau voxels; only voxel 10 (pred 0 there) needs the 1 mm shift
-    assert M.gamma_pass_rate(ref, pred, (1.0,), 3.0, 2.0) == 100.0
-    assert M.gamma_pass_rate(ref, pred, (1.0,), 3.0, 0.5) == pytest.approx(90.0)
-    g = M.gamma_index(ref, pred, (1.0,), 3.0, 2.0)
+    assert G.gamma_pass_rate(ref, pred, (1.0,), 3.0, 2.0) == 100.0
+    assert G.gamma_pass_rate(ref, pred, (1.0,), 3.0, 0.5) == pytest.approx(90.0)
+    g = G.gamma_index(ref, pred, (1.0,), 3.0, 2.0)
     assert np.isnan(g[:10]).all() and np.isnan(g[20:]).all()
     assert 0.49 < g[10] <= 0.5 and np.all(g[11:20] == 0)
     # in 3-D along x (last array axis): spacing is (x, y, z)
     ref3 = np.broadcast_to(ref, (4, 5, 30)).copy()
     pred3 = np.roll(ref3, 1, axis=2)
-    assert M.gamma_pass_rate(ref3, pred3, (1.0, 9.0, 9.0), 3.0, 2.0) == 100.0
-    assert M.gamma_pass_rate(ref3, pred3, (9.0, 1.0, 1.0), 3.0, 2.0) == pytest.approx(90.0)
+    assert G.gamma_pass_rate(ref3, pred3, (1.0, 9.0, 9.0), 3.0, 2.0) == 100.0
+    assert G.gamma_pass_rate(ref3, pred3, (9.0, 1.0, 1.0), 3.0, 2.0) == pytest.approx(90.0)
 
 
 def test_gamma_cutoff_mask_and_local_normalisation():
@@ -394,12 +395,12 @@ def test_gamma_cutoff_mask_and_local_normalisation():
     pred = np.array([100.0, 52.0, 6.0, 9.0])
     sp = (100.0,)                            # no useful neighbour within 2 mm
     # global dD = 3 Gy: 100 and 50 pass; 5 Gy < 10 % cutoff -> not evaluated
-    assert M.gamma_pass_rate(ref, pred, sp) == 100.0
-    assert M.gamma_pass_rate(ref, pred, sp, cutoff_pct=0.0) == pytest.approx(75.0)  # |9-0| > 3 fails
+    assert G.gamma_pass_rate(ref, pred, sp) == 100.0
+    assert G.gamma_pass_rate(ref, pred, sp, cutoff_pct=0.0) == pytest.approx(75.0)  # |9-0| > 3 fails
     # local dD: 3 % of 50 = 1.5 Gy < 2 Gy -> fails
-    assert M.gamma_pass_rate(ref, pred, sp, global_norm=False) == pytest.approx(50.0)
-    assert M.gamma_pass_rate(ref, pred, sp, mask=np.array([False, True, True, True]), global_norm=False) == 0.0
-    assert math.isnan(M.gamma_pass_rate(np.zeros(5), np.ones(5), sp))
+    assert G.gamma_pass_rate(ref, pred, sp, global_norm=False) == pytest.approx(50.0)
+    assert G.gamma_pass_rate(ref, pred, sp, mask=np.array([False, True, True, True]), global_norm=False) == 0.0
+    assert math.isnan(G.gamma_pass_rate(np.zeros(5), np.ones(5), sp))
 
 
 @pytest.mark.parametrize("shape, spacing, global_norm, q", [
@@ -417,7 +418,7 @@ def test_gamma_matches_brute_force(shape, spacing, global_norm, q):
     samples = 1001
     edges = brute_force_gamma(ref, pred, spacing, 3.0, 2.0, 10.0, global_norm, samples)
     want = dense_gamma(ref, pred, spacing, 3.0, 2.0, 10.0, global_norm, q)
-    got = M.gamma_index(ref, pred, spacing, 3.0, 2.0, 10.0, global_norm, max_search_mm=100.0)
+    got = G.gamma_index(ref, pred, spacing, 3.0, 2.0, 10.0, global_norm, max_search_mm=100.0)
     np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
     ok = ~np.isnan(want)
     assert np.all(got[ok] ** 2 <= edges[ok] ** 2 + 1e-9)
@@ -428,7 +429,7 @@ def test_gamma_matches_brute_force(shape, spacing, global_norm, q):
     assert 0 < np.mean(want[ok] <= 1) < 1              # a mix of passes and failures
     # the pass rate (search radius = DTA, early exit) agrees away from the sampling slack
     far = np.abs(want[ok] ** 2 - 1.0) > slack
-    rate = M.gamma_pass_rate(ref, pred, spacing, 3.0, 2.0, 10.0, global_norm)
+    rate = G.gamma_pass_rate(ref, pred, spacing, 3.0, 2.0, 10.0, global_norm)
     g_rate = 100 * np.mean(got[ok] <= 1 + 1e-9)
     assert rate == pytest.approx(g_rate)
     np.testing.assert_array_equal(got[ok][far] <= 1, want[ok][far] <= 1)
@@ -442,7 +443,7 @@ def test_gamma_64_cubed_is_fast_enough():
     ref = 60 * np.exp(-((x - 32) ** 2 + (y - 32) ** 2 + (z - 32) ** 2) / (2 * 12.0 ** 2))
     pred = np.roll(ref, 1, axis=1) * (1 + 0.02 * rng.standard_normal(ref.shape))
     t0 = time.process_time()
-    rate = M.gamma_pass_rate(ref, pred * 1.1, (2.0, 2.0, 2.0))   # many failures: a full search
+    rate = G.gamma_pass_rate(ref, pred * 1.1, (2.0, 2.0, 2.0))   # many failures: a full search
     assert time.process_time() - t0 < 5.0
     assert 0.0 < rate < 100.0
 

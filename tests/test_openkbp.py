@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from addiff_core.case_io import CaseError, list_cases, load_case, read_plan
+from addiff_core.case_io import list_cases, load_case, read_plan
+from addiff_core.errors import CaseError
 from addiff_core.checks import check_case
 from addiff_core.openkbp import (GRID_SHAPE, import_openkbp, import_openkbp_patient,
                                  openkbp_index_to_case_index)

@@ -9,6 +9,7 @@ import torch
 from addiff_core.config import load_model_config, load_site_config
 from addiff_core.fl_task import SiteTask, initial_arrays
 from addiff_core.optimizer_state import KEEP_RUNS, OptimizerStore, new_run_tag
+from addiff_core.round_plan import RoundPlan
 from helpers.federation import TINY, synthetic_sites
 
 
@@ -101,7 +102,7 @@ def test_a_site_does_not_resume_another_runs_optimizer_at_a_stage_start(tmp_path
     cfg = load_model_config(TINY)
     task = SiteTask(site, cfg)
     arrays = initial_arrays(cfg, 0)
-    task.train(arrays, "diffusion", epochs=1, round_number=2)  # the earlier run's stage 2 began at round 2
+    task.train(arrays, RoundPlan("diffusion", 2, epochs=1))  # the earlier run's stage 2 began at round 2
     restored = []
     real = OptimizerStore.restore
 
@@ -110,8 +111,8 @@ def test_a_site_does_not_resume_another_runs_optimizer_at_a_stage_start(tmp_path
         return restored[-1]
 
     monkeypatch.setattr(OptimizerStore, "restore", spy)
-    task.train(arrays, "diffusion", epochs=1, round_number=21, stage_round=1)
-    task.train(arrays, "diffusion", epochs=1, round_number=22, stage_round=2)
+    task.train(arrays, RoundPlan("diffusion", 21, epochs=1, stage_round=1))
+    task.train(arrays, RoundPlan("diffusion", 22, epochs=1, stage_round=2))
     assert restored == [None, 21]  # not round 2's state; then this run's own round 21
 
 

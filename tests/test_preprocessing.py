@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from addiff_core.case_io import OAR_NAMES, Beam, Plan, load_case, save_case
+from addiff_core.case_io import Beam, Plan, load_case, save_case
+from addiff_core.contract import OAR_NAMES
 from addiff_core.config import GridConfig
 from addiff_core.contract import B_MAX, C_MAX
 from addiff_core.preprocessing import case_to_sample, dose_to_ct_grid

@@ -14,6 +14,7 @@ from addiff_core.config import PrivacyConfig, load_site_config
 from addiff_core.fl_task import SiteTask, initial_arrays
 from addiff_core.models import build_model
 from addiff_core.privacy import STATE_FILE, PrivacyBudgetExhausted, SitePrivacy, epsilon_of
+from addiff_core.round_plan import RoundPlan
 from addiff_core.synth import write_synthetic_sites
 from helpers.models import TINY_MODEL
 
@@ -58,12 +59,12 @@ def test_cumulative_epsilon_matches_offline_accountant_and_restarts(tmp_path, dp
     rounds = [("vae", 1), ("vae", 2), ("diffusion", 3)]
     planned = len(rounds)  # one local epoch per round
     for stage, rnd in rounds[:2]:
-        res = task.train(arrays, stage, epochs=1, round_number=rnd, planned_epochs=planned)
+        res = task.train(arrays, RoundPlan(stage, rnd, epochs=1, planned_epochs=planned))
         arrays.update(res.arrays)
         epsilons.append(res.metrics["epsilon"])
     # restart: a new task (new process) reads the accountant back from the site's state dir
     task = SiteTask(site, TINY)
-    res = task.train(arrays, "diffusion", epochs=1, round_number=3, planned_epochs=planned)
+    res = task.train(arrays, RoundPlan("diffusion", 3, epochs=1, planned_epochs=planned))
     epsilons.append(res.metrics["epsilon"])
 
     saved = json.loads((state / STATE_FILE).read_text())
@@ -84,12 +85,12 @@ def test_budget_stops_training_before_any_update(tmp_path, dp_site):
     task = SiteTask(site, TINY)
     arrays = initial_arrays(TINY, seed=0)
     planned = 2
-    res = task.train(arrays, "vae", epochs=1, round_number=1, planned_epochs=planned)
-    res = task.train({**arrays, **res.arrays}, "vae", epochs=1, round_number=2, planned_epochs=planned)
+    res = task.train(arrays, RoundPlan("vae", 1, epochs=1, planned_epochs=planned))
+    res = task.train({**arrays, **res.arrays}, RoundPlan("vae", 2, epochs=1, planned_epochs=planned))
     assert res.metrics["epsilon"] <= 2.0 + 1e-6
     before = {k: v.copy() for k, v in task.stage_arrays("vae").items()}
     with pytest.raises(PrivacyBudgetExhausted, match="epsilon would reach"):
-        task.train(arrays, "vae", epochs=1, round_number=3, planned_epochs=planned)
+        task.train(arrays, RoundPlan("vae", 3, epochs=1, planned_epochs=planned))
     after = task.stage_arrays("vae")
     assert all(np.array_equal(before[k], after[k]) for k in before)
 
@@ -99,13 +100,13 @@ def test_dp_training_changes_weights_and_clips(tmp_path, dp_site):
     site = site_with_privacy(dp_site, tmp_path / "state", noise_multiplier=1.0, target_epsilon=None)
     task = SiteTask(site, TINY)
     arrays = initial_arrays(TINY, seed=0)
-    res = task.train(arrays, "vae", epochs=1, round_number=1, planned_epochs=1)
+    res = task.train(arrays, RoundPlan("vae", 1, epochs=1, planned_epochs=1))
     moved = sum(float(np.abs(res.arrays[k] - arrays[k]).sum()) for k in res.arrays)
     assert moved > 0
     assert res.metrics["noise_multiplier"] == 1.0
     assert np.isfinite(res.metrics["epsilon"]) and res.metrics["epsilon"] > 0
     # hooks were removed after the round: a second round wraps the module again without error
-    res2 = task.train(arrays, "vae", epochs=1, round_number=2, planned_epochs=2)
+    res2 = task.train(arrays, RoundPlan("vae", 2, epochs=1, planned_epochs=2))
     assert res2.metrics["epsilon"] > res.metrics["epsilon"]
     assert not any(hasattr(p, "grad_sample") and p.grad_sample is not None for p in task.model.parameters())
 
@@ -119,7 +120,7 @@ def test_empty_poisson_batches_keep_structure_and_count_as_steps(tmp_path, dp_si
     empty = next(iter(poisson_loader(task.data.train, 1e-9)))
     assert set(empty) == set(task.data.train[0]) and all(v.shape[0] == 0 for v in empty.values())
     # batch size 1 of 4 cases: about a third of the Poisson batches are empty
-    res = task.train(initial_arrays(TINY, seed=0), "vae", epochs=3, round_number=1, planned_epochs=3)
+    res = task.train(initial_arrays(TINY, seed=0), RoundPlan("vae", 1, epochs=3, planned_epochs=3))
     assert res.metrics["dp_steps"] == 3 * task.steps_per_epoch()
     # the loss stays at the site (a DP site releases only accounted numbers), in its history
     assert "train_loss" not in res.metrics and all(np.isfinite(h["loss"]) for h in res.history)
@@ -137,7 +138,7 @@ def test_functorch_and_hooks_per_sample_gradients_give_the_same_update(tmp_path,
         task = SiteTask(site, TINY)
         if stage == "diffusion":
             task.load_global(arrays, "vae")
-        res = task.train(arrays, stage, epochs=1, round_number=1, seed=0, planned_epochs=1)
+        res = task.train(arrays, RoundPlan(stage, 1, epochs=1, seed=0, planned_epochs=1))
         out[mode] = res.arrays
     moved = 0.0
     for k, v in out["hooks"].items():
@@ -155,7 +156,7 @@ DP_RELEASED = {"dp_enabled", "epsilon", "delta", "noise_multiplier", "dp_steps"}
 def test_a_dp_site_releases_no_unnoised_training_numbers(tmp_path, dp_site):
     site = site_with_privacy(dp_site, tmp_path / "state", target_epsilon=50.0)
     task = SiteTask(site, dataclasses.replace(TINY, kind="unet"))
-    res = task.train(initial_arrays(task.cfg), "unet", epochs=1, round_number=1, planned_epochs=2)
+    res = task.train(initial_arrays(task.cfg), RoundPlan("unet", 1, epochs=1, planned_epochs=2))
     assert set(res.metrics) == DP_RELEASED, sorted(res.metrics)  # no train_loss / l1 / kl, no skipped_cases
     assert res.history and "loss" in res.history[0]  # the losses stay at the site
 
@@ -184,7 +185,7 @@ def test_a_dp_site_calibrates_the_latent_scale_on_phantoms_not_on_its_cases(tmp_
     scales = []
     for k, f in enumerate((dp_site, other)):
         task = SiteTask(site_with_privacy(f, tmp_path / f"state{k}", noise_multiplier=1.0, target_epsilon=None), TINY)
-        res = task.train(arrays, "diffusion", epochs=1, round_number=2, planned_epochs=1)
+        res = task.train(arrays, RoundPlan("diffusion", 2, epochs=1, planned_epochs=1))
         scales.append(float(res.arrays["diffusion.latent_scale"][0]))
     reference = build_model(TINY)
     reference.load_state_dict({k: torch.from_numpy(v) for k, v in arrays.items()})
@@ -194,7 +195,7 @@ def test_a_dp_site_calibrates_the_latent_scale_on_phantoms_not_on_its_cases(tmp_
     # a calibrated global scale is kept, not recomputed
     carried = {**arrays, "diffusion.latent_scale": np.array([0.5], dtype=np.float32)}
     task = SiteTask(site_with_privacy(dp_site, tmp_path / "state2", noise_multiplier=1.0, target_epsilon=None), TINY)
-    res = task.train(carried, "diffusion", epochs=1, round_number=2, planned_epochs=1)
+    res = task.train(carried, RoundPlan("diffusion", 2, epochs=1, planned_epochs=1))
     assert float(res.arrays["diffusion.latent_scale"][0]) == pytest.approx(0.5)
 
 
@@ -245,7 +246,7 @@ def test_microbatch_mode_gives_the_same_dp_update_as_functorch(tmp_path, dp_site
     for mode in ("microbatch", "functorch"):
         site = site_with_privacy(dp_site, tmp_path / mode, noise_multiplier=1e-9, target_epsilon=None,
                                  max_grad_norm=0.05, grad_sample_mode=mode)
-        out[mode] = SiteTask(site, cfg).train(arrays, "unet", epochs=1, round_number=1, seed=0, planned_epochs=1).arrays
+        out[mode] = SiteTask(site, cfg).train(arrays, RoundPlan("unet", 1, epochs=1, seed=0, planned_epochs=1)).arrays
     moved = 0.0
     for k, v in out["functorch"].items():
         np.testing.assert_allclose(out["microbatch"][k], v, rtol=1e-4, atol=1e-6, err_msg=k)

@@ -127,14 +127,13 @@ def _ones_prediction(model, batch, cfg, *, steps=None, seed=0, num_samples=1):
 
 
 def test_predicted_nifti_is_zero_outside_the_region(make_case, tmp_path, monkeypatch):
-    import addiff_core.local as local
     import addiff_core.predict as predict
 
     pdm = _half_body_pdm(make_case)
     case_dir = make_case(tmp_path / "cases", possible_dose_mask=pdm.astype(np.uint8))  # pred/ is beside the data folder
     monkeypatch.setattr(predict, "load_model", lambda ckpt, dev: (torch.nn.Identity(), ModelConfig(grid=GRID), {}))
     monkeypatch.setattr(predict, "predict_normalised", _ones_prediction)
-    written = local.predict_case(tmp_path / "unused.pt", case_dir, tmp_path / "pred", samples=2, device="cpu")
+    written = predict.predict_case(tmp_path / "unused.pt", case_dir, tmp_path / "pred", samples=2, device="cpu")
     dose = _arr(sitk.ReadImage(written["dose"]))
     std = _arr(sitk.ReadImage(written["uncertainty"]))
     assert dose.shape == pdm.shape

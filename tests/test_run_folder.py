@@ -8,7 +8,8 @@ import math
 import pytest
 
 from addiff_core.config import ConfigError
-from addiff_core.run_folder import RunFolder, resolve_path, split_list
+from addiff_core.project import resolve_path, split_list
+from addiff_core.run_folder import RunFolder
 from addiff_core.site_table import csv_text, markdown_table, overall_row, with_overall
 
 

@@ -15,7 +15,7 @@ import pytest
 from addiff_core import run_summary as rs
 from addiff_core.report import write_report
 
-from client import protocol
+from addiff_core import project
 from server.federation import FederationError
 from server.final_table import write_tables
 
@@ -153,7 +153,7 @@ def fake_checkout(d: Path, pyproject: str | None = None) -> Path:
     (d / "addiff_core").mkdir(parents=True)
     (d / "server").mkdir()
     (d / "configs").mkdir()
-    root = Path(protocol.__file__).resolve().parents[1]
+    root = Path(project.__file__).resolve().parents[1]
     (d / "pyproject.toml").write_text(pyproject or (root / "pyproject.toml").read_text())
     for sub in ("server", "client"):
         (d / sub).mkdir(exist_ok=True)
@@ -166,22 +166,22 @@ def fake_checkout(d: Path, pyproject: str | None = None) -> Path:
 
 @pytest.fixture
 def no_env(monkeypatch):
-    monkeypatch.delenv(protocol.PROJECT_ENV, raising=False)
-    protocol._project_root.cache_clear()
+    monkeypatch.delenv(project.PROJECT_ENV, raising=False)
+    project._project_root.cache_clear()
     yield
-    protocol._project_root.cache_clear()
+    project._project_root.cache_clear()
 
 
 def test_a_copy_of_the_project_resolves_against_itself(tmp_path, monkeypatch, no_env):
     copy = fake_checkout(tmp_path / "copy")
     (copy / "sites").mkdir()
     monkeypatch.chdir(copy / "sites")
-    assert protocol.project_root() == copy.resolve()
-    assert protocol.resolve_path("runs/x") == (copy / "runs" / "x").resolve()
+    assert project.project_root() == copy.resolve()
+    assert project.resolve_path("runs/x") == (copy / "runs" / "x").resolve()
     monkeypatch.chdir(tmp_path)  # outside any project: the installed checkout, as before
-    assert protocol.project_root() == Path(protocol.__file__).resolve().parents[1]
-    monkeypatch.setenv(protocol.PROJECT_ENV, str(tmp_path / "elsewhere"))
-    assert protocol.project_root() == (tmp_path / "elsewhere").resolve()
+    assert project.project_root() == Path(project.__file__).resolve().parents[1]
+    monkeypatch.setenv(project.PROJECT_ENV, str(tmp_path / "elsewhere"))
+    assert project.project_root() == (tmp_path / "elsewhere").resolve()
 
 
 def test_an_app_bundle_resolves_against_the_folder_it_was_built_from(tmp_path, monkeypatch, no_env):
@@ -189,24 +189,24 @@ def test_an_app_bundle_resolves_against_the_folder_it_was_built_from(tmp_path, m
     for d in ("addiff_core",):
         (bundle / d).rmdir()  # a FAB holds no addiff_core
     copy = fake_checkout(tmp_path / "copy")
-    monkeypatch.setattr(protocol, "bundle_dir", lambda: bundle)
+    monkeypatch.setattr(project, "bundle_dir", lambda: bundle)
     monkeypatch.chdir(copy)  # the SuperLink was started in the copy
-    assert protocol.project_root() == copy.resolve()
+    assert project.project_root() == copy.resolve()
     # the copy was changed after the SuperLink started elsewhere: the bundle matches neither the
     # server's folder nor the installed checkout -> a clear error, never another checkout's files
     (bundle / "configs" / "demo.yaml").write_text("changed: true\n")
-    protocol._project_root.cache_clear()
-    with pytest.raises(protocol.ProjectRootError, match="cannot tell which folder"):
-        protocol.project_root()
+    project._project_root.cache_clear()
+    with pytest.raises(project.ProjectRootError, match="cannot tell which folder"):
+        project.project_root()
 
 
 def test_same_app_ignores_the_federations_section_flower_strips(tmp_path):
-    base = (Path(protocol.__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    base = (Path(project.__file__).resolve().parents[1] / "pyproject.toml").read_text()
     a = fake_checkout(tmp_path / "a")
     b = fake_checkout(tmp_path / "b", base + '\n[tool.flwr.federations]\ndefault = "x"\n')
-    assert protocol.same_app(a, b)
+    assert project.same_app(a, b)
     (b / "server" / "extra.py").write_text("x = 1\n")
-    assert not protocol.same_app(a, b)
+    assert not project.same_app(a, b)
 
 
 # ------------------------------------------------------------------------------------------

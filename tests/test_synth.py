@@ -10,7 +10,8 @@ import pytest
 import SimpleITK as sitk
 
 from addiff_core import case_io
-from addiff_core.case_io import OAR_NAMES, Beam
+from addiff_core.case_io import Beam
+from addiff_core.contract import OAR_NAMES
 from addiff_core.config import load_site_config
 from addiff_core.synth import (HOSPITAL_PROFILES, default_spacing, hospital_profile, make_plan, phantom_dose,
                                synth_case, write_synthetic_sites)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..case_io import TUMOUR_SITES
+from ..contract import TUMOUR_SITES
 from ..config import ConfigError, load_yaml
 
 __all__ = ["PatientDefaults", "ImportMapping", "load_mapping"]

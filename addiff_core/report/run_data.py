@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..run_folder import RunFolder, split_list
+from ..project import split_list
+from ..run_folder import RunFolder
 from ..site_table import is_overall
 from .document import num
 

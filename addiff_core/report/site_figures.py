@@ -11,7 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..run_folder import CHECKPOINTS, resolve_path
+from ..project import resolve_path
+from ..run_folder import CHECKPOINTS
 from .context import ReportContext, figure
 from .document import fmt, num
 from .run_data import RunData
@@ -41,7 +42,7 @@ def _load_model_lenient(path: Path):
 def load_report_model(d: RunData):
     """(model, cfg, meta, description) from the final model, else the newest checkpoint that
     loads; raises RuntimeError with a one-line reason when none does."""
-    from ..checkpoint import CheckpointError
+    from ..errors import CheckpointError
 
     problems = []
     for c in d.folder.model_files():
@@ -148,7 +149,8 @@ def _one_site_safely(ctx: ReportContext, site, bundle, show_ids: bool) -> bool:
 def _first_heldout_case(ctx: ReportContext, site, show_ids: bool):
     """The first readable case of the site's held-out split (the evaluation's split), or None
     (a paragraph says why)."""
-    from ..case_io import CaseError, list_cases, load_case
+    from ..case_io import list_cases, load_case
+    from ..errors import CaseError
     from ..data import split_case_ids
 
     _, held = split_case_ids([p.name for p in list_cases(site.data_dir)], site.heldout)
@@ -314,7 +316,7 @@ def _uncertainty(ctx: ReportContext, site, bundle, case, a: dict, label: str, *,
 
 
 def _dvh_points_table(ctx: ReportContext, a: dict, structs: dict, targets: list[str], vcc: float) -> None:
-    from ..metrics import dvh_points
+    from ..dvh import dvh_points
 
     rows = []
     for n, m in structs.items():

@@ -7,7 +7,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterable
 
-from ..run_folder import REPORT_HTML, REPORT_MD, RunFolder, resolve_path
+from ..project import resolve_path
+from ..run_folder import REPORT_HTML, REPORT_MD, RunFolder
 from .context import ReportContext
 from .cross_site_section import cross_site
 from .document import Doc

@@ -1,45 +1,5 @@
-"""client/protocol.py: the stage plan on the wire (one writer, one reader), and what a site makes of it."""
+"""addiff_core/wire.py: what travels between the ServerApp and the ClientApps."""
 from __future__ import annotations
-
-import pytest
-
-from client.protocol import format_stage_plan, parse_stage_plan
-
-
-def test_stage_plan_round_trip():
-    for plan in ({"vae": 20, "diffusion": 4}, {"unet": 17}, {"vae": 1, "diffusion": 0}, {}):
-        text = format_stage_plan(plan)
-        assert parse_stage_plan(text) == plan
-        assert list(parse_stage_plan(text)) == list(plan)  # run order kept
-    assert format_stage_plan({"vae": 3, "diffusion": 4}) == "vae:3,diffusion:4"
-    assert parse_stage_plan(" vae : 3 , diffusion:4 ") == {"vae": 3, "diffusion": 4}
-    assert parse_stage_plan("") == {} and parse_stage_plan(None) == {}
-
-
-@pytest.mark.parametrize("text", ["vae", "vae:x", ":3", "vae:-1", "vae:3;diffusion:4"])
-def test_stage_plan_rejects_garbage(text):
-    with pytest.raises(ValueError, match="stage plan"):
-        parse_stage_plan(text)
-
-
-@pytest.mark.parametrize("plan", [{"va:e": 1}, {"": 1}, {"vae": -1}, {"vae": 1.5}])
-def test_stage_plan_cannot_write_what_it_cannot_read(plan):
-    with pytest.raises(ValueError, match="stage plan"):
-        format_stage_plan(plan)
-
-
-def test_a_site_plans_its_epochs_from_the_stage_plan():
-    from types import SimpleNamespace
-
-    from client.site_models import run_epochs
-
-    def planned_epochs(task, plan, local_epochs=0):
-        return sum(run_epochs(task, {"stage-plan": plan, "local-epochs": local_epochs}).values())
-
-    task = SimpleNamespace(site=SimpleNamespace(training=SimpleNamespace(vae_epochs=2, diffusion_epochs=5)))
-    assert planned_epochs(task, format_stage_plan({"vae": 3, "diffusion": 4})) == 3 * 2 + 4 * 5
-    assert planned_epochs(task, "vae:3,diffusion:4", local_epochs=1) == 7
-    assert planned_epochs(task, "") == 0
 
 
 # ------------------------------------------------------------------------------------------
@@ -57,7 +17,7 @@ def _stage(seed=0):
 def test_float16_wire_halves_the_bytes_and_decodes_to_float32_within_rounding():
     import numpy as np
 
-    from client.protocol import as_received, decode, encode, widen
+    from addiff_core.wire import as_received, decode, encode, widen
 
     arrays = _stage()
     w32, layout = encode(arrays, ["vae"], separate={"vae.scale"})
@@ -79,7 +39,7 @@ def test_float16_wire_halves_the_bytes_and_decodes_to_float32_within_rounding():
 def test_float16_wire_keeps_float32_for_values_beyond_its_range():
     import numpy as np
 
-    from client.protocol import decode, encode
+    from addiff_core.wire import decode, encode
 
     arrays = {**_stage(), "vae.big": np.array([1e6, -2.0], dtype="float32")}
     wire, layout = encode(arrays, ["vae"], wire_dtype="float16")

@@ -1,7 +1,7 @@
 """Starting and stopping Flower's processes (SuperLink, SuperNode, ``flwr run``) by PID.
 
-Used by both sides (``client/supernode.py``, ``server/deploy.py``, ``server/simulate.py``); it
-lives with the client because a hospital's code must not import the coordinator's.
+Used by both sides (``client/supernode.py``, ``server/deploy.py``, ``server/simulate.py``): it
+imports no Flower, so it lives in the core, which both may import.
 
 Every long-running process is started in its own session (``start_new_session``) so that it
 and the children it spawns (flwr-serverapp, flwr-clientapp, flwr-simulation, Ray) form one
@@ -23,7 +23,7 @@ from typing import IO, Sequence
 
 import psutil
 
-from .protocol import PROJECT_ENV, project_root
+from .project import PROJECT_ENV, project_root
 
 
 def flower_env(flwr_home: Path | None = None, **extra: str) -> dict[str, str]:

@@ -1,0 +1,80 @@
+"""client/site_failures.py: each step of a handler runs in a phase that names its failure code
+(closed list); the failure reply carries the site, the code and the class, never the message."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+
+from addiff_core.config import ConfigError, SiteConfig
+from addiff_core.errors import CaseError
+from addiff_core.fl_task import MissingGlobalWeights
+from addiff_core.wire import SITE_ERROR_CLASSES, SITE_ERROR_CODES, SITE_KEY, STATUS_FAILED
+from client.flower_compat import set_task_identity
+from client.site_failures import SiteFailure, UpdateNotMasked, never_raises, phase
+
+SECRET = "/data/patient_0042_SMITH"  # what an exception message may name: never in a reply
+
+
+def _site(tmp_path: Path) -> SiteConfig:
+    return SiteConfig(name="hospital_q", data_dir=tmp_path / "cases", state_dir=tmp_path / "state")
+
+
+@pytest.mark.parametrize("name, exc, code, cls", [
+    ("site-config", ConfigError(SECRET), "site-config", "ConfigError"),
+    ("data", CaseError(SECRET, "plan.yaml", "bad"), "bad-data", "CaseError"),
+    ("data", OSError(SECRET), "data-io", "OSError"),
+    ("data", ValueError(SECRET), "no-usable-data", "ValueError"),
+    ("weights", MissingGlobalWeights(SECRET), "missing-weights", "MissingGlobalWeights"),
+    ("weights", ValueError(SECRET), "bad-weights", "ValueError"),
+    ("train", FloatingPointError(SECRET), "non-finite", "FloatingPointError"),
+    ("train", OSError(SECRET), "disk", "OSError"),
+    ("train", MemoryError(), "out-of-memory", "MemoryError"),
+    ("train", UpdateNotMasked("update-out-of-range"), "update-out-of-range", "ValueError"),
+    ("evaluate", KeyError(SECRET), "internal", "Exception"),
+])
+def test_a_phase_names_the_code_of_its_failure(tmp_path, name, exc, code, cls):
+    site = _site(tmp_path)
+    with pytest.raises(SiteFailure) as e:
+        with phase(name, site):
+            raise exc
+    assert (e.value.code, e.value.error, e.value.site) == (code, cls, site)
+    assert code in SITE_ERROR_CODES and cls in SITE_ERROR_CLASSES and e.value.__cause__ is exc
+
+
+def test_an_inner_phase_keeps_its_code(tmp_path):
+    with pytest.raises(SiteFailure) as e:
+        with phase("train", _site(tmp_path)):
+            with phase("weights", _site(tmp_path)):
+                raise MissingGlobalWeights(SECRET)
+    assert e.value.code == "missing-weights"
+
+
+def _request() -> Message:
+    set_task_identity()
+    return Message(RecordDict({"config": ConfigRecord({"server-round": 1})}), dst_node_id=1,
+                   message_type=MessageType.TRAIN)
+
+
+def test_a_handler_that_fails_answers_with_the_site_and_code_only(tmp_path):
+    site = _site(tmp_path)
+
+    @never_raises
+    def handler(msg, context):
+        with phase("data", site):
+            raise CaseError(SECRET, "plan.yaml", "unreadable")
+
+    reply = handler(_request(), None)
+    assert dict(reply.content[SITE_KEY]) == {"name": "hospital_q", "status": STATUS_FAILED, "code": "bad-data",
+                                             "error": "CaseError"}
+    assert SECRET in (tmp_path / "state" / "site.log").read_text()  # the details stay at the site
+
+
+def test_a_failure_outside_any_phase_is_internal_and_nameless():
+    @never_raises
+    def handler(msg, context):
+        raise RuntimeError(SECRET)
+
+    assert dict(handler(_request(), None).content[SITE_KEY]) == {"name": "", "status": STATUS_FAILED,
+                                                                 "code": "internal", "error": "RuntimeError"}
