@@ -25,7 +25,7 @@ from flwr.app.message_type import MessageType
 from flwr.client.mod import secaggplus_mod
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
-from .protocol import METRICS_KEY, NUM_EXAMPLES, SITE_ERROR_CLASSES, SITE_KEY, STATUS_FAILED
+from addiff_core.wire import METRICS_KEY, NUM_EXAMPLES, SITE_ERROR_CLASSES, SITE_KEY, STATUS_FAILED
 
 log = logging.getLogger("flwr.addiff.client")
 

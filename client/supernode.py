@@ -36,7 +36,7 @@ def _refused(superlink: str, key: Path | None) -> str:
 def cmd_client_start(args) -> int:
     from addiff_core.options import check_address, check_options
 
-    from . import launch
+    from addiff_core import processes as launch
 
     check_options(args, "--port", "--threads", "--max-retries", "--activation-retries")  # before any work
     check_address("--superlink", args.superlink)
@@ -73,7 +73,7 @@ def clear_unpacked_apps(env: dict[str, str]) -> Path:
 
 
 def _resolve(path: str) -> Path:
-    from .protocol import resolve_path
+    from addiff_core.project import resolve_path
 
     return resolve_path(path, Path.cwd())
 
@@ -97,7 +97,7 @@ def _supernode_command(args, site_file: Path, site) -> tuple[list[str], Path | N
     """The flower-supernode command line (transport, authentication) and the private key, if any."""
     from addiff_core.errors import UserError
 
-    from . import launch
+    from addiff_core import processes as launch
     from .bundle_approval import site_approval
 
     cmd = [launch.executable("flower-supernode"), "--superlink", args.superlink,
@@ -130,7 +130,7 @@ def _supernode_command(args, site_file: Path, site) -> tuple[list[str], Path | N
 def _runner(args, site):
     """How the SuperNode runs: in the foreground, its ClientApps started by the hospital itself
     (each after checking the bundle's hash) when the site file lists approved bundles."""
-    from . import launch
+    from addiff_core import processes as launch
 
     if site.approved_bundles:  # the hospital starts its ClientApps itself, each after checking the bundle's hash
         from functools import partial

@@ -25,11 +25,10 @@ import numpy as np
 from addiff_core.config import ConfigError
 from addiff_core.run_folder import RunFolder, timestamp
 
-from client.protocol import (
-    ARRAYS_KEY, CONFIG_KEY, LAYOUT_KEY, SITE_KEY, STATUS_NEED_VAE,
-    as_received, decode, encode, fingerprint, format_stage_plan, from_record, layout_from_json, layout_to_json,
-    model_config_to_json, record_nbytes, to_record,
-)
+from addiff_core.round_plan import format_stage_plan
+from addiff_core.wire import (ARRAYS_KEY, CONFIG_KEY, LAYOUT_KEY, SITE_KEY, STATUS_NEED_VAE, as_received, decode,
+                              encode, fingerprint, layout_from_json, layout_to_json, model_config_to_json)
+from client.records import from_record, record_nbytes, to_record
 
 from . import global_model, secure_round
 from .connect import is_simulation, simulation_too_small, wait_for_sites
@@ -109,7 +108,7 @@ class Federation:
         self.shapes = {k: v.shape for k, v in init.items()}
         self.arrays = init
         params = {n for n, _ in model.named_parameters()}
-        self.buffers = frozenset(k for k in init if k not in params)  # travel unpacked (see protocol.encode)
+        self.buffers = frozenset(k for k in init if k not in params)  # travel unpacked (see wire.encode)
         self.groups = list(dict.fromkeys(k.split(".", 1)[0] for k in init))  # vae, diffusion | unet
         self.strategy = build_strategy(s.strategy, min_sites=s.required_sites, proximal_mu=s.proximal_mu,
                                        fedadam=s.fedadam, buffer_keys=self.buffers, trim_beta=s.trim_beta,
@@ -432,7 +431,7 @@ class Federation:
 
 
 def _root_or_env() -> str:
-    from client.protocol import project_root
+    from addiff_core.project import project_root
 
     try:
         return str(project_root())

@@ -22,8 +22,9 @@ from typing import Any
 
 from addiff_core.config import is_site_name
 
-from client.protocol import (ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES, SITE_KEY, STATUS_FAILED, STATUS_REFUSED,
-                             describe_failure, from_record, record_nbytes, to_record, widen)
+from addiff_core.wire import (ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES, SITE_KEY, STATUS_FAILED, STATUS_REFUSED,
+                              describe_failure, widen)
+from client.records import from_record, record_nbytes, to_record
 
 from .strategies import ordered
 from .validation import bounded_count, check_count, check_reply, norm_outliers, spec_of, update_norm
@@ -33,7 +34,7 @@ log = logging.getLogger("flwr.addiff")
 
 def failure_reason(reply, default: str) -> str:
     """Why a reply is unusable, in words the server chose: a site's own failure reply carries a
-    code from a closed list (``protocol.describe_failure``); of an error reply made by Flower only
+    code from a closed list (``wire.describe_failure``); of an error reply made by Flower only
     its code is kept (its reason may hold an exception's text, which may name site paths)."""
     if reply.has_error():
         from flwr.common.constant import ErrorCode

@@ -25,8 +25,9 @@ from typing import Any
 import numpy as np
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
-from client.protocol import (ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, NUM_EXAMPLES, PACKED, SITE_KEY, STATUS_NEED_VAE,
-                             decode, encode, record_nbytes, to_record, widen)
+from addiff_core.wire import (ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, NUM_EXAMPLES, PACKED, SITE_KEY, STATUS_NEED_VAE,
+                              decode, encode, widen)
+from client.records import record_nbytes, to_record
 
 from client.secagg_mod import unflatten
 

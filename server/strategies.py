@@ -8,7 +8,7 @@ What the subclasses add (the maths is Flower's):
   diffusion) they start from zero. Non-trainable buffers (e.g. ``diffusion.latent_scale``)
   are averaged as in FedAvg instead of taking an adaptive step from their previous value.
 * FedMedian and FedTrimmedAvg (robust aggregation) work element-wise, so they apply unchanged
-  to the packed wire arrays (``client.protocol.encode``: the packing of the weights);
+  to the packed wire arrays (``addiff_core.wire.encode``: the packing of the weights);
 * ``state_dict()`` / ``load_state_dict()`` export the server-side optimiser state (FedAdam
   moments) for the round checkpoint, and restore it on resume.
 """
@@ -24,7 +24,7 @@ from flwr.serverapp.strategy import (
 )
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-from client.protocol import METRICS_KEY, NUM_EXAMPLES, SITE_KEY
+from addiff_core.wire import METRICS_KEY, NUM_EXAMPLES, SITE_KEY
 
 from .settings import DEFAULTS, STRATEGIES, check_central_dp
 

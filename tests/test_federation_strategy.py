@@ -14,7 +14,8 @@ import pytest
 from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 
 from helpers.federation import set_task_identity
-from client.protocol import fingerprint, from_record, record_nbytes, to_record
+from addiff_core.wire import fingerprint
+from client.records import from_record, record_nbytes, to_record
 from server.strategies import StagedFedAdam, StagedFedAvg, build_strategy, ordered
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -133,7 +134,7 @@ def test_fedadam_new_stage_fresh_moments_buffers_averaged_and_state_roundtrip():
 
 
 def test_packing_roundtrip_and_fedavg_on_packed_equals_fedavg_per_tensor():
-    from client.protocol import decode, encode
+    from addiff_core.wire import decode, encode
 
     rng = np.random.default_rng(3)
     def model(seed_shift):
@@ -249,7 +250,7 @@ def _ctx(node_config, run_config=None):
 
 def test_site_file_lookup(tmp_path):
     from addiff_core.config import ConfigError
-    from client.client_app import site_file_for
+    from client.site_tasks import site_file_for
 
     # deployment: the node config names the file; relative paths: the project root
     assert site_file_for(_ctx({"site-config": "sites/hospital_b.yaml"}), {}) == ROOT / "sites" / "hospital_b.yaml"

@@ -313,7 +313,7 @@ def test_a_site_without_the_global_vae_gets_it_with_its_next_attempt(sites, tmp_
     kw = {"secure-aggregation": True, "round-retries": 1}
     Federation(FakeGrid(len(sites)), settings(run_dir, sites, **kw, **{"stop-after-round": 1}),
                send_site_files=True).run()
-    import client.client_app as ca
+    import client.site_tasks as ca
 
     ca._TASKS.clear()  # fresh site processes, whose VAE caches are gone
     for site in sites:

@@ -142,9 +142,9 @@ def test_an_exception_in_the_clientapp_is_what_flowers_engine_expects():
 def test_a_site_task_is_cached_for_its_run_only(tmp_path):
     """With the serial backend one process serves every site, and a process may serve several
     runs: a new run must read the site's data again (a hospital may have added cases)."""
-    import client.client_app as ca
+    import client.site_tasks as ca
     from addiff_core.config import load_model_config
-    from client.protocol import model_config_to_json
+    from addiff_core.wire import model_config_to_json
     from helpers.federation import TINY, synthetic_sites
 
     a, b = synthetic_sites(tmp_path / "sites", n_sites=2, cases_per_site=2)

@@ -93,7 +93,7 @@ class Processes:
     ran (some of Flower's processes start sessions of their own), then SIGKILL."""
 
     def __init__(self):
-        from client.launch import DescendantTracker
+        from addiff_core.processes import DescendantTracker
 
         self.procs = []
         self.tracker = DescendantTracker()  # everything spawned below the test process
@@ -110,7 +110,7 @@ class Processes:
         return p
 
     def stop_all(self) -> list[int]:
-        from client.launch import stop
+        from addiff_core.processes import stop
 
         for p in reversed(self.procs):
             stop(p, timeout=20)
@@ -135,7 +135,7 @@ def kill_tree(proc) -> list[int]:
     import os
     import signal
 
-    from client.launch import descendants, identity, running
+    from addiff_core.processes import descendants, identity, running
 
     def group_and_tree() -> set[tuple[int, float]]:
         out = set(descendants(proc.pid))

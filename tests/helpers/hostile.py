@@ -17,7 +17,8 @@ from typing import Callable
 import numpy as np
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
-from client.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, SITE_KEY, from_record, to_record
+from addiff_core.wire import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, SITE_KEY
+from client.records import from_record, to_record
 from helpers.federation import TINY, set_task_identity
 from server.settings import from_run_config
 
