@@ -87,7 +87,7 @@ def test_the_graph_sees_the_known_imports(graph):
     # a sanity check of the parser itself: relative, absolute, "from . import x" and in-function imports
     assert "addiff_core.contract" in graph["addiff_core.preprocessing"]
     assert "addiff_core.diffusion" in graph["addiff_core.training"]  # from . import diffusion as diff
-    assert "client.protocol" in graph["server.federation"]
+    assert "addiff_core.run_folder" in graph["server.federation"]
     assert "addiff_core.synth" in graph["addiff_core.phantom_calibration"]  # imported inside a function
 
 
