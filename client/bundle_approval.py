@@ -18,7 +18,9 @@ whole bundle: one changed byte in any file is another bundle.
 ``addiff client bundle-hash PATH`` prints it for a bundle file (``flwr build`` writes one) or for
 an app folder (what ``flwr run FOLDER`` would send from it, built the way Flower builds it).
 
-This module is Flower-free except for :func:`bundle_of_path` on a folder (Flower's builder).
+This module imports nothing of Flower at import time (it is loaded with every ``addiff`` command):
+Flower's FAB constants are mirrored below (a test compares them with ``client.flower_compat``)
+and its builder is used through it.
 """
 from __future__ import annotations
 
@@ -31,9 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
-FAB_CONFIG_FILE = "pyproject.toml"  # flwr.common.constant.FAB_CONFIG_FILE
-APP_DIR = "apps"  # flwr.common.constant.APP_DIR: where Flower unpacks bundles under FLWR_HOME
-FAB_HASH_TRUNCATION = 8  # flwr.common.constant.FAB_HASH_TRUNCATION: hash digits in that folder's name
+FAB_CONFIG_FILE = "pyproject.toml"  # Flower's FAB_CONFIG_FILE (mirrored: see the module's docstring)
+FAB_HASH_TRUNCATION = 8  # Flower's FAB_HASH_TRUNCATION: hash digits in the unpacked bundle folder's name
 
 
 class BundleRefused(Exception):
@@ -133,9 +134,9 @@ def bundle_of_path(path: Path) -> bytes:
     if path.is_dir():
         if not (path / FAB_CONFIG_FILE).is_file():
             raise FileNotFoundError(f"{path}: no {FAB_CONFIG_FILE} (not a Flower app folder)")
-        from flwr.cli.build import build_fab_from_disk
+        from .flower_compat import build_fab
 
-        return build_fab_from_disk(path)
+        return build_fab(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such bundle file or app folder")
     return path.read_bytes()

@@ -6,7 +6,7 @@ With ``approved_bundles`` in the site file, ``addiff client start`` runs the Sup
 (127.0.0.1:PORT). Beside it runs this module's *launcher* (the role Flower's SuperExec plays in
 the default mode): it claims each ClientApp task (``AcquireTask``) and starts one *guarded
 ClientApp* process for it. That process is Flower's own ``flwr-clientapp``
-(``flwr.supernode.runtime.run_clientapp``) with one check put in front of the bundle's
+(its runner reached through :mod:`client.flower_compat`) with one check put in front of the bundle's
 installation:
 
 1. Flower pulls the task's input (message, context, run, bundle bytes) from the SuperNode;
@@ -40,6 +40,7 @@ import threading
 import time
 from pathlib import Path
 
+from . import flower_compat as flower
 from .bundle_approval import BundleRefused, bundle_sha256, check_bundle, normalize_hashes
 
 GUARD_MODULE = "client.clientapp_guard"
@@ -109,37 +110,30 @@ def _stop(proc: subprocess.Popen, timeout: float = 10.0) -> None:
 # ------------------------------------------------------------------------------------------
 def launcher_main(args) -> int:
     import httpx
-    from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=no-name-in-module
-    from flwr.supercore.app_utils import start_parent_process_monitor
-    from flwr.supercore.constant import TaskType
-    from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
-    from flwr.supercore.runtime import RuntimeHttpClient
 
     approved = normalize_hashes(args.approved)
     if not approved:
         print("addiff: error: the bundle guard needs at least one --approved SHA-256", file=sys.stderr)
         return 2
     if args.parent_pid:
-        start_parent_process_monitor(args.parent_pid)  # SIGINT to itself when `addiff client start` is gone
+        flower.start_parent_process_monitor(args.parent_pid)  # SIGINT to itself when `addiff client start` is gone
 
     def _exit(signum, frame):  # noqa: ARG001
         raise SystemExit(0)
 
     signal.signal(signal.SIGTERM, _exit)
-    client = RuntimeHttpClient.from_server_address(
-        server_address=args.runtime_api_address, insecure=True, root_certificates=None,
-        interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec")])
+    client = flower.runtime_api_client(args.runtime_api_address)
     children: list[subprocess.Popen] = []
     print(f"app-bundle guard: ClientApps run only for approved bundles ({len(approved)} approved)", flush=True)
     try:
         while True:
             try:
-                res = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
+                token = flower.acquire_clientapp_task(client)
             except (httpx.HTTPError, OSError):
-                res = None  # the SuperNode's Runtime API is not up yet (or going down)
-            if res is not None and res.HasField("task") and res.token:
+                token = None  # the SuperNode's Runtime API is not up yet (or going down)
+            if token:
                 cmd = [*_python(), "-m", GUARD_MODULE, "clientapp", "--runtime-api-address",
-                       args.runtime_api_address, "--token", res.token, "--insecure", "--parent-pid", str(os.getpid())]
+                       args.runtime_api_address, "--token", token, "--insecure", "--parent-pid", str(os.getpid())]
                 for h in sorted(approved):
                     cmd += ["--approved", h]
                 children.append(subprocess.Popen(cmd, stdin=subprocess.DEVNULL))
@@ -166,39 +160,26 @@ class _Guard:
 
 
 def install_guard(approved: frozenset[str]) -> _Guard:
-    """Wrap three functions of ``flwr.supernode.runtime.run_clientapp`` (Flower 1.42): the task
-    input pull (to see the run's claims), ``install_from_fab`` (the check, before anything of the
-    bundle is unpacked) and ``push_message`` (a refusal answers ``INVALID_FAB``). Raises
-    RuntimeError (nothing runs) if Flower's module does not look as expected."""
-    from flwr.app import Error, Message
-    from flwr.common.config import get_project_dir
-    from flwr.common.constant import ErrorCode
-    from flwr.supercore.utils import get_flwr_home
-    from flwr.supernode.runtime import run_clientapp as rc
-
-    for name in ("pull_task_input", "install_from_fab", "push_message", "run_clientapp"):
-        if not callable(getattr(rc, name, None)):
-            raise RuntimeError(f"flwr.supernode.runtime.run_clientapp.{name} not found: this Flower version is "
-                               "not supported by the app-bundle guard")
-    if getattr(rc.install_from_fab, "__module__", "") != "flwr.cli.install":
-        raise RuntimeError("flwr.supernode.runtime.run_clientapp.install_from_fab is not Flower's installer")
+    """Wrap three steps of Flower's ClientApp runner (``flower_compat.wrap_clientapp_runtime``):
+    the task input pull (to see the run's claims), the bundle's installation (the check, before
+    anything of the bundle is unpacked) and the reply push (a refusal answers ``INVALID_FAB``).
+    Raises RuntimeError (nothing runs) if Flower's runner does not look as expected."""
     guard = _Guard(approved)
-    pull, install, push = rc.pull_task_input, rc.install_from_fab, rc.push_message
 
-    def guarded_pull(client):
+    def guarded_pull(pull, client):
         message, context, run, fab = pull(client)
         guard.message, guard.run, guard.fab = message, run, fab
         return message, context, run, fab
 
-    def guarded_install(fab_file, install_dir=None, skip_prompt=False):
+    def guarded_install(install, fab_file, install_dir=None, skip_prompt=False):
         run, fab = guard.run, guard.fab
         try:
             if run is None or fab is None or not isinstance(fab_file, bytes) or install_dir is not None:
                 raise BundleRefused("the app bundle did not come the way the guard expects")
             info = check_bundle(fab_file, guard.approved, claimed_hash=fab.hash_str, run_fab_hash=run.fab_hash,
                                 run_fab_id=run.fab_id, run_fab_version=run.fab_version)
-            apps = (get_flwr_home() / "apps").resolve()
-            target = get_project_dir(run.fab_id, run.fab_version, info.sha256)
+            apps = (flower.flwr_home() / "apps").resolve()
+            target = flower.app_install_dir(run.fab_id, run.fab_version, info.sha256)
             if target.parent.resolve() != apps or target.name != info.install_dir_name:
                 raise BundleRefused(f"app bundle sha256 {info.sha256}: unexpected install folder {target.name!r}")
             if target.exists() or target.is_symlink():  # unpack the approved bytes afresh
@@ -208,7 +189,7 @@ def install_guard(approved: frozenset[str]) -> _Guard:
                     shutil.rmtree(target)
         except BundleRefused as e:
             guard.refused = str(e)
-            _report_refusal(guard, fab_file, get_flwr_home())
+            _report_refusal(guard, fab_file, flower.flwr_home())
             raise
         path = install(fab_file, install_dir, skip_prompt)
         if Path(path).resolve() != target.resolve():
@@ -218,13 +199,12 @@ def install_guard(approved: frozenset[str]) -> _Guard:
               "is approved", file=sys.stderr, flush=True)
         return path
 
-    def guarded_push(client, message, context):
+    def guarded_push(push, client, message, context):
         if guard.refused is not None and guard.message is not None:
-            message = Message(Error(code=ErrorCode.INVALID_FAB, reason="app bundle not approved by this site"),
-                              reply_to=guard.message)
+            message = flower.invalid_fab_reply(guard.message, "app bundle not approved by this site")
         return push(client, message, context)
 
-    rc.pull_task_input, rc.install_from_fab, rc.push_message = guarded_pull, guarded_install, guarded_push
+    flower.wrap_clientapp_runtime(guarded_pull, guarded_install, guarded_push)
     return guard
 
 
@@ -269,11 +249,9 @@ def clientapp_main(args, flower_args: list[str]) -> int:
         print("addiff: error: the guarded ClientApp does not install a bundle's dependencies", file=sys.stderr)
         return 2
     install_guard(approved)
-    from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
-
     _forget_app_packages()
     sys.argv = ["flwr-clientapp", *flower_args]
-    flwr_clientapp()  # exits (flwr_exit)
+    flower.flwr_clientapp_main()  # exits (flwr_exit)
     return 0
 
 

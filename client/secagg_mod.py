@@ -20,12 +20,11 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.app.message_type import MessageType
-from flwr.client.mod import secaggplus_mod
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 
 from addiff_core.wire import METRICS_KEY, NUM_EXAMPLES, SITE_ERROR_CLASSES, SITE_KEY, STATUS_FAILED
+
+from .flower_compat import RECORD_KEY_CONFIGS, Key, Stage, secaggplus_mod
 
 log = logging.getLogger("flwr.addiff.client")
 

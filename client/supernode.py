@@ -64,9 +64,9 @@ def clear_unpacked_apps(env: dict[str, str]) -> Path:
     messages, so an empty cache costs one unpacking."""
     import shutil
 
-    from flwr.common.constant import APP_DIR, FLWR_DIR, FLWR_HOME
+    from .flower_compat import apps_dir
 
-    apps = (Path(env[FLWR_HOME]) if env.get(FLWR_HOME) else Path.home() / FLWR_DIR) / APP_DIR
+    apps = apps_dir(env)
     if apps.is_dir():
         shutil.rmtree(apps)
     return apps

@@ -12,11 +12,9 @@ log = logging.getLogger("flwr.addiff")
 
 def is_simulation(grid) -> bool:
     """True for Flower's simulation runtime (``run_simulation`` or a ``--simulation`` SuperLink)."""
-    try:
-        from flwr.superlink.grid.inmemory_grid import InMemoryGrid
-    except ImportError:  # pragma: no cover - another Flower layout
-        return False
-    return isinstance(grid, InMemoryGrid)
+    from .flower_compat import is_in_memory_grid
+
+    return is_in_memory_grid(grid)
 
 
 def simulation_too_small(grid, settings: RunSettings) -> str | None:

@@ -23,14 +23,14 @@ from typing import Any
 import numpy as np
 
 from addiff_core.config import ConfigError
-from addiff_core.run_folder import RunFolder, timestamp
-
 from addiff_core.round_plan import format_stage_plan
+from addiff_core.run_folder import RunFolder, timestamp
 from addiff_core.wire import (ARRAYS_KEY, CONFIG_KEY, LAYOUT_KEY, SITE_KEY, STATUS_NEED_VAE, as_received, decode,
                               encode, fingerprint, layout_from_json, layout_to_json, model_config_to_json)
+
 from client.records import from_record, record_nbytes, to_record
 
-from . import global_model, secure_round
+from . import flower_compat, global_model, secure_round
 from .connect import is_simulation, simulation_too_small, wait_for_sites
 from .final_table import expected_sites, final_notes, terminal_table, with_status, write_tables
 from .replies import Sites, common_metrics, sent_to
@@ -48,15 +48,15 @@ class RoundFailed(FederationError):
     """One attempt at a round got too few usable replies (it may be retried)."""
 
 
-def _initial_model(cfg, seed: int):
-    """The seeded initial global model (``fl_task.initial_arrays`` as a module), built once."""
+def _parameter_names(cfg) -> set[str]:
+    """The model's trainable parameters by name (the rest of its state are buffers), from a model
+    built on the meta device: no memory, no weights, the global RNG untouched."""
     import torch
 
     from addiff_core.models import build_model
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return build_model(cfg)
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        return {n for n, _ in build_model(cfg).named_parameters()}
 
 
 @dataclass
@@ -90,7 +90,7 @@ class Federation:
 
     def __init__(self, grid, settings: RunSettings, *, send_site_files: bool = False,
                  stop: StopSignal | None = None):
-        from addiff_core.fl_task import state_to_arrays
+        from addiff_core.fl_task import initial_arrays
 
         self.grid = grid
         self.stop = stop  # in-process simulation: set when Flower's engine ended or on Ctrl-C (see _send_and_receive)
@@ -102,12 +102,11 @@ class Federation:
         self.folder = RunFolder(s.run_dir)
         self.cfg = s.model
         self.model_json = model_config_to_json(self.cfg)
-        model = _initial_model(self.cfg, s.seed)
-        init = state_to_arrays(model.state_dict())
+        init = initial_arrays(self.cfg, s.seed)
         self.dtypes = {k: v.dtype for k, v in init.items()}
         self.shapes = {k: v.shape for k, v in init.items()}
         self.arrays = init
-        params = {n for n, _ in model.named_parameters()}
+        params = _parameter_names(self.cfg)
         self.buffers = frozenset(k for k in init if k not in params)  # travel unpacked (see wire.encode)
         self.groups = list(dict.fromkeys(k.split(".", 1)[0] for k in init))  # vae, diffusion | unet
         self.strategy = build_strategy(s.strategy, min_sites=s.required_sites, proximal_mu=s.proximal_mu,
@@ -118,10 +117,6 @@ class Federation:
         self.sites = Sites()  # node id -> site name, learnt from the sites' replies
         self.round_seconds: dict[str, list[float]] = {}  # for the time estimate in the round log
         self.run_tag = ""  # set once run.json exists (run): the sites keep each run's optimiser states apart
-
-    @property
-    def site_names(self) -> dict[int, str]:
-        return self.sites.names
 
     # -- messages -------------------------------------------------------------------------------
     def _base_config(self) -> dict[str, Any]:
@@ -143,25 +138,13 @@ class Federation:
                        dst_node_id=msg.metadata.dst_node_id, message_type=msg.metadata.message_type)
 
     def _send_and_receive(self, msgs: list) -> list:
-        """``grid.send_and_receive`` with the round timeout. With ``self.stop`` (an in-process
-        simulation) the same push-and-pull loop, written out here because Flower's does not look
-        at its engine's stop event: when the engine dies (Ray, actors) or Ctrl-C stops it, no reply
-        can come, and its loop would wait out the round timeout (an hour by default) before the
-        process could end."""
-        timeout = self.settings.round_timeout
-        if self.stop is None:
-            return list(self.grid.send_and_receive(msgs, timeout=timeout))
-        waiting = set(self.grid.push_messages(msgs))
-        end, replies = time.time() + timeout, []
-        while waiting and time.time() < end:
-            if self.stop.is_set():
-                raise self._fail(self.stop.why)
-            got = list(self.grid.pull_messages(waiting))
-            replies += got
-            waiting -= {m.metadata.reply_to_message_id for m in got}
-            if waiting:
-                time.sleep(0.01)  # an in-memory lookup; Flower's 0.1 s added ~0.05 s to every round
-        return replies
+        """``grid.send_and_receive`` with the round timeout; with ``self.stop`` (an in-process
+        simulation) a dead engine or Ctrl-C ends the wait at once instead of after the timeout."""
+        try:
+            return flower_compat.send_and_receive(self.grid, msgs, self.settings.round_timeout,
+                                                  self.stop.is_set if self.stop is not None else None)
+        except flower_compat.EngineStopped:
+            raise self._fail(self.stop.why) from None
 
     def stage_plan(self) -> dict[str, int]:
         plan: dict[str, int] = {}

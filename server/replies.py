@@ -24,6 +24,7 @@ from addiff_core.config import is_site_name
 
 from addiff_core.wire import (ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES, SITE_KEY, STATUS_FAILED, STATUS_REFUSED,
                               describe_failure, widen)
+
 from client.records import from_record, record_nbytes, to_record
 
 from .strategies import ordered
@@ -37,11 +38,9 @@ def failure_reason(reply, default: str) -> str:
     code from a closed list (``wire.describe_failure``); of an error reply made by Flower only
     its code is kept (its reason may hold an exception's text, which may name site paths)."""
     if reply.has_error():
-        from flwr.common.constant import ErrorCode
+        from .flower_compat import error_code_name
 
-        names = {v: k for k, v in vars(ErrorCode).items() if k.isupper() and isinstance(v, int)}
-        name = names.get(reply.error.code, "UNKNOWN").lower().replace("_", " ")
-        return f"Flower error {reply.error.code}: {name}"
+        return f"Flower error {reply.error.code}: {error_code_name(reply.error.code)}"
     info = reply.content.config_records.get(SITE_KEY, {})
     if str(info.get("status", "")) == STATUS_FAILED:
         return describe_failure(info.get("code", ""), info.get("error", ""))

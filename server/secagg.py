@@ -28,19 +28,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
-from flwr.app import ConfigRecord, Message, RecordDict
-from flwr.app.message_type import MessageType
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.common import bytes_to_ndarray
-from flwr.common.secure_aggregation.crypto.shamir import combine_shares
-from flwr.common.secure_aggregation.crypto.symmetric_encryption import generate_shared_key
-from flwr.common.secure_aggregation.ndarrays_arithmetic import (
-    factor_extract, parameters_addition, parameters_mod, parameters_subtraction,
-)
-from flwr.common.secure_aggregation.quantization import dequantize
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
-from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
-from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
 
+from .flower_compat import (
+    RECORD_KEY_CONFIGS, Key, Stage, bytes_to_private_key, bytes_to_public_key, combine_shares, dequantize,
+    factor_extract, generate_shared_key, parameters_addition, parameters_mod, parameters_subtraction, pseudo_rand_gen,
+)
 from .replies import node_of, sent_to
 
 log = logging.getLogger("flwr.addiff")

@@ -27,6 +27,7 @@ from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
 from addiff_core.wire import (ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, NUM_EXAMPLES, PACKED, SITE_KEY, STATUS_NEED_VAE,
                               decode, encode, widen)
+
 from client.records import record_nbytes, to_record
 
 from client.secagg_mod import unflatten
@@ -125,7 +126,7 @@ def _asks_for_vae(reply: Message) -> bool:
 def _mean_reply(fed: Any, out, good: list[Message], mean: np.ndarray, template: Message) -> Message:
     """One reply holding the weighted mean of the sites' weights (received weights + mean update),
     packed like the round's wire, and the weighted mean of their metrics: what the strategy sees."""
-    from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
+    from .flower_compat import aggregate_metricrecords
 
     received = decode(widen(out.wire), out.layout)
     separate = {k for k in out.wire if not k.startswith(PACKED)}

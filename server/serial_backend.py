@@ -1,18 +1,12 @@
 """The ``serial`` simulation backend: the simulated sites take turns in this process.
 
-Why it exists: Flower 1.42's Simulation Engine runs each ClientApp through a *backend*
-(``flwr.server.superlink.fleet.vce.backend.Backend``) and ships one, Ray's. Ray starts a
-process per site that trains at once, and each of them imports torch and MONAI (about 5 CPU-s)
-before its first round; Ray itself takes seconds to start. On a laptop with fewer than two cores
-per site those processes only share the same cores, so a 24-round demo spent a fifth of its time
-starting them (BENCHMARKS.md). Here the engine's one worker thread runs each message's ClientApp
-itself, one site after another, with every core for torch. The rest of Flower's path is as it is
-with Ray: the ServerApp, the LinkState, each SuperNode's Context, error replies.
-
-How it is plugged in: Flower 1.42 has no backend registry (``start_vce`` always builds
-``RayBackend``, whatever ``backend_name`` says), so :func:`serial_backend` puts this class in its
-place for the duration of one run. ``tests/test_simulate_backend.py`` fails if a Flower upgrade
-moves that seam.
+Flower 1.42's Simulation Engine ships one backend, Ray's, which starts a process per site; on a
+machine with fewer than two cores per site those processes only share the cores and spend their
+start-up importing torch (measured in BENCHMARKS.md). Here the engine's one worker thread runs
+each message's ClientApp itself, one site after another; the rest of Flower's path (ServerApp,
+LinkState, each SuperNode's Context, error replies) is as with Ray. The swap goes through
+:func:`server.flower_compat.ray_backend_replaced`; tests/test_simulate_backend.py fails if a
+Flower upgrade moves that seam.
 """
 from __future__ import annotations
 
@@ -24,8 +18,8 @@ from contextlib import contextmanager
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
-from flwr.clientapp.client_app import ClientAppException, LoadClientAppError
-from flwr.server.superlink.fleet.vce.backend import Backend, BackendConfig
+
+from .flower_compat import Backend, BackendConfig, ClientAppException, LoadClientAppError, ray_backend_replaced
 
 
 class SerialBackend(Backend):
@@ -84,11 +78,5 @@ def _at_least_warning(names: tuple[str, ...]) -> Iterator[None]:
 def serial_backend(site_loggers: tuple[str, ...] = ()) -> Iterator[None]:
     """While inside, Flower's Simulation Engine builds a :class:`SerialBackend` (quieting
     ``site_loggers`` while a ClientApp runs) instead of Ray's."""
-    from flwr.server.superlink.fleet.vce.backend import raybackend  # where start_vce looks the class up
-
-    original = raybackend.RayBackend
-    raybackend.RayBackend = functools.partial(SerialBackend, site_loggers=site_loggers)  # type: ignore[misc, assignment]
-    try:
+    with ray_backend_replaced(functools.partial(SerialBackend, site_loggers=site_loggers)):
         yield
-    finally:
-        raybackend.RayBackend = original  # type: ignore[misc]

@@ -22,10 +22,9 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
     DifferentialPrivacyServerSideFixedClipping, FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg,
 )
-from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
-
 from addiff_core.wire import METRICS_KEY, NUM_EXAMPLES, SITE_KEY
 
+from .flower_compat import aggregate_arrayrecords
 from .settings import DEFAULTS, STRATEGIES, check_central_dp
 
 

@@ -4,7 +4,9 @@
 * a hospital's code (``client``) does not import the coordinator's (``server``);
 * no import cycle among the project's modules (imports inside functions count too; imports under
   ``if TYPE_CHECKING:``, never executed, do not);
-* no source file outside bench/ and tests/ has more than MAX_LINES lines.
+* no source file outside bench/ and tests/ has more than MAX_LINES lines;
+* only the two fence modules (FLOWER_FENCES) import Flower's non-public modules: everything else,
+  tests and bench included, imports Flower's public API (FLOWER_PUBLIC) only.
 """
 from __future__ import annotations
 
@@ -17,6 +19,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("addiff_core", "server", "client")
 MAX_LINES = 500
+# Flower's public API: these packages and the names their __all__ lists (``import flwr`` for its
+# version included); anything else under flwr. goes through a fence module
+FLOWER_PUBLIC = ("flwr", "flwr.app", "flwr.serverapp", "flwr.serverapp.strategy", "flwr.clientapp",
+                 "flwr.clientapp.mod", "flwr.simulation", "flwr.common")
+FLOWER_FENCES = ("server/flower_compat.py", "client/flower_compat.py")
 
 
 def _module_name(path: Path) -> str:
@@ -155,3 +162,59 @@ def test_no_source_file_is_too_long():
     long = sorted(f"{p.relative_to(ROOT)}: {n} lines" for p in files
                   if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_LINES)
     assert not long, f"files over {MAX_LINES} lines (split them):\n" + "\n".join(long)
+
+
+def _flower_all(module: str) -> set[str]:
+    """The names ``__all__`` lists in the installed Flower package ``module`` (read, not imported)."""
+    import importlib.util
+
+    root = Path(importlib.util.find_spec("flwr").submodule_search_locations[0])
+    init = root.joinpath(*module.split(".")[1:], "__init__.py")
+    for node in ast.parse(init.read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets):
+            return set(ast.literal_eval(node.value))
+    return set()
+
+
+def _non_public_flower_imports(tree: ast.AST, public: dict[str, set[str]]) -> list[str]:
+    """Each import of a Flower module or name outside ``public`` (package -> its public names)."""
+    bad = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            bad += [f"import {a.name}" for a in node.names
+                    if a.name.split(".")[0] == "flwr" and a.name not in public]
+        elif isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").split(".")[0] == "flwr":
+            names = public.get(node.module or "")
+            if names is None:
+                bad.append(f"from {node.module} import ...")
+            else:
+                bad += [f"from {node.module} import {a.name}" for a in node.names if a.name not in names]
+    return bad
+
+
+@pytest.fixture(scope="module")
+def flower_public() -> dict[str, set[str]]:
+    # the lazily exported "simulation" is public too (flwr/__init__.py's _LAZY_EXPORTS)
+    return {m: _flower_all(m) | ({"simulation", "__version__"} if m == "flwr" else set()) for m in FLOWER_PUBLIC}
+
+
+def test_only_the_fences_import_flowers_non_public_modules(flower_public):
+    files = [p for d in (*PACKAGES, "tests", "bench") for p in sorted((ROOT / d).rglob("*.py"))]
+    bad = [f"{p.relative_to(ROOT)}: {imp}" for p in files if str(p.relative_to(ROOT)) not in FLOWER_FENCES
+           for imp in _non_public_flower_imports(ast.parse(p.read_text(encoding="utf-8"), str(p)), flower_public)]
+    assert not bad, ("Flower's non-public modules are imported through server/flower_compat.py or "
+                     "client/flower_compat.py only:\n" + "\n".join(bad))
+
+
+def test_the_flower_rule_sees_non_public_imports(flower_public):
+    # a sanity check of the rule itself, on code it must refuse and code it must let through
+    refused = ("from flwr.common.constant import ErrorCode\n"
+               "from flwr.app.message_type import MessageType\n"
+               "import flwr.server.superlink\n"
+               "from flwr.common import TOTALLY_PRIVATE\n"
+               "def f():\n    from flwr.supercore.task_identity import TaskIdentity\n")
+    allowed = ("import flwr\nfrom flwr.app import Message, MessageType\nfrom flwr.serverapp.strategy import FedAvg\n"
+               "from flwr.common import bytes_to_ndarray\nfrom flwr.simulation import run_simulation\n"
+               "from flwr.clientapp.mod import LocalDpMod\nfrom flwrx import y\n")
+    assert len(_non_public_flower_imports(ast.parse(refused), flower_public)) == 5
+    assert _non_public_flower_imports(ast.parse(allowed), flower_public) == []

@@ -55,9 +55,9 @@ def tiny_app(tmp_path) -> Path:
 
 
 def test_hash_is_flowers_fab_hash_and_reproducible(tiny_app):
-    from flwr.cli.build import build_fab_from_disk
+    from client.flower_compat import build_fab
 
-    fab = build_fab_from_disk(tiny_app)
+    fab = build_fab(tiny_app)
     assert bundle_of_path(tiny_app) == fab  # a folder: what `flwr run FOLDER` sends, byte for byte
     assert bundle_sha256(fab) == hashlib.sha256(fab).hexdigest()
     (tiny_app.parent / "x.fab").write_bytes(fab)
@@ -135,16 +135,15 @@ def _guarded_flower(monkeypatch, tmp_path, approved, fab, run):
     """Flower's ClientApp runner module with the guard installed over fake task-input/push
     functions (monkeypatch restores Flower's own at the end)."""
     from flwr.app import Message, RecordDict
-    from flwr.supercore.fab import Fab
-    from flwr.supernode.runtime import run_clientapp as rc
 
     from client.clientapp_guard import install_guard
-    from helpers.federation import set_task_identity
+    from client.flower_compat import Fab, run_clientapp_module, set_task_identity
 
     set_task_identity(run_id=7)  # what Flower's own task-input pull sets
     monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
     msg = Message(RecordDict(), dst_node_id=1, message_type="train")
     pushed = []
+    rc = run_clientapp_module()
     monkeypatch.setattr(rc, "pull_task_input", lambda client: (msg, None, run, Fab(run.fab_hash, fab, {})))
     monkeypatch.setattr(rc, "push_message", lambda client, message, context: pushed.append(message))
     monkeypatch.setattr(rc, "install_from_fab", rc.install_from_fab)
@@ -155,7 +154,8 @@ def _guarded_flower(monkeypatch, tmp_path, approved, fab, run):
 
 def test_guard_refuses_before_unpacking_and_answers_invalid_fab(monkeypatch, tmp_path, tiny_app, capsys):
     from flwr.app import Error, Message
-    from flwr.common.constant import ErrorCode
+
+    from client.flower_compat import ErrorCode
 
     fab = bundle_of_path(tiny_app)
     h = bundle_sha256(fab)
@@ -196,6 +196,14 @@ def test_guard_unpacks_an_approved_bundle_afresh(monkeypatch, tmp_path, tiny_app
     assert guard.refused is None
 
 
+def test_the_mirrored_fab_constants_are_flowers():
+    # bundle_approval keeps copies (it is imported by every addiff command, Flower is not)
+    from client import bundle_approval, flower_compat
+
+    assert bundle_approval.FAB_CONFIG_FILE == flower_compat.FAB_CONFIG_FILE
+    assert bundle_approval.FAB_HASH_TRUNCATION == flower_compat.FAB_HASH_TRUNCATION
+
+
 def test_guarded_process_imports_the_bundles_own_client_package(tmp_path):
     """The guard itself is imported from this installation's ``client`` package; once it has
     checked the bundle, Flower must import ``client.client_app`` from the bundle's folder (as the
@@ -207,9 +215,8 @@ def test_guarded_process_imports_the_bundles_own_client_package(tmp_path):
     (app / "client").mkdir(parents=True)
     (app / "client" / "__init__.py").write_text("")
     (app / "client" / "client_app.py").write_text("MARKER = 'from the bundle'\n")
-    code = ("import sys, client.clientapp_guard as g; g._forget_app_packages(); "
-            "from flwr.supercore.object_ref import load_app; print(load_app('client.client_app:MARKER', ValueError, "
-            "sys.argv[1]))")
+    code = ("import sys, client.clientapp_guard as g, client.flower_compat as fc; g._forget_app_packages(); "
+            "print(fc.load_app('client.client_app:MARKER', ValueError, sys.argv[1]))")
     out = subprocess.run([sys.executable, "-P", "-c", code, str(app)], capture_output=True, text=True, timeout=300,
                          cwd=tmp_path)
     assert out.stdout.strip() == "from the bundle", out.stderr[-2000:]

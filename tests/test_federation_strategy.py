@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 
-from helpers.federation import set_task_identity
+from client.flower_compat import set_task_identity
 from addiff_core.wire import fingerprint
 from client.records import from_record, record_nbytes, to_record
 from server.strategies import StagedFedAdam, StagedFedAvg, build_strategy, ordered
@@ -332,9 +332,9 @@ def test_certificates_and_node_keys(tmp_path):
     assert isinstance(key, ec.EllipticCurvePrivateKey)
     assert load_ssh_public_key(pub.read_bytes()).public_numbers() == key.public_key().public_numbers()
     # the format Flower's `flwr supernode register` accepts
-    from flwr.cli.supernode.register import try_load_public_key
+    from server.flower_compat import load_node_public_key
 
-    assert try_load_public_key(pub)
+    assert load_node_public_key(pub)
 
 
 def test_set_overrides_are_typed_and_checked():

@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
 from addiff_core.config import ConfigError
-from helpers.federation import TINY, set_task_identity
+from client.flower_compat import RECORD_KEY_CONFIGS, Key, Stage, set_task_identity
+from helpers.federation import TINY
 from client.secagg_mod import (BUFFER_SCALE, UPDATE_KEY, check_update, flat_update, secure_aggregation_mod,
                                secure_reply, unflatten)
 from server.secagg import SecAggError, SecAggParams, SecAggRound, error_bound, majority, weight_ratio

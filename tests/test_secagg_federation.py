@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 import torch
 from flwr.common import bytes_to_ndarray
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
 from addiff_core.fl_task import SiteTask
 from helpers.federation import TINY, FakeGrid, synthetic_sites
+from client.flower_compat import RECORD_KEY_CONFIGS, Key, Stage
 from client.secagg_mod import BUFFER_SCALE
 from server.federation import Federation, FederationError
 from server.settings import from_run_config

@@ -4,15 +4,15 @@ The end-to-end check that a serial run ends with exactly the weights of a Ray ru
 tests/test_federation_simulation.py (the stopped run is serial, the uninterrupted one Ray)."""
 from __future__ import annotations
 
-import inspect
 import logging
 
 import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.clientapp.client_app import ClientAppException
 
 from addiff_core.config import ConfigError
+from client.flower_compat import set_task_identity
+from server.flower_compat import ClientAppException, engine_backend_factory, engine_builds_ray_backend_by_name
 from server.serial_backend import SerialBackend, serial_backend
 from server.simulate import check_backend, choose_backend
 
@@ -55,24 +55,19 @@ def test_serial_with_options_only_ray_honours_is_refused_before_any_work():
 # ------------------------------------------------------------------------------------------
 def test_flower_still_builds_its_backend_by_the_name_serial_backend_replaces():
     """Fails if a Flower upgrade moves the seam: then --backend serial would silently run Ray."""
-    from flwr.server.superlink.fleet.vce import vce_api
-    from flwr.server.superlink.fleet.vce.backend import raybackend
-
-    assert "from .backend.raybackend import RayBackend" in inspect.getsource(vce_api.start_vce)
-    original = raybackend.RayBackend
+    assert engine_builds_ray_backend_by_name()
+    original = engine_backend_factory()
     with serial_backend():
-        assert isinstance(raybackend.RayBackend({}), SerialBackend)  # what start_vce's backend_fn builds
-    assert raybackend.RayBackend is original
+        assert isinstance(engine_backend_factory()({}), SerialBackend)  # what start_vce's backend_fn builds
+    assert engine_backend_factory() is original
 
 
 def test_the_seam_is_restored_after_an_error():
-    from flwr.server.superlink.fleet.vce.backend import raybackend
-
-    original = raybackend.RayBackend
+    original = engine_backend_factory()
     with pytest.raises(RuntimeError, match="boom"):
         with serial_backend():
             raise RuntimeError("boom")
-    assert raybackend.RayBackend is original
+    assert engine_backend_factory() is original
 
 
 # ------------------------------------------------------------------------------------------
@@ -88,8 +83,6 @@ def _context() -> Context:
 
 def test_serial_backend_runs_the_clientapp_in_this_thread_with_the_nodes_context():
     import threading
-
-    from helpers.federation import set_task_identity
 
     set_task_identity(run_id=3, node_id=7)
     app = ClientApp()
@@ -118,8 +111,6 @@ def test_serial_backend_runs_the_clientapp_in_this_thread_with_the_nodes_context
 
 
 def test_an_exception_in_the_clientapp_is_what_flowers_engine_expects():
-    from helpers.federation import set_task_identity
-
     set_task_identity(run_id=3, node_id=7)
     app = ClientApp()
 

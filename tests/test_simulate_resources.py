@@ -35,11 +35,13 @@ def test_three_sites_on_two_cores_all_train_at_once():
 def test_flower_makes_as_many_actors_as_planned(monkeypatch, n_sites, cpus):
     """Flower's own pool sizing (int(node CPUs / num_cpus)) on a node of ``cpus`` cores: the
     rounded-down share fits exactly the planned actors (3 x 0.6667 would not fit on 2 cores)."""
-    from flwr.simulation.ray_transport import ray_actor
+    import ray
 
-    monkeypatch.setattr(ray_actor.ray, "nodes", lambda: [{"Resources": {"CPU": float(cpus)}}])
+    from server.flower_compat import ray_pool_size
+
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Resources": {"CPU": float(cpus)}}])
     res = client_resources(n_sites, cpus=cpus, gpus=0)
-    assert ray_actor.pool_size_from_resources(res) == concurrent_sites(n_sites, cpus)
+    assert ray_pool_size(res) == concurrent_sites(n_sites, cpus)
     assert sites_at_once(n_sites, res["num_cpus"], cpus=cpus) == concurrent_sites(n_sites, cpus)  # the header's count
     assert res["num_gpus"] == 0.0
 

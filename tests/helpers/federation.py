@@ -7,13 +7,8 @@ so the server loop, the strategies and the ClientApp run unchanged, without Ray 
 from __future__ import annotations
 
 from flwr.app import Context, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
-
-def set_task_identity(run_id: int = 1, node_id: int = 0, task_id: int = 1) -> None:
-    TaskIdentity.run_id = run_id
-    TaskIdentity.node_id = node_id
-    TaskIdentity.task_id = task_id
+from client.flower_compat import set_task_identity
 
 
 class FakeGrid:

@@ -17,9 +17,10 @@ from typing import Callable
 import numpy as np
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
+from client.flower_compat import set_task_identity
 from addiff_core.wire import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, SITE_KEY
 from client.records import from_record, to_record
-from helpers.federation import TINY, set_task_identity
+from helpers.federation import TINY
 from server.settings import from_run_config
 
 
