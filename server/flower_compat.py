@@ -3,8 +3,8 @@
 Everything else in ``server/`` (and the tests) uses Flower's public API (``flwr.app``,
 ``flwr.serverapp``, ``flwr.simulation``, ...) or the names here, so that a Flower upgrade touches
 this file and its client twin only. Importing it checks the installed Flower against the tested
-versions (``client.flower_compat.TESTED_FLOWER``). The Simulation Engine's modules (about 0.6 s
-to import) are imported inside the functions that need them.
+versions (``client.flower_compat.TESTED_FLOWER``). The Simulation Engine's modules, slow to
+import, are imported inside the functions that need them.
 """
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ def send_and_receive(grid: Any, msgs: list, timeout: float, stopped: Callable[[]
         replies += got
         waiting -= {m.metadata.reply_to_message_id for m in got}
         if waiting:
-            time.sleep(0.01)  # an in-memory lookup; Flower's 0.1 s added ~0.05 s to every round
+            time.sleep(0.01)  # an in-memory lookup; Flower polls every 0.1 s (BENCHMARKS.md, Federation overhead)
     return replies
 
 
