@@ -54,6 +54,15 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def start(cmd: Sequence[str], *, env: dict[str, str], log_file: Path | None = None, cwd: Path | None = None,
           new_session: bool = True) -> subprocess.Popen:
+    """Start ``cmd`` in the background (stopped later by :func:`stop`).
+
+    Args:
+        cmd: the command line.
+        env: its whole environment (:func:`flower_env`).
+        log_file: where its output goes (appended), else this process's output.
+        cwd: its working directory.
+        new_session: in a session (process group) of its own, so that :func:`stop` ends its children too.
+    """
     out: IO | int | None = None
     if log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True)
@@ -132,7 +141,19 @@ def _group_alive(pgid: int) -> bool:
 
 def wait_for_port(host: str, port: int, timeout: float = 60.0, proc: subprocess.Popen | None = None,
                   ca_file: Path | None = None, what: str = "server") -> None:
-    """Wait until ``host:port`` answers /health (HTTP API; HTTPS when ``ca_file``), or fail."""
+    """Wait until ``host:port`` answers /health (HTTP API; HTTPS when ``ca_file``), or fail.
+
+    Args:
+        host, port: where the server listens.
+        timeout: seconds to wait.
+        proc: the server's process: its exit ends the wait at once.
+        ca_file: the CA certificate of a TLS server.
+        what: the server's name in the error.
+
+    Raises:
+        RuntimeError: ``proc`` exited while starting.
+        TimeoutError: no answer within ``timeout``.
+    """
     import httpx
 
     scheme = "https" if ca_file else "http"
@@ -154,7 +175,15 @@ def wait_for_port(host: str, port: int, timeout: float = 60.0, proc: subprocess.
 
 def write_flwr_config(flwr_home: Path, name: str, address: str, *, root_certificates: Path | None = None,
                       insecure: bool = False) -> Path:
-    """``$FLWR_HOME/config.toml`` with one SuperLink connection profile (the default)."""
+    """``$FLWR_HOME/config.toml`` with one SuperLink connection profile (the default).
+
+    Args:
+        flwr_home: Flower's home folder.
+        name: the profile's name.
+        address: the SuperLink's ``host:port``.
+        root_certificates: the CA certificate of a TLS SuperLink.
+        insecure: no TLS (a local SuperLink).
+    """
     flwr_home.mkdir(parents=True, exist_ok=True)
     lines = ["[superlink]", f'default = "{name}"', "", f"[superlink.{name}]", f'address = "{address}"']
     if insecure:
@@ -285,8 +314,18 @@ def exit_on_sigterm() -> None:
 def run_foreground(cmd: Sequence[str], *, env: dict[str, str], cwd: Path | None = None,
                    watch: Sequence[str] = (), seen: set[str] | None = None) -> int:
     """Run ``cmd``, streaming its output, until it exits; then end whatever it left behind.
-    Ctrl-C / SIGTERM (SystemExit via exit_on_sigterm) stop it and its children. Substrings of
-    ``watch`` found in its output are added to ``seen``."""
+    Ctrl-C / SIGTERM (SystemExit via exit_on_sigterm) stop it and its children.
+
+    Args:
+        cmd: the command line.
+        env: its whole environment.
+        cwd: its working directory.
+        watch: substrings to look for in its output ...
+        seen: ... and the set the ones found are added to.
+
+    Returns:
+        its exit status.
+    """
     import threading
 
     pipe = subprocess.PIPE if watch else None

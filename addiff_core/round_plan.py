@@ -73,7 +73,17 @@ def stages_of(kind: str, which: str) -> list[str]:
 
 
 def _number(cfg: Mapping[str, Any], key: str, default, kind=int, low=0, high=None):
-    """``cfg[key]`` as ``kind`` within [low, high] (a server's number is checked where used)."""
+    """A server's number, checked where it is used.
+
+    Args:
+        cfg: the message's config.
+        key: the number's key; ``default`` when absent.
+        kind: ``int`` or ``float``.
+        low, high: the bounds (``high`` None: none).
+
+    Raises:
+        ValueError: not a number of ``kind``, not finite, or out of bounds (the key named, not the value).
+    """
     raw = cfg.get(key, default)
     try:
         value = kind(raw)

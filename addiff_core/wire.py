@@ -121,11 +121,20 @@ def as_received(arrays: dict[str, np.ndarray], groups: list[str], separate=froze
 
 
 def encode(arrays: dict[str, np.ndarray], groups: list[str], separate=frozenset(),
-           order: dict[str, list] | None = None, wire_dtype: str = "float32") -> tuple[dict[str, np.ndarray], dict[str, list]]:
-    """Pack the arrays of each group (state-dict prefix ``group.``) -> (wire arrays, layout).
+           order: dict[str, list] | None = None,
+           wire_dtype: str = "float32") -> tuple[dict[str, np.ndarray], dict[str, list]]:
+    """Pack the arrays of each group -> (wire arrays, layout).
 
-    ``order``: a layout to follow exactly (a site packs its reply like the request it got).
-    ``wire_dtype``: see ``WIRE_DTYPES`` (buffers sent separately always travel as themselves)."""
+    Args:
+        arrays: state-dict names -> arrays.
+        groups: the stages to pack (state-dict prefix ``group.``).
+        separate: names that travel as themselves (buffers).
+        order: a layout to follow exactly (a site packs its reply like the request it got).
+        wire_dtype: see ``WIRE_DTYPES`` (buffers sent separately always travel as themselves).
+
+    Raises:
+        ValueError: ``arrays`` do not fit ``order``.
+    """
     out: dict[str, np.ndarray] = {}
     layout: dict[str, list] = {}
     for g in groups:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Callable
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -73,22 +74,21 @@ def evaluate(msg: Message, context: Context) -> Message:
         return _reply(msg, task, {METRICS_KEY: MetricRecord(metrics)})
 
 
-@app.train(ADAPT_ACTION)
-@never_raises
-def adapt(msg: Message, context: Context) -> Message:
-    """After the last round: personalization and the local model (``client.site_models``)."""
-    task = message_task(context, msg.content[CONFIG_KEY])
-    with site_log(task.site):
-        return adapt_reply(msg, task)
+def _site_models_handler(reply: Callable[[Message, SiteTask], Message]) -> Callable[[Message, Context], Message]:
+    """A handler of ``client.site_models``: this site's task, its per-case messages to its own log."""
+
+    @never_raises
+    def handler(msg: Message, context: Context) -> Message:
+        task = message_task(context, msg.content[CONFIG_KEY])
+        with site_log(task.site):
+            return reply(msg, task)
+
+    return handler
 
 
-@app.evaluate(CROSS_ACTION)
-@never_raises
-def cross(msg: Message, context: Context) -> Message:
-    """Other sites' shared models on this site's held-out cases (``client.site_models``)."""
-    task = message_task(context, msg.content[CONFIG_KEY])
-    with site_log(task.site):
-        return cross_reply(msg, task)
+# after the last round: personalization and the local model; other sites' shared models at home
+adapt = app.train(ADAPT_ACTION)(_site_models_handler(adapt_reply))
+cross = app.evaluate(CROSS_ACTION)(_site_models_handler(cross_reply))
 
 
 # ------------------------------------------------------------------------------------------
@@ -111,7 +111,16 @@ def _has_global_vae(task: SiteTask, arrays: dict, want: str | None) -> bool:
 
 def _train_reply(msg: Message, task: SiteTask, plan: RoundPlan, received: dict, res: TrainResult,
                  seconds: float) -> Message:
-    """The trained stage's weights (packed like the request's, or masked) and the round's numbers."""
+    """The trained stage's weights (packed like the request's, or masked) and the round's numbers.
+
+    Args:
+        msg: the train request.
+        task: the site's task.
+        plan: the round, as the site trained it.
+        received: the weights received (the update's origin under secure aggregation).
+        res: what training gave.
+        seconds: how long it took (sent only without DP).
+    """
     cfg = msg.content[CONFIG_KEY]
     metrics = {NUM_EXAMPLES: int(res.num_examples), **{k: float(v) for k, v in res.metrics.items()},
                "local_epochs": float(plan.epochs)}
@@ -133,6 +142,13 @@ def _secure_content(task: SiteTask, content: RecordDict, stage: str, received: d
     """The update to mask (secure aggregation): trained minus received stage weights, checked here
     (the server sees only the sum); weighted by the training cases, capped like the server caps a
     plain reply's count (``secagg-weight-cap``: the site's first declaration).
+
+    Args:
+        task: the site's task.
+        content: the train request's content.
+        stage: the stage trained.
+        received, trained: the stage's weights before and after.
+        metrics: the reply's numbers (``num-examples`` is the weight).
 
     Raises:
         UpdateNotMasked: the site's check of its update failed.

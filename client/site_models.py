@@ -85,8 +85,19 @@ def adapt_reply(msg: Message, task: SiteTask) -> Message:
 
 def _site_models(task: SiteTask, cfg, run: RunPlan, global_arrays: dict, seed: int, run_tag: str,
                  planned: int) -> tuple[dict[str, dict], dict[str, str]]:
-    """The personalized and the local model as the run asks and the site file allows -> (arrays
-    per model, status per model); a DP budget that does not cover one: "refused"."""
+    """The personalized and the local model as the run asks and the site file allows.
+
+    Args:
+        task: the site's task.
+        cfg: the ``train.adapt`` config (``cross-site``).
+        run: what the run asks (personalization epochs and stages, each stage's epochs).
+        global_arrays: the final global model.
+        seed, run_tag: the run's seed and tag (each model's optimiser states apart).
+        planned: the run's epochs at this site (a DP site's noise covers them all).
+
+    Returns:
+        (arrays per model, status per model); a DP budget that does not cover one: "refused".
+    """
     status = {m: "off" for m in MODELS}
     arrays: dict[str, dict] = {}
     epochs = site_epochs(task.site, run.personalize_epochs)
