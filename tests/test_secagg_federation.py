@@ -102,10 +102,10 @@ def _capture(mp: pytest.MonkeyPatch) -> list[tuple]:
     seen: list[tuple] = []
     original = SiteTask.train
 
-    def train(self, arrays, stage, **kw):
-        res = original(self, arrays, stage, **kw)
-        received = {k: np.array(v) for k, v in (arrays or {}).items() if k.startswith(stage + ".")}
-        seen.append((self.site.name, stage, received, {k: np.array(v) for k, v in res.arrays.items()}, res.num_examples))
+    def train(self, arrays, plan):
+        res = original(self, arrays, plan)
+        received = {k: np.array(v) for k, v in (arrays or {}).items() if k.startswith(plan.stage + ".")}
+        seen.append((self.site.name, plan.stage, received, {k: np.array(v) for k, v in res.arrays.items()}, res.num_examples))
         return res
 
     mp.setattr(SiteTask, "train", train)
