@@ -10,7 +10,7 @@ from pathlib import Path
 from .checkpoint import atomic_write_bytes, save_checkpoint
 from .config import ModelConfig, SiteConfig, load_model_config, load_site_config, resolve_device
 from .data import load_site_data
-from .fl_task import SiteTask
+from .site_task import SiteTask
 from .outputs import ensure_writable_dir
 from .predict import load_model
 from .round_plan import RoundPlan

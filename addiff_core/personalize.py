@@ -3,7 +3,7 @@
 ``personalized.pt``: the final global model fine-tuned on the site's training cases
 (:func:`fine_tune`), sent only if the site file says ``share_models_for_evaluation: true``;
 ``cross_site_local.pt``: the site trained alone from the initial model with its federated budget
-(:func:`train_local`). Both train through :meth:`fl_task.SiteTask.train`, so a DP site spends from
+(:func:`train_local`). Both train through :meth:`site_task.SiteTask.train`, so a DP site spends from
 its one accountant, under a run tag of their own (the federated optimiser states stay untouched),
 and load weights directly, never through ``SiteTask.load_global`` (the cached global VAE and
 ``final_model.pt`` stay as they are).
@@ -17,7 +17,7 @@ import numpy as np
 
 from .checkpoint import save_checkpoint
 from .config import SiteConfig
-from .fl_task import SiteTask, arrays_to_state, state_to_arrays
+from .site_task import SiteTask, arrays_to_state, state_to_arrays
 from .round_plan import RoundPlan, stages_of
 
 PERSONALIZED_FILE = "personalized.pt"

@@ -4,7 +4,7 @@
     python bench/dp_bench.py --smoke         # tiny sizes, 1 repetition (the test uses this)
 
 Writes ``OUT/dp_bench.json`` and ``OUT/dp_bench.md``. Everything goes through
-``addiff_core.fl_task.SiteTask`` with a site config whose ``privacy`` section is set here
+``addiff_core.site_task.SiteTask`` with a site config whose ``privacy`` section is set here
 (``dataclasses.replace``) and a private ``state_dir`` per run under a scratch folder.
 
 * Step time: one synthetic site (``--timing-cases`` cases at 32^3, demo.yaml, batch 2), for each
@@ -71,7 +71,7 @@ def _stage_cfg(cfg, stage: str):
 # --------------------------------------------------------------------------------------------
 def bench_step_time(args, device: str, work: Path) -> dict:
     from addiff_core.config import load_site_config
-    from addiff_core.fl_task import SiteTask
+    from addiff_core.site_task import SiteTask
     from addiff_core.round_plan import RoundPlan
     from addiff_core.synth import write_synthetic_sites
 
@@ -153,7 +153,7 @@ def _child_memory(p: dict) -> dict:
 
     from addiff_core.case_io import list_cases
     from addiff_core.config import HeldOutConfig, load_site_config
-    from addiff_core.fl_task import SiteTask
+    from addiff_core.site_task import SiteTask
     from addiff_core.round_plan import RoundPlan
     from addiff_core.models import count_parameters
 
@@ -255,7 +255,7 @@ def bench_utility(args, device: str, work: Path, checkpoint=None) -> dict:
     import numpy as np
 
     from addiff_core.config import load_site_config
-    from addiff_core.fl_task import SiteTask
+    from addiff_core.site_task import SiteTask
     from addiff_core.round_plan import RoundPlan
     from addiff_core.synth import write_synthetic_sites
     from addiff_core.training import evaluate

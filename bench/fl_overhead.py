@@ -64,7 +64,7 @@ def plain_loop(site_files: list[Path], settings, *, seed: int = 0, evaluate: boo
                eval_on: dict | None = None) -> dict:
     """The federated schedule without Flower: same SiteTask.train calls, FedAvg by hand."""
     from addiff_core.config import load_site_config
-    from addiff_core.fl_task import SiteTask, initial_arrays
+    from addiff_core.site_task import SiteTask, initial_arrays
     from addiff_core.round_plan import RoundPlan
 
     cfg = settings.model
@@ -162,7 +162,7 @@ def stage_bytes(run_dir: Path) -> dict:
 
 
 def model_sizes(cfg) -> dict:
-    from addiff_core.fl_task import initial_arrays
+    from addiff_core.site_task import initial_arrays
 
     arrays = initial_arrays(cfg, 0)
     sizes: dict[str, int] = {}
@@ -257,7 +257,7 @@ def main() -> int:
     if not args.skip_baselines:
         print("[4/4] each site alone, and all training cases pooled ...", flush=True)
         from addiff_core.config import load_site_config
-        from addiff_core.fl_task import SiteTask
+        from addiff_core.site_task import SiteTask
 
         evaluators = {load_site_config(f).name: SiteTask(load_site_config(f), settings.model) for f in site_files}
         alone = {}
@@ -324,7 +324,7 @@ def backend_times(fed: dict, plain: dict, wall_plain: float, max_diff: float) ->
 def startup_seconds() -> float:
     """Python + torch import time of a fresh process (the federated figure includes its own)."""
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import addiff_core.fl_task"], check=True, cwd=ROOT)
+    subprocess.run([sys.executable, "-c", "import addiff_core.site_task"], check=True, cwd=ROOT)
     return time.perf_counter() - t0
 
 

@@ -1,6 +1,6 @@
 """The ClientApp (``[tool.flwr.app.components] clientapp = "client.client_app:app"``).
 
-Each handler turns a message into a call of this site's :class:`addiff_core.fl_task.SiteTask`
+Each handler turns a message into a call of this site's :class:`addiff_core.site_task.SiteTask`
 (``client.site_tasks``: which site, built once a run) and its result into the reply. Only
 numbers and weights leave the site; case ids never do, and no exception does either
 (``client.site_failures``: each step runs in a ``phase`` that names its failure code).
@@ -14,7 +14,7 @@ from typing import Callable
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from addiff_core.fl_task import MissingGlobalWeights, SiteTask, TrainResult, state_to_arrays
+from addiff_core.site_task import MissingGlobalWeights, SiteTask, TrainResult, state_to_arrays
 from addiff_core.privacy import PrivacyBudgetExhausted
 from addiff_core.round_plan import RoundPlan
 from addiff_core.wire import (ARRAYS_KEY, CONFIG_KEY, LAYOUT_KEY, METRICS_KEY, NUM_EXAMPLES, PACKED, SITE_KEY,

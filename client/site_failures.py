@@ -18,7 +18,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from addiff_core.config import ConfigError, SiteConfig
 from addiff_core.errors import CaseError, CheckpointError
-from addiff_core.fl_task import MissingGlobalWeights
+from addiff_core.site_task import MissingGlobalWeights
 from addiff_core.wire import SITE_ERROR_CLASSES, SITE_KEY, STATUS_FAILED
 
 log = logging.getLogger("flwr.addiff.client")

@@ -25,7 +25,7 @@ import logging
 
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
-from addiff_core.fl_task import SiteTask, initial_arrays
+from addiff_core.site_task import SiteTask, initial_arrays
 from addiff_core.personalize import evaluate_at_home, fine_tune, train_local
 from addiff_core.privacy import PrivacyBudgetExhausted
 from addiff_core.round_plan import RunPlan, site_epochs

@@ -1,4 +1,4 @@
-"""Which site this node serves, and its :class:`~addiff_core.fl_task.SiteTask`, built once a run.
+"""Which site this node serves, and its :class:`~addiff_core.site_task.SiteTask`, built once a run.
 
 * deployment: the SuperNode's node config ``site-config="sites/hospital_a.yaml"``
   (``addiff client start --site ...`` sets it);
@@ -14,7 +14,7 @@ from pathlib import Path
 from flwr.app import Context
 
 from addiff_core.config import ConfigError, load_site_config, resolve_device
-from addiff_core.fl_task import SiteTask
+from addiff_core.site_task import SiteTask
 from addiff_core.project import resolve_path, split_list
 from addiff_core.wire import model_config_from_json
 

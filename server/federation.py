@@ -90,7 +90,7 @@ class Federation:
 
     def __init__(self, grid, settings: RunSettings, *, send_site_files: bool = False,
                  stop: StopSignal | None = None):
-        from addiff_core.fl_task import initial_arrays
+        from addiff_core.site_task import initial_arrays
 
         self.grid = grid
         self.stop = stop  # in-process simulation: set when Flower's engine ended or on Ctrl-C (see _send_and_receive)

@@ -61,7 +61,7 @@ def make_case_dose_cgy():
 
 
 def test_skipped_cases_are_reported_in_round_metrics(make_case, tmp_path):
-    from addiff_core.fl_task import SiteTask, initial_arrays
+    from addiff_core.site_task import SiteTask, initial_arrays
     from addiff_core.round_plan import RoundPlan
 
     cases = tmp_path / "cases"

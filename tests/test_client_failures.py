@@ -9,7 +9,7 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
 from addiff_core.config import ConfigError, SiteConfig
 from addiff_core.errors import CaseError
-from addiff_core.fl_task import MissingGlobalWeights
+from addiff_core.site_task import MissingGlobalWeights
 from addiff_core.wire import SITE_ERROR_CLASSES, SITE_ERROR_CODES, SITE_KEY, STATUS_FAILED
 from client.flower_compat import set_task_identity
 from client.site_failures import SiteFailure, UpdateNotMasked, never_raises, phase

@@ -21,7 +21,7 @@ import pytest
 
 from addiff_core.config import PrivacyConfig, load_site_config
 from addiff_core.errors import UserError
-from addiff_core.fl_task import SiteTask, initial_arrays
+from addiff_core.site_task import SiteTask, initial_arrays
 from addiff_core.privacy import PrivacyBudgetExhausted, SitePrivacy, epsilon_of, ledger_key
 from addiff_core.round_plan import RoundPlan
 from addiff_core.synth import write_synthetic_sites

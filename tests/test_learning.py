@@ -12,7 +12,7 @@ import torch
 
 from addiff_core.case_io import load_case
 from addiff_core.config import load_model_config, load_site_config
-from addiff_core.fl_task import SiteTask
+from addiff_core.site_task import SiteTask
 from addiff_core.metrics import mae
 from addiff_core.round_plan import RoundPlan
 from addiff_core.synth import write_synthetic_sites

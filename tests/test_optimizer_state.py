@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from addiff_core.config import load_model_config, load_site_config
-from addiff_core.fl_task import SiteTask, initial_arrays
+from addiff_core.site_task import SiteTask, initial_arrays
 from addiff_core.optimizer_state import KEEP_RUNS, OptimizerStore, new_run_tag
 from addiff_core.round_plan import RoundPlan
 from helpers.federation import TINY, synthetic_sites

@@ -11,7 +11,7 @@ from opacus.accountants import RDPAccountant
 from opacus.validators import ModuleValidator
 
 from addiff_core.config import PrivacyConfig, load_site_config
-from addiff_core.fl_task import SiteTask, initial_arrays
+from addiff_core.site_task import SiteTask, initial_arrays
 from addiff_core.models import build_model
 from addiff_core.privacy import STATE_FILE, PrivacyBudgetExhausted, SitePrivacy, epsilon_of
 from addiff_core.round_plan import RoundPlan

@@ -133,7 +133,7 @@ def test_report_flags_a_trimmed_mean_that_trims_nothing(tmp_path):
 # zero-dose MAE (point 5)
 # ------------------------------------------------------------------------------------------
 def test_zero_dose_mae_is_the_mean_dose_in_the_evaluation_region(tmp_path, make_case):
-    from addiff_core.fl_task import zero_dose_mae
+    from addiff_core.site_task import zero_dose_mae
 
     a = make_case(tmp_path, name="a")
     arr = make_case.arrays()

@@ -19,7 +19,7 @@ import pytest
 import torch
 from flwr.common import bytes_to_ndarray
 
-from addiff_core.fl_task import SiteTask
+from addiff_core.site_task import SiteTask
 from helpers.federation import TINY, FakeGrid, synthetic_sites
 from client.flower_compat import RECORD_KEY_CONFIGS, Key, Stage
 from client.secagg_mod import BUFFER_SCALE

@@ -1,4 +1,5 @@
-"""What one hospital does in a federated round, with no Flower in sight.
+"""What one hospital does with its own cases: train a stage or evaluate, in a federated round
+(the ClientApp) or alone (``addiff train``, ``local.py``), with no Flower in sight.
 
 The ClientApp (``client/``) turns Flower messages into calls of :class:`SiteTask` and back.
 Weights travel as ``dict[str, numpy.ndarray]`` keyed by the model's state-dict names; a stage
