@@ -2,7 +2,7 @@
 
 Flower 1.42's Simulation Engine ships one backend, Ray's, which starts a process per site; on a
 machine with fewer than two cores per site those processes only share the cores and spend their
-start-up importing torch (measured in BENCHMARKS.md). Here the engine's one worker thread runs
+start-up importing torch (BENCHMARKS.md, "Federation overhead"). Here the engine's one worker thread runs
 each message's ClientApp itself, one site after another; the rest of Flower's path (ServerApp,
 LinkState, each SuperNode's Context, error replies) is as with Ray. The swap goes through
 :func:`server.flower_compat.ray_backend_replaced`; tests/test_simulate_backend.py fails if a

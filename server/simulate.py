@@ -96,10 +96,8 @@ def choose_backend(backend: str, n_sites: int, via: str = "inprocess", cpus_per_
     """The simulation backend that runs the ClientApps: ``backend`` unless it is ``auto``.
 
     ``auto`` is ``ray`` when every site can train on two cores of its own at the same time (or
-    Ray was asked for: ``--via flwr``, ``--cpus-per-site``), else ``serial``. With fewer cores,
-    Ray's sites would only share them: 3 sites on 2 cores train as fast one after another with 2
-    torch threads each, and Ray's start-up (a process per site, each importing torch and MONAI)
-    made a 24-round demo 1.35x the same training without Flower (BENCHMARKS.md)."""
+    Ray was asked for: ``--via flwr``, ``--cpus-per-site``), else ``serial``: with fewer cores Ray's
+    sites only share them and each pays a process start-up (BENCHMARKS.md, "Federation overhead")."""
     if backend != "auto":
         return backend
     if via == "flwr" or cpus_per_site:
