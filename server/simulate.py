@@ -282,7 +282,11 @@ def cmd_simulate(args) -> int:
     except KeyboardInterrupt:
         print(f"\naddiff: interrupted; the rounds completed are kept (checkpoints in {folder.checkpoints}). "
               f"Continue with:\n  addiff simulate --resume {folder.path}", file=sys.stderr)
-        return 130
+        # a site may still be training in the engine's worker thread: finalizing the interpreter
+        # under torch's threads can abort (SIGABRT, seen under load); the rounds are on disk
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
     took = time.perf_counter() - t0
     if out.get("status") == "stopped":
         print(f"\nstopped as asked after round {run_config['stop-after-round']} ({took:.0f} s); continue with:\n"
