@@ -131,6 +131,18 @@ def check_cpus_per_site(cpus_per_site: float | None, via: str, cpus: int | None 
                           "(Flower's federation config holds an integer); use --via inprocess for a fraction")
 
 
+def _exit_interrupted(folder: RunFolder, wait_s: float = 20.0) -> None:
+    """Ctrl-C: once the ServerApp thread has recorded the stop in run.json (it stops waiting at
+    once), end the process without finalizing the interpreter: a site may still be training in the
+    engine's worker thread, and tearing torch down under it can abort (SIGABRT, seen under load)."""
+    deadline = time.monotonic() + wait_s
+    while folder.read_run_json().get("status") == "running" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(130)
+
+
 # ------------------------------------------------------------------------------------------
 # the two mechanisms
 # ------------------------------------------------------------------------------------------
@@ -282,11 +294,7 @@ def cmd_simulate(args) -> int:
     except KeyboardInterrupt:
         print(f"\naddiff: interrupted; the rounds completed are kept (checkpoints in {folder.checkpoints}). "
               f"Continue with:\n  addiff simulate --resume {folder.path}", file=sys.stderr)
-        # a site may still be training in the engine's worker thread: finalizing the interpreter
-        # under torch's threads can abort (SIGABRT, seen under load); the rounds are on disk
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(130)
+        _exit_interrupted(folder)
     took = time.perf_counter() - t0
     if out.get("status") == "stopped":
         print(f"\nstopped as asked after round {run_config['stop-after-round']} ({took:.0f} s); continue with:\n"
