@@ -4,7 +4,7 @@ every model on every site's held-out patients.
     python bench/cross_site_bench.py [--budget small|default] [--split spacing|tumour-size]
                                      [--personalize-epochs N] [--personalize-stages both,diffusion]
                                      [--sample PATH] [--extra PATH|none] [--heldout N] [--work DIR]
-                                     [--out DIR] [--threads N] [--no-pooled]
+                                     [--out DIR] [--threads N] [--no-pooled] [--reuse]
 
 1. The patients, the budget, the model config and the site files exactly as
    ``bench/openkbp_bench.py`` makes them (84 patients with the extra pool, 24 without), split
@@ -25,6 +25,8 @@ every model on every site's held-out patients.
    isodose Dice) and per site whether the personalized model beats the global one, the global the
    local one, and the pooled the global one (dose score).
 
+``--reuse`` keeps a federated run or the pooled model that a previous call finished (its
+``final_metrics.json`` / ``model.pt`` is there): a crash after hours loses only the unfinished step.
 ``--budget small`` (32^3, 1 + 1 epochs) checks the pipeline in minutes; its results go to
 ``WORK/results``. Without the OpenKBP sample the script says so and exits 0.
 """
@@ -46,6 +48,7 @@ import openkbp_bench as ob  # noqa: E402
 
 SPLITS = ("spacing", "tumour-size")
 STAGES = ("both", "diffusion")
+WALL_FILE = "bench_wall_seconds.json"  # a federated run's wall time, kept for --reuse
 KEY = "openkbp_dose_score"  # the verdicts' metric (the official OpenKBP one)
 
 
@@ -106,6 +109,12 @@ def simulate(args, setup: dict, stages: str, run_dir: Path, log: Path) -> tuple[
     return rc, wall
 
 
+def finished_run(run_dir: Path, cross_site: bool) -> bool:
+    """A federated run a previous call finished: its final table (and matrix) written."""
+    need = ["final_metrics.json"] + (["cross_site.json"] if cross_site else [])
+    return all((run_dir / name).is_file() for name in need)
+
+
 def pooled(args, setup: dict, run_dir: Path, log: Path) -> dict[str, dict]:
     """The pooled model's held-out means at each site ({} if it failed)."""
     from addiff_core.local import evaluate_checkpoint
@@ -114,9 +123,10 @@ def pooled(args, setup: dict, run_dir: Path, log: Path) -> dict[str, dict]:
     cmd = [sys.executable, "-m", "addiff_core.cli", "train", "--site", str(setup["pooled_file"]), "--out", str(run_dir),
            "--config", str(setup["cfg_file"]), "--vae-epochs", str(b["vae_epochs"]),
            "--diffusion-epochs", str(b["diffusion_epochs"]), "--overwrite"]
-    rc, _, _ = ob.run_step(cmd, log, threads=args.threads)
-    if rc != 0:
-        return {}
+    if not (args.reuse and (run_dir / "model.pt").is_file()):
+        rc, _, _ = ob.run_step(cmd, log, threads=args.threads)
+        if rc != 0:
+            return {}
     return {f.stem: {"cases": r["num_cases"], **r["mean"]}
             for f in setup["site_files"] for r in [evaluate_checkpoint(run_dir / "model.pt", f)]}
 
@@ -191,6 +201,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-pooled", action="store_true")
+    p.add_argument("--reuse", action="store_true", help="keep the federated runs / pooled model a previous call finished")
     args = p.parse_args(argv)
     args.personalize_stages = [s.strip() for s in args.personalize_stages.split(",") if s.strip()]
     if not args.personalize_stages or any(s not in STAGES for s in args.personalize_stages):
@@ -238,12 +249,18 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, Path] = {}
     for stages in args.personalize_stages:
         runs[stages] = work / "runs" / f"cross_site_{args.split}_{stages}"
+        if args.reuse and finished_run(runs[stages], cross_site=stages == args.personalize_stages[0]):
+            ob._progress(t0, f"federated run, personalize-stages {stages}: kept {runs[stages]}")
+            seconds[f"federated_{stages}"] = json.loads((runs[stages] / WALL_FILE).read_text())["seconds"] \
+                if (runs[stages] / WALL_FILE).is_file() else float("nan")
+            continue
         if runs[stages].exists():
             import shutil
 
             shutil.rmtree(runs[stages])
         ob._progress(t0, f"federated run, personalize-stages {stages} -> {runs[stages]} ...")
         rc, seconds[f"federated_{stages}"] = simulate(args, setup, stages, runs[stages], work / "logs" / f"sim_{stages}.log")
+        (runs[stages] / WALL_FILE).write_text(json.dumps({"seconds": seconds[f"federated_{stages}"]}) + "\n")
         if rc != 0:
             print(f"cross_site_bench: addiff simulate failed (status {rc}); log {work / 'logs'}", file=sys.stderr)
             return 1
