@@ -40,6 +40,7 @@ STATUS_FAILED = "failed"  # the site could not do the round; "code" and "error" 
 SITE_ERROR_CODES = {
     "site-config": "the site file is invalid",
     "model-config": "the model configuration sent by the server is invalid",
+    "round-config": "the round's plan sent by the server is invalid (stage, rounds, epochs)",
     "device": "the site's device is not available",
     "no-usable-data": "no usable training case (or no data folder)",
     "bad-data": "a case could not be read",

@@ -38,7 +38,7 @@ def train(msg: Message, context: Context) -> Message:
     """Train the round's stage on this site's cases from the global weights sent."""
     cfg = msg.content[CONFIG_KEY]
     task = message_task(context, cfg)
-    with phase("train", task.site):
+    with phase("round-config", task.site):
         plan = RoundPlan.from_config(cfg).at_site(task.site, task.cfg.kind)
     with phase("weights", task.site):
         arrays = decode(from_record(msg.content[ARRAYS_KEY]), layout_from_json(str(cfg.get(LAYOUT_KEY, ""))))

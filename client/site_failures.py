@@ -55,7 +55,7 @@ def classify(exc: BaseException, phase_name: str) -> tuple[str, str]:
         return exc.code, cls
     if cls == "MemoryError":
         return "out-of-memory", cls
-    if phase_name in ("site-config", "model-config", "device"):
+    if phase_name in ("site-config", "model-config", "round-config", "device"):
         return phase_name, cls
     if phase_name == "data":
         return ("bad-data" if cls == "CaseError" else "data-io" if cls == "OSError" else "no-usable-data"), cls

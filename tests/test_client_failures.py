@@ -23,6 +23,7 @@ def _site(tmp_path: Path) -> SiteConfig:
 
 @pytest.mark.parametrize("name, exc, code, cls", [
     ("site-config", ConfigError(SECRET), "site-config", "ConfigError"),
+    ("round-config", ValueError(SECRET), "round-config", "ValueError"),
     ("data", CaseError(SECRET, "plan.yaml", "bad"), "bad-data", "CaseError"),
     ("data", OSError(SECRET), "data-io", "OSError"),
     ("data", ValueError(SECRET), "no-usable-data", "ValueError"),
