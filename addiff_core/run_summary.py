@@ -10,7 +10,7 @@ from typing import Any, Iterable, Mapping
 
 from .site_table import is_overall
 
-ZERO_DOSE_KEY = "mae_zero_dose_gy"  # held-out MAE of predicting 0 Gy everywhere (addiff_core.site_task)
+ZERO_DOSE_KEY = "mae_zero_dose_gy"  # held-out MAE of predicting 0 Gy everywhere (SiteTask.evaluate adds it)
 
 
 def _num(v: Any) -> float | None:

@@ -26,6 +26,7 @@ from .optimizer_state import OptimizerStore
 from .phantom_calibration import calibrate_on_phantoms
 from .privacy import SitePrivacy, ledger_key
 from .round_plan import RoundPlan
+from .run_summary import ZERO_DOSE_KEY
 from .training import Proximal, evaluate, lr_at, make_loader, make_optimizer, set_lr, set_trainable, train_stage_epoch
 
 log = logging.getLogger(__name__)
@@ -203,8 +204,6 @@ class SiteTask:
         return {"num_cases": float(res["num_cases"]), **res["mean"],
                 ZERO_DOSE_KEY: zero_dose_mae(self.data.heldout.case_dirs)}
 
-
-ZERO_DOSE_KEY = "mae_zero_dose_gy"
 
 
 def zero_dose_mae(case_dirs) -> float:
