@@ -64,7 +64,7 @@ def target_volume_cc(case_dir: Path) -> float:
     return float(np.count_nonzero(mask) * sx * sy * sz / 1000.0)
 
 
-def split_by_key(value: Mapping[str, float], n_heldout: int, names: Sequence[str] = ob.SITE_NAMES) -> list[list[str]]:
+def split_by_key(value: Mapping[str, float], names: Sequence[str] = ob.SITE_NAMES) -> list[list[str]]:
     """Patients sorted by ``value`` (ties: patient number), cut into contiguous thirds."""
     order = sorted(value, key=lambda p: (value[p], ob.natural_key(p)))
     n = len(order)
@@ -78,7 +78,7 @@ def make_split(kind: str, spacings: Mapping[str, Sequence[float]], cases_dir: Pa
         return ob.make_split(spacings, n_heldout=n_heldout)
     vols = {p: target_volume_cc(cases_dir / p) for p in spacings}
     out = []
-    for k, (name, group) in enumerate(zip(ob.SITE_NAMES, split_by_key(vols, n_heldout))):
+    for k, (name, group) in enumerate(zip(ob.SITE_NAMES, split_by_key(vols))):
         held = ob.choose_heldout(group, n_heldout, ob.SPLIT_SEED, k)
         out.append({"site": name, "patients": list(group), "heldout": held, "train": [p for p in group if p not in held],
                     "target_volume_cc": {p: round(vols[p], 2) for p in group},
@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
 
             shutil.rmtree(runs[stages])
         ob._progress(t0, f"federated run, personalize-stages {stages} -> {runs[stages]} ...")
-        rc, seconds[f"federated_{stages}"] = simulate(args, setup, stages, runs[stages], work / "logs" / f"sim_{stages}.log")
+        rc, seconds[f"federated_{stages}"] = simulate(args, setup, stages, runs[stages], work / "logs" / f"sim_{args.split}_{stages}.log")
         (runs[stages] / WALL_FILE).write_text(json.dumps({"seconds": seconds[f"federated_{stages}"]}) + "\n")
         if rc != 0:
             print(f"cross_site_bench: addiff simulate failed (status {rc}); log {work / 'logs'}", file=sys.stderr)
@@ -277,7 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_pooled:
         ob._progress(t0, "pooled model ...")
         t = time.perf_counter()
-        pooled_cells = pooled(args, setup, work / "runs" / "pooled", work / "logs" / "pooled.log")
+        # one folder per split: --reuse must never take another split's pooled model
+        pooled_cells = pooled(args, setup, work / "runs" / f"pooled_{args.split}", work / "logs" / f"pooled_{args.split}.log")
         seconds["pooled"] = time.perf_counter() - t
     doc = assemble(matrix, extra, pooled_cells)
     res = {"bench": "cross_site_bench", "split": args.split, "budget": args.budget, "patients": setup["patients"],

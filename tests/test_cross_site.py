@@ -296,7 +296,7 @@ def test_the_cross_site_bench_adds_pooled_and_other_personalizations_and_says_wh
         v["openkbp_dose_score"] = v["openkbp_dose_score"] if v["openkbp_dose_score"] is not None else v["mae_gy"]
     verdict = {v["site"]: v for v in cb.verdict_rows(out)}
     assert verdict["a"]["pooled_beats_global"] is True and verdict["b"]["pooled_beats_global"] is False
-    assert cb.split_by_key({"p1": 3.0, "p2": 1.0, "p3": 2.0}, 0) == [["p2"], ["p3"], ["p1"]]
+    assert cb.split_by_key({"p1": 3.0, "p2": 1.0, "p3": 2.0}) == [["p2"], ["p3"], ["p1"]]
 
 
 def test_a_resumed_run_may_ask_for_the_matrix(tmp_path):
