@@ -60,8 +60,9 @@ def adapt_reply(msg: Message, task: SiteTask) -> Message:
     with phase("weights", task.site):
         layout = layout_from_json(str(cfg.get(LAYOUT_KEY, "")))
         global_arrays = decode(from_record(msg.content[ARRAYS_KEY]), layout)
-    with phase("train", task.site):
+    with phase("round-config", task.site):
         run = RunPlan.from_config(cfg)
+    with phase("train", task.site):
         seed, run_tag = int(cfg.get("seed", 0)), str(cfg.get("run-tag", ""))
         planned = run.planned_epochs(task.site, task.cfg.kind)
         arrays, status = _site_models(task, cfg, run, global_arrays, seed, run_tag, planned)

@@ -33,7 +33,7 @@ from addiff_core.run_folder import RunFolder
 
 from addiff_core.project import project_root, resolve_path, split_list
 
-from .demo_data import ensure_demo_sites
+from .demo_data import DEMO_CASES, DEMO_DIR, DEMO_SITES, DEMO_SIZE, ensure_demo_sites
 from .run_config_cli import add_options, check_flags, run_config as build_run_config
 from .run_config_schema import SIMULATE
 
@@ -255,8 +255,8 @@ def cmd_simulate(args) -> int:
             if missing:
                 raise ConfigError(f"--site-files: not found: {', '.join(missing)}")
         else:
-            data_dir = resolve_path(args.data_dir, Path.cwd()) if args.data_dir else root / "demo_data"
-            site_files = ensure_demo_sites(data_dir, args.sites, args.cases_per_site, args.grid_size or 32,
+            data_dir = resolve_path(args.data_dir, Path.cwd()) if args.data_dir else root / DEMO_DIR
+            site_files = ensure_demo_sites(data_dir, args.sites, args.cases_per_site, args.grid_size or DEMO_SIZE,
                                            args.data_seed)
         n_sites = len(site_files)
         run_dir = (resolve_path(args.run_dir, Path.cwd()) if args.run_dir
@@ -323,7 +323,7 @@ def check_options(args) -> None:
     from addiff_core.options import check_synth
 
     if not args.site_files and not args.resume:
-        check_synth(args.sites, args.cases_per_site, args.grid_size or 32, args.data_seed, seed_flag="--data-seed")
+        check_synth(args.sites, args.cases_per_site, args.grid_size or DEMO_SIZE, args.data_seed, seed_flag="--data-seed")
     check_flags(args, SIMULATE)
 
 
@@ -357,8 +357,9 @@ def _site_privacy(site_files) -> dict[str, dict] | None:
 def add_parser(sub) -> None:
     s = sub.add_parser("simulate", help="federated training of simulated hospitals on this machine "
                                         "(demo data generated if missing), then a per-site evaluation table")
-    s.add_argument("--sites", type=int, default=3, help="number of demo hospitals (default 3)")
-    s.add_argument("--cases-per-site", type=int, default=8, help="demo cases per hospital (default 8: 6 training, 2 held out)")
+    s.add_argument("--sites", type=int, default=DEMO_SITES, help=f"number of demo hospitals (default {DEMO_SITES})")
+    s.add_argument("--cases-per-site", type=int, default=DEMO_CASES,
+                   help=f"demo cases per hospital (default {DEMO_CASES}: 6 training, 2 held out)")
     s.add_argument("--data-dir", help="where demo hospitals live (default ./demo_data in the project); --size sizes "
                                       "them too (default 32)")
     s.add_argument("--data-seed", type=int, default=0, help=argparse.SUPPRESS)
