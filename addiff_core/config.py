@@ -22,6 +22,7 @@ class ConfigError(ValueError):
 PREDICTION_TYPES = ("x0", "v", "epsilon")
 DECODER_ANATOMY = ("planning", "ct", "none")
 MAX_EPOCHS = 10000  # an extra zero must not start a run that never ends
+MAX_ROUNDS = 10000  # rounds of one stage, the same reason
 DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
 # A site's name: a folder name (state/NAME), a table cell and a word in the server's log. The
 # server holds the name in a reply to the same rule (server/replies.py).

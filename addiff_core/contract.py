@@ -12,6 +12,7 @@ TUMOUR_SITES = ("head_neck", "lung", "prostate")
 """``tumour_site`` of a plan; the sample's ``tumour_site`` is an index into this tuple."""
 
 TECHNIQUES = ("IMRT", "VMAT")
+STAGES = ("vae", "diffusion", "unet")  # the trainable units of a model (state-dict prefixes)
 """``technique`` of a plan; the sample's ``technique`` is an index into this tuple."""
 
 OAR_NAMES = (

@@ -16,7 +16,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from .config import MAX_EPOCHS, SiteConfig, TrainingConfig
+from .config import MAX_EPOCHS, MAX_ROUNDS, SiteConfig, TrainingConfig
+from .contract import STAGES
 
 PERSONALIZE_STAGES = ("both", "diffusion")
 
@@ -43,8 +44,9 @@ def parse_stage_plan(text: str | None) -> dict[str, int]:
         if not part:
             continue
         stage, sep, n = part.partition(":")
-        if not sep or not stage.strip() or not n.strip().isdigit():
-            raise ValueError(f"stage plan {text!r}: expected STAGE:ROUNDS entries, got {part!r}")
+        if not sep or stage.strip() not in STAGES or not n.strip().isdigit() or int(n) > MAX_ROUNDS:
+            raise ValueError(f"stage plan {text!r}: expected STAGE:ROUNDS entries (a stage of {', '.join(STAGES)}, "
+                             f"at most {MAX_ROUNDS} rounds), got {part!r}")
         plan[stage.strip()] = int(n)
     return plan
 
@@ -151,9 +153,9 @@ class RoundPlan:
             ValueError: a missing stage, a number out of range, a malformed stage plan.
         """
         stage = str(cfg.get("stage", ""))
-        if not stage:
-            raise ValueError("round config: no stage")
-        rounds = _number(cfg, "stage-rounds", 1, low=1)
+        if stage not in STAGES:
+            raise ValueError(f"round config: no stage of {', '.join(STAGES)}")
+        rounds = _number(cfg, "stage-rounds", 1, low=1, high=MAX_ROUNDS)
         run = RunPlan.from_config(cfg)
         return cls(stage=stage, round_number=_number(cfg, "server-round", None), epochs=run.local_epochs,
                    stage_round=_number(cfg, "stage-round", 1, low=1, high=rounds), stage_rounds=rounds,

@@ -13,14 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from addiff_core.config import MAX_EPOCHS, ConfigError
+from addiff_core.config import MAX_EPOCHS, MAX_ROUNDS, ConfigError
 from addiff_core.options import DDIM_STEPS_FLAGS, MAX_SEED, MAX_SITES, MAX_STEPS, SYNTH_BOUNDS
 
 from addiff_core.wire import WIRE_DTYPES
 
 SIMULATE, SERVER = "simulate", "server start"
 BOTH = (SIMULATE, SERVER)
-MAX_ROUNDS = 10000
 KEEP, CHANGE, RESET = "kept", "may change", "this start's"  # a key on --resume
 
 

@@ -19,7 +19,7 @@ def test_stage_plan_round_trip():
     assert parse_stage_plan("") == {} and parse_stage_plan(None) == {}
 
 
-@pytest.mark.parametrize("text", ["vae", "vae:x", ":3", "vae:-1", "vae:3;diffusion:4"])
+@pytest.mark.parametrize("text", ["vae", "vae:x", ":3", "vae:-1", "vae:3;diffusion:4", "vea:3", "vae:10001"])
 def test_stage_plan_rejects_garbage(text):
     with pytest.raises(ValueError, match="stage plan"):
         parse_stage_plan(text)
@@ -80,7 +80,8 @@ def test_a_site_alone_gives_its_epochs():
                                     {"local-epochs": -1}, {"local-epochs": 10**9}, {"local-epochs": 1.5},
                                     {"proximal-mu": float("nan")}, {"proximal-mu": -0.1}, {"seed": "x"},
                                     {"stage-plan": "vae"}, {"personalize-epochs": -2},
-                                    {"personalize-stages": "vae"}])
+                                    {"personalize-stages": "vae"}, {"stage": "vea"}, {"stage-rounds": 10**9},
+                                    {"stage-plan": "vae:1,diffusion:100000000"}])
 def test_a_round_config_out_of_bounds_is_refused(change):
     cfg = {**TRAIN, **change}
     cfg = {k: v for k, v in cfg.items() if v is not None}

@@ -14,13 +14,13 @@ from .denoiser import LatentDenoiser
 from .unet_baseline import DoseUNet
 from .vae import LightweightVAE3D
 from .cpu_conv import fast_batch1_convs
+from ..contract import STAGES
 
 __all__ = [
     "ADDiffDose", "DiffusionStage", "DoseRegressor", "LightweightVAE3D", "ConditionEncoder",
     "LatentDenoiser", "DoseUNet", "build_model", "count_parameters", "stage_prefix", "STAGES",
 ]
 
-STAGES = ("vae", "diffusion", "unet")
 
 
 class DiffusionStage(nn.Module):
