@@ -155,7 +155,8 @@ class ModelConfig:
     # diffusion stage: L1 of the decoded x0 estimate vs the dose in the evaluation region, beside
     # the latent MSE (the error the metrics measure)
     dose_l1_weight: float = 20.0
-    # what the denoiser predicts: "x0", "v" or "epsilon" (BENCHMARKS.md, "ADDiff-Dose design ablation")
+    # what the denoiser predicts: "x0", "v" or "epsilon"; x0 is the only one that samples well at
+    # these budgets (BENCHMARKS.md, "ADDiff-Dose design ablation")
     prediction_type: str = "x0"
     # what the VAE decoder reads besides its latent: "none" (so the diffusion decides the dose),
     # "ct", or "planning" (CT, targets, OARs, beam plate); issue #24

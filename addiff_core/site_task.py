@@ -205,7 +205,6 @@ class SiteTask:
                 ZERO_DOSE_KEY: zero_dose_mae(self.data.heldout.case_dirs)}
 
 
-
 def zero_dose_mae(case_dirs) -> float:
     """Held-out MAE (Gy) of predicting 0 Gy everywhere: the mean over the cases of the mean planned
     dose in the region ``evaluate`` scores (``regions.evaluation_region``). A model

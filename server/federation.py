@@ -351,11 +351,6 @@ class Federation:
         log.info("run folder %s (relative paths resolve against %s)", s.run_dir, _root_or_env())
         for line in run_lines(s.to_json(), n_sites=len(s.site_files) or s.required_sites):
             (log.warning if line.startswith("WARNING") else log.info)("%s", line)
-        if s.secure_aggregation:
-            r = s.raw
-            log.info("Secure aggregation: on (Flower's SecAgg+: the server unmasks only the weighted sum of the "
-                     "updates; clip %g, %d levels, threshold %s)", r["secagg-clip"], r["secagg-quantization"],
-                     r["secagg-threshold"] or "a majority of the round's sites")
 
     def _start(self) -> int:
         """The first round to run: a new run (the folder prepared) or a resumed one."""

@@ -1,5 +1,5 @@
 """An independent reader: dicompyler-core's DVH of an exported RTDOSE + RTSTRUCT agrees with the
-project's DVH points (``metrics.dvh_points``) computed on the case's own arrays.
+project's DVH points (``dvh.dvh_points``) computed on the case's own arrays.
 
 Tolerances (dicompyler-core bins dose in 1 cGy steps and rasterises the contours itself, on the
 dose grid, from the files); measured on these 24^3 phantoms in brackets:
@@ -81,7 +81,7 @@ def test_dicompyler_dvh_agrees_with_project_dvh_points(tmp_path, dicompyler, sit
             assert _volume_at(rel, d + 0.01) - 1.0 / n <= pct / 100.0 <= _volume_at(rel, d - 0.01) + 1.0 / n, (name, pct)
         if not is_target:
             assert ours["V20Gy"] == pytest.approx(_volume_at(rel, 20.0), abs=1.0 / n + 1e-9), name
-    print(f"{site}: worst differences dicompyler-core vs metrics.dvh_points: {worst}")
+    print(f"{site}: worst differences dicompyler-core vs dvh.dvh_points: {worst}")
 
 
 def test_dicompyler_reads_the_exported_dose_grid_in_gy(tmp_path, dicompyler):

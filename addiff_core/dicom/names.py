@@ -1,4 +1,4 @@
-"""Structure names: a TPS's ROI names -> the project's (``case_io.OAR_NAMES``, ``Body``, ``PTV<Gy>``).
+"""Structure names: a TPS's ROI names -> the project's (``contract.OAR_NAMES``, ``Body``, ``PTV<Gy>``).
 
 Looked up by a normalised key (lower case, letters and digits only: ``Parotid_L`` = ``PAROTID-L``);
 defaults cover TG-263 and common variants. A number in a target's name is a dose only next to a

@@ -59,7 +59,7 @@ def synth_case(rng: np.random.Generator, tumour_site: str, size: int | Sequence[
 
     All arrays are (z, y, x) on the same grid of ``size`` (int: a cube) with ``spacing`` (x, y, z)
     mm (None: :func:`default_spacing`). Masks: the plan's PTVs, the tumour site's OARs (canonical
-    ``case_io.OAR_NAMES``) and ``Body``; ``possible_dose_mask`` is the body.
+    ``contract.OAR_NAMES``) and ``Body``; ``possible_dose_mask`` is the body.
     """
     if tumour_site not in TUMOUR_SITES:
         raise ValueError(f"tumour_site must be one of {', '.join(TUMOUR_SITES)}, got {tumour_site!r}")
