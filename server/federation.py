@@ -389,6 +389,17 @@ class Federation:
                 "report": str(report) if report else None}
 
     def run(self) -> dict:
+        """The planned rounds, the final model and its evaluation. A :class:`FederationError`
+        leaves run.json "failed" with its message, whichever step raised it (not every one comes
+        through :meth:`_fail`), unless run.json already says how the run ended."""
+        try:
+            return self._run()
+        except FederationError as e:
+            if self.folder.read_run_json().get("status") == "running":
+                self.folder.update_run_json(status="failed", error=str(e), finished=timestamp())
+            raise
+
+    def _run(self) -> dict:
         s = self.settings
         start = self._start()
         self.run_tag = str(self.folder.read_run_json().get("run_tag", ""))  # "" for runs begun before run tags

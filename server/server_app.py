@@ -4,14 +4,13 @@ Thin: parse the run config, then :class:`server.federation.Federation` does the 
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Mapping
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from addiff_core.config import ConfigError
-from addiff_core.run_folder import RunFolder, timestamp
+from addiff_core.run_folder import RunFolder
 
 from .cross_site import CrossSiteFederation
 from .demo_data import ensure_demo_data
@@ -33,20 +32,10 @@ def _main(grid: Grid, run_config: Mapping[str, Any], send_site_files: bool, stop
     except FederationError as e:
         # a clean stop (e.g. "gave up after N attempts"): logged in one line and recorded in run.json
         # (status "failed"), which the launchers read; no Flower traceback, no exit code 201
+        # (Federation.run has recorded it in run.json, when the run got that far)
+        folder = RunFolder(settings.run_dir)
         return {"status": "failed", "run_dir": str(settings.run_dir), "error": str(e),
-                "run_json": _record_failed(settings.run_dir, str(e))}
-
-
-def _record_failed(run_dir: Path, error: str) -> str | None:
-    """run.json of a run that stopped: status "failed" unless it already says how it ended
-    (not every FederationError comes through ``Federation._fail``); its path, None if absent."""
-    folder = RunFolder(run_dir)
-    doc = folder.read_run_json()
-    if not doc:
-        return None
-    if doc.get("status") == "running":
-        folder.update_run_json(status="failed", error=error, finished=timestamp())
-    return str(folder.run_json)
+                "run_json": str(folder.run_json) if folder.read_run_json() else None}
 
 
 app = ServerApp()

@@ -25,7 +25,7 @@ from addiff_core.run_folder import RunFolder
 from helpers.federation import ROOT, TINY, FakeGrid
 from server import server_app
 from server.demo_data import DEMO_CASES, DEMO_STAMP
-from server.federation import FederationError
+from server.federation import Federation, FederationError
 from server.settings import DEFAULTS
 
 DEMO_FILES = DEFAULTS["site-files"].split(",")
@@ -130,13 +130,13 @@ def test_a_run_that_gives_up_is_failed_in_run_json_and_says_so_last(tmp_path, st
 
 
 def test_a_stop_outside_the_round_loop_is_failed_in_run_json_too(tmp_path, monkeypatch, stream):
-    class StopsMidRun(NoRounds):
-        def run(self) -> dict:
-            self.settings.run_dir.mkdir(parents=True)
-            RunFolder(self.settings.run_dir).write_run_json({"status": "running"})
-            raise FederationError("round 1: aggregation failed")
+    """Federation.run records a FederationError that did not come through Federation._fail."""
+    def stops_mid_run(self) -> dict:
+        self.settings.run_dir.mkdir(parents=True)
+        RunFolder(self.settings.run_dir).write_run_json({"status": "running"})
+        raise FederationError("round 1: aggregation failed")
 
-    monkeypatch.setattr(server_app, "CrossSiteFederation", StopsMidRun)
+    monkeypatch.setattr(Federation, "_run", stops_mid_run)
     flwr_main(FakeGrid(3), run_config(tmp_path, [tmp_path / "a.yaml"]))
     doc = json.loads((tmp_path / "run" / "run.json").read_text())
     assert doc["status"] == "failed" and doc["error"] == "round 1: aggregation failed" and doc["finished"], doc
