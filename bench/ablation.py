@@ -144,8 +144,10 @@ METRICS = ("mae_gy", "openkbp_dose_score", "openkbp_dvh_score", "mean_isodose_di
            "constraint_compliance_pred")
 
 
-def train_for(model, stage: str, data, cfg, lr: float, cpu_budget: float, seed: int, batch_size: int) -> dict:
-    """Train ``stage`` in whole epochs until ``cpu_budget`` process CPU seconds are spent."""
+def train_for(model, stage: str, data, cfg, lr: float, cpu_budget: float, seed: int, batch_size: int,
+              steps_target: int | None = None) -> dict:
+    """Train ``stage`` in whole epochs until ``cpu_budget`` process CPU seconds are spent, or with
+    ``steps_target`` until that many steps are done (``--replay``: a recorded run's whole epochs)."""
     from addiff_core.config import TrainingConfig
 
     tcfg = TrainingConfig(lr=lr, batch_size=batch_size)
@@ -154,7 +156,7 @@ def train_for(model, stage: str, data, cfg, lr: float, cpu_budget: float, seed: 
     loader = make_loader(data.train, batch_size, shuffle=True, seed=seed)
     gen = torch.Generator().manual_seed(seed)
     t0, steps, last = time.process_time(), 0, {}
-    while time.process_time() - t0 < cpu_budget:
+    while (steps < steps_target) if steps_target is not None else (time.process_time() - t0 < cpu_budget):
         last = train_stage_epoch(stage, model, loader, opt, cfg, torch.device("cpu"), generator=gen,
                                  progress=False)
         steps += int(last["steps"])
@@ -178,8 +180,12 @@ def variant_config(variant: str, steps_override: int | None = None):
 
 
 def run_one(variant: str, budget: float, seed: int, site_file: Path, batch_size: int,
-            steps_override: int | None, samples: int = 4, steps_sweep: list[int] | None = None) -> dict:
+            steps_override: int | None, samples: int = 4, steps_sweep: list[int] | None = None,
+            replay: dict | None = None) -> dict:
+    """One row: train ``variant`` for ``budget`` CPU seconds (or, with ``replay``, a recorded
+    row, for its steps per stage) and score it on the held-out cases."""
     _, lr, vae_share = VARIANTS[variant]
+    target = (lambda stage: replay[stage]["steps"]) if replay else (lambda stage: None)
     site = load_site_config(site_file)
     cfg = variant_config(variant, steps_override)
     data = load_site_data(site, cfg.grid)
@@ -188,11 +194,11 @@ def run_one(variant: str, budget: float, seed: int, site_file: Path, batch_size:
     row: dict = {"variant": variant, "budget_cpu_s": budget, "seed": seed, "lr": lr, "vae_share": vae_share,
                  "config": {k: getattr(cfg, k) for k in CONFIG_KEYS}}
     if cfg.kind == "unet":
-        row["unet"] = train_for(model, "unet", data, cfg, lr, budget, seed, batch_size)
+        row["unet"] = train_for(model, "unet", data, cfg, lr, budget, seed, batch_size, target("unet"))
     else:
-        row["vae"] = train_for(model, "vae", data, cfg, lr, budget * vae_share, seed, batch_size)
+        row["vae"] = train_for(model, "vae", data, cfg, lr, budget * vae_share, seed, batch_size, target("vae"))
         row["diffusion"] = train_for(model, "diffusion", data, cfg, lr, budget * (1 - vae_share), seed + 1,
-                                     batch_size)
+                                     batch_size, target("diffusion"))
     t0 = time.process_time()
     res = evaluate(model, data.heldout, cfg, torch.device("cpu"), seed=seed, progress=False)
     row["eval_cpu_s"] = time.process_time() - t0
@@ -297,6 +303,38 @@ def merge(files: list[Path], out: Path) -> int:
     return 0
 
 
+def _same_config(variant: str, recorded: dict) -> bool:
+    """Does ``variant`` still define the config a recorded row names (the keys both know)?"""
+    cfg = variant_config(variant)
+    now = {k: getattr(cfg, k) for k in CONFIG_KEYS}
+    norm = lambda v: list(v) if isinstance(v, (list, tuple)) else v  # noqa: E731 (JSON has lists)
+    return all(norm(now[k]) == norm(v) for k, v in recorded.items() if k in now)
+
+
+def replay(source: Path, out: Path, part: tuple[int, int], site_file: Path, batch_size: int, samples: int) -> int:
+    """Re-train every row of ``source`` (every ``part[1]``-th from ``part[0]``) for its recorded
+    steps per stage, with today's evaluation (issue #31: gamma), into ``out``; each row keeps the
+    held-out numbers it replaces under ``replayed_from``. A CPU-second budget buys a machine- and
+    load-dependent number of steps, so a replay, not a second budgeted run, is what reproduces a
+    table's models: the same seeds, epochs and order give the same weights on the same CPU type."""
+    recorded = json.loads(source.read_text())
+    rows = []
+    for i, old in enumerate(recorded["rows"]):
+        if i % part[1] != part[0]:
+            continue
+        if not _same_config(old["variant"], old["config"]):
+            raise SystemExit(f"{source}: row {i} ({old['variant']}): the variant's config has changed since")
+        common.progress(f"replay {old['variant']} budget {old['budget_cpu_s']:.0f} seed {old['seed']}")
+        row = run_one(old["variant"], old["budget_cpu_s"], old["seed"], site_file, batch_size, None, samples,
+                      replay=old)
+        row["replayed_from"] = {"when": recorded.get("when"), "cpu_model": recorded["machine"].get("cpu_model"),
+                                "heldout": old["heldout"]}
+        common.progress(f"  -> MAE {row['heldout']['mae_gy']:.4f} (recorded {old['heldout']['mae_gy']:.4f})")
+        rows.append(row)
+        write_results(out, rows, {"threads": recorded.get("threads"), "cases": recorded.get("cases")})
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--variants", default="old,x0,anatomy,masked,lr,split,new,new+hinge,unet,unet-nohinge")
@@ -313,6 +351,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=common.DEFAULT_OUT / "ablation.json")
     ap.add_argument("--merge", type=Path, nargs="*", default=None,
                     help="only merge the rows of these result files (runs made in parallel) into --out")
+    ap.add_argument("--replay", type=Path, default=None,
+                    help="re-train the rows of this result file for their recorded steps (same seeds, "
+                         "today's evaluation) into --out; --cases, --batch-size and --samples as that run's")
+    ap.add_argument("--replay-part", default="0/1", help="K/N: replay rows K, K+N, ... (parallel replays)")
     args = ap.parse_args(argv)
     if args.merge is not None:
         return merge(args.merge, args.out)
@@ -328,6 +370,9 @@ def main(argv: list[str] | None = None) -> int:
     site_file = data_root / "hospital_a.yaml"
     if not site_file.exists():
         write_synthetic_sites(data_root, n_sites=1, cases_per_site=args.cases, size=32, seed=11)
+    if args.replay is not None:
+        k, n = (int(x) for x in args.replay_part.split("/"))
+        return replay(args.replay, args.out, (k, n), site_file, args.batch_size, args.samples)
     previous = json.loads(args.out.read_text()).get("rows", []) if args.out.exists() else []
     rows = []
     for budget in common.parse_list(args.budgets, float):

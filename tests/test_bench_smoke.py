@@ -149,6 +149,13 @@ def test_ablation_smoke_and_merge(tmp_path):
     assert rows["new"]["config"]["residual_latent"] is False and rows["new"]["config"]["vae_channels"] == [8, 16, 32]
     text = merged.with_suffix(".md").read_text()
     assert "| new |" in text and "Latent probe" in text and "| d24-new |" in text.split("Latent probe")[1]
+    # --replay re-trains a recorded row for its steps: the same model, so the same numbers
+    replayed = tmp_path / "r.json"
+    assert mod.main(["--replay", str(b), "--cases", "8", "--samples", "2", "--data", str(data),
+                     "--out", str(replayed)]) == 0
+    (row,) = json.loads(replayed.read_text())["rows"]
+    assert row["unet"]["steps"] == rows["unet"]["unet"]["steps"]
+    assert row["heldout"] == rows["unet"]["heldout"] == row["replayed_from"]["heldout"]
 
 
 def test_ablation_variants_name_the_configs_they_claim():
