@@ -29,7 +29,7 @@ from .case_io import (BODY_NAME, CASE_DIR_RULE, Plan, hidden_case_dirs, is_case_
 from .contract import OAR_NAMES
 from .errors import CaseError
 from .limits import file_problem, image_size_problem
-from .nifti_raw import nifti_gz_problem, nifti_nonfinite_count, read_nifti_raw
+from .nifti_raw import read_nifti_raw
 
 # A structure (mask file) name: a letter, then letters, digits, '_' or '-' (no spaces, no dots).
 STRUCTURE_NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")

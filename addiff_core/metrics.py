@@ -23,7 +23,7 @@ import numpy as np
 
 from .constraints import TARGET, constraints_for_plan, evaluate_constraint
 from .contract import MIN_STRUCTURE_VOXELS
-from .dvh import as_mask, d_cc, dmax, dmean, dose_at_volume_pct, dvh_points, structure_doses, v_x
+from .dvh import as_mask, d_cc, dmax, structure_doses
 from .gamma import gamma_pass_rate
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -37,7 +37,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent

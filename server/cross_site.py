@@ -33,7 +33,7 @@ from client.site_models import ADAPT_ACTION, CROSS_ACTION, MODEL_STATUSES, MODEL
 
 from .federation import Federation
 from .final_table import expected_sites, final_notes, write_tables
-from .replies import failure_reason, sent_to
+from .replies import sent_to
 from .validation import check_arrays, check_count, spec_of
 
 log = logging.getLogger("flwr.addiff")
@@ -125,8 +125,8 @@ class SiteModels:
     def _read_reply(self, who, matrix: Matrix, max_cases: int) -> dict[str, tuple[int, dict]]:
         """A site's adapt reply: its rows and home cells in ``matrix``; returns its shared models."""
         site, r = who.site, who.reply
-        if who.refusal is not None or r.has_error() or METRICS_KEY not in r.content.metric_records:
-            why = who.refusal or failure_reason(r, "reply without metrics")
+        why = who.unusable()
+        if why is not None:
             log.warning("after the last round: %s: %s", site, why)
             for model in MODELS:
                 self._add(matrix, site, model, False, f"failed: {why}")
@@ -143,11 +143,10 @@ class SiteModels:
                 self._add(matrix, site, model, False, {"off": "not trained (not asked, or the site's choice)",
                                                        "refused": "refused (privacy budget)"}.get(status, status))
                 continue
-            bad = check_count(metrics.get(f"{model}.num-cases"), max_cases, minimum=0, key=f"{model}.num-cases")
+            cell, bad = prefixed_cell(metrics, model, max_cases)
             if bad is not None:
                 self._add(matrix, site, model, False, f"rejected: {bad}")
                 continue
-            cell = cell_of({k: metrics.get(f"{model}.{k}") for k, _ in MATRIX_METRICS}, int(metrics[f"{model}.num-cases"]))
             arrays = self._shared_arrays(r, model, site) if is_shared else None
             self._add(matrix, site, model, arrays is not None, "ok")
             matrix.put(name, site, cell)
@@ -207,18 +206,17 @@ class SiteModels:
         replies = fed._send_and_receive(msgs)
         sent = sent_to(msgs)
         for who in fed.sites.identify(replies, sent, set(names)):
-            r = who.reply
-            if who.refusal is not None or r.has_error() or METRICS_KEY not in r.content.metric_records:
-                log.warning("cross-site: %s: %s", who.site, who.refusal or failure_reason(r, "reply without metrics"))
+            why = who.unusable()
+            if why is not None:
+                log.warning("cross-site: %s: %s", who.site, why)
                 continue
             if who.site not in matrix.sites:
                 continue
-            m = dict(r.content[METRICS_KEY])
+            m = dict(who.reply.content[METRICS_KEY])
             for i, name in enumerate(names.get(who.node, [])):
-                bad = check_count(m.get(f"{shared_key(i)}.num-cases"), self.fed.settings.max_num_examples, minimum=0)
+                cell, bad = prefixed_cell(m, shared_key(i), self.fed.settings.max_num_examples)
                 if bad is None:
-                    matrix.put(name, who.site, cell_of({k: m.get(f"{shared_key(i)}.{k}") for k, _ in MATRIX_METRICS},
-                                                       int(m[f"{shared_key(i)}.num-cases"])))
+                    matrix.put(name, who.site, cell)
                 else:
                     log.warning("cross-site: %s at %s: %s", name, who.site, bad)
 
@@ -257,6 +255,16 @@ class SiteModels:
                               "their accountant's total after it")
         write_tables(fed.folder.path, out, planned=expected_sites(out, fed.settings), notes=fed.final_notes(out))
         return out
+
+
+def prefixed_cell(metrics: dict, prefix: str, max_cases: int) -> tuple[dict | None, str | None]:
+    """The matrix cell of the metrics a reply sent under ``prefix.`` (its ``prefix.num-cases``
+    bounded by ``max_cases``): (cell, None), or (None, why the count is refused)."""
+    key = f"{prefix}.num-cases"
+    bad = check_count(metrics.get(key), max_cases, minimum=0, key=key)
+    if bad is not None:
+        return None, bad
+    return cell_of({k: metrics.get(f"{prefix}.{k}") for k, _ in MATRIX_METRICS}, int(metrics[key])), None
 
 
 def bounded_epsilon(v) -> float | None:

@@ -113,6 +113,15 @@ class Who:
     site: str
     refusal: str | None = None
 
+    def unusable(self) -> str | None:
+        """Why an evaluation reply cannot be read (a refused name, a failure, no metrics), in
+        words the server chose; None if it can."""
+        if self.refusal is not None:
+            return self.refusal
+        if self.reply.has_error() or METRICS_KEY not in self.reply.content.metric_records:
+            return failure_reason(self.reply, "reply without metrics")
+        return None
+
 
 class Sites:
     """The sites of a run as the server learns them from their replies: node id -> site name
@@ -193,18 +202,15 @@ class Sites:
         (kind "error": failed; "rejected": a name it may not use or an implausible case count)."""
         rows, errors = [], []
         for who in self.identify(replies, sent, connected):
-            r, kind = who.reply, "rejected"
-            if who.refusal is None and not r.has_error() and METRICS_KEY in r.content.metric_records:
-                m = dict(r.content[METRICS_KEY])
+            reason = who.unusable()
+            kind = "rejected" if reason is None or who.refusal is not None else "error"
+            if reason is None:
+                m = dict(who.reply.content[METRICS_KEY])
                 reason = check_count(m.get(NUM_EXAMPLES), max_cases, minimum=0)
                 if reason is None:
                     rows.append({**self._site_part(m, who.site, base["round"]), "site": who.site,
                                  "cases": int(m[NUM_EXAMPLES])})
                     continue
-            elif who.refusal is None:
-                kind, reason = "error", failure_reason(r, "reply without metrics")
-            else:
-                reason = who.refusal
             errors.append({"kind": kind, **base, "site": who.site, "node_id": who.node, "reason": reason})
             log.warning("final evaluation: %s %s: %s", who.site, "failed" if kind == "error" else "rejected", reason)
         return rows, errors

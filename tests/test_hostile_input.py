@@ -8,7 +8,6 @@ shows as a failed memory bound, not as a machine out of memory.
 """
 from __future__ import annotations
 
-import gzip
 import os
 import re
 import struct

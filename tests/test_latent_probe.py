@@ -2,13 +2,11 @@
 predicts must be decided by the latent the diffusion samples, not by the decoder alone."""
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import pytest
 import torch
 
-from addiff_core import diffusion as D
 from addiff_core import latent_probe
 from addiff_core.config import ModelConfig, load_model_config, load_site_config
 from addiff_core.data import load_site_data
