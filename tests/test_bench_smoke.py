@@ -197,3 +197,20 @@ def test_predict_bench_smoke(tmp_path):
     for cold in data["cold"].values():
         assert all(_positive(cold[k]) for k in ("predict_case_with_load", "cli_one_case", "cli_folder"))
     assert _positive(data["summary"]["ratio_addiff_to_unet"])
+
+
+def test_uncertainty_seeds_summary_and_table():
+    """bench/uncertainty_seeds.py: the summary per model and seed (a deterministic model has no
+    uncertainty columns, only its target level) and the per-patient table."""
+    mod = _load("uncertainty_seeds")
+    row = lambda rho, cal, pred: {"spearman": rho, "calibration_2std": cal,  # noqa: E731
+                                  "primary_level_pred": pred, "primary_level_ref": 1.0}
+    doc = {"patients": ["p1", "p2"],
+           "results": {"adiff": {"0": [row(0.2, 0.5, 0.9), row(0.6, 0.1, 1.2)]},
+                       "unet": {"0": [row(None, None, 1.0), row(None, None, 0.7)]}}}
+    (adiff, unet) = mod.summary_rows(doc["results"])
+    assert adiff[:3] == ["adiff", "0", 2] and adiff[3] == pytest.approx(0.4) and adiff[4:6] == [0.2, 0.6]
+    assert adiff[6] == pytest.approx(30.0) and adiff[7] == pytest.approx(0.15)
+    assert unet[3:7] == ["-"] * 4 and unet[7] == pytest.approx(0.15)
+    text = mod.render(doc)
+    assert "adiff rho" in text and "unet rho" not in text and "unet target mean / Rx" in text
