@@ -22,9 +22,10 @@ import logging
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 
-from addiff_core.wire import METRICS_KEY, NUM_EXAMPLES, SITE_ERROR_CLASSES, SITE_KEY, STATUS_FAILED
+from addiff_core.wire import METRICS_KEY, NUM_EXAMPLES, SITE_ERROR_CLASSES, SITE_KEY
 
 from .flower_compat import RECORD_KEY_CONFIGS, Key, Stage, secaggplus_mod
+from .site_failures import failed
 
 log = logging.getLogger("flwr.addiff.client")
 
@@ -102,9 +103,9 @@ def _project_reply(reply: Message, request: Message) -> Message:
 
 def _failure(request: Message, exc: BaseException) -> Message:
     cls = next((c for c in SITE_ERROR_CLASSES if type(exc).__name__ == c), "Exception")
-    log.error("secure aggregation failed at this site (%s): %s", type(exc).__name__, exc)
-    return Message(RecordDict({SITE_KEY: ConfigRecord({"name": "", "status": STATUS_FAILED, "code": "secure-aggregation",
-                                                       "error": cls})}), reply_to=request)
+    # the class only: in a simulation this console is the coordinator's (site_failures.site_log)
+    log.error("secure aggregation failed at this site (%s)", type(exc).__name__)
+    return failed(request, "", "secure-aggregation", cls)
 
 
 def _refuse_a_double_unmask(configs: ConfigRecord) -> None:

@@ -117,10 +117,11 @@ def failure_reply(msg: Message, exc: BaseException) -> Message:
     where_to = "details in the site's log (STATE_DIR/site.log)" if handler is not None else \
         "details not logged (no state directory)"
     log.error("site %s: %s failed (%s, %s); %s", name or "?", msg.metadata.message_type, code, cls, where_to)
-    return _failed(msg, name, code, cls)
+    return failed(msg, name, code, cls)
 
 
-def _failed(msg: Message, name: str, code: str, cls: str) -> Message:
+def failed(msg: Message, name: str, code: str, cls: str) -> Message:
+    """The one failure reply: the site's name, status, a closed code and an exception class, nothing else."""
     return Message(RecordDict({SITE_KEY: ConfigRecord({"name": name, "status": STATUS_FAILED, "code": code,
                                                        "error": cls})}), reply_to=msg)
 
@@ -136,6 +137,6 @@ def never_raises(fn: Callable[[Message, Context], Message]) -> Callable[[Message
             try:
                 return failure_reply(msg, e)
             except Exception:  # noqa: BLE001 - even the reply failed: the barest one
-                return _failed(msg, "", "internal", "Exception")
+                return failed(msg, "", "internal", "Exception")
 
     return wrapper

@@ -3,6 +3,8 @@ client mod (no model, no training), what secure aggregation refuses at start, an
 site makes on its update before masking."""
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -172,15 +174,20 @@ def test_a_plain_train_message_never_goes_through_the_protocol():
     assert secure_aggregation_mod(msg, ctx, lambda m, c: reply) is reply
 
 
-def test_a_protocol_failure_stays_at_the_site():
-    """A stage out of order (Flower's mod raises): a failure reply with a code, no exception text."""
+def test_a_protocol_failure_stays_at_the_site(caplog):
+    """A stage out of order (Flower's mod raises): a failure reply with a code, no exception text,
+    neither in the reply nor on the console (in a simulation, the coordinator's)."""
     set_task_identity()
-    msg = Message(RecordDict({RECORD_KEY_CONFIGS: ConfigRecord({Key.STAGE: Stage.UNMASK})}), dst_node_id=1,
-                  message_type="train")
+    msg = Message(RecordDict({RECORD_KEY_CONFIGS: ConfigRecord({Key.STAGE: Stage.UNMASK,
+                                                                Key.ACTIVE_NODE_ID_LIST: [7],
+                                                                Key.DEAD_NODE_ID_LIST: [7]})}),
+                  dst_node_id=1, message_type="train")
     ctx = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
-    reply = secure_aggregation_mod(msg, ctx, lambda m, c: None)
+    with caplog.at_level(logging.DEBUG):
+        reply = secure_aggregation_mod(msg, ctx, lambda m, c: None)
     site = reply.content.config_records["site"]
     assert site["status"] == "failed" and site["code"] == "secure-aggregation" and len(reply.content.items()) == 1
+    assert "ValueError" in caplog.text and "both active and dropped" not in caplog.text
 
 
 def test_the_update_travels_only_inside_the_site():
