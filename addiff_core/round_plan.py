@@ -97,6 +97,27 @@ def _number(cfg: Mapping[str, Any], key: str, default, kind=int, low=0, high=Non
     return value
 
 
+SEED_RANGE = (-2**63, 2**64 - 1)  # what torch.manual_seed takes
+
+
+@dataclass(frozen=True)
+class EvalPlan:
+    """What an evaluation message asks of a site: its sampling seed, DDIM steps (None: the
+    model's own) and the run's tag, each bounded where the site reads it."""
+
+    seed: int = 0
+    steps: int | None = None
+    run_tag: str = ""
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any], max_steps: int) -> EvalPlan:
+        """Raises: ValueError: a seed out of torch's range, or steps above ``max_steps`` (the
+        model's train_timesteps: a server could otherwise make a site sample without end)."""
+        return cls(seed=_number(cfg, "seed", 0, low=SEED_RANGE[0], high=SEED_RANGE[1]),
+                   steps=_number(cfg, "eval-steps", 0, low=0, high=max_steps) or None,
+                   run_tag=str(cfg.get("run-tag", "")))
+
+
 @dataclass(frozen=True)
 class RunPlan:
     """What the whole federated run asks of a site: its DP target."""
@@ -159,7 +180,7 @@ class RoundPlan:
         run = RunPlan.from_config(cfg)
         return cls(stage=stage, round_number=_number(cfg, "server-round", None), epochs=run.local_epochs,
                    stage_round=_number(cfg, "stage-round", 1, low=1, high=rounds), stage_rounds=rounds,
-                   proximal_mu=_number(cfg, "proximal-mu", 0.0, kind=float), seed=_number(cfg, "seed", 0, low=-2**63),
+                   proximal_mu=_number(cfg, "proximal-mu", 0.0, kind=float), seed=_number(cfg, "seed", 0, low=SEED_RANGE[0], high=SEED_RANGE[1]),
                    run_tag=str(cfg.get("run-tag", "")), run=run)
 
     def at_site(self, site: SiteConfig, kind: str) -> RoundPlan:

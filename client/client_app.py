@@ -16,7 +16,7 @@ from flwr.clientapp import ClientApp
 
 from addiff_core.site_task import MissingGlobalWeights, SiteTask, TrainResult, state_to_arrays
 from addiff_core.privacy import PrivacyBudgetExhausted
-from addiff_core.round_plan import RoundPlan
+from addiff_core.round_plan import EvalPlan, RoundPlan
 from addiff_core.wire import (ARRAYS_KEY, CONFIG_KEY, LAYOUT_KEY, METRICS_KEY, NUM_EXAMPLES, PACKED, SITE_KEY,
                               STATUS_NEED_VAE, STATUS_REFUSED, decode, encode, fingerprint, layout_from_json)
 
@@ -66,9 +66,10 @@ def evaluate(msg: Message, context: Context) -> Message:
     task = message_task(context, cfg)
     with phase("weights", task.site):
         arrays = decode(from_record(msg.content[ARRAYS_KEY]), layout_from_json(str(cfg.get(LAYOUT_KEY, ""))))
+    with phase("round-config", task.site):
+        plan = EvalPlan.from_config(cfg, task.cfg.train_timesteps)
     with phase("evaluate", task.site):
-        res = task.evaluate(arrays, seed=int(cfg.get("seed", 0)), steps=int(cfg.get("eval-steps", 0)) or None,
-                            gamma=bool(cfg.get("eval-gamma", True)))
+        res = task.evaluate(arrays, seed=plan.seed, steps=plan.steps, gamma=bool(cfg.get("eval-gamma", True)))
         metrics = {NUM_EXAMPLES: int(res.get("num_cases", 0)),
                    **{k: float(v) for k, v in res.items() if k != "num_cases"}, **task.privacy_spent()}
         return _reply(msg, task, {METRICS_KEY: MetricRecord(metrics)})

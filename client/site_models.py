@@ -28,7 +28,7 @@ from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from addiff_core.site_task import SiteTask, initial_arrays
 from addiff_core.personalize import evaluate_at_home, fine_tune, train_local
 from addiff_core.privacy import PrivacyBudgetExhausted
-from addiff_core.round_plan import RunPlan, site_epochs
+from addiff_core.round_plan import EvalPlan, RunPlan, site_epochs
 from addiff_core.wire import (ARRAYS_KEY, CONFIG_KEY, LAYOUT_KEY, METRICS_KEY, PACKED, SITE_KEY, decode, encode,
                               layout_from_json)
 
@@ -62,14 +62,14 @@ def adapt_reply(msg: Message, task: SiteTask) -> Message:
         global_arrays = decode(from_record(msg.content[ARRAYS_KEY]), layout)
     with phase("round-config", task.site):
         run = RunPlan.from_config(cfg)
+        plan = EvalPlan.from_config(cfg, task.cfg.train_timesteps)
     with phase("train", task.site):
-        seed, run_tag = int(cfg.get("seed", 0)), str(cfg.get("run-tag", ""))
         planned = run.planned_epochs(task.site, task.cfg.kind)
-        arrays, status = _site_models(task, cfg, run, global_arrays, seed, run_tag, planned)
+        arrays, status = _site_models(task, cfg, run, global_arrays, plan.seed, plan.run_tag, planned)
     with phase("evaluate", task.site):
         metrics: dict[str, float] = {}
         for model, a in arrays.items():
-            res = evaluate_at_home(task, a, seed=seed, steps=int(cfg.get("eval-steps", 0)) or None, gamma=False)
+            res = evaluate_at_home(task, a, seed=plan.seed, steps=plan.steps, gamma=False)
             metrics[f"{model}.num-cases"] = float(res.pop("num_cases"))
             metrics.update({f"{model}.{k}": float(v) for k, v in res.items()})
         metrics.update(task.privacy_spent())
@@ -128,13 +128,14 @@ def cross_reply(msg: Message, task: SiteTask) -> Message:
     cfg = msg.content[CONFIG_KEY]
     with phase("weights", task.site):
         layout = layout_from_json(str(cfg.get(LAYOUT_KEY, "")))
-        seed, steps = int(cfg.get("seed", 0)), int(cfg.get("eval-steps", 0)) or None
+    with phase("round-config", task.site):
+        plan = EvalPlan.from_config(cfg, task.cfg.train_timesteps)
     metrics: dict[str, float] = {}
     for i in range(int(cfg.get("models", 0))):
         with phase("weights", task.site):
             arrays = decode(from_record(msg.content[shared_key(i)]), layout)
         with phase("evaluate", task.site):
-            res = evaluate_at_home(task, arrays, seed=seed, steps=steps, gamma=False)
+            res = evaluate_at_home(task, arrays, seed=plan.seed, steps=plan.steps, gamma=False)
             metrics[f"{shared_key(i)}.num-cases"] = float(res.pop("num_cases"))
             metrics.update({f"{shared_key(i)}.{k}": float(v) for k, v in res.items()})
     return Message(RecordDict({METRICS_KEY: MetricRecord(metrics), SITE_KEY: ConfigRecord({"name": task.site.name})}),

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from addiff_core.round_plan import RoundPlan, RunPlan, format_stage_plan, parse_stage_plan
+from addiff_core.round_plan import EvalPlan, RoundPlan, RunPlan, format_stage_plan, parse_stage_plan
 
 
 def test_stage_plan_round_trip():
@@ -81,9 +81,21 @@ def test_a_site_alone_gives_its_epochs():
                                     {"proximal-mu": float("nan")}, {"proximal-mu": -0.1}, {"seed": "x"},
                                     {"stage-plan": "vae"}, {"personalize-epochs": -2},
                                     {"personalize-stages": "vae"}, {"stage": "vea"}, {"stage-rounds": 10**9},
-                                    {"stage-plan": "vae:1,diffusion:100000000"}])
+                                    {"stage-plan": "vae:1,diffusion:100000000"}, {"seed": 2**64}])
 def test_a_round_config_out_of_bounds_is_refused(change):
     cfg = {**TRAIN, **change}
     cfg = {k: v for k, v in cfg.items() if v is not None}
     with pytest.raises(ValueError, match="round config|stage plan"):
         RoundPlan.from_config(cfg)
+
+
+def test_an_evaluation_config_is_read_once_and_bounded():
+    """Seed, DDIM steps and run tag of an evaluation message (final, adapt, cross): the steps at
+    most the model's train_timesteps (a server could otherwise make a site sample without end)."""
+    assert EvalPlan.from_config({}, 1000) == EvalPlan(seed=0, steps=None, run_tag="")
+    assert EvalPlan.from_config({"seed": 7, "eval-steps": 10, "run-tag": "r1"}, 1000) == EvalPlan(7, 10, "r1")
+    assert EvalPlan.from_config({"eval-steps": 0}, 1000).steps is None  # 0: the model's own sample_steps
+    for bad in ({"eval-steps": 1001}, {"eval-steps": -1}, {"eval-steps": 2.5}, {"seed": 2**64}, {"seed": "x"},
+                {"seed": float("inf")}):
+        with pytest.raises(ValueError, match="round config"):
+            EvalPlan.from_config(bad, 1000)
