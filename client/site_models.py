@@ -69,9 +69,7 @@ def adapt_reply(msg: Message, task: SiteTask) -> Message:
     with phase("evaluate", task.site):
         metrics: dict[str, float] = {}
         for model, a in arrays.items():
-            res = evaluate_at_home(task, a, seed=plan.seed, steps=plan.steps, gamma=False)
-            metrics[f"{model}.num-cases"] = float(res.pop("num_cases"))
-            metrics.update({f"{model}.{k}": float(v) for k, v in res.items()})
+            metrics.update(_metrics_at_home(task, a, plan, model))
         metrics.update(task.privacy_spent())
         shared = task.site.share_models_for_evaluation
         content = RecordDict({METRICS_KEY: MetricRecord(metrics),
@@ -121,6 +119,14 @@ def _site_models(task: SiteTask, cfg, run: RunPlan, global_arrays: dict, seed: i
     return arrays, status
 
 
+def _metrics_at_home(task: SiteTask, arrays: dict, plan: EvalPlan, prefix: str) -> dict[str, float]:
+    """A model's held-out metrics at this site (no gamma), keyed ``prefix.metric`` and
+    ``prefix.num-cases`` (what ``server.cross_site.prefixed_cell`` reads)."""
+    res = evaluate_at_home(task, arrays, seed=plan.seed, steps=plan.steps, gamma=False)
+    out = {f"{prefix}.num-cases": float(res.pop("num_cases"))}
+    return out | {f"{prefix}.{k}": float(v) for k, v in res.items()}
+
+
 def cross_reply(msg: Message, task: SiteTask) -> Message:
     """``evaluate.cross``: each model of the message (``m0``, ``m1``, ... packed like the request's
     layout) on this site's held-out cases, numbers back (``m<i>.<metric>``, ``m<i>.num-cases``).
@@ -135,8 +141,6 @@ def cross_reply(msg: Message, task: SiteTask) -> Message:
         with phase("weights", task.site):
             arrays = decode(from_record(msg.content[shared_key(i)]), layout)
         with phase("evaluate", task.site):
-            res = evaluate_at_home(task, arrays, seed=plan.seed, steps=plan.steps, gamma=False)
-            metrics[f"{shared_key(i)}.num-cases"] = float(res.pop("num_cases"))
-            metrics.update({f"{shared_key(i)}.{k}": float(v) for k, v in res.items()})
+            metrics.update(_metrics_at_home(task, arrays, plan, shared_key(i)))
     return Message(RecordDict({METRICS_KEY: MetricRecord(metrics), SITE_KEY: ConfigRecord({"name": task.site.name})}),
                    reply_to=msg)
