@@ -15,6 +15,7 @@ MAX_SEED = 2**32 - 1  # numpy's and torch's generators take a seed in [0, 2^32)
 MAX_SAMPLES = 100  # each sample is a whole DDIM pass over the case
 MAX_STEPS = 10000  # before the model is known; then its train_timesteps
 MAX_SITES = 1000
+RTDOSE_GRID_MM = 2.5  # predict --rtdose's default dose grid: a clinical one, not the CT's (100 MB at 512x512x98)
 # the DDIM-steps override of every command: one spelling, the federation commands' old one kept as an alias
 DDIM_STEPS_FLAGS = ("--steps", "--eval-steps")
 SYNTH_BOUNDS = {"--sites": (1, 100), "--cases-per-site": (2, 10000), "--size": (16, 512)}

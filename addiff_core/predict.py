@@ -31,7 +31,7 @@ from .dvh import dvh_curve, dvh_points
 from .errors import CaseError, CheckpointError
 from .formats import csv_text
 from .models import build_model
-from .options import MAX_SAMPLES, check_device, check_range, check_seed, check_steps
+from .options import MAX_SAMPLES, RTDOSE_GRID_MM, check_device, check_range, check_seed, check_steps
 from .outputs import write_output
 from .preprocessing import case_to_sample, dose_to_ct_grid
 from .regions import evaluation_region, zero_outside
@@ -161,7 +161,7 @@ class Predictor:
 
     def predict(self, case_dir: Path, out_dir: Path, *, samples: int = 1, steps: int | None = None, seed: int = 0,
                 overwrite: bool = False, rtdose: bool = False, force: bool = False,
-                rtdose_grid_mm: float | None = 2.5) -> Prediction:
+                rtdose_grid_mm: float | None = RTDOSE_GRID_MM) -> Prediction:
         """Predict one case into ``out_dir`` (see the module docstring); ``force``: write an
         implausible prediction too; ``rtdose_grid_mm``: the RTDOSE's grid spacing (None: the CT grid)."""
         from .outputs import check_output_dir, data_folder_of, ensure_writable_dir
@@ -228,7 +228,7 @@ def check_options(samples: int, steps: int | None, seed: int, cfg: ModelConfig |
 
 def predict_case(checkpoint: Path, case_dir: Path, out_dir: Path, *, samples: int = 1, steps: int | None = None,
                  seed: int = 0, device: str = "auto", overwrite: bool = False, rtdose: bool = False,
-                 force: bool = False, rtdose_grid_mm: float | None = 2.5) -> dict[str, str]:
+                 force: bool = False, rtdose_grid_mm: float | None = RTDOSE_GRID_MM) -> dict[str, str]:
     """One case: load the checkpoint, predict, write (see the module docstring). Returns the
     written files and ``seconds`` (model time, as before) for the command line."""
     from .outputs import check_output_dir, data_folder_of
@@ -245,7 +245,7 @@ def predict_case(checkpoint: Path, case_dir: Path, out_dir: Path, *, samples: in
 
 def predict_folder(checkpoint: Path, cases_root: Path, out_root: Path, *, samples: int = 1, steps: int | None = None,
                    seed: int = 0, device: str = "auto", overwrite: bool = False, rtdose: bool = False,
-                   force: bool = False, on_case=None, rtdose_grid_mm: float | None = 2.5
+                   force: bool = False, on_case=None, rtdose_grid_mm: float | None = RTDOSE_GRID_MM
                    ) -> tuple[dict[str, Prediction], dict[str, str], list[str]]:
     """Every case folder directly under ``cases_root`` (``case_io.list_cases``, the rule of
     training and ``data check``) -> ``out_root/<case>/``, the model loaded once. A case that

@@ -19,6 +19,7 @@ from pydicom.sequence import Sequence
 from pydicom.tag import Tag
 
 from ..case_io import BODY_NAME, Case, load_case, read_dicom_info
+from ..options import RTDOSE_GRID_MM
 from .contours import index_to_patient, mask_to_contours
 from .objects import (STUDY_SOP_CLASS, UID_ROOT, Identity, base_dataset, ds_number, new_uid, now, right_handed, save,
                       set_image_plane)
@@ -26,7 +27,7 @@ from .scan import SOP_CLASSES
 from .validate import valid_or_empty
 
 __all__ = ["UID_ROOT", "Identity", "new_uid", "export_case", "write_ct_series", "write_rtstruct", "write_rtplan",
-           "write_rtdose", "write_predicted_rtdose", "RTDOSE_GRID_MM", "dose_grid_option", "clinical_dose_grid",
+           "write_rtdose", "write_predicted_rtdose", "dose_grid_option", "clinical_dose_grid",
            "roi_names"]
 
 _COLOURS = ((255, 0, 0), (0, 160, 255), (0, 200, 0), (255, 200, 0), (200, 0, 255), (255, 120, 0), (0, 220, 200),
@@ -297,7 +298,6 @@ def export_case(case_dir: str | Path, out_dir: str | Path, uid_root: str | None 
     return written
 
 
-RTDOSE_GRID_MM = 2.5  # predict --rtdose's default dose grid: a clinical one, not the CT's (100 MB at 512x512x98)
 _GRID_BOUNDS_MM = (0.5, 10.0)
 
 
