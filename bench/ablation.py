@@ -304,10 +304,13 @@ def merge(files: list[Path], out: Path) -> int:
 
 
 def _same_config(variant: str, recorded: dict) -> bool:
-    """Does ``variant`` still define the config a recorded row names (the keys both know)?"""
+    """Does ``variant`` still define the config a recorded row names (the keys both know; of a
+    U-Net only its width, the one of these keys it reads)?"""
     cfg = variant_config(variant)
     now = {k: getattr(cfg, k) for k in CONFIG_KEYS}
     norm = lambda v: list(v) if isinstance(v, (list, tuple)) else v  # noqa: E731 (JSON has lists)
+    if cfg.kind == "unet":
+        return norm(now["unet_channels"])[0] == norm(recorded["unet_channels"])[0]
     return all(norm(now[k]) == norm(v) for k, v in recorded.items() if k in now)
 
 
@@ -318,9 +321,10 @@ def replay(source: Path, out: Path, part: tuple[int, int], site_file: Path, batc
     load-dependent number of steps, so a replay, not a second budgeted run, is what reproduces a
     table's models: the same seeds, epochs and order give the same weights on the same CPU type."""
     recorded = json.loads(source.read_text())
-    rows = []
+    rows = json.loads(out.read_text())["rows"] if out.exists() else []  # a replay that stopped goes on
+    done = {_key(r) for r in rows}
     for i, old in enumerate(recorded["rows"]):
-        if i % part[1] != part[0]:
+        if i % part[1] != part[0] or _key(old) in done:
             continue
         if not _same_config(old["variant"], old["config"]):
             raise SystemExit(f"{source}: row {i} ({old['variant']}): the variant's config has changed since")
