@@ -180,7 +180,8 @@ class RoundPlan:
         run = RunPlan.from_config(cfg)
         return cls(stage=stage, round_number=_number(cfg, "server-round", None), epochs=run.local_epochs,
                    stage_round=_number(cfg, "stage-round", 1, low=1, high=rounds), stage_rounds=rounds,
-                   proximal_mu=_number(cfg, "proximal-mu", 0.0, kind=float), seed=_number(cfg, "seed", 0, low=SEED_RANGE[0], high=SEED_RANGE[1]),
+                   proximal_mu=_number(cfg, "proximal-mu", 0.0, kind=float),
+                   seed=_number(cfg, "seed", 0, low=SEED_RANGE[0], high=SEED_RANGE[1]),
                    run_tag=str(cfg.get("run-tag", "")), run=run)
 
     def at_site(self, site: SiteConfig, kind: str) -> RoundPlan:
