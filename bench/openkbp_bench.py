@@ -339,7 +339,8 @@ def _site_doc(name: str, data_dir: str, heldout: dict, budget: dict, note: str) 
     doc = {"name": name, "data_dir": data_dir, "state_dir": f"state/{name}", "heldout": heldout, "device": "cpu",
            "training": {"batch_size": budget["batch_size"], "optimizer": budget["optimizer"], "lr": budget["lr"],
                         "lr_schedule": "constant", "vae_epochs": budget["local_epochs"],
-                        "diffusion_epochs": budget["local_epochs"], "grad_clip": 1.0, "seed": 0}}
+                        "diffusion_epochs": budget["local_epochs"], "grad_clip": 1.0,
+                        "seed": int(budget.get("seed", 0))}}
     return f"# {note}\n# Written by bench/openkbp_bench.py; rewritten on every run.\n" + yaml.safe_dump(doc, sort_keys=False)
 
 
@@ -647,7 +648,7 @@ def out_dir(args: argparse.Namespace) -> Path:
 def render_only(args: argparse.Namespace) -> int:
     """Rewrite the result files of an earlier run (same training results; references recomputed)."""
     out = out_dir(args)
-    path = out / f"{results_stem(args.scale)}.json"
+    path = out / f"{results_stem(args.scale, args.seed)}.json"
     if not path.is_file():
         print(f"openkbp_bench: --render-only: {path} not found (run the benchmark first)", file=sys.stderr)
         return 2
@@ -693,6 +694,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--render-only", action="store_true",
                    help="train nothing: re-read OUT/openkbp_bench[_xK].json (--scale K), recompute the reference "
                         "scores (grid floor, 0 Gy) from its work folder's cases and rewrite the .json and .md")
+    p.add_argument("--seed", type=int, default=0,
+                   help="training seed of every method (federated runs' --seed, the site files' training seed); "
+                        "not 0 writes OUT/openkbp_bench[_xK]_seedN.json/.md and WORK/runs[_xK]_seedN; the split "
+                        "and the sampling seeds stay")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads per training/evaluation process (default 1: on a shared, busy CPU one "
                         "thread ran 2-4x faster than two); the federated runs use one process per site")
@@ -725,8 +730,8 @@ class Bench:
                   "n_train", "n_heldout"):
             setattr(self, k, setup[k])
         self.selected: list[str] = list(args.methods)
-        suffix = scale_suffix(args.scale)
-        self.stem = results_stem(args.scale)
+        suffix = scale_suffix(args.scale, args.seed)
+        self.stem = results_stem(args.scale, args.seed)
         self.runs, self.logs, self.unc_dir = (self.work / f"{n}{suffix}" for n in ("runs", "logs", "uncertainty"))
         self.py = [sys.executable, "-m", "addiff_core.cli"]
         self.methods: dict[str, dict] = {}
@@ -868,7 +873,7 @@ class Bench:
                         else ("unet", str(b["unet_epochs"])))
         run_dir, log = self.runs / key, self.logs / f"{key}.log"
         cmd = self.py + ["simulate", "--site-files", ",".join(str(f) for f in self.site_files), "--config",
-                         str(self.cfg_file), "--local-epochs", str(b["local_epochs"]), "--seed", "0"]
+                         str(self.cfg_file), "--local-epochs", str(b["local_epochs"]), "--seed", str(self.args.seed)]
         cmd += ([] if b["gamma"] else ["--no-gamma"]) + ["--model", kind, "--rounds", rounds, "--run-dir", str(run_dir)]
         self.progress(f"{METHOD_LABELS[key]}: addiff simulate --model {kind} --rounds {rounds} ... (log {log})")
         secs = csecs = 0.0
@@ -1055,7 +1060,7 @@ def run_bench(args: argparse.Namespace, sample: Path) -> int:
     quiet_warnings()
     from addiff_core.config import load_model_config
 
-    budget = scaled_budget(args.budget, args.scale)
+    budget = {**scaled_budget(args.budget, args.scale), "seed": int(args.seed)}
     work, out = work_dir(args), out_dir(args)
     work.mkdir(parents=True, exist_ok=True)
     t0, cpu0 = time.perf_counter(), _self_cpu()

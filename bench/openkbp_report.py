@@ -26,15 +26,17 @@ PROBE_BYPASS_MIN = 1.25  # min(zero, shuffled) / sampled at least this: the diff
 # --------------------------------------------------------------------------------------------
 # names and numbers
 # --------------------------------------------------------------------------------------------
-def scale_suffix(scale: float) -> str:
-    """``""`` for the bench budget (scale 1), else ``_x{scale:g}`` (``_x3``, ``_x0.5``)."""
-    return "" if float(scale) == 1.0 else f"_x{float(scale):g}"
+def scale_suffix(scale: float, seed: int = 0) -> str:
+    """``""`` for the bench budget (scale 1) and training seed 0, else ``_x{scale:g}`` (``_x3``,
+    ``_x0.5``) and ``_seed{seed}``."""
+    return ("" if float(scale) == 1.0 else f"_x{float(scale):g}") + ("" if int(seed) == 0 else f"_seed{int(seed)}")
 
 
-def results_stem(scale: float) -> str:
-    """``openkbp_bench`` at scale 1, ``openkbp_bench_x3`` at scale 3: a learning-curve point never
-    overwrites the bench budget's result files."""
-    return RESULTS_STEM + scale_suffix(scale)
+def results_stem(scale: float, seed: int = 0) -> str:
+    """``openkbp_bench`` at scale 1, ``openkbp_bench_x3`` at scale 3, ``openkbp_bench_x3_seed1``
+    with training seed 1: a learning-curve point or a second seed never overwrites another run's
+    result files."""
+    return RESULTS_STEM + scale_suffix(scale, seed)
 
 
 def scale_epochs(epochs: int, scale: float) -> int:

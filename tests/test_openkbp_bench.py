@@ -160,6 +160,9 @@ def test_results_file_and_run_folder_names(bench):
     assert bench.results_stem(1) == "openkbp_bench" and bench.results_stem(1.0) == "openkbp_bench"
     assert bench.results_stem(3) == "openkbp_bench_x3" and bench.results_stem(0.5) == "openkbp_bench_x0.5"
     assert bench.scale_suffix(1) == "" and bench.scale_suffix(2.5) == "_x2.5"
+    # a second training seed never overwrites the first's files
+    assert bench.results_stem(3, 1) == "openkbp_bench_x3_seed1" and bench.results_stem(1, 2) == "openkbp_bench_seed2"
+    assert bench.results_stem(3, 0) == "openkbp_bench_x3"
 
 
 def test_methods_option(bench):
