@@ -291,6 +291,17 @@ class TrainingConfig:
     seed: int = 0
 
 
+def new_site_doc(name: str, heldout: dict, seed: int = 0) -> dict:
+    """What a site file written by an importer holds (``addiff data``, the demo): its cases in
+    ``NAME/cases``, ``heldout`` as given, the :class:`TrainingConfig` defaults with ``seed``,
+    device auto, privacy off. Each writer adds its own header line."""
+    t = TrainingConfig(seed=int(seed))
+    return {"name": name, "data_dir": f"{name}/cases", "heldout": heldout, "device": "auto",
+            "training": {k: getattr(t, k) for k in ("batch_size", "optimizer", "lr", "vae_epochs",
+                                                    "diffusion_epochs", "seed")},
+            "privacy": {"enabled": False}}
+
+
 @dataclass(frozen=True)
 class PrivacyConfig:
     enabled: bool = False

@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 
 from ..case_io import only_case_entries, save_case, staged_case_dir
+from ..config import new_site_doc
 from ..errors import CaseError
 from ..errors import UserError
 from .convert import convert
@@ -82,10 +83,7 @@ def _site_doc(name: str, phases: dict[str, str | None]) -> dict:
     held = sorted(c for c, ph in phases.items() if ph in HELDOUT_PHASES)
     heldout = ({"case_ids": held, "seed": 0} if held and len(held) < len(phases)
                else {"fraction": 0.25, "seed": 0})
-    return {"name": name, "data_dir": f"{name}/cases", "heldout": heldout, "device": "auto",
-            "training": {"batch_size": 2, "optimizer": "adamw", "lr": 1.0e-3, "vae_epochs": 2,
-                         "diffusion_epochs": 2, "seed": 0},
-            "privacy": {"enabled": False}}
+    return new_site_doc(name, heldout)
 
 
 def _check_site_files(out: Path, groups: set[str]) -> None:

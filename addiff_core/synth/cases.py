@@ -13,6 +13,7 @@ import yaml
 from scipy import ndimage
 
 from ..case_io import Plan, save_case
+from ..config import new_site_doc
 from ..contract import TUMOUR_SITES
 from .body import HU, Anatomy
 from .canvas import Canvas
@@ -106,15 +107,7 @@ def _write_site_files(out_dir: Path, name: str, prof: HospitalProfile, sites: li
     prof_d = {k: (list(v) if isinstance(v, tuple) else v) for k, v in prof_d.items()}
     prof_d["cases"] = {t: sites.count(t) for t in TUMOUR_SITES}
     (out_dir / name / "profile.yaml").write_text(yaml.safe_dump(prof_d, sort_keys=False), encoding="utf-8")
-    site = {
-        "name": name,
-        "data_dir": f"{name}/cases",
-        "heldout": {"fraction": 0.25, "seed": int(seed)},
-        "device": "auto",
-        "training": {"batch_size": 2, "optimizer": "adamw", "lr": 1.0e-3, "vae_epochs": 2,
-                     "diffusion_epochs": 2, "seed": int(seed) + si},
-        "privacy": {"enabled": False},
-    }
+    site = new_site_doc(name, {"fraction": 0.25, "seed": int(seed)}, seed=int(seed) + si)
     header = (f"{SITE_FILE_HEADER} ({name}): {prof.description}.\n"
               f"# Written by addiff_core.synth.write_synthetic_sites(seed={seed}, size={size}).\n")
     p = out_dir / f"{name}.yaml"
