@@ -64,10 +64,6 @@ class FedAdamParams:
     beta_2: float = DEFAULTS["fedadam-beta-2"]
     tau: float = DEFAULTS["fedadam-tau"]
 
-    def items(self):
-        """As keyword arguments (``build_strategy`` reads any of them)."""
-        return asdict(self).items()
-
 
 @dataclass(frozen=True)
 class CentralDPParams:
@@ -76,12 +72,6 @@ class CentralDPParams:
     noise: float = DEFAULTS["central-dp-noise"]
     clip: float = DEFAULTS["central-dp-clip"]
     delta: float = DEFAULTS["central-dp-delta"]
-
-    def __getitem__(self, name: str) -> float:
-        return getattr(self, name)
-
-    def get(self, name: str, default: Any = None) -> Any:
-        return getattr(self, name, default)
 
     def check(self) -> None:
         """What only an active central DP needs: a clipping norm, a delta below 1."""

@@ -25,7 +25,7 @@ from flwr.serverapp.strategy import (
 from addiff_core.wire import METRICS_KEY, NUM_EXAMPLES, SITE_KEY
 
 from .flower_compat import aggregate_arrayrecords
-from .settings import DEFAULTS, STRATEGIES, check_central_dp
+from .settings import DEFAULTS, STRATEGIES, CentralDPParams, FedAdamParams, check_central_dp
 
 
 def site_of(msg: Message) -> str:
@@ -166,25 +166,22 @@ class CentralDP(DifferentialPrivacyServerSideFixedClipping):
 
 
 def build_strategy(name: str, *, min_sites: int, proximal_mu: float = DEFAULTS["proximal-mu"],
-                   fedadam: dict | None = None, buffer_keys: Iterable[str] = (), trim_beta: float = DEFAULTS["trim-beta"],
-                   central_dp: dict | None = None):
+                   fedadam: FedAdamParams = FedAdamParams(), buffer_keys: Iterable[str] = (),
+                   trim_beta: float = DEFAULTS["trim-beta"], central_dp: CentralDPParams = CentralDPParams()):
     """The strategy named in the run config (``settings.STRATEGIES``: its class and the run-config
     keys of its hyper-parameters); every connected site trains every round (a round starts once
-    ``min_sites`` SuperNodes are connected). ``fedadam``: any of eta, beta_1, beta_2, tau (the
-    rest from the run-config defaults)."""
+    ``min_sites`` SuperNodes are connected)."""
     info = STRATEGIES.get(name)
     if info is None:
         raise ValueError(f"unknown strategy {name!r}")
-    noise = float((central_dp or {}).get("noise", 0) or 0)
-    check_central_dp(name, noise)
+    check_central_dp(name, central_dp.noise)
     common = dict(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=min_sites,
                   min_evaluate_nodes=min_sites, min_available_nodes=min_sites, weighted_by_key=NUM_EXAMPLES)
     cls = globals()[info.cls]  # a class of this module (tests/test_federation_strategy.py builds each)
-    if noise > 0:
-        assert central_dp is not None
+    if central_dp.noise > 0:
         inner = cls(**{**common, "weighted_by_key": UNIFORM_KEY})
-        return CentralDP(inner, noise_multiplier=central_dp["noise"], clipping_norm=central_dp["clip"],
-                         delta=central_dp["delta"])
-    values = {**DEFAULTS, "proximal-mu": proximal_mu, "trim-beta": trim_beta,
-              **{"fedadam-" + k.replace("_", "-"): v for k, v in (fedadam or {}).items()}}
+        return CentralDP(inner, noise_multiplier=central_dp.noise, clipping_norm=central_dp.clip,
+                         delta=central_dp.delta)
+    values = {**DEFAULTS, "proximal-mu": proximal_mu, "trim-beta": trim_beta, "fedadam-eta": fedadam.eta,
+              "fedadam-beta-1": fedadam.beta_1, "fedadam-beta-2": fedadam.beta_2, "fedadam-tau": fedadam.tau}
     return cls(**common, buffer_keys=buffer_keys, **{kw: values[key] for key, kw in info.params.items()})

@@ -16,6 +16,7 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, 
 from client.flower_compat import set_task_identity
 from addiff_core.wire import fingerprint
 from client.records import from_record, record_nbytes, to_record
+from server.settings import CentralDPParams, FedAdamParams
 from server.strategies import StagedFedAdam, StagedFedAvg, build_strategy, ordered
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,7 +107,7 @@ def test_fedprox_sends_mu_to_the_sites():
 def test_fedadam_new_stage_fresh_moments_buffers_averaged_and_state_roundtrip():
     set_task_identity()
     grid = _NodeGrid([1, 2])
-    s = build_strategy("fedadam", min_sites=2, fedadam={"eta": 0.01, "tau": 1e-6},
+    s = build_strategy("fedadam", min_sites=2, fedadam=FedAdamParams(eta=0.01, tau=1e-6),
                        buffer_keys=["diffusion.latent_scale"])
     assert isinstance(s, StagedFedAdam)
     g_vae = {"vae.w": np.zeros(4, np.float32)}
@@ -217,7 +218,7 @@ def test_strategy_registry_builds_every_strategy_with_its_hyper_parameters():
         with pytest.raises(ConfigError, match="central DP needs strategy fedavg"):
             check_central_dp(name, 1.0)
         with pytest.raises(ValueError, match="central DP needs strategy fedavg"):
-            build_strategy(name, min_sites=2, central_dp={"noise": 1.0, "clip": 1.0, "delta": 1e-3})
+            build_strategy(name, min_sites=2, central_dp=CentralDPParams(noise=1.0, clip=1.0, delta=1e-3))
 
 
 def test_run_config_schedule_and_errors(tmp_path):
