@@ -18,7 +18,7 @@ from addiff_core.site_task import MissingGlobalWeights, SiteTask, TrainResult, s
 from addiff_core.privacy import PrivacyBudgetExhausted
 from addiff_core.round_plan import EvalPlan, RoundPlan
 from addiff_core.wire import (ARRAYS_KEY, CONFIG_KEY, LAYOUT_KEY, METRICS_KEY, NUM_EXAMPLES, PACKED, SITE_KEY,
-                              STATUS_NEED_VAE, STATUS_REFUSED, decode, encode, fingerprint, layout_from_json)
+                              STATUS_NEED_VAE, STATUS_REFUSED, decode, encode_like, fingerprint, layout_from_json)
 
 from .flower_compat import RECORD_KEY_CONFIGS
 from .records import from_record, to_record
@@ -131,10 +131,8 @@ def _train_reply(msg: Message, task: SiteTask, plan: RoundPlan, received: dict, 
         return Message(_secure_content(task, msg.content, plan.stage, received, res.arrays, metrics), reply_to=msg)
     wire, layout = res.arrays, layout_from_json(str(cfg.get(LAYOUT_KEY, "")))
     if plan.stage in layout:  # reply packed exactly like the request's stage weights
-        separate = {k for k in msg.content[ARRAYS_KEY].keys() if not k.startswith(PACKED) and
-                    k.startswith(plan.stage + ".")}
-        wire, _ = encode(res.arrays, [plan.stage], separate, order=layout,
-                         wire_dtype=str(cfg.get("wire-dtype", "float32")))
+        wire = encode_like(res.arrays, msg.content[ARRAYS_KEY].keys(), [plan.stage], layout,
+                           wire_dtype=str(cfg.get("wire-dtype", "float32")))
     return _reply(msg, task, {ARRAYS_KEY: to_record(wire), METRICS_KEY: MetricRecord(metrics)})
 
 

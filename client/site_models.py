@@ -29,7 +29,7 @@ from addiff_core.site_task import SiteTask, initial_arrays
 from addiff_core.personalize import evaluate_at_home, fine_tune, train_local
 from addiff_core.privacy import PrivacyBudgetExhausted
 from addiff_core.round_plan import EvalPlan, RunPlan, site_epochs
-from addiff_core.wire import (ARRAYS_KEY, CONFIG_KEY, LAYOUT_KEY, METRICS_KEY, PACKED, SITE_KEY, decode, encode,
+from addiff_core.wire import (ARRAYS_KEY, CONFIG_KEY, LAYOUT_KEY, METRICS_KEY, SITE_KEY, decode, encode_like,
                               layout_from_json)
 
 from .records import from_record, to_record
@@ -75,10 +75,8 @@ def adapt_reply(msg: Message, task: SiteTask) -> Message:
         content = RecordDict({METRICS_KEY: MetricRecord(metrics),
                               SITE_KEY: ConfigRecord({"name": task.site.name, **status, "shared": bool(shared)})})
         if shared:  # the site file allows its models to be evaluated elsewhere: packed like the request
-            separate = {k for k in msg.content[ARRAYS_KEY].keys() if not k.startswith(PACKED)}
             for model, a in arrays.items():
-                wire, _ = encode(a, list(layout), separate, order=layout)
-                content[arrays_key(model)] = to_record(wire)
+                content[arrays_key(model)] = to_record(encode_like(a, msg.content[ARRAYS_KEY].keys(), layout, layout))
     return Message(content, reply_to=msg)
 
 
