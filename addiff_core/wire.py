@@ -162,7 +162,6 @@ def encode(arrays: dict[str, np.ndarray], groups: list[str], separate=frozenset(
     return out, layout
 
 
-
 def encode_like(arrays: dict[str, np.ndarray], request_keys, groups, layout: dict[str, list],
                 wire_dtype: str = "float32") -> dict[str, np.ndarray]:
     """``arrays`` packed as a request's weights were (a site's reply): in ``layout``'s order, and
@@ -170,6 +169,7 @@ def encode_like(arrays: dict[str, np.ndarray], request_keys, groups, layout: dic
     again. Raises ValueError as :func:`encode`."""
     separate = {k for k in request_keys if not k.startswith(PACKED)}
     return encode(arrays, list(groups), separate, order=layout, wire_dtype=wire_dtype)[0]
+
 
 def decode(arrays: dict[str, np.ndarray], layout: dict[str, list]) -> dict[str, np.ndarray]:
     """Inverse of :func:`encode` (arrays that are not packed pass through)."""

@@ -11,7 +11,8 @@ U-Net checkpoint (deterministic) gets the levels only.
 
     python bench/uncertainty_seeds.py x1=runs/openkbp_bench/runs/federated_addiff/final_model.pt \\
         x3=runs/openkbp_bench/runs_x3/federated_addiff/final_model.pt \\
-        unet_x1=runs/openkbp_bench/runs/federated_unet/final_model.pt --cases-dir runs/openkbp_bench/cases --seeds 0,1,2 --out bench/results/uncertainty_seeds.json
+        unet_x1=runs/openkbp_bench/runs/federated_unet/final_model.pt \\
+        --cases-dir runs/openkbp_bench/cases --seeds 0,1,2 --out bench/results/uncertainty_seeds.json
 """
 from __future__ import annotations
 
