@@ -79,3 +79,30 @@ def test_a_failure_outside_any_phase_is_internal_and_nameless():
 
     assert dict(handler(_request(), None).content[SITE_KEY]) == {"name": "", "status": STATUS_FAILED,
                                                                  "code": "internal", "error": "RuntimeError"}
+
+
+@pytest.mark.parametrize("change", [{"eval-steps": 10**6}, {"seed": 2**70}])
+def test_an_evaluation_message_out_of_bounds_is_refused_before_any_sampling(tmp_path, change):
+    """The ClientApp's final evaluation reads seed and DDIM steps bounded (round_plan.EvalPlan):
+    a server asking for a million DDIM steps gets a round-config failure, not hours of sampling."""
+    from flwr.app import Context
+
+    from addiff_core.config import load_model_config
+    from addiff_core.site_task import initial_arrays
+    from addiff_core.wire import ARRAYS_KEY, CONFIG_KEY, LAYOUT_KEY, encode, layout_to_json, model_config_to_json
+    from client.client_app import app
+    from client.records import to_record
+    from helpers.federation import TINY, synthetic_sites
+
+    site_file = synthetic_sites(tmp_path, n_sites=1, cases_per_site=2, size=16)[0]
+    cfg = load_model_config(TINY)
+    arrays = initial_arrays(cfg, 0)
+    wire, layout = encode(arrays, list(dict.fromkeys(k.split(".", 1)[0] for k in arrays)))
+    set_task_identity()
+    config = {"model-config": model_config_to_json(cfg), "seed": 0, "eval-steps": 0, "eval-gamma": False,
+              LAYOUT_KEY: layout_to_json(layout), **change}
+    msg = Message(RecordDict({CONFIG_KEY: ConfigRecord(config), ARRAYS_KEY: to_record(wire)}), dst_node_id=1,
+                  message_type=MessageType.EVALUATE)
+    ctx = Context(run_id=1, node_id=1, node_config={"site-config": str(site_file)}, state=RecordDict(), run_config={})
+    site = dict(app(message=msg, context=ctx).content[SITE_KEY])
+    assert (site["status"], site["code"], site["error"]) == (STATUS_FAILED, "round-config", "ValueError"), site
