@@ -38,16 +38,16 @@ def primary_level(dose, case) -> float:
     return float(np.asarray(dose)[mask].mean() / case.plan.prescriptions[name])
 
 
-def patient_row(checkpoint: Path, case_dir: Path, seed: int, samples: int, work: Path) -> dict:
-    """One held-out patient: the uncertainty numbers and the primary target's level."""
+def patient_row(predictor, case_dir: Path, seed: int, samples: int, work: Path) -> dict:
+    """One held-out patient: the uncertainty numbers and the primary target's level
+    (``predictor``: ``predict.Predictor``, what ``addiff predict --force`` runs)."""
     import SimpleITK as sitk
 
     from addiff_core.case_io import load_case
-    from addiff_core.predict import predict_case
     from addiff_core.regions import region_array
 
-    written = predict_case(checkpoint, case_dir, work / case_dir.name, samples=samples, seed=seed, device="cpu",
-                           overwrite=True, force=True)
+    written = predictor.predict(case_dir, work / case_dir.name, samples=samples, seed=seed, overwrite=True,
+                                force=True).written
     case = load_case(case_dir)
     mean = sitk.GetArrayFromImage(sitk.ReadImage(written["dose"])).astype(np.float64)
     ref = case.array("dose").astype(np.float64)
@@ -57,13 +57,6 @@ def patient_row(checkpoint: Path, case_dir: Path, seed: int, samples: int, work:
         std = sitk.GetArrayFromImage(sitk.ReadImage(written["uncertainty"])).astype(np.float64)
         row.update(uncertainty_in_mask(mean, std, ref, region_array(case)))
     return row
-
-
-def is_sampled(checkpoint: Path) -> bool:
-    """Does the checkpoint sample (a diffusion model), or predict one dose (the U-Net)?"""
-    from addiff_core.checkpoint import load_checkpoint
-
-    return load_checkpoint(checkpoint)[1].kind == "diffusion"
 
 
 def heldout_patients(bench_json: Path) -> list[str]:
@@ -111,17 +104,20 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     common.quiet_warnings()
     common.apply_threads(1)
+    from addiff_core.predict import Predictor
+
     models = dict(m.split("=", 1) for m in args.models)
     patients = heldout_patients(args.bench_json)
     results: dict[str, dict[str, list]] = {}
     with tempfile.TemporaryDirectory(prefix="addiff-unc-") as tmp:
         for name, ckpt in models.items():
-            sampled = is_sampled(Path(ckpt))
+            predictor = Predictor(Path(ckpt), "cpu")  # loaded once per model
+            sampled = predictor.cfg.kind == "diffusion"  # the U-Net predicts one dose: its levels only
             for seed in common.parse_list(args.seeds, int) if sampled else [0]:
                 samples = args.samples if sampled else 1
                 common.progress(f"{name} seed {seed}: {len(patients)} patients x {samples} sample(s)")
                 results.setdefault(name, {})[str(seed)] = [
-                    patient_row(Path(ckpt), args.cases_dir / pid, seed, samples, Path(tmp)) for pid in patients]
+                    patient_row(predictor, args.cases_dir / pid, seed, samples, Path(tmp)) for pid in patients]
     doc = {"machine": common.machine_info("cpu"), "when": common.now_iso(), "models": models,
            "samples": args.samples, "patients": patients, "results": results}
     common.write_json(args.out, doc)
