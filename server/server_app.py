@@ -33,9 +33,9 @@ def _main(grid: Grid, run_config: Mapping[str, Any], send_site_files: bool, stop
         # a clean stop (e.g. "gave up after N attempts"): logged in one line and recorded in run.json
         # (status "failed"), which the launchers read; no Flower traceback, no exit code 201
         # (Federation.run has recorded it in run.json, when the run got that far)
-        folder = RunFolder(settings.run_dir)
+        run_json = RunFolder(settings.run_dir).run_json
         return {"status": "failed", "run_dir": str(settings.run_dir), "error": str(e),
-                "run_json": str(folder.run_json) if folder.read_run_json() else None}
+                "run_json": str(run_json) if run_json.is_file() else None}
 
 
 app = ServerApp()
