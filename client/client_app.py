@@ -64,10 +64,10 @@ def evaluate(msg: Message, context: Context) -> Message:
     """The global model's held-out metrics at this site."""
     cfg = msg.content[CONFIG_KEY]
     task = message_task(context, cfg)
+    with phase("round-config", task.site):  # before the weights are decoded, as in train
+        plan = EvalPlan.from_config(cfg, task.cfg.train_timesteps)
     with phase("weights", task.site):
         arrays = decode(from_record(msg.content[ARRAYS_KEY]), layout_from_json(str(cfg.get(LAYOUT_KEY, ""))))
-    with phase("round-config", task.site):
-        plan = EvalPlan.from_config(cfg, task.cfg.train_timesteps)
     with phase("evaluate", task.site):
         res = task.evaluate(arrays, seed=plan.seed, steps=plan.steps, gamma=bool(cfg.get("eval-gamma", True)))
         metrics = {NUM_EXAMPLES: int(res.get("num_cases", 0)),

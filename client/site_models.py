@@ -57,12 +57,12 @@ def shared_key(i: int) -> str:
 def adapt_reply(msg: Message, task: SiteTask) -> Message:
     """Fine-tune / train locally, evaluate at home, reply with numbers (and weights if shared)."""
     cfg = msg.content[CONFIG_KEY]
-    with phase("weights", task.site):
-        layout = layout_from_json(str(cfg.get(LAYOUT_KEY, "")))
-        global_arrays = decode(from_record(msg.content[ARRAYS_KEY]), layout)
     with phase("round-config", task.site):
         run = RunPlan.from_config(cfg)
         plan = EvalPlan.from_config(cfg, task.cfg.train_timesteps)
+    with phase("weights", task.site):
+        layout = layout_from_json(str(cfg.get(LAYOUT_KEY, "")))
+        global_arrays = decode(from_record(msg.content[ARRAYS_KEY]), layout)
     with phase("train", task.site):
         planned = run.planned_epochs(task.site, task.cfg.kind)
         arrays, status = _site_models(task, cfg, run, global_arrays, plan.seed, plan.run_tag, planned)
@@ -130,10 +130,10 @@ def cross_reply(msg: Message, task: SiteTask) -> Message:
     layout) on this site's held-out cases, numbers back (``m<i>.<metric>``, ``m<i>.num-cases``).
     The models are put into the site's model directly: none becomes its cached global VAE."""
     cfg = msg.content[CONFIG_KEY]
-    with phase("weights", task.site):
-        layout = layout_from_json(str(cfg.get(LAYOUT_KEY, "")))
     with phase("round-config", task.site):
         plan = EvalPlan.from_config(cfg, task.cfg.train_timesteps)
+    with phase("weights", task.site):
+        layout = layout_from_json(str(cfg.get(LAYOUT_KEY, "")))
     metrics: dict[str, float] = {}
     for i in range(int(cfg.get("models", 0))):
         with phase("weights", task.site):
