@@ -21,6 +21,7 @@ class ConfigError(ValueError):
 
 PREDICTION_TYPES = ("x0", "v", "epsilon")
 DECODER_ANATOMY = ("planning", "ct", "none")
+PLAN_NORMALISATIONS = ("none", "target_median")  # addiff_core/plan_normalisation.py
 MAX_EPOCHS = 10000  # an extra zero must not start a run that never ends
 MAX_ROUNDS = 10000  # rounds of one stage, the same reason
 DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
@@ -169,6 +170,9 @@ class ModelConfig:
     latent_dropout: float = 0.0
     # VAE reconstruction L1 over "body" (the evaluation region) or "grid" (every voxel)
     vae_loss_region: str = "body"
+    # every prediction scaled so the primary target's median dose is the prescription (ICRU 83),
+    # or "none" (addiff_core/plan_normalisation.py; issue #24)
+    plan_normalisation: str = "none"
 
     @property
     def downsample(self) -> int:
@@ -240,6 +244,7 @@ def _model_config(f: _Fields) -> ModelConfig:
         residual_latent=f.boolean("residual_latent", d.residual_latent),
         latent_dropout=f.number("latent_dropout", d.latent_dropout, minimum=0, maximum=1, exclusive_max=True),
         vae_loss_region=f.string("vae_loss_region", d.vae_loss_region, choices=("body", "grid")),
+        plan_normalisation=f.string("plan_normalisation", d.plan_normalisation, choices=PLAN_NORMALISATIONS),
     )
     f.finish()
     if cfg.grid.size % (cfg.downsample * 2 ** (len(cfg.unet_channels) - 1)):

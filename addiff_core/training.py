@@ -25,6 +25,7 @@ from .config import ModelConfig, TrainingConfig
 from .data import SampleDataset
 from .metrics import case_metrics
 from .models import stage_prefix
+from .plan_normalisation import normalise_to_prescription
 from .preprocessing import dose_to_ct_grid
 
 log = logging.getLogger(__name__)
@@ -216,14 +217,23 @@ def train_stage_epoch(stage: str, model: nn.Module, loader: DataLoader, optimize
 def predict_normalised(model: nn.Module, batch: dict[str, torch.Tensor], cfg: ModelConfig, *, steps: int | None = None,
                        seed: int = 0, num_samples: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The one prediction every command uses: (normalised dose (N,1,S,S,S) >= 0, x rx = Gy, zero
-    outside ``body``; the voxel-wise std over ``num_samples`` of the diffusion model, else None).
+    outside ``body``; the voxel-wise std over ``num_samples`` of the diffusion model, else None),
+    each sample scaled by ``cfg.plan_normalisation`` (:mod:`plan_normalisation`).
     ``steps``, ``seed``: as :func:`diffusion.sample`'s."""
     model.eval()
     m = diff.unwrap(model)
-    if hasattr(m, "diffusion"):
-        return diff.sample(m, batch, cfg, steps=steps, seed=seed, num_samples=num_samples)
+    if hasattr(m, "diffusion"):  # each sample normalised on its own: the std is over normalised plans
+        stack = diff.sample_doses(m, batch, cfg, steps=steps, seed=seed, num_samples=num_samples)
+        stack = torch.stack([_plan_normalised(s, batch, cfg) for s in stack])
+        return stack.mean(0), (stack.std(0, unbiased=False) if stack.shape[0] > 1 else None)
     region = batch["body"].float() if "body" in batch else 1.0
-    return m(batch).clamp_min(0) * region, None
+    return _plan_normalised(m(batch).clamp_min(0) * region, batch, cfg), None
+
+
+def _plan_normalised(dose: torch.Tensor, batch: dict[str, torch.Tensor], cfg: ModelConfig) -> torch.Tensor:
+    if cfg.plan_normalisation == "none":
+        return dose
+    return normalise_to_prescription(dose, batch["target_primary"].to(dose), cfg.plan_normalisation)
 
 
 def evaluate(model: nn.Module, dataset: SampleDataset, cfg: ModelConfig, device: torch.device, *, seed: int = 0,
