@@ -1,7 +1,9 @@
 """What each part of ADDiff-Dose contributes (issue #24): the MAE of decoding the sampled latent,
 z = 0, the reference dose's own latent (oracle) and another case's (shuffled). If the decoder
 ignored its latent, z = 0 would score like the sample; if the VAE were no autoencoder, the oracle
-would not beat it. MAEs are on the model grid in the ``body``, in units of the prescription.
+would not beat it. MAEs are on the model grid in the ``body``, in units of the prescription, of
+the latent path itself; with a plan normalisation (``cfg.plan_normalisation``) the MAEs of every
+decode normalised as the model's predictions are come beside them (``CaseProbe.mae_plan_normalised``).
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import torch
 
 from . import diffusion as diff
 from .config import ModelConfig
+from .plan_normalisation import normalise_to_prescription
 
 VARIANTS = ("sampled", "zero", "oracle", "shuffled")
 
@@ -22,6 +25,7 @@ class CaseProbe:
 
     case_id: str
     mae: dict[str, float]  # VARIANTS -> MAE (normalised dose) inside the evaluation region
+    mae_plan_normalised: dict[str, float] | None  # the same after cfg.plan_normalisation (None: "none")
     spread: float  # mean voxel std of the samples / mean reference dose, inside the region (nan: 1 sample)
     mean_of_samples: float  # MAE of the samples' mean (nan: 1 sample)
 
@@ -68,14 +72,20 @@ def probe_cases(model: torch.nn.Module, samples: list[dict[str, torch.Tensor]], 
             "oracle": diff.decode_latent(m, latents[i], b),
             "shuffled": diff.decode_latent(m, latents[(i + 1) % len(batches)], b),
         }
-        mae = {k: _region_mae(v.clamp_min(0) * region, ref, region) for k, v in decoded.items()}
+        decoded = {k: v.clamp_min(0) * region for k, v in decoded.items()}
+        mae = {k: _region_mae(v, ref, region) for k, v in decoded.items()}
+        mae_plan_normalised = None
+        if cfg.plan_normalisation != "none":
+            tp = b["target_primary"].to(ref)
+            mae_plan_normalised = {k: _region_mae(normalise_to_prescription(v, tp, cfg.plan_normalisation), ref, region)
+                              for k, v in decoded.items()}
         spread = mean_mae = float("nan")
         if stack.shape[0] > 1:
             mean, std = stack.mean(0), stack.std(0, unbiased=False)
             inside = region > 0.5
             spread = float(std[inside].mean() / ref[inside].mean().clamp_min(1e-8))
             mean_mae = _region_mae(mean, ref, region)
-        rows.append(CaseProbe(case_ids[i] if case_ids else f"case {i + 1}", mae, spread, mean_mae))
+        rows.append(CaseProbe(case_ids[i] if case_ids else f"case {i + 1}", mae, mae_plan_normalised, spread, mean_mae))
     return rows
 
 
@@ -89,4 +99,8 @@ def summarise(rows: list[CaseProbe]) -> dict[str, float]:
         out[key] = float(np.nanmean(vals)) if any(np.isfinite(v) for v in vals) else float("nan")
     out["oracle_over_sampled"] = out["oracle"] / out["sampled"]
     out["bypass_over_sampled"] = min(out["zero"], out["shuffled"]) / out["sampled"]
+    if rows and all(r.mae_plan_normalised is not None for r in rows):  # the prediction as the model ships it
+        norm = {k: float(np.nanmean([r.mae_plan_normalised[k] for r in rows])) for k in VARIANTS}
+        out.update({f"{k}_plan_normalised": v for k, v in norm.items()})
+        out["bypass_over_sampled_plan_normalised"] = min(norm["zero"], norm["shuffled"]) / norm["sampled"]
     return out

@@ -73,7 +73,16 @@ def report(rows: list[latent_probe.CaseProbe], summary: dict) -> str:
     text = common.md_table(["case", *cols], table, nd=4)
     return (text + f"\n\noracle / sampled = {summary['oracle_over_sampled']:.3f} (the latent carries the dose "
             f"when small); min(zero, shuffled) / sampled = {summary['bypass_over_sampled']:.3f} (the diffusion "
-            "decides the prediction when large)\n")
+            "decides the prediction when large)\n" + _plan_normalised_line(summary))
+
+
+def _plan_normalised_line(summary: dict) -> str:
+    if "bypass_over_sampled_plan_normalised" not in summary:
+        return ""
+    return ("with every decode plan-normalised as the model's predictions are: sampled "
+            f"{summary['sampled_plan_normalised']:.4f}, z = 0 {summary['zero_plan_normalised']:.4f}, shuffled "
+            f"{summary['shuffled_plan_normalised']:.4f}; min(zero, shuffled) / sampled = "
+            f"{summary['bypass_over_sampled_plan_normalised']:.3f}\n")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -297,13 +297,15 @@ def _md_uncertainty_details(res: dict) -> list[str]:
     return ["Uncertainty details: " + "; ".join(parts) + ".", ""] if parts else []
 
 
-PROBE_COLUMNS = ("sampled", "zero", "oracle", "shuffled", "spread", "oracle_over_sampled", "bypass_over_sampled")
-PROBE_HEADERS = ("sampled", "z = 0", "oracle", "shuffled", "spread", "oracle / sampled", "min(z = 0, shuffled) / sampled")
+PROBE_COLUMNS = ("sampled", "zero", "oracle", "shuffled", "spread", "oracle_over_sampled", "bypass_over_sampled",
+                 "bypass_over_sampled_plan_normalised")
+PROBE_HEADERS = ("sampled", "z = 0", "oracle", "shuffled", "spread", "oracle / sampled", "min(z = 0, shuffled) / sampled",
+                 "the same, each decode plan-normalised")
 
 
 def _probe_cell(key: str, v: Any) -> str:
     """MAEs with 4 decimals, the spread with 3 significant digits (it can be ~1e-5), ratios with 2."""
-    return _g(v) if key == "spread" else _fmt(v, 2 if key.endswith("_over_sampled") else 4)
+    return _g(v) if key == "spread" else _fmt(v, 2 if "_over_sampled" in key else 4)
 
 
 def probe_table(res: dict) -> list[str]:
@@ -333,7 +335,9 @@ def probe_table(res: dict) -> list[str]:
             "latent path can do) and from another held-out patient's latent of the same site (shuffled); spread = "
             f"mean voxel std of {first.get('samples')} samples / mean reference dose. Issue #24's bars: oracle / "
             f"sampled <= {PROBE_ORACLE_MAX} (the latent carries the dose) and min(z = 0, shuffled) / sampled >= "
-            f"{PROBE_BYPASS_MIN} (the diffusion decides the prediction).", "",
+            f"{PROBE_BYPASS_MIN} (the diffusion decides the prediction). With a plan normalisation "
+            "(`plan_normalisation` in the model config) the last column repeats that ratio after every decode is "
+            "normalised as the model's predictions are (n/a: none).", "",
             "| method | site (patients) | " + " | ".join(PROBE_HEADERS) + " |", "|" + "---|" * (len(PROBE_HEADERS) + 2),
             *rows, ""]
 

@@ -124,7 +124,8 @@ def _child_uncertainty(p: dict) -> dict:
 
 
 def _probe_row(site: str, r: Any) -> dict:
-    return {"site": site, "case_id": r.case_id.split("/", 1)[-1], **r.mae, "spread": r.spread,
+    normed = {f"{k}_plan_normalised": v for k, v in (r.mae_plan_normalised or {}).items()}
+    return {"site": site, "case_id": r.case_id.split("/", 1)[-1], **r.mae, **normed, "spread": r.spread,
             "mean_of_samples": r.mean_of_samples}
 
 

@@ -62,6 +62,33 @@ def test_probe_of_an_untrained_residual_vae_is_the_block_codec():
                                                            / summary["sampled"])
 
 
+def test_probe_also_scores_each_decode_plan_normalised_when_the_model_is():
+    """With ``plan_normalisation`` the probe repeats every MAE after normalising each decode as
+    the model's predictions are; the raw latent-path MAEs stay what they were."""
+    import dataclasses
+
+    from addiff_core.plan_normalisation import normalise_to_prescription
+
+    cfg = tiny_cfg()
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    samples = _samples(3)
+    plain = latent_probe.probe_cases(model, samples, cfg, num_samples=1)
+    assert all(r.mae_plan_normalised is None for r in plain)
+    assert "bypass_over_sampled_plan_normalised" not in latent_probe.summarise(plain)
+    ncfg = dataclasses.replace(cfg, plan_normalisation="target_median")
+    normed = latent_probe.probe_cases(model, samples, ncfg, num_samples=1)
+    assert [r.mae for r in normed] == [r.mae for r in plain]
+    dose, region, tp = samples[0]["dose"][None], samples[0]["body"][None], samples[0]["target_primary"][None]
+    oracle = _block_codec(dose, cfg.downsample, cfg.latent_channels).clamp_min(0) * region
+    expected = _mae(normalise_to_prescription(oracle, tp, "target_median"), dose, region)
+    assert normed[0].mae_plan_normalised["oracle"] == pytest.approx(expected, rel=1e-4)
+    assert normed[0].mae_plan_normalised["oracle"] != pytest.approx(normed[0].mae["oracle"], rel=1e-3)
+    summary = latent_probe.summarise(normed)
+    assert summary["bypass_over_sampled_plan_normalised"] == pytest.approx(
+        min(summary["zero_plan_normalised"], summary["shuffled_plan_normalised"]) / summary["sampled_plan_normalised"])
+
+
 def test_probe_refuses_a_unet_and_a_single_case():
     with pytest.raises(ValueError, match="ADDiff-Dose"):
         latent_probe.probe_cases(build_model(tiny_cfg("unet")), _samples(2), tiny_cfg("unet"))

@@ -225,28 +225,34 @@ def test_summarize_uncertainty_per_site_and_overall(report):
     assert all("mean_prediction_dvh_errors" not in c for c in u["cases"])
 
 
-def _probe(sampled: float, zero: float, oracle: float, shuffled: float, n: int = 2) -> dict:
-    return {"sampled": sampled, "zero": zero, "oracle": oracle, "shuffled": shuffled, "spread": 1.5e-5,
-            "mean_of_samples": sampled, "oracle_over_sampled": oracle / sampled,
-            "bypass_over_sampled": min(zero, shuffled) / sampled, "n": n}
+def _probe(sampled: float, zero: float, oracle: float, shuffled: float, n: int = 2, normalised: float | None = None
+           ) -> dict:
+    out = {"sampled": sampled, "zero": zero, "oracle": oracle, "shuffled": shuffled, "spread": 1.5e-5,
+           "mean_of_samples": sampled, "oracle_over_sampled": oracle / sampled,
+           "bypass_over_sampled": min(zero, shuffled) / sampled, "n": n}
+    if normalised is not None:
+        out["bypass_over_sampled_plan_normalised"] = normalised
+    return out
 
 
 def test_probe_table_from_a_fake_result(report):
     res = {"methods": {
         "federated_addiff": {"latent_probe": {"samples": 4, "steps": 2, "overall": _probe(0.04, 0.12, 0.01, 0.06, 4),
                                               "per_site": {"openkbp_a": _probe(0.05, 0.1, 0.01, 0.07),
-                                                           "openkbp_b": _probe(0.03, 0.14, 0.01, 0.05)}}},
+                                                           "openkbp_b": _probe(0.03, 0.14, 0.01, 0.05,
+                                                                               normalised=2.125)}}},
         "federated_unet": {"overall": {}},
         "pooled_addiff": {"latent_probe": {"error": "child task latent_probe exited with status 1"}}}}
     lines = report.probe_table(res)
     text = "\n".join(lines)
     assert lines[0] == "## Does the diffusion decide? (latent probe)"
-    assert "| federated ADDiff-Dose | openkbp_a (2) | 0.0500 | 0.1000 | 0.0100 | 0.0700 | 1.5e-05 | 0.20 | 1.40 |" in text
-    assert "| federated ADDiff-Dose | **all (4)** | 0.0400 | 0.1200 | 0.0100 | 0.0600 | 1.5e-05 | 0.25 | 1.50 |" in text
+    assert "| federated ADDiff-Dose | openkbp_a (2) | 0.0500 | 0.1000 | 0.0100 | 0.0700 | 1.5e-05 | 0.20 | 1.40 | n/a |" in text
+    assert "| federated ADDiff-Dose | openkbp_b (2) | 0.0300 | 0.1400 | 0.0100 | 0.0500 | 1.5e-05 | 0.33 | 1.67 | 2.12 |" in text
+    assert "| federated ADDiff-Dose | **all (4)** | 0.0400 | 0.1200 | 0.0100 | 0.0600 | 1.5e-05 | 0.25 | 1.50 | n/a |" in text
     assert "| pooled (ADDiff-Dose) | failed: child task latent_probe exited with status 1 |" in text
     assert "U-Net" not in text and "4 samples" in text and "2 DDIM steps" in text
     widths = {ln.count("|") - ln.count("\\|") for ln in lines if ln.startswith("|")}
-    assert widths == {10}  # every row has the header's 9 cells
+    assert widths == {11}  # every row has the header's 10 cells
     assert report.probe_table({"methods": {"federated_unet": {"overall": {}}}}) == []
 
 
