@@ -40,6 +40,21 @@ def cell_of(metrics: dict, cases: int) -> dict[str, Any]:
     return {"cases": int(cases), **{k: bounded(k, metrics.get(k)) for k, _ in MATRIX_METRICS}}
 
 
+NUM_CASES = "num-cases"
+
+
+def prefixed_key(prefix: str, name: str) -> str:
+    """How a reply names one model's metric ``name`` (or :data:`NUM_CASES`): ``prefix.name``;
+    written by ``client.site_models``, read by ``server.cross_site.prefixed_cell``."""
+    return f"{prefix}.{name}"
+
+
+def prefixed_metrics(prefix: str, num_cases: int, metrics: dict[str, float]) -> dict[str, float]:
+    """One model's held-out metrics and case count as a reply carries them (:func:`prefixed_key`)."""
+    return {prefixed_key(prefix, NUM_CASES): float(num_cases)} | {prefixed_key(prefix, k): float(v)
+                                                                  for k, v in metrics.items()}
+
+
 @dataclass
 class ModelRow:
     model: str  # "global", "<site> local", "<site> personalized"

@@ -25,6 +25,7 @@ import logging
 
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
+from addiff_core.cross_site import prefixed_metrics
 from addiff_core.site_task import SiteTask, initial_arrays
 from addiff_core.personalize import evaluate_at_home, fine_tune, train_local
 from addiff_core.privacy import PrivacyBudgetExhausted
@@ -118,11 +119,10 @@ def _site_models(task: SiteTask, cfg, run: RunPlan, global_arrays: dict, seed: i
 
 
 def _metrics_at_home(task: SiteTask, arrays: dict, plan: EvalPlan, prefix: str) -> dict[str, float]:
-    """A model's held-out metrics at this site (no gamma), keyed ``prefix.metric`` and
-    ``prefix.num-cases`` (what ``server.cross_site.prefixed_cell`` reads)."""
+    """A model's held-out metrics at this site (no gamma), keyed as
+    ``addiff_core.cross_site.prefixed_metrics`` writes them."""
     res = evaluate_at_home(task, arrays, seed=plan.seed, steps=plan.steps, gamma=False)
-    out = {f"{prefix}.num-cases": float(res.pop("num_cases"))}
-    return out | {f"{prefix}.{k}": float(v) for k, v in res.items()}
+    return prefixed_metrics(prefix, int(res.pop("num_cases")), res)
 
 
 def cross_reply(msg: Message, task: SiteTask) -> Message:

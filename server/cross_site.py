@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import math
 
-from addiff_core.cross_site import MATRIX_METRICS, Matrix, ModelRow, bounded, cell_of
+from addiff_core.cross_site import MATRIX_METRICS, NUM_CASES, Matrix, ModelRow, bounded, cell_of, prefixed_key
 
 from addiff_core.wire import ARRAYS_KEY, CONFIG_KEY, LAYOUT_KEY, METRICS_KEY, SITE_KEY, decode, encode, layout_to_json
 
@@ -260,11 +260,11 @@ class SiteModels:
 def prefixed_cell(metrics: dict, prefix: str, max_cases: int) -> tuple[dict | None, str | None]:
     """The matrix cell of the metrics a reply sent under ``prefix.`` (its ``prefix.num-cases``
     bounded by ``max_cases``): (cell, None), or (None, why the count is refused)."""
-    key = f"{prefix}.num-cases"
+    key = prefixed_key(prefix, NUM_CASES)
     bad = check_count(metrics.get(key), max_cases, minimum=0, key=key)
     if bad is not None:
         return None, bad
-    return cell_of({k: metrics.get(f"{prefix}.{k}") for k, _ in MATRIX_METRICS}, int(metrics[key])), None
+    return cell_of({k: metrics.get(prefixed_key(prefix, k)) for k, _ in MATRIX_METRICS}, int(metrics[key])), None
 
 
 def bounded_epsilon(v) -> float | None:
