@@ -100,6 +100,12 @@ def _number(cfg: Mapping[str, Any], key: str, default, kind=int, low=0, high=Non
 SEED_RANGE = (-2**63, 2**64 - 1)  # what torch.manual_seed takes
 
 
+def _seed_and_tag(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """``seed`` (bounded by :data:`SEED_RANGE`) and ``run_tag`` of a train or evaluation message."""
+    return {"seed": _number(cfg, "seed", 0, low=SEED_RANGE[0], high=SEED_RANGE[1]),
+            "run_tag": str(cfg.get("run-tag", ""))}
+
+
 @dataclass(frozen=True)
 class EvalPlan:
     """What an evaluation message asks of a site: its sampling seed, DDIM steps (None: the
@@ -113,9 +119,7 @@ class EvalPlan:
     def from_config(cls, cfg: Mapping[str, Any], max_steps: int) -> EvalPlan:
         """Raises: ValueError: a seed out of torch's range, or steps above ``max_steps`` (the
         model's train_timesteps: a server could otherwise make a site sample without end)."""
-        return cls(seed=_number(cfg, "seed", 0, low=SEED_RANGE[0], high=SEED_RANGE[1]),
-                   steps=_number(cfg, "eval-steps", 0, low=0, high=max_steps) or None,
-                   run_tag=str(cfg.get("run-tag", "")))
+        return cls(steps=_number(cfg, "eval-steps", 0, low=0, high=max_steps) or None, **_seed_and_tag(cfg))
 
 
 @dataclass(frozen=True)
@@ -180,9 +184,7 @@ class RoundPlan:
         run = RunPlan.from_config(cfg)
         return cls(stage=stage, round_number=_number(cfg, "server-round", None), epochs=run.local_epochs,
                    stage_round=_number(cfg, "stage-round", 1, low=1, high=rounds), stage_rounds=rounds,
-                   proximal_mu=_number(cfg, "proximal-mu", 0.0, kind=float),
-                   seed=_number(cfg, "seed", 0, low=SEED_RANGE[0], high=SEED_RANGE[1]),
-                   run_tag=str(cfg.get("run-tag", "")), run=run)
+                   proximal_mu=_number(cfg, "proximal-mu", 0.0, kind=float), run=run, **_seed_and_tag(cfg))
 
     def at_site(self, site: SiteConfig, kind: str) -> RoundPlan:
         """This plan with ``epochs`` and ``planned_epochs`` as the site trains them."""
