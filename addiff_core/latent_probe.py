@@ -78,7 +78,7 @@ def probe_cases(model: torch.nn.Module, samples: list[dict[str, torch.Tensor]], 
         if cfg.plan_normalisation != "none":
             tp = b["target_primary"].to(ref)
             mae_plan_normalised = {k: _region_mae(normalise_to_prescription(v, tp, cfg.plan_normalisation), ref, region)
-                              for k, v in decoded.items()}
+                                   for k, v in decoded.items()}
         spread = mean_mae = float("nan")
         if stack.shape[0] > 1:
             mean, std = stack.mean(0), stack.std(0, unbiased=False)

@@ -1,7 +1,7 @@
 """Plan normalisation of a predicted dose: scale it so the primary target gets its prescription.
 
 A treatment plan is normalised before it is approved: the planner scales the whole dose so the
-target receives the prescribed dose at the reference point. ICRU Report 83 (2010, section 3.7)
+target receives the prescribed dose at the reference point. ICRU Report 83 (2010, IMRT)
 recommends reporting and prescribing to the median dose of the PTV, D50%. A dose prediction knows
 the prescription and the target but not how the planner would normalise; this step applies the
 convention to the prediction, so that its plan level comes from the prescription and its shape
