@@ -83,7 +83,8 @@ def test_every_prediction_is_normalised_per_sample(kind):
     assert all(0.5 < m < 2.0 and abs(m - 1) > 0.01 for m in medians), medians  # a real scaling
     assert _target_medians(normed, batch["target_primary"]) == pytest.approx([1.0, 1.0], abs=1e-4)
     if kind == "diffusion":  # each of the samples is a normalised plan, so is their mean
-        stack, std = predict_normalised(model, batch, ncfg, seed=3, num_samples=3)
-        assert std is not None and stack.shape == plain.shape
+        mean3, std = predict_normalised(model, batch, ncfg, seed=3, num_samples=3)
+        assert std is not None and mean3.shape == plain.shape
+        assert _target_medians(mean3, batch["target_primary"]) == pytest.approx([1.0, 1.0], abs=0.05)
         one, _ = predict_normalised(model, batch, ncfg, seed=3, num_samples=1)
         assert torch.allclose(one, normed)
