@@ -237,9 +237,13 @@ def sample(model: nn.Module, batch: dict, cfg: ModelConfig, steps: int | None = 
     """DDIM (eta=0) sampling, deterministic per ``seed``: (mean normalised dose (N,1,S,S,S) >= 0,
     the per-voxel std over ``num_samples`` or None), zero outside ``body`` (:func:`sample_doses`,
     same arguments; ``steps`` None: cfg.sample_steps)."""
-    stack = sample_doses(model, batch, cfg, steps=steps, seed=seed, num_samples=num_samples)
-    std = stack.std(0, unbiased=False) if stack.shape[0] > 1 else None
-    return stack.mean(0), std
+    return mean_and_std(sample_doses(model, batch, cfg, steps=steps, seed=seed, num_samples=num_samples))
+
+
+def mean_and_std(stack: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(mean, voxel-wise std (population) or None for a single sample) over dim 0 of a stack of
+    samples (:func:`sample_doses`)."""
+    return stack.mean(0), (stack.std(0, unbiased=False) if stack.shape[0] > 1 else None)
 
 
 @torch.no_grad()

@@ -14,7 +14,7 @@ import torch
 
 from . import diffusion as diff
 from .config import ModelConfig
-from .plan_normalisation import normalise_to_prescription
+from .plan_normalisation import plan_normalised
 
 VARIANTS = ("sampled", "zero", "oracle", "shuffled")
 
@@ -76,12 +76,11 @@ def probe_cases(model: torch.nn.Module, samples: list[dict[str, torch.Tensor]], 
         mae = {k: _region_mae(v, ref, region) for k, v in decoded.items()}
         mae_plan_normalised = None
         if cfg.plan_normalisation != "none":
-            tp = b["target_primary"].to(ref)
-            mae_plan_normalised = {k: _region_mae(normalise_to_prescription(v, tp, cfg.plan_normalisation), ref, region)
+            mae_plan_normalised = {k: _region_mae(plan_normalised(v, b, cfg.plan_normalisation), ref, region)
                                    for k, v in decoded.items()}
         spread = mean_mae = float("nan")
-        if stack.shape[0] > 1:
-            mean, std = stack.mean(0), stack.std(0, unbiased=False)
+        mean, std = diff.mean_and_std(stack)
+        if std is not None:
             inside = region > 0.5
             spread = float(std[inside].mean() / ref[inside].mean().clamp_min(1e-8))
             mean_mae = _region_mae(mean, ref, region)

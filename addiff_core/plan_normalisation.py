@@ -25,6 +25,14 @@ MIN_TARGET_MEDIAN = 1e-3
 """A target median (in units of the prescription) below this leaves the prediction unscaled."""
 
 
+def plan_normalised(dose: torch.Tensor, batch: dict[str, torch.Tensor], mode: str) -> torch.Tensor:
+    """:func:`normalise_to_prescription` of a prediction for ``batch`` (its ``target_primary``
+    mask, read only when ``mode`` is not "none")."""
+    if mode == "none":
+        return dose
+    return normalise_to_prescription(dose, batch["target_primary"].to(dose), mode)
+
+
 def normalise_to_prescription(dose: torch.Tensor, target: torch.Tensor, mode: str) -> torch.Tensor:
     """Scale each prediction so the median of its primary target equals the prescription.
 

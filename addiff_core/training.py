@@ -25,7 +25,7 @@ from .config import ModelConfig, TrainingConfig
 from .data import SampleDataset
 from .metrics import case_metrics
 from .models import stage_prefix
-from .plan_normalisation import normalise_to_prescription
+from .plan_normalisation import plan_normalised
 from .preprocessing import dose_to_ct_grid
 
 log = logging.getLogger(__name__)
@@ -224,16 +224,9 @@ def predict_normalised(model: nn.Module, batch: dict[str, torch.Tensor], cfg: Mo
     m = diff.unwrap(model)
     if hasattr(m, "diffusion"):  # each sample normalised on its own: the std is over normalised plans
         stack = diff.sample_doses(m, batch, cfg, steps=steps, seed=seed, num_samples=num_samples)
-        stack = torch.stack([_plan_normalised(s, batch, cfg) for s in stack])
-        return stack.mean(0), (stack.std(0, unbiased=False) if stack.shape[0] > 1 else None)
+        return diff.mean_and_std(torch.stack([plan_normalised(s, batch, cfg.plan_normalisation) for s in stack]))
     region = batch["body"].float() if "body" in batch else 1.0
-    return _plan_normalised(m(batch).clamp_min(0) * region, batch, cfg), None
-
-
-def _plan_normalised(dose: torch.Tensor, batch: dict[str, torch.Tensor], cfg: ModelConfig) -> torch.Tensor:
-    if cfg.plan_normalisation == "none":
-        return dose
-    return normalise_to_prescription(dose, batch["target_primary"].to(dose), cfg.plan_normalisation)
+    return plan_normalised(m(batch).clamp_min(0) * region, batch, cfg.plan_normalisation), None
 
 
 def evaluate(model: nn.Module, dataset: SampleDataset, cfg: ModelConfig, device: torch.device, *, seed: int = 0,
