@@ -38,10 +38,16 @@ class MissingGlobalWeights(RuntimeError):
 
 def initial_arrays(cfg: ModelConfig, seed: int = 0) -> dict[str, np.ndarray]:
     """The seeded initial global model, as arrays."""
+    return initial_model_state(cfg, seed)[0]
+
+
+def initial_model_state(cfg: ModelConfig, seed: int = 0) -> tuple[dict[str, np.ndarray], frozenset[str]]:
+    """(:func:`initial_arrays`, the names of its trainable parameters: the rest are buffers), from
+    one seeded build of the model; the global RNG is left untouched."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = build_model(cfg)
-    return state_to_arrays(model.state_dict())
+    return state_to_arrays(model.state_dict()), frozenset(n for n, _ in model.named_parameters())
 
 
 def state_to_arrays(state: dict[str, torch.Tensor], prefix: str = "") -> dict[str, np.ndarray]:

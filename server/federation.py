@@ -48,17 +48,6 @@ class RoundFailed(FederationError):
     """One attempt at a round got too few usable replies (it may be retried)."""
 
 
-def _parameter_names(cfg) -> set[str]:
-    """The model's trainable parameters by name (the rest of its state are buffers), from a model
-    built on the meta device: no memory, no weights, the global RNG untouched."""
-    import torch
-
-    from addiff_core.models import build_model
-
-    with torch.random.fork_rng(devices=[]), torch.device("meta"):
-        return {n for n, _ in build_model(cfg).named_parameters()}
-
-
 @dataclass
 class _Outgoing:
     """The train messages of one round attempt and what the server needs to read their replies."""
@@ -90,7 +79,7 @@ class Federation:
 
     def __init__(self, grid, settings: RunSettings, *, send_site_files: bool = False,
                  stop: StopSignal | None = None):
-        from addiff_core.site_task import initial_arrays
+        from addiff_core.site_task import initial_model_state
 
         self.grid = grid
         self.stop = stop  # in-process simulation: set when Flower's engine ended or on Ctrl-C (see _send_and_receive)
@@ -102,11 +91,10 @@ class Federation:
         self.folder = RunFolder(s.run_dir)
         self.cfg = s.model
         self.model_json = model_config_to_json(self.cfg)
-        init = initial_arrays(self.cfg, s.seed)
+        init, params = initial_model_state(self.cfg, s.seed)
         self.dtypes = {k: v.dtype for k, v in init.items()}
         self.shapes = {k: v.shape for k, v in init.items()}
         self.arrays = init
-        params = _parameter_names(self.cfg)
         self.buffers = frozenset(k for k in init if k not in params)  # travel unpacked (see wire.encode)
         self.groups = list(dict.fromkeys(k.split(".", 1)[0] for k in init))  # vae, diffusion | unet
         self.strategy = build_strategy(s.strategy, min_sites=s.required_sites, proximal_mu=s.proximal_mu,
