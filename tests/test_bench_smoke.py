@@ -214,3 +214,21 @@ def test_uncertainty_seeds_summary_and_table():
     assert unet[3:7] == ["-"] * 4 and unet[7] == pytest.approx(0.15)
     text = mod.render(doc)
     assert "adiff rho" in text and "unet rho" not in text and "unet target mean / Rx" in text
+
+
+def test_target_falloff_bins_by_distance_from_the_central_slice():
+    import numpy as np
+
+    tf = _load("target_falloff")
+    targets = np.zeros((11, 2, 2))
+    targets[1:10, 0, 0] = 1  # slices 1..9: central slice 5; at 5 mm, distances 0, 5, ..., 20 mm
+    bins = tf.distance_bins(targets, slice_mm=5.0, edges_mm=(0.0, 10.0, 20.0, float("inf")))
+    assert bins[5, 0, 0] == 0 and bins[4, 0, 0] == 0 and bins[6, 0, 0] == 0  # 0 and 5 mm: [0, 10)
+    assert bins[3, 0, 0] == 1 and bins[2, 0, 0] == 1 and bins[8, 0, 0] == 1  # 10 and 15 mm: [10, 20)
+    assert bins[1, 0, 0] == 2 and bins[9, 0, 0] == 2  # 20 mm
+    assert (bins[:, 1, :] == -1).all() and bins[0, 0, 0] == -1 and bins[10, 0, 0] == -1  # outside the targets
+    assert (tf.distance_bins(np.zeros((3, 2, 2)), 5.0) == -1).all()  # no target: nothing binned
+
+    pred = np.where(targets > 0, np.arange(11.0)[:, None, None], 0.0)  # error = the slice index inside
+    err, n = tf.binned_error(pred, np.zeros_like(targets), bins, 3)
+    assert n.tolist() == [3, 4, 2] and err.tolist() == [4 + 5 + 6, 2 + 3 + 7 + 8, 1 + 9]
