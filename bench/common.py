@@ -6,6 +6,8 @@ package; they import this module from their own folder.
 """
 from __future__ import annotations
 
+import argparse
+
 import contextlib
 import dataclasses
 import datetime as _dt
@@ -430,6 +432,16 @@ def machine_line(m: dict) -> str:
     return (f"{m['cpu_model']}, {m['usable_cpus']} usable CPU(s), {m['torch_threads']} torch threads, "
             f"{m['memory_total_gib']} GiB RAM{gpu}; torch {m['torch']}, Python {m['python']}; device {m['device']}; "
             f"load average at start {m.get('loadavg_start')}, at end {m.get('loadavg_end')}")
+
+
+def checkpoint_sites_parser(description: str) -> argparse.ArgumentParser:
+    """The command line of the per-model diagnostics (dvh_breakdown, target_falloff): ``LABEL=CHECKPOINT``
+    ..., ``--sites`` (their held-out cases) and ``--out`` (JSON, a .md beside it)."""
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("models", nargs="+", help="LABEL=CHECKPOINT")
+    ap.add_argument("--sites", type=Path, nargs="+", required=True, help="site files: their held-out cases")
+    ap.add_argument("--out", type=Path, default=None, help="results file (JSON; a .md beside it)")
+    return ap
 
 
 def parse_list(text: str, kind=int) -> list:

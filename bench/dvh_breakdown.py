@@ -12,7 +12,6 @@ between two models can be read as "cold targets" or "hot OARs".
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 from pathlib import Path
@@ -53,10 +52,7 @@ def breakdown(errors: list[float], kinds: list[str]) -> dict[str, dict[str, floa
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("models", nargs="+", help="LABEL=CHECKPOINT")
-    ap.add_argument("--sites", type=Path, nargs="+", required=True, help="site files: their held-out cases")
-    ap.add_argument("--out", type=Path, default=None, help="results file (JSON; a .md beside it)")
+    ap = common.checkpoint_sites_parser(__doc__)
     args = ap.parse_args(argv)
     common.quiet_warnings()
     models = dict(m.split("=", 1) for m in args.models)

@@ -12,7 +12,6 @@ diffusion's. One sample per case, seed = the case's index (as ``training.evaluat
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -62,10 +61,7 @@ def _predictions(model, cfg, batch, seed: int) -> dict[str, np.ndarray]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("models", nargs="+", help="LABEL=CHECKPOINT")
-    ap.add_argument("--sites", type=Path, nargs="+", required=True, help="site files: their held-out cases")
-    ap.add_argument("--out", type=Path, default=None, help="results file (JSON; a .md beside it)")
+    ap = common.checkpoint_sites_parser(__doc__)
     args = ap.parse_args(argv)
     common.quiet_warnings()
     import torch
