@@ -7,7 +7,6 @@ package; they import this module from their own folder.
 from __future__ import annotations
 
 import argparse
-
 import contextlib
 import dataclasses
 import datetime as _dt
