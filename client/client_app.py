@@ -56,7 +56,7 @@ def train(msg: Message, context: Context) -> Message:
             log.warning("site %s: refusing round %s: %s", task.site.name, plan.round_number, e)
             return _reply(msg, task, {METRICS_KEY: MetricRecord(task.privacy_spent())}, status=STATUS_REFUSED,
                           reason=str(e))
-        return _train_reply(msg, task, plan, (arrays, layout), res, time.perf_counter() - t0)
+        return _train_reply(msg, task, plan, arrays, layout, res, time.perf_counter() - t0)
 
 
 @app.evaluate()
@@ -111,7 +111,7 @@ def _has_global_vae(task: SiteTask, arrays: dict, want: str | None) -> bool:
     return not want or fingerprint(state_to_arrays(task.model.state_dict(), "vae.")) == want
 
 
-def _train_reply(msg: Message, task: SiteTask, plan: RoundPlan, received: tuple[dict, dict], res: TrainResult,
+def _train_reply(msg: Message, task: SiteTask, plan: RoundPlan, received: dict, layout: dict, res: TrainResult,
                  seconds: float) -> Message:
     """The trained stage's weights (packed like the request's, or masked) and the round's numbers.
 
@@ -119,8 +119,8 @@ def _train_reply(msg: Message, task: SiteTask, plan: RoundPlan, received: tuple[
         msg: the train request.
         task: the site's task.
         plan: the round, as the site trained it.
-        received: the weights received (the update's origin under secure aggregation) and the
-            request's wire layout (the reply is packed like it).
+        received: the weights received (the update's origin under secure aggregation).
+        layout: the request's wire layout (the reply is packed like it).
         res: what training gave.
         seconds: how long it took (sent only without DP).
     """
@@ -130,8 +130,8 @@ def _train_reply(msg: Message, task: SiteTask, plan: RoundPlan, received: tuple[
     if not task.site.privacy.enabled:  # with DP, the time a round took (it depends on the data) stays here
         metrics["site_seconds"] = seconds
     if cfg.get("secure-aggregation", False):
-        return Message(_secure_content(task, msg.content, plan.stage, received[0], res.arrays, metrics), reply_to=msg)
-    wire, layout = res.arrays, received[1]
+        return Message(_secure_content(task, msg.content, plan.stage, received, res.arrays, metrics), reply_to=msg)
+    wire = res.arrays
     if plan.stage in layout:  # reply packed exactly like the request's stage weights
         wire = encode_like(res.arrays, msg.content[ARRAYS_KEY].keys(), [plan.stage], layout,
                            wire_dtype=str(cfg.get("wire-dtype", "float32")))
