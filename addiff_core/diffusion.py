@@ -98,6 +98,13 @@ def decode_latent(model: nn.Module, z: torch.Tensor, batch: dict) -> torch.Tenso
     return m.vae.decode(z / _latent_scale(m), _anatomy(m.vae, batch))
 
 
+def decoded_dose(model: nn.Module, z: torch.Tensor, batch: dict) -> torch.Tensor:
+    """:func:`decode_latent` as a dose the way every prediction gives it: >= 0 and zero outside
+    the batch's ``body`` (the evaluation region) when it has one."""
+    dose = decode_latent(model, z, batch).clamp_min(0)
+    return dose * batch["body"].to(dose) if "body" in batch else dose
+
+
 def split_prediction(out: torch.Tensor, z_t: torch.Tensor, a: torch.Tensor, prediction_type: str
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """(x0, eps) estimates from the denoiser output ``out`` at noise level alpha_bar ``a``:
@@ -260,7 +267,6 @@ def sample_doses(model: nn.Module, batch: dict, cfg: ModelConfig, steps: int | N
     n = spatial.shape[0]
     shape = (n, cfg.latent_channels, *spatial.shape[2:])
     gen = _make_generator(dev, seed)
-    region = batch["body"].to(dev, torch.float32) if "body" in batch else torch.ones((), device=dev)
 
     doses = []
     for _ in range(max(1, int(num_samples))):
@@ -270,7 +276,7 @@ def sample_doses(model: nn.Module, batch: dict, cfg: ModelConfig, steps: int | N
             x0, eps = split_prediction(out, z, ac[t], cfg.prediction_type)
             a_prev = ac[ts[i + 1]] if i + 1 < len(ts) else torch.ones((), device=dev)
             z = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
-        doses.append(decode_latent(m, z, batch).clamp_min(0) * region)
+        doses.append(decoded_dose(m, z, batch))
     return torch.stack(doses)
 
 

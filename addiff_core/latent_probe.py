@@ -66,13 +66,12 @@ def probe_cases(model: torch.nn.Module, samples: list[dict[str, torch.Tensor]], 
     for i, b in enumerate(batches):
         region, ref = b["body"].float(), b["dose"]
         stack = diff.sample_doses(m, b, cfg, steps=steps, seed=seed + i, num_samples=num_samples)
-        decoded = {
+        decoded = {  # each as a prediction: >= 0, zero outside the region (the sample already is)
             "sampled": stack[0],
-            "zero": diff.decode_latent(m, torch.zeros_like(latents[i]), b),
-            "oracle": diff.decode_latent(m, latents[i], b),
-            "shuffled": diff.decode_latent(m, latents[(i + 1) % len(batches)], b),
+            "zero": diff.decoded_dose(m, torch.zeros_like(latents[i]), b),
+            "oracle": diff.decoded_dose(m, latents[i], b),
+            "shuffled": diff.decoded_dose(m, latents[(i + 1) % len(batches)], b),
         }
-        decoded = {k: v.clamp_min(0) * region for k, v in decoded.items()}
         mae = {k: _region_mae(v, ref, region) for k, v in decoded.items()}
         mae_plan_normalised = None
         if cfg.plan_normalisation != "none":

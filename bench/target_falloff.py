@@ -55,7 +55,7 @@ def _predictions(model, cfg, batch, seed: int) -> dict[str, np.ndarray]:
     with torch.no_grad():
         out = {"prediction": predict_normalised(model, batch, cfg, seed=seed)[0]}
         if hasattr(D.unwrap(model), "diffusion"):
-            oracle = D.decode_latent(model, D.encode_dose(model, batch["dose"]), batch).clamp_min(0) * batch["body"]
+            oracle = D.decoded_dose(model, D.encode_dose(model, batch["dose"]), batch)
             out["oracle"] = plan_normalised(oracle, batch, cfg.plan_normalisation)
     return {k: v[0, 0].numpy() for k, v in out.items()}
 
