@@ -38,11 +38,11 @@ def distance_bins(targets: np.ndarray, slice_mm: float, edges_mm=BIN_EDGES_MM) -
     return out
 
 
-def binned_error(pred: np.ndarray, ref: np.ndarray, bins: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """One case's (sum of pred - ref, voxel count) per bin (``bins`` from :func:`distance_bins`)."""
+def binned_sum(bins: np.ndarray, n: int, values: np.ndarray | None = None) -> np.ndarray:
+    """Per bin of ``bins`` (:func:`distance_bins`; -1 left out) the sum of ``values``, or the
+    voxel count when None; ``n`` bins."""
     sel = bins >= 0
-    return (np.bincount(bins[sel], weights=(pred - ref)[sel], minlength=n)[:n],
-            np.bincount(bins[sel], minlength=n)[:n].astype(float))
+    return np.bincount(bins[sel], weights=None if values is None else values[sel], minlength=n)[:n].astype(float)
 
 
 def _predictions(model, cfg, batch, seed: int) -> dict[str, np.ndarray]:
@@ -85,10 +85,9 @@ def main(argv: list[str] | None = None) -> int:
                 batch = {k: v[None] for k, v in cases[i].items()}
                 ref = batch["dose"][0, 0].numpy()
                 bins = distance_bins(batch["targets"][0, 0].numpy(), cfg.grid.spacing[2])
+                counts += binned_sum(bins, len(labels))
                 for kind, pred in _predictions(model, cfg, batch, i).items():
-                    err, n_vox = binned_error(pred, ref, bins, len(labels))
-                    sums[kind] = sums.get(kind, 0) + err
-                counts += n_vox
+                    sums[kind] = sums.get(kind, 0) + binned_sum(bins, len(labels), pred - ref)
         means = {kind: (s / np.maximum(counts, 1)).tolist() for kind, s in sums.items()}
         results[label] = {"checkpoint": ckpt, "voxels": counts.astype(int).tolist(), "mean_error_rx": means}
         rows += [[label, kind, *v] for kind, v in means.items()]

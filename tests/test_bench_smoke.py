@@ -230,5 +230,5 @@ def test_target_falloff_bins_by_distance_from_the_central_slice():
     assert (tf.distance_bins(np.zeros((3, 2, 2)), 5.0) == -1).all()  # no target: nothing binned
 
     pred = np.where(targets > 0, np.arange(11.0)[:, None, None], 0.0)  # error = the slice index inside
-    err, n = tf.binned_error(pred, np.zeros_like(targets), bins, 3)
+    err, n = tf.binned_sum(bins, 3, pred - np.zeros_like(targets)), tf.binned_sum(bins, 3)
     assert n.tolist() == [3, 4, 2] and err.tolist() == [4 + 5 + 6, 2 + 3 + 7 + 8, 1 + 9]
