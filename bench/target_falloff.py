@@ -19,6 +19,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+from latent_probe import site_samples  # noqa: E402  (bench/latent_probe.py)
 
 BIN_EDGES_MM = (0.0, 20.0, 40.0, 60.0, 80.0, float("inf"))
 
@@ -66,13 +67,12 @@ def main(argv: list[str] | None = None) -> int:
     common.quiet_warnings()
     import torch
 
-    from addiff_core.config import load_site_config
-    from addiff_core.data import load_site_data
     from addiff_core.predict import load_model
 
     labels = [f"{e[0]:g}-{e[1]:g} mm" if np.isfinite(e[1]) else f">= {e[0]:g} mm"
               for e in zip(BIN_EDGES_MM[:-1], BIN_EDGES_MM[1:])]
     results, rows = {}, []
+    heldout: dict[tuple, list[dict]] = {}  # (site file, grid) -> its held-out samples, loaded once
     for label, ckpt in (m.split("=", 1) for m in args.models):
         model, cfg, _ = load_model(Path(ckpt), torch.device("cpu"))
         if cfg.grid.spacing is None:
@@ -80,9 +80,11 @@ def main(argv: list[str] | None = None) -> int:
         sums: dict[str, np.ndarray] = {}
         counts = np.zeros(len(labels))
         for site in args.sites:
-            cases = load_site_data(load_site_config(site), cfg.grid).heldout
-            for i in range(len(cases)):
-                batch = {k: v[None] for k, v in cases[i].items()}
+            key = (site, cfg.grid)
+            if key not in heldout:
+                heldout[key] = site_samples(site, cfg.grid)[0]
+            for i, sample in enumerate(heldout[key]):
+                batch = {k: v[None] for k, v in sample.items()}
                 ref = batch["dose"][0, 0].numpy()
                 bins = distance_bins(batch["targets"][0, 0].numpy(), cfg.grid.spacing[2])
                 counts += binned_sum(bins, len(labels))
