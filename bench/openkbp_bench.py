@@ -48,7 +48,9 @@
    folder, whose ``addiff report`` then shows federated vs. U-Net vs. local vs. pooled.
 
 ``--methods`` runs a subset (comma list of federated_addiff, federated_unet, local_addiff,
-pooled_addiff; default all); the run folders of the others are left alone. ``--scale K``
+pooled_addiff; default all); the run folders of the others are left alone, and so are their
+results when ``OUT`` already holds a results file of the same budget, split and model
+(``carried_over`` in the JSON). ``--scale K``
 multiplies the budget's VAE, diffusion and U-Net epochs by K (rounded half up, at least 1), for a
 learning curve: its results go to ``OUT/openkbp_bench_xK.json/.md`` and its runs and logs to
 ``WORK/runs_xK``, ``WORK/logs_xK`` (K = 1: ``openkbp_bench.json``, ``WORK/runs``), and the
@@ -718,6 +720,32 @@ def check_args(args: argparse.Namespace) -> str | None:
     return None
 
 
+def carried_over_methods(path: Path, res: Mapping[str, Any], selected: Sequence[str]) -> dict[str, dict]:
+    """The methods of the earlier results file ``path`` that this run does not re-run, when that
+    file measured the same budget, split and model as ``res``: a run with other ``--methods``
+    adds to the file instead of replacing what it holds ({} when there is no such file, or it
+    measured something else). Each carried method records the earlier run it came from."""
+    from common import json_safe
+
+    if not path.is_file():
+        return {}
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+    def measured(r: Mapping[str, Any]) -> dict:  # the budget's planned CPU is each run's own measurement
+        return {**r, "budget": {k: v for k, v in (r.get("budget") or {}).items() if k != "planned_cpu"}}
+
+    now = measured(json.loads(json.dumps(json_safe({k: res[k] for k in ("budget", "split", "model")}))))
+    if any(measured(old).get(k) != v for k, v in now.items()):
+        return {}
+    failed = set(old.get("failed") or [])
+    origin = {"machine": old.get("machine"), "methods_run": old.get("methods_run"), "work": old.get("work")}
+    return {k: {**v, "carried_over_from": origin} for k, v in (old.get("methods") or {}).items()
+            if k not in selected and k not in failed and isinstance(v, dict) and "error" not in v}
+
+
 class Bench:
     """One run: the selected methods trained, evaluated, their uncertainty and latent probe
     measured, the results saved after every step (``complete`` false until the end)."""
@@ -734,10 +762,10 @@ class Bench:
         self.stem = results_stem(args.scale, args.seed)
         self.runs, self.logs, self.unc_dir = (self.work / f"{n}{suffix}" for n in ("runs", "logs", "uncertainty"))
         self.py = [sys.executable, "-m", "addiff_core.cli"]
-        self.methods: dict[str, dict] = {}
+        self.methods: dict[str, dict] = dict(setup.get("carried") or {})
         self.failed: list[str] = []
         self.res = res
-        res.update({"methods": self.methods, "failed": self.failed})
+        res.update({"methods": self.methods, "failed": self.failed, "carried_over": sorted(self.methods)})
         self.site_file_of = {s["site"]: f for s, f in zip(self.split, self.site_files)}
 
     # ---- bookkeeping
@@ -964,7 +992,7 @@ class Bench:
         """``comparison.json`` (addiff_core/report format) in the federated ADDiff run folder, and
         ``addiff report`` of it: federated vs. U-Net vs. local vs. pooled."""
         fed = self.methods.get("federated_addiff", {})
-        if not fed.get("run_dir"):
+        if not fed.get("run_dir") or not Path(fed["run_dir"]).is_dir():
             return
         series = {}
         for key, name in (("federated_addiff", "federated"), ("federated_unet", "federated U-Net"),
@@ -1139,6 +1167,10 @@ def run_bench(args: argparse.Namespace, sample: Path) -> int:
     setup = {"budget": budget, "split": split, "work": work, "out": out, "cases_dir": cases_dir,
              "site_files": site_files, "pooled_file": pooled_file, "cfg_file": cfg_file, "cfg": cfg,
              "n_train": n_train, "n_heldout": n_heldout}
+    earlier = out / f"{results_stem(args.scale, args.seed)}.json"
+    setup["carried"] = carried_over_methods(earlier, res, args.methods)
+    if setup["carried"]:
+        _progress(t0, f"keeping {', '.join(setup['carried'])} from {earlier} (same budget, split and model)")
     return Bench(args, setup, res, t0, cpu0).run()
 
 

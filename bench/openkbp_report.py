@@ -142,6 +142,9 @@ def _md_header(res: dict) -> list[str]:
         lines += ["**Partial results: the run was still going (or was stopped) when this file was written.**", ""]
     if res.get("methods_run") and len(res["methods_run"]) < len(METHOD_LABELS):
         lines += [f"Methods run (`--methods`): {', '.join(res['methods_run'])}.", ""]
+    if res.get("carried_over"):
+        lines += [f"Kept from an earlier run with the same budget, split and model (that run's machine in the "
+                  f"JSON, `carried_over_from`): {', '.join(res['carried_over'])}.", ""]
     m = res["machine"]
     cpu_total = res.get("cpu_seconds", {}).get("total")
     lines += [f"Machine: {m.get('cpu_model')}, {m.get('usable_cpus')} CPU cores, torch {m.get('torch')}, no GPU, "

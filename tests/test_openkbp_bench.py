@@ -302,6 +302,30 @@ def test_render_only_rewrites_the_scaled_file_with_probe_calibration_and_curve(b
     assert bench.main(["--budget", "small", "--render-only", "--scale", "2", "--out", str(out)]) == 2  # no such file
 
 
+def test_a_run_with_other_methods_keeps_the_earlier_results(bench, report, tmp_path):
+    import json
+
+    path = tmp_path / "openkbp_bench.json"
+    earlier = _fake_result(1.0, 9.0, tmp_path)
+    now = {k: earlier[k] for k in ("budget", "split", "model")}
+    assert bench.carried_over_methods(path, now, ["federated_unet"]) == {}  # no earlier file
+    earlier["budget"]["planned_cpu"] = {"unet_s": 4.5}  # measured by each run: not part of the comparison
+    path.write_text(json.dumps(earlier))
+    kept = bench.carried_over_methods(path, now, ["federated_unet"])
+    assert list(kept) == ["federated_addiff"]
+    assert kept["federated_addiff"]["overall"] == earlier["methods"]["federated_addiff"]["overall"]
+    assert kept["federated_addiff"]["carried_over_from"]["methods_run"] == ["federated_addiff"]
+    assert bench.carried_over_methods(path, now, ["federated_addiff"]) == {}  # re-run: replaced
+    other = {**now, "budget": _fake_result(3.0, 9.0, tmp_path)["budget"]}
+    assert bench.carried_over_methods(path, other, ["federated_unet"]) == {}  # another budget: replaced
+    path.write_text(json.dumps({**earlier, "failed": ["federated_addiff"]}))
+    assert bench.carried_over_methods(path, now, ["federated_unet"]) == {}  # a failed method is not kept
+    path.write_text("{not json")
+    assert bench.carried_over_methods(path, now, ["federated_unet"]) == {}
+    md = report.markdown({**earlier, "carried_over": ["federated_addiff"]}, [])
+    assert "Kept from an earlier run with the same budget, split and model" in md
+
+
 def test_results_written_before_issue_24_still_render(report):
     import json
 
