@@ -730,7 +730,7 @@ def carried_over_methods(path: Path, res: Mapping[str, Any], selected: Sequence[
     if not path.is_file():
         return {}
     try:
-        old = json.loads(path.read_text())
+        old = _read_json(path)
     except (OSError, ValueError):
         return {}
 
@@ -743,7 +743,7 @@ def carried_over_methods(path: Path, res: Mapping[str, Any], selected: Sequence[
     failed = set(old.get("failed") or [])
     origin = {"machine": old.get("machine"), "methods_run": old.get("methods_run"), "work": old.get("work")}
     return {k: {**v, "carried_over_from": origin} for k, v in (old.get("methods") or {}).items()
-            if k not in selected and k not in failed and isinstance(v, dict) and "error" not in v}
+            if k not in selected and k not in failed and isinstance(v, dict)}
 
 
 class Bench:
